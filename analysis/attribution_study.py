@@ -1,0 +1,447 @@
+"""Did fine-tuning change where the model looks? Base-vs-tuned attribution maps, calibrated.
+
+:func:`attribution_study` computes, for each attribution method, the maps of the base
+and the fine-tuned model on the same images (same targets, baselines and random
+draws), compares them per image (:func:`analysis.compare.compare_maps`), checks them
+against object masks and for faithfulness (deletion/insertion), and calibrates each
+method's base-vs-tuned agreement between
+
+* a **ceiling**: the base model against itself under a tiny perturbation -- a new noise
+  seed for the stochastic methods (SmoothGrad, GradientShap), the input shifted by one
+  pixel (and the map shifted back) for the deterministic ones;
+* a **floor**: the base model against a copy with every stage re-initialised, cascading
+  from the head down (Adebayo et al. 2018, "Sanity Checks for Saliency Maps"), seeded;
+
+as a **change index** ``(ceiling - AB) / (ceiling - floor)`` of the mean similarity
+(absolute-value Spearman by default; 0 = as similar as the base model is to itself, 1 = as
+different as a random network). A method whose ``ceiling - floor`` is below
+``threshold`` (0.1 by default) cannot tell a trained network from a random one for this
+question and is flagged ``informative = False`` (guided backprop is the known case:
+it largely reconstructs the image, Adebayo et al. 2018; Nie et al. 2018); its numbers
+should not be used for findings.
+
+When the two models' heads differ (an external checkpoint or a pretrained base with
+source-task classes), the base model is attributed through a linear-probe head fitted
+on ``probe_data`` (:func:`analysis.prepare.fit_probe_head`), so both models answer the
+same question; :attr:`AttributionStudy.notes` says so.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from finetune.runtime import resolve_device
+
+from .attribution import (DEFAULT_METHODS, STOCHASTIC_METHODS, _merge_options, attribute_group, auto_eval_batch,
+                          predictions)
+from .compare import LOCALISATION, SIMILARITIES, compare_maps, to_maps
+from .faithfulness import deletion_insertion
+from .layers import unpack_batch
+from .prepare import fit_probe_head, output_dim, prepare_for_attribution, randomize_cascading
+
+__all__ = ["attribution_study", "AttributionStudy", "ExampleMaps", "STUDY_OPTIONS", "collect_images",
+           "bootstrap_ci", "change_index"]
+
+#: Method options of the study (on top of :data:`analysis.attribution.DEFAULT_OPTIONS`), sized so the
+#: default run (tiny_resnet, 32x32, 64 images, 8 methods, 4 maps each) stays within its time budget on 2 CPU cores.
+STUDY_OPTIONS: dict[str, dict[str, Any]] = {
+    "integrated_gradients": {"n_steps": 16},
+    "smoothgrad": {"nt_samples": 8},
+    "gradient_shap": {"n_samples": 8},
+    "occlusion": {"window": 8, "stride": 4},
+}
+
+EXAMPLE_KINDS = ("largest_change", "smallest_change", "fixed", "broken")
+
+
+@dataclass
+class ExampleMaps:
+    """Images chosen for a grid, with both models' maps (signed: channel sum, ``(k, H, W)``)."""
+
+    kinds: list[str]
+    indices: np.ndarray
+    inputs: np.ndarray
+    masks: np.ndarray | None
+    base: np.ndarray
+    tuned: np.ndarray
+    labels: np.ndarray
+    base_pred: np.ndarray
+    tuned_pred: np.ndarray
+    similarity: np.ndarray
+
+
+@dataclass
+class AttributionStudy:
+    """Everything :func:`attribution_study` measured.
+
+    ``comparisons``: one row per image and method -- base-vs-tuned similarities
+    (:data:`analysis.compare.SIMILARITIES`), ``ceiling_<sim>`` and ``floor_<sim>``, mask
+    metrics ``mass_base``/``mass_tuned``/``rank_acc_*``/``pointing_*`` (with masks),
+    ``deletion_base``/``insertion_base``/``deletion_tuned``/``insertion_tuned`` (with
+    faithfulness), labels, predictions and targets.
+    ``summary``: one row per method -- ``ab``, ``ceiling``, ``floor``, ``gap``, ``change_index``
+    (with bootstrap CI), ``informative``, ``threshold``, ``similarity``, the mean of every
+    similarity for AB/ceiling/floor, faithfulness means, seconds.
+    ``localisation``: per method and mask metric, base and tuned means, their difference,
+    bootstrap CIs (None without masks; see ``localisation_note``).
+    ``per_class``: per method and class, AB similarity with CI and change index (method-level
+    ceiling and floor), mass in mask per model.
+    ``faithfulness``: per method and model, deletion and insertion AUC with CIs.
+    ``examples``: per method, the images of :data:`EXAMPLE_KINDS` for a grid.
+    ``maps``: per method, signed ``(N, H, W)`` maps of ``base``, ``tuned``, ``ceiling``, ``floor``.
+    """
+
+    comparisons: pd.DataFrame
+    summary: pd.DataFrame
+    localisation: pd.DataFrame | None
+    per_class: pd.DataFrame
+    faithfulness: pd.DataFrame | None
+    examples: dict[str, ExampleMaps]
+    maps: dict[str, dict[str, np.ndarray]]
+    inputs: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None
+    classes: list[str]
+    base_pred: np.ndarray
+    tuned_pred: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    localisation_note: str | None = None
+    probe: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def informative_methods(self) -> list[str]:
+        """Methods whose numbers may be used for findings."""
+        return self.summary.loc[self.summary["informative"], "method"].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+                 ) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap CI of the mean (NaNs ignored): ``(mean, lo, hi)``."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(v) == 1 or n_boot <= 0:
+        return float(v.mean()), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
+    means = v[idx].mean(1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def change_index(ab: float, ceiling: float, floor: float) -> float:
+    """``(ceiling - ab) / (ceiling - floor)``: 0 = unchanged (as the ceiling), 1 = as different as a random model."""
+    gap = ceiling - floor
+    return float((ceiling - ab) / gap) if abs(gap) > 1e-12 else float("nan")
+
+
+def _change_index_ci(ab: np.ndarray, ceil: np.ndarray, floor: np.ndarray, n_boot: int, seed: int,
+                     alpha: float = 0.05) -> tuple[float, float]:
+    ok = ~(np.isnan(ab) | np.isnan(ceil) | np.isnan(floor))
+    ab, ceil, floor = ab[ok], ceil[ok], floor[ok]
+    if len(ab) < 2 or n_boot <= 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(ab), (n_boot, len(ab)))
+    a, c, f = ab[idx].mean(1), ceil[idx].mean(1), floor[idx].mean(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ci = (c - a) / (c - f)
+    ci = ci[np.isfinite(ci)]
+    if not len(ci):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(ci, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+
+def collect_images(data: Any, n_images: int, seed: int = 0, exclude: Sequence[int] = ()
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, np.ndarray]:
+    """``(inputs, labels, masks, indices)`` of ``n_images`` drawn without replacement (seeded) from a dataset,
+    or the first ``n_images`` of a loader / iterable of batches (indices = positions)."""
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (list, tuple)):
+        pool = np.setdiff1d(np.arange(len(data)), np.asarray(exclude, dtype=np.int64))
+        idx = np.sort(np.random.default_rng(seed).permutation(pool)[:n_images])
+        items = [data[int(i)] for i in idx]
+        if isinstance(items[0], torch.Tensor):
+            return torch.stack(items), None, None, idx
+        x = torch.stack([it[0] for it in items])
+        y = torch.as_tensor(np.array([int(it[1]) for it in items])) if len(items[0]) > 1 else None
+        m = torch.stack([torch.as_tensor(it[2]).bool() for it in items]) if len(items[0]) > 2 else None
+        return x, y, m, idx
+    xs, ys, ms, seen = [], [], [], 0
+    for batch in data:
+        x, y, m = unpack_batch(batch)
+        xs.append(x)
+        ys.append(y)
+        ms.append(m)
+        seen += len(x)
+        if seen >= n_images:
+            break
+    x = torch.cat(xs)[:n_images]
+    y = torch.cat(ys)[:n_images] if all(v is not None for v in ys) else None
+    m = torch.cat(ms)[:n_images].bool() if all(v is not None for v in ms) else None
+    return x, y, m, np.arange(len(x))
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """The image moved one pixel to the right (the first column repeated)."""
+    return torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the study
+# ----------------------------------------------------------------------------------------------
+
+def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str] = DEFAULT_METHODS, *,
+                      n_images: int = 64, seed: int = 0, device: str | torch.device = "auto",
+                      target: str = "label", probe_data: Any = None, classes: Sequence[str] | None = None,
+                      options: Mapping[str, Mapping[str, Any]] | None = None, similarity: str = "spearman_abs",
+                      threshold: float = 0.1, faithfulness: bool = True, faithfulness_steps: int = 16,
+                      k: float = 0.1, n_boot: int = 1000, shap_baselines: int = 16, eval_batch: int | None = None,
+                      progress: bool = False) -> AttributionStudy:
+    """Base-vs-tuned attribution maps of ``methods`` on ``n_images`` images of ``data``, calibrated.
+
+    ``data``: a dataset or loader of ``(image, label[, mask])``. ``target``: ``"label"``
+    (true class, default) or ``"pred"`` (each model its own prediction; the ceiling and
+    floor use the base model's). ``probe_data``: labelled training images for the
+    linear-probe head, needed when the models' heads differ in size. ``options``:
+    per-method options on top of :data:`STUDY_OPTIONS`. ``similarity``: the similarity
+    of the change index (one of :data:`analysis.compare.SIMILARITIES`); ``threshold``: the
+    least ``ceiling - floor`` of an informative method. GradientShap's baseline
+    distribution is ``shap_baselines`` other images of ``data`` (the same for every model).
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if target not in ("label", "pred"):
+        raise ValueError(f"target must be 'label' or 'pred', got {target!r}")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    dev = resolve_device(device)
+    x, y, masks, idx = collect_images(data, n_images, seed)
+    n = len(x)
+    if y is None and target == "label":
+        raise ValueError("target='label' needs labelled data; pass target='pred' for unlabelled images")
+    classes = list(classes) if classes is not None else list(getattr(data, "classes", []) or [])
+
+    # models: prepared copies; a probe head when the heads differ; the randomized floor
+    t = time.perf_counter()
+    pt = prepare_for_attribution(tuned, x, device=dev)
+    n_out = output_dim(pt, x)
+    probe_info = None
+    if output_dim(base, x) != n_out:
+        if probe_data is None:
+            raise ValueError(f"the base model has {output_dim(base, x)} outputs and the tuned model {n_out}: pass "
+                             "probe_data (labelled training images of the target task) to fit a linear-probe head")
+        base_probe, probe_info = fit_probe_head(prepare_for_attribution(base, x, device=dev), probe_data,
+                                                num_classes=n_out, device=dev)
+        notes.append(f"The base model's head answers another task, so it was attributed through a linear-probe "
+                     f"head (logistic regression on its pooled penultimate features, {probe_info['n_train']} "
+                     f"training images, training accuracy {100 * probe_info['train_acc']:.1f}%): both models "
+                     "answer the same question.")
+        pb = base_probe
+    else:
+        pb = prepare_for_attribution(base, x, device=dev)
+    pf = randomize_cascading(pb, seed=seed)
+    timings["prepare"] = time.perf_counter() - t
+    if eval_batch is None:
+        eval_batch = min(auto_eval_batch(m, x, dev) for m in (pb, pt))
+    base_pred, tuned_pred = predictions(pb, x), predictions(pt, x)
+    if target == "label":
+        tb = tt = y.long()
+    else:
+        tb, tt = base_pred, tuned_pred
+    if masks is None:
+        loc_note = "Localisation omitted: the data has no object masks."
+        notes.append(loc_note)
+    else:
+        loc_note = None
+
+    shap_bl = None
+    if "gradient_shap" in methods and shap_baselines > 0 and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        bx, _, _, _ = collect_images(data, shap_baselines, seed + 1, exclude=idx)
+        shap_bl = bx if len(bx) else None
+
+    rows, maps, faith_rows, summary_rows = [], {}, [], []
+    for method in methods:
+        t = time.perf_counter()
+        opts = dict(STUDY_OPTIONS.get(method, {}))
+        opts.update((options or {}).get(method, {}))
+        if method == "gradient_shap" and shap_bl is not None and "baselines" not in opts:
+            opts["baselines"] = shap_bl
+        a_b, a_t, a_f = attribute_group([pb, pt, pf], x, [tb, tt, tb], method, seed=seed, eval_batch=eval_batch,
+                                        progress=progress, desc=f"{method} (base, tuned, floor)", **opts)
+        if method in STOCHASTIC_METHODS:
+            a_c = attribute_group([pb], x, [tb], method, seed=seed + 1_000_003, eval_batch=eval_batch,
+                                  progress=progress, desc=f"{method} (ceiling)", **opts)[0]
+            ref_b, ref_c = a_b, a_c
+        else:
+            a_c = attribute_group([pb], _shift(x), [tb], method, seed=seed, eval_batch=eval_batch,
+                                  progress=progress, desc=f"{method} (ceiling)", **opts)[0]
+            ref_b, ref_c = a_b[..., :-1], a_c[..., 1:]
+        timings[method] = time.perf_counter() - t
+        df = compare_maps(a_b, a_t, masks, k=k, names=("base", "tuned"))
+        ceil = compare_maps(ref_b, ref_c, k=k)
+        flo = compare_maps(a_b, a_f, k=k)
+        for s in SIMILARITIES:
+            df[f"ceiling_{s}"] = ceil[s].to_numpy()
+            df[f"floor_{s}"] = flo[s].to_numpy()
+        sb, st = to_maps(a_b, "signed"), to_maps(a_t, "signed")
+        if faithfulness:
+            t = time.perf_counter()
+            for role, model, mp, tg in (("base", pb, sb, tb), ("tuned", pt, st, tt)):
+                fi = deletion_insertion(model, x, mp, tg, steps=faithfulness_steps, eval_batch=max(eval_batch, 256))
+                df[f"deletion_{role}"] = fi["deletion_auc"]
+                df[f"insertion_{role}"] = fi["insertion_auc"]
+            timings[f"{method}_faithfulness"] = time.perf_counter() - t
+        df.insert(0, "method", method)
+        df["index"] = idx
+        df["label"] = y.numpy() if y is not None else -1
+        df["class"] = [classes[int(c)] if y is not None and int(c) < len(classes) else str(int(c))
+                       for c in df["label"]]
+        df["base_pred"], df["tuned_pred"] = base_pred.numpy(), tuned_pred.numpy()
+        df["target_base"], df["target_tuned"] = tb.numpy(), tt.numpy()
+        rows.append(df)
+        maps[method] = {"base": sb.astype(np.float32), "tuned": st.astype(np.float32),
+                        "ceiling": to_maps(a_c, "signed").astype(np.float32),
+                        "floor": to_maps(a_f, "signed").astype(np.float32)}
+    comparisons = pd.concat(rows, ignore_index=True)
+
+    summary = _summary(comparisons, methods, similarity, threshold, n_boot, seed, timings)
+    localisation = _localisation(comparisons, methods, n_boot, seed) if masks is not None else None
+    per_class = _per_class(comparisons, summary, methods, similarity, n_boot, seed, masks is not None)
+    faith = _faithfulness(comparisons, methods, n_boot, seed) if faithfulness else None
+    examples = {m: _examples(comparisons[comparisons["method"] == m], maps[m], x, masks, similarity)
+                for m in methods}
+    flagged = summary.loc[~summary["informative"], "method"].tolist()
+    if flagged:
+        notes.append(f"Uninformative for this question (ceiling - floor of {similarity} below {threshold}): "
+                     f"{', '.join(flagged)}; their numbers are not used for findings.")
+    timings["total"] = time.perf_counter() - t_start
+    settings = {"methods": list(methods), "n_images": n, "seed": seed, "target": target, "similarity": similarity,
+                "threshold": threshold, "k": k, "n_boot": n_boot, "faithfulness_steps": faithfulness_steps,
+                "eval_batch": eval_batch, "device": str(dev),
+                "options": {m: {kk: vv for kk, vv in _merge_options(m, {**STUDY_OPTIONS.get(m, {}),
+                                                                        **(options or {}).get(m, {})}).items()
+                                if not isinstance(vv, torch.Tensor)} for m in methods},
+                "ceiling": "new noise seed (smoothgrad, gradient_shap); one-pixel horizontal shift (others)",
+                "floor": "all stages re-initialised, cascading from the head (seeded)",
+                "channel_reduction": "signed = channel sum; absolute = channel sum of |.|"}
+    return AttributionStudy(
+        comparisons=comparisons, summary=summary, localisation=localisation, per_class=per_class,
+        faithfulness=faith, examples=examples, maps=maps, inputs=x.numpy(), labels=(y.numpy() if y is not None
+                                                                                     else np.full(n, -1)),
+        masks=masks.numpy() if masks is not None else None, classes=classes, base_pred=base_pred.numpy(),
+        tuned_pred=tuned_pred.numpy(), notes=notes, localisation_note=loc_note, probe=probe_info,
+        settings=settings, timings=timings)
+
+
+def _summary(comp: pd.DataFrame, methods: Sequence[str], similarity: str, threshold: float, n_boot: int,
+             seed: int, timings: Mapping[str, float]) -> pd.DataFrame:
+    out = []
+    for m in methods:
+        d = comp[comp["method"] == m]
+        ab, ce, fl = (d[c].to_numpy(dtype=np.float64) for c in (similarity, f"ceiling_{similarity}",
+                                                                 f"floor_{similarity}"))
+        mab, mce, mfl = np.nanmean(ab), np.nanmean(ce), np.nanmean(fl)
+        lo, hi = _change_index_ci(ab, ce, fl, n_boot, seed)
+        row = {"method": m, "n": len(d), "similarity": similarity, "ab": mab, "ceiling": mce, "floor": mfl,
+               "gap": mce - mfl, "change_index": change_index(mab, mce, mfl), "change_index_lo": lo,
+               "change_index_hi": hi, "threshold": threshold, "informative": bool(mce - mfl >= threshold)}
+        for s in SIMILARITIES:
+            row[f"ab_{s}"] = float(np.nanmean(d[s]))
+            row[f"ceiling_{s}"] = float(np.nanmean(d[f"ceiling_{s}"]))
+            row[f"floor_{s}"] = float(np.nanmean(d[f"floor_{s}"]))
+        for c in ("deletion_base", "insertion_base", "deletion_tuned", "insertion_tuned", "mass_base", "mass_tuned"):
+            if c in d:
+                row[c] = float(np.nanmean(d[c]))
+        row["seconds"] = timings.get(m, float("nan")) + timings.get(f"{m}_faithfulness", 0.0)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _paired(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    m_a, lo_a, hi_a = bootstrap_ci(a, n_boot, seed)
+    m_b, lo_b, hi_b = bootstrap_ci(b, n_boot, seed)
+    ok = ~(np.isnan(a) | np.isnan(b))
+    m_d, lo_d, hi_d = bootstrap_ci(b[ok] - a[ok], n_boot, seed)
+    return {"base": m_a, "base_lo": lo_a, "base_hi": hi_a, "tuned": m_b, "tuned_lo": lo_b, "tuned_hi": hi_b,
+            "delta": m_d, "delta_lo": lo_d, "delta_hi": hi_d, "n": int(ok.sum())}
+
+
+def _localisation(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
+    out = []
+    for m in methods:
+        d = comp[comp["method"] == m]
+        for metric in LOCALISATION:
+            out.append({"method": m, "metric": metric,
+                        **_paired(d[f"{metric}_base"].to_numpy(float), d[f"{metric}_tuned"].to_numpy(float),
+                                  n_boot, seed)})
+    return pd.DataFrame(out)
+
+
+def _faithfulness(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
+    out = []
+    for m in methods:
+        d = comp[comp["method"] == m]
+        for game in ("deletion", "insertion"):
+            out.append({"method": m, "game": game, "better": "lower" if game == "deletion" else "higher",
+                        **_paired(d[f"{game}_base"].to_numpy(float), d[f"{game}_tuned"].to_numpy(float),
+                                  n_boot, seed)})
+    return pd.DataFrame(out)
+
+
+def _per_class(comp: pd.DataFrame, summary: pd.DataFrame, methods: Sequence[str], similarity: str, n_boot: int,
+               seed: int, with_masks: bool) -> pd.DataFrame:
+    out = []
+    for m in methods:
+        s = summary[summary["method"] == m].iloc[0]
+        d = comp[comp["method"] == m]
+        for cls, g in d.groupby("class", sort=True):
+            mean, lo, hi = bootstrap_ci(g[similarity].to_numpy(float), n_boot, seed)
+            row = {"method": m, "class": cls, "n": len(g), "ab": mean, "ab_lo": lo, "ab_hi": hi,
+                   "change_index": change_index(mean, s["ceiling"], s["floor"]),
+                   "base_acc": float((g["base_pred"] == g["label"]).mean()),
+                   "tuned_acc": float((g["tuned_pred"] == g["label"]).mean())}
+            if with_masks:
+                p = _paired(g["mass_base"].to_numpy(float), g["mass_tuned"].to_numpy(float), n_boot, seed)
+                row.update({f"mass_{kk}": vv for kk, vv in p.items() if kk != "n"})
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def _examples(d: pd.DataFrame, maps: Mapping[str, np.ndarray], x: torch.Tensor, masks: torch.Tensor | None,
+              similarity: str) -> ExampleMaps:
+    sim = d[similarity].to_numpy(float)
+    order = np.argsort(np.where(np.isnan(sim), np.inf, sim), kind="stable")  # most changed first
+    correct_b = (d["base_pred"] == d["label"]).to_numpy()
+    correct_t = (d["tuned_pred"] == d["label"]).to_numpy()
+    chosen: list[tuple[str, int]] = []
+    if len(d):
+        chosen.append(("largest_change", int(order[0])))
+        valid = order[~np.isnan(sim[order])]
+        chosen.append(("smallest_change", int(valid[-1] if len(valid) else order[-1])))
+        for kind, sel in (("fixed", ~correct_b & correct_t), ("broken", correct_b & ~correct_t)):
+            cand = [i for i in order if sel[i]]
+            if cand:
+                chosen.append((kind, int(cand[0])))
+    pos = np.array([i for _, i in chosen], dtype=np.int64)
+    return ExampleMaps(kinds=[k for k, _ in chosen], indices=d["index"].to_numpy()[pos], inputs=x.numpy()[pos],
+                       masks=masks.numpy()[pos] if masks is not None else None, base=maps["base"][pos],
+                       tuned=maps["tuned"][pos], labels=d["label"].to_numpy()[pos],
+                       base_pred=d["base_pred"].to_numpy()[pos], tuned_pred=d["tuned_pred"].to_numpy()[pos],
+                       similarity=sim[pos])

@@ -1,0 +1,489 @@
+"""Linear CKA between layers of two networks: in memory, streamed over minibatches, and read against chance.
+
+Linear CKA (Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited") of
+features ``X`` (n x p) and ``Y`` (n x q), rows = samples, centred::
+
+    CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)),
+
+with Gram matrices ``K = X X^T``, ``L = Y Y^T``. The *biased* HSIC is ``HSIC_0 = tr(K H L H) / (n-1)^2``
+(Gretton et al. 2005, ``H = I - 11^T/n``). The *unbiased* HSIC_1 of Song et al. (2012) is computed here in
+the U-centred form of Szekely and Rizzo (2014): with ``K~`` = K with its diagonal zeroed, row sums ``r``
+and total ``s``, ``U(K)_ij = K~_ij - r_i/(n-2) - r_j/(n-2) + s/((n-1)(n-2))`` (``U(K)_ii = 0``) and
+``HSIC_1(K, L) = <U(K), U(L)> / (n(n-3))`` -- algebraically Song's estimator, without its cancelling
+sums. Minibatch CKA (Nguyen, Raghu and Kornblith 2021) sums ``HSIC_1`` over batches and takes the
+ratio at the end, so memory does not depend on the number of samples; an unbiased estimator makes the
+sum over batches unbiased, whereas summed biased HSIC keeps each batch's bias (independent data gives
+CKA >> 0). Everything is float64. Nothing is clamped and no epsilon is added: negative unbiased
+estimates stay; a zero self-HSIC (features constant across samples) gives NaN with a reason.
+
+Gram matrices are formed inside the forward hook (:class:`analysis.layers.ActivationCapture`), so an
+in-place ReLU after a layer cannot overwrite what was measured, and modules that fire twice are refused.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from analysis.activations import ActivationStats, ExampleMaps, plot_feature_maps
+from analysis.layers import ActivationCapture, LayerSpec, resolve_layers, unpack_batch
+from finetune.runtime import no_tf32, resolve_device
+
+__all__ = ["linear_cka", "CKAValue", "StreamingCKA", "CKAResult", "cka_matrix", "cka_against_chance",
+           "randomly_initialised", "estimator_name", "MIN_BATCH"]
+
+MIN_BATCH = 4  # HSIC_1 divides by n(n-3); both estimators use the same batches so they stay comparable
+# A self-HSIC counts as zero when ||centred Gram||_F <= _DEGENERATE * ||Gram||_F (float64 rounding of the
+# centring; it happens for features that are constant across samples). It is a test, never an epsilon.
+_DEGENERATE = 1e-10
+
+
+def estimator_name(debiased: bool, minibatch: bool = False) -> str:
+    """The label attached to every CKA number: which HSIC estimator, and whether summed over minibatches."""
+    est = "unbiased HSIC_1 (Song 2012, U-centred)" if debiased else "biased HSIC_0 (Gretton 2005)"
+    return f"{'minibatch ' if minibatch else ''}linear CKA, {est}"
+
+
+class CKAValue(float):
+    """A float that carries the estimator that produced it (and why it is NaN, when it is)."""
+
+    estimator: str
+    reason: str
+
+    def __new__(cls, value: float, estimator: str, reason: str = "") -> "CKAValue":
+        obj = super().__new__(cls, value)
+        obj.estimator, obj.reason = estimator, reason
+        return obj
+
+    def __reduce__(self):
+        return (CKAValue, (float(self), self.estimator, self.reason))
+
+    def __repr__(self) -> str:
+        return f"{float(self)!r} [{self.estimator}]" + (f" ({self.reason})" if self.reason else "")
+
+
+def _features64(a: Any) -> torch.Tensor:
+    t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    if t.dim() == 0:
+        raise ValueError("features must have a sample dimension first")
+    t = t.reshape(t.shape[0], -1) if t.dim() != 1 else t[:, None]
+    return t.to(torch.float64)
+
+
+def _centre_gram_(k: torch.Tensor, debiased: bool) -> torch.Tensor:
+    """Centre an n x n Gram matrix in place: U-centring (debiased) or double centring ``HKH``."""
+    n = k.shape[0]
+    if debiased:
+        k.fill_diagonal_(0.0)
+        r = k.sum(0) / (n - 2)
+        r -= r.sum() / (2 * (n - 1))
+        k -= r[:, None]
+        k -= r[None, :]
+        k.fill_diagonal_(0.0)
+    else:
+        r = k.mean(0)
+        k -= r[:, None]
+        k -= r[None, :]
+        k += r.mean()
+    return k
+
+
+def linear_cka(x: Any, y: Any, debiased: bool = False) -> CKAValue:
+    """Linear CKA of two feature sets held in memory (torch tensors or numpy arrays; conv features flattened).
+
+    ``debiased=False``: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` (Kornblith et al. 2019), in
+    feature space or Gram space, whichever is cheaper. ``debiased=True``: the unbiased HSIC_1 (Song et al.
+    2012) in U-centred form, which needs the n x n Gram matrices (use :class:`StreamingCKA` for large n).
+    Float64 throughout. Returns a :class:`CKAValue` (a float labelled with its estimator); NaN with a
+    reason (also warned) when a self-similarity is zero.
+    """
+    X, Y = _features64(x), _features64(y)
+    if Y.device != X.device:
+        Y = Y.to(X.device)
+    n = X.shape[0]
+    if Y.shape[0] != n:
+        raise ValueError(f"x and y must have the same number of samples (rows), got {n} and {Y.shape[0]}")
+    need = MIN_BATCH if debiased else 2
+    if n < need:
+        raise ValueError(f"linear_cka needs at least {need} samples with debiased={debiased}, got {n}")
+    est = estimator_name(debiased)
+    if debiased:
+        K, L = X @ X.T, Y @ Y.T
+        scale = [float(torch.linalg.matrix_norm(g - torch.diag(torch.diagonal(g)))) for g in (K, L)]
+        K, L = _centre_gram_(K, True), _centre_gram_(L, True)
+        num, sx, sy = float((K * L).sum()), float(torch.linalg.matrix_norm(K)), float(torch.linalg.matrix_norm(L))
+    else:
+        Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+        p, q = X.shape[1], Y.shape[1]
+        if p * q + p * p + q * q <= n * (p + q + n):
+            num = float(torch.linalg.matrix_norm(Yc.T @ Xc)) ** 2
+            sx, sy = float(torch.linalg.matrix_norm(Xc.T @ Xc)), float(torch.linalg.matrix_norm(Yc.T @ Yc))
+            scale = [float(torch.linalg.matrix_norm(X.T @ X)), float(torch.linalg.matrix_norm(Y.T @ Y))]
+        else:
+            K, L = Xc @ Xc.T, Yc @ Yc.T
+            num, sx, sy = float((K * L).sum()), float(torch.linalg.matrix_norm(K)), float(torch.linalg.matrix_norm(L))
+            scale = [float(torch.linalg.matrix_norm(X @ X.T)), float(torch.linalg.matrix_norm(Y @ Y.T))]
+    bad = [w for w, s, ref in (("x", sx, scale[0]), ("y", sy, scale[1])) if not s > _DEGENERATE * ref]
+    if bad:
+        reason = (f"self-similarity of {' and '.join(bad)} is zero (features constant across the {n} samples); "
+                  "CKA is undefined")
+        warnings.warn(f"linear_cka: NaN: {reason}", RuntimeWarning, stacklevel=2)
+        return CKAValue(float("nan"), est, reason)
+    return CKAValue(num / (sx * sy), est)
+
+
+class StreamingCKA:
+    """Minibatch linear CKA for every (A layer, B layer) pair, plus A x A and B x B, torchmetrics style.
+
+    ``update(feats_a, feats_b)`` takes ``{layer: batch tensor}`` for each model (batch first, any trailing
+    shape); :meth:`update_grams` takes Gram matrices formed elsewhere (inside hooks). Per batch each
+    layer's float64 Gram is centred once (U-centring for ``debiased=True``), the centred Grams of all
+    ``La + Lb`` layers are stacked as rows of an ``(La+Lb) x n^2`` matrix and one matmul gives every
+    pair's HSIC, which is summed over batches. :meth:`compute` returns ``CKA = sum HSIC_ab /
+    sqrt(sum HSIC_aa sum HSIC_bb)``; under ``torch.distributed`` the sums are all-reduced first, so a run
+    sharded *by batch* equals the single-process run. Memory: O((La+Lb)^2) accumulators plus
+    O(batches) floats per diagonal pair for :meth:`bootstrap_diagonal`, never O(samples).
+    Batches of fewer than 4 samples are skipped with a warning and counted.
+    """
+
+    def __init__(self, layers_a: Sequence[str] | None = None, layers_b: Sequence[str] | None = None, *,
+                 debiased: bool = True, pairs: Sequence[tuple[str, str]] | None = None,
+                 keep_batches: bool = True) -> None:
+        self.debiased = debiased
+        self.estimator = estimator_name(debiased, minibatch=True)
+        self.keep_batches = keep_batches
+        self._init = (list(layers_a) if layers_a is not None else None,
+                      list(layers_b) if layers_b is not None else None,
+                      list(pairs) if pairs is not None else None)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch seen."""
+        self.layers_a, self.layers_b, self._pairs = (copy.copy(v) for v in self._init)
+        self._ip: torch.Tensor | None = None  # (L, L) sum over batches of HSIC(K_i, K_j)
+        self._scale: torch.Tensor | None = None  # (L,) same normalisation, uncentred Grams (degeneracy test)
+        self._records: list[torch.Tensor] = []  # per batch: diagonal pairs' HSIC, then every self-HSIC
+        self.n_samples = self.n_batches = self.skipped_samples = self.skipped_batches = 0
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Diagonal pairs: given, else layers with the same name in A and B, else A[i] with B[i] when equally many."""
+        if self._pairs is not None:
+            return self._pairs
+        if self.layers_a is None or self.layers_b is None:
+            return []
+        common = [n for n in self.layers_a if n in set(self.layers_b)]
+        if common:
+            return [(n, n) for n in common]
+        return list(zip(self.layers_a, self.layers_b)) if len(self.layers_a) == len(self.layers_b) else []
+
+    def update(self, feats_a: Mapping[str, torch.Tensor], feats_b: Mapping[str, torch.Tensor]) -> None:
+        """Add one batch of features (the same samples, in the same order, for both models)."""
+        def grams(f: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = {}
+            for k, v in f.items():
+                x = _features64(v)
+                out[k] = x @ x.T
+            return out
+        self.update_grams(grams(feats_a), grams(feats_b))
+
+    def update_grams(self, grams_a: Mapping[str, torch.Tensor], grams_b: Mapping[str, torch.Tensor]) -> None:
+        """Add one batch given each layer's n x n Gram matrix ``X X^T`` (not modified)."""
+        if self.layers_a is None:
+            self.layers_a = list(grams_a)
+        if self.layers_b is None:
+            self.layers_b = list(grams_b)
+        for side, names, g in (("A", self.layers_a, grams_a), ("B", self.layers_b, grams_b)):
+            if set(g) != set(names):
+                raise KeyError(f"model {side} layers {sorted(g)} differ from the first batch's {sorted(names)}")
+        if self._pairs is not None:
+            bad = [p for p in self._pairs if p[0] not in self.layers_a or p[1] not in self.layers_b]
+            if bad:
+                raise KeyError(f"diagonal pairs {bad} name layers that are not captured")
+        Ks = [grams_a[k] for k in self.layers_a] + [grams_b[k] for k in self.layers_b]
+        n = Ks[0].shape[0]
+        if any(K.shape != (n, n) for K in Ks):
+            raise ValueError(f"every Gram matrix of a batch must be {n} x {n}: {[tuple(K.shape) for K in Ks]}")
+        if n < MIN_BATCH:
+            self.skipped_samples += n
+            self.skipped_batches += 1
+            warnings.warn(f"StreamingCKA: skipped a batch of {n} samples: the unbiased HSIC estimator divides by "
+                          f"n(n-3) and needs n >= {MIN_BATCH} (both estimators skip it so they stay comparable)",
+                          RuntimeWarning, stacklevel=2)
+            return
+        L = len(Ks)
+        U = torch.empty((L, n * n), dtype=torch.float64, device=Ks[0].device)
+        scale = torch.empty(L, dtype=torch.float64, device=U.device)
+        for i, K in enumerate(Ks):
+            u = U[i].view(n, n)
+            u.copy_(K)
+            if self.debiased:
+                u.fill_diagonal_(0.0)
+            scale[i] = torch.dot(U[i], U[i])
+            _centre_gram_(u, self.debiased)
+        norm = 1.0 / (n * (n - 3)) if self.debiased else 1.0 / (n - 1) ** 2
+        ip = (U @ U.T) * norm
+        scale *= norm
+        if self._ip is None:
+            self._ip, self._scale = ip, scale
+        else:
+            self._ip += ip
+            self._scale += scale
+        if self.keep_batches:
+            ia = {k: i for i, k in enumerate(self.layers_a)}
+            ib = {k: len(ia) + i for i, k in enumerate(self.layers_b)}
+            cross = ip[[ia[a] for a, _ in self.pairs], [ib[b] for _, b in self.pairs]]
+            self._records.append(torch.cat([cross, torch.diagonal(ip)]))
+        self.n_samples += n
+        self.n_batches += 1
+
+    def _synced(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], np.ndarray]:
+        """Accumulators summed over ranks (collective when distributed), batch records gathered."""
+        if self.layers_a is None or self.layers_b is None:
+            raise ValueError("StreamingCKA.compute() called before any update()")
+        L = len(self.layers_a) + len(self.layers_b)
+        ip = self._ip.clone() if self._ip is not None else torch.zeros((L, L), dtype=torch.float64)
+        scale = self._scale.clone() if self._scale is not None else torch.zeros(L, dtype=torch.float64)
+        counts = torch.tensor([self.n_samples, self.n_batches, self.skipped_samples, self.skipped_batches],
+                              dtype=torch.float64)
+        recs = (torch.stack(self._records).cpu().numpy() if self._records
+                else np.zeros((0, len(self.pairs) + L)))
+        if dist.is_available() and dist.is_initialized():
+            nccl = dist.get_backend() == "nccl"
+            dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            flat = torch.cat([ip.flatten(), scale, counts.to(ip.device)]).to(dev)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat = flat.to(ip.device)
+            ip, scale, counts = flat[: L * L].view(L, L), flat[L * L: L * L + L], flat[L * L + L:]
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, recs)
+            recs = np.concatenate(parts, axis=0)
+        c = [int(round(float(v))) for v in counts.cpu()]
+        info = {"n_samples": c[0], "n_batches": c[1], "skipped_samples": c[2], "skipped_batches": c[3]}
+        if info["n_batches"] == 0:
+            raise ValueError(f"StreamingCKA: no batch had at least {MIN_BATCH} samples ({info['skipped_samples']} "
+                             f"samples in {info['skipped_batches']} batches were skipped); use a larger batch size")
+        # canonical row order: the bootstrap no longer depends on batch order or on how ranks were sharded
+        recs = recs[np.lexsort(recs.T[::-1])] if len(recs) else recs
+        return ip.cpu(), scale.cpu(), info, recs
+
+    def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, int], np.ndarray]:
+        ip, scale, info, recs = self._synced()
+        la, lb = self.layers_a, self.layers_b
+        d = torch.diagonal(ip).clone()
+        names = [f"A:{k}" for k in la] + [f"B:{k}" for k in lb]
+        reasons = {}
+        for i, nm in enumerate(names):
+            if not float(d[i]) > _DEGENERATE ** 2 * float(scale[i]):
+                reasons[nm] = (f"self-HSIC of {nm} is {float(d[i]):.3g} (zero up to rounding: features constant "
+                               "across samples); its CKA row/column is NaN")
+                d[i] = float("nan")
+        if reasons:
+            warnings.warn("StreamingCKA: " + "; ".join(reasons.values()), RuntimeWarning, stacklevel=3)
+        C = (ip / torch.sqrt(d[:, None] * d[None, :])).numpy()
+        A, B = len(la), len(lb)
+        attrs = dict(info, estimator=self.estimator, nan_reasons=reasons)
+        out = []
+        for block, rows, cols, rn, cn in ((C[:A, A:], la, lb, "layer_a", "layer_b"),
+                                          (C[:A, :A], la, la, "layer_a", "layer_a"),
+                                          (C[A:, A:], lb, lb, "layer_b", "layer_b")):
+            df = pd.DataFrame(block.copy(), index=pd.Index(rows, name=rn), columns=pd.Index(cols, name=cn))
+            df.attrs = copy.deepcopy(attrs)
+            out.append(df)
+        return out[0], out[1], out[2], info, recs
+
+    def compute(self) -> pd.DataFrame:
+        """A x B CKA: index = A's layers, columns = B's; ``.attrs`` has ``estimator``, counts, ``nan_reasons``."""
+        return self._frames()[0]
+
+    def compute_all(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """``(A x B, A x A, B x B)`` CKA matrices from the same accumulators."""
+        ab, aa, bb, _, _ = self._frames()
+        return ab, aa, bb
+
+    def bootstrap_diagonal(self, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+        """Per diagonal pair: CKA and a percentile bootstrap CI over *batches* (resampled with replacement,
+        ratio of sums recomputed), seeded. Columns ``layer_a, layer_b, cka, ci_low, ci_high, n_batches,
+        estimator``. The CI is NaN with fewer than 2 batches (or without ``keep_batches``)."""
+        ab, _, _, info, recs = self._frames()
+        pairs, A = self.pairs, len(self.layers_a)
+        ia = {k: i for i, k in enumerate(self.layers_a)}
+        ib = {k: i for i, k in enumerate(self.layers_b)}
+        P = len(pairs)
+        lo = np.full(P, np.nan)
+        hi = np.full(P, np.nan)
+        if self.keep_batches and len(recs) >= 2 and P:
+            rng = np.random.default_rng(seed)
+            idx = rng.integers(0, len(recs), size=(n_boot, len(recs)))
+            sums = np.zeros((n_boot, recs.shape[1]))
+            for j in range(len(recs)):  # loop over draws: O(n_boot x columns) memory
+                sums += recs[idx[:, j]]
+            for p, (a, b) in enumerate(pairs):
+                saa, sbb = sums[:, P + ia[a]], sums[:, P + A + ib[b]]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    r = np.where((saa > 0) & (sbb > 0), sums[:, p] / np.sqrt(saa * sbb), np.nan)
+                if np.isfinite(ab.loc[a, b]) and np.isfinite(r).any():
+                    lo[p], hi[p] = np.nanpercentile(r, [50 * (1 - ci), 50 * (1 + ci)])
+        df = pd.DataFrame({"layer_a": [a for a, _ in pairs], "layer_b": [b for _, b in pairs],
+                           "cka": [float(ab.loc[a, b]) for a, b in pairs], "ci_low": lo, "ci_high": hi,
+                           "n_batches": info["n_batches"], "estimator": self.estimator})
+        df.attrs = dict(ab.attrs, ci=ci, n_boot=n_boot, seed=seed)
+        return df
+
+
+@dataclass
+class CKAResult:
+    """Everything :func:`cka_matrix` measured in its single pass over the data."""
+
+    ab: pd.DataFrame  # A layers x B layers
+    aa: pd.DataFrame
+    bb: pd.DataFrame
+    diagonal: pd.DataFrame  # diagonal pairs with bootstrap CI over batches
+    activations: pd.DataFrame  # model, layer, mean, std, frac_zero, n_values
+    maps_a: ExampleMaps = field(repr=False)
+    maps_b: ExampleMaps = field(repr=False)
+    estimator: str = ""
+    n_samples: int = 0
+    skipped_samples: int = 0
+
+    def plot_feature_maps(self, layer: str, layer_b: str | None = None, k: int = 4,
+                          labels: tuple[str, str] = ("A", "B"), path: str | None = None):
+        """The strongest channels of both models side by side (see :func:`analysis.activations.plot_feature_maps`)."""
+        return plot_feature_maps(self.maps_a, self.maps_b, layer, layer_b, k=k, labels=labels, path=path)
+
+
+def _run_pass(models: Sequence[nn.Module], layer_lists: Sequence[list[str]], loader: Iterable,
+              device: torch.device, sink: Callable[[list[dict[str, torch.Tensor]]], None], n_examples: int = 0
+              ) -> tuple[list[ActivationStats], list[ExampleMaps]]:
+    """Run every batch once through each *distinct* model (eval, no grad, hooks always removed); the hooks
+    form float64 Grams on ``device`` and update activation statistics; ``sink`` gets each model's Grams."""
+    slot_of: list[int] = []
+    slots: list[tuple[nn.Module, list[str]]] = []
+    for m, names in zip(models, layer_lists):
+        ids = [id(s[0]) for s in slots]
+        if id(m) in ids:
+            s = ids.index(id(m))
+            slots[s][1].extend(n for n in names if n not in slots[s][1])
+        else:
+            s = len(slots)
+            slots.append((m, list(names)))
+        slot_of.append(s)
+    grams: list[dict[str, torch.Tensor]] = [{} for _ in slots]
+    stats = [ActivationStats() for _ in slots]
+    maps = [ExampleMaps(n_examples) for _ in slots]
+
+    def hook_fn(s: int) -> Callable[[str, torch.Tensor], None]:
+        def fn(name: str, out: torch.Tensor) -> None:
+            x = out.reshape(out.shape[0], -1).to(device=device, dtype=torch.float64)
+            K = x @ x.T
+            grams[s][name] = K
+            stats[s].update(name, out, x, torch.diagonal(K).sum())
+            maps[s].update(name, out)
+        return fn
+
+    was = [m.training for m, _ in slots]
+    try:
+        with ExitStack() as stack, torch.no_grad(), no_tf32():
+            for s, (m, names) in enumerate(slots):
+                m.eval().to(device)
+                stack.enter_context(ActivationCapture(m, names, fn=hook_fn(s)))
+            for batch in loader:
+                x = unpack_batch(batch)[0].to(device, non_blocking=True)
+                for s, (m, _) in enumerate(slots):
+                    grams[s].clear()
+                    maps[s].add_images(x)
+                    m(x)
+                sink([{k: grams[slot_of[i]][k] for k in names} for i, names in enumerate(layer_lists)])
+    finally:
+        for (m, _), w in zip(slots, was):
+            m.train(w)
+    return [stats[s] for s in slot_of], [maps[s] for s in slot_of]
+
+
+def cka_matrix(model_a: nn.Module, model_b: nn.Module, loader: Iterable, layers_a: LayerSpec = "auto",
+               layers_b: LayerSpec = "auto", *, debiased: bool = True, device: str | torch.device = "auto",
+               pairs: Sequence[tuple[str, str]] | None = None, n_examples: int = 4, n_boot: int = 1000,
+               ci: float = 0.95, seed: int = 0, labels: tuple[str, str] = ("A", "B")) -> CKAResult:
+    """A x B, A x A and B x B minibatch CKA, activation statistics and example feature maps, in one pass.
+
+    Each batch runs once through each model (eval mode, no grad; models are moved to ``device``; hooks
+    removed and training flags restored afterwards). ``layers_*``: ``"auto"`` (stage outputs, see
+    :func:`analysis.layers.resolve_layers`), exact module names, or module types. Under
+    ``torch.distributed`` give each rank its own *batches* and call on every rank: the result equals the
+    single-process run over all batches. The bootstrap CI of the diagonal resamples batches.
+    """
+    dev = resolve_device(device)
+    la, lb = resolve_layers(model_a, layers_a), resolve_layers(model_b, layers_b)
+    metric = StreamingCKA(la, lb, debiased=debiased, pairs=pairs)
+    stats, maps = _run_pass([model_a, model_b], [la, lb], loader, dev,
+                            lambda g: metric.update_grams(g[0], g[1]), n_examples=n_examples)
+    ab, aa, bb = metric.compute_all()
+    diag = metric.bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed)
+    acts = pd.concat([stats[0].table(labels[0]), stats[1].table(labels[1])], ignore_index=True)
+    return CKAResult(ab, aa, bb, diag, acts, maps[0], maps[1], metric.estimator, ab.attrs["n_samples"],
+                     ab.attrs["skipped_samples"])
+
+
+def randomly_initialised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with random weights: ``reset_parameters()`` on every module that has one (PyTorch's
+    default initialisation; BatchNorm gets weight 1, bias 0 and running mean 0 / variance 1, so in eval mode
+    it passes activations through unchanged and the copy is a plain random conv/ReLU network). Seeded on the
+    CPU, so the global RNG (CPU and CUDA) is left as it was and the result does not depend on the device."""
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    m = copy.deepcopy(model).cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for mod in m.modules():
+            if hasattr(mod, "reset_parameters") and callable(mod.reset_parameters):
+                mod.reset_parameters()
+    return m.to(dev).eval()
+
+
+def cka_against_chance(base: nn.Module, tuned: nn.Module, loader: Iterable, random_model: nn.Module | None = None,
+                       scratch: nn.Module | None = None, layers: LayerSpec = "auto", *, debiased: bool = True,
+                       device: str | torch.device = "auto", seed: int = 0, n_boot: int = 1000,
+                       ci: float = 0.95) -> pd.DataFrame:
+    """Per layer: CKA(base, tuned) with a bootstrap CI over batches, next to CKA(base, random weights) and
+    CKA(tuned, scratch) when a from-scratch model is given (NaN otherwise), all from one pass.
+
+    Untrained networks already agree strongly (CKA near 1 at the stem, falling with depth), so a drop of
+    CKA(base, tuned) with depth only means something relative to these controls. ``random_model`` defaults
+    to :func:`randomly_initialised` ``(base, seed)``. Layers are resolved on ``base`` and matched by name.
+    Columns: ``layer, cka_base_tuned, ci_low, ci_high, cka_base_random, cka_tuned_scratch, estimator``.
+    """
+    dev = resolve_device(device)
+    names = resolve_layers(base, layers)
+    rand = random_model if random_model is not None else randomly_initialised(base, seed)
+    models = [base, tuned, rand] + ([scratch] if scratch is not None else [])
+    lists = [resolve_layers(m, names) for m in models]
+    metrics = [StreamingCKA(names, names, debiased=debiased) for _ in range(len(models) - 1)]
+    jobs = [(0, 1), (0, 2)] + ([(1, 3)] if scratch is not None else [])
+
+    def sink(g: list[dict[str, torch.Tensor]]) -> None:
+        for metric, (i, j) in zip(metrics, jobs):
+            metric.update_grams(g[i], g[j])
+
+    _run_pass(models, lists, loader, dev, sink)
+    d_bt = metrics[0].bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed).set_index("layer_a")
+    ab_br = metrics[1].compute()
+    ab_ts = metrics[2].compute() if scratch is not None else None
+    df = pd.DataFrame({
+        "layer": names,
+        "cka_base_tuned": [float(d_bt.loc[n, "cka"]) for n in names],
+        "ci_low": [float(d_bt.loc[n, "ci_low"]) for n in names],
+        "ci_high": [float(d_bt.loc[n, "ci_high"]) for n in names],
+        "cka_base_random": [float(ab_br.loc[n, n]) for n in names],
+        "cka_tuned_scratch": [float(ab_ts.loc[n, n]) if ab_ts is not None else float("nan") for n in names],
+        "estimator": metrics[0].estimator,
+    })
+    df.attrs = dict(d_bt.attrs, random_seed=seed, scratch=scratch is not None)
+    return df

@@ -1,0 +1,120 @@
+"""The analyze stage: every analysis of the library over one base model and its tuned models.
+
+``analyze_models`` takes models and data (not files), so it serves the default run
+and users' own checkpoints alike, and returns a :class:`~analysis.results.Results`
+(tables + arrays + summary with ranked findings). Each analysis is optional and a
+skipped one says why in ``summary["skipped"]``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import findings as F
+from .layers import unpack_batch
+from .results import Results
+from .weights import aggregate_deltas, first_conv_filters, weight_deltas
+
+__all__ = ["analyze_models", "predictions_table", "training_tables"]
+
+
+@torch.no_grad()
+def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: torch.device) -> pd.DataFrame:
+    """Per model and test image: label, prediction, correctness and the loss (for paired comparisons)."""
+    rows = []
+    for name, model in models.items():
+        model.eval()
+        idx = 0
+        for batch in loader:
+            x, y, _ = unpack_batch(batch)
+            out = model(x.to(device)).float()
+            loss = torch.nn.functional.cross_entropy(out, y.to(device), reduction="none")
+            pred = out.argmax(1).cpu()
+            for i in range(len(y)):
+                rows.append({"model": name, "index": idx, "label": int(y[i]), "pred": int(pred[i]),
+                             "correct": int(pred[i] == y[i]), "loss": float(loss[i])})
+                idx += 1
+    return pd.DataFrame(rows)
+
+
+def training_tables(manifests: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training curves (per model, epoch) and per-stage gradient norm / update ratio (long format)."""
+    curves, stages = [], []
+    for name, man in manifests.items():
+        order = man.get("stage_order", [])
+        for rec in man.get("history", []):
+            curves.append({"model": name, **{k: v for k, v in rec.items() if not isinstance(v, dict)}})
+            for s, g in rec.get("grad_norm", {}).items():
+                stages.append({"model": name, "epoch": rec["epoch"], "stage": s,
+                               "depth": order.index(s) if s in order else len(order), "grad_norm": g,
+                               "update_ratio": rec.get("update_ratio", {}).get(s)})
+    st = pd.DataFrame(stages)
+    if len(st):
+        st = st.sort_values(["model", "epoch", "depth"], kind="stable").reset_index(drop=True)
+    return pd.DataFrame(curves), st
+
+
+def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], data: dict[str, Dataset],
+                   cfg: dict[str, Any], device: torch.device, log: Callable[[str], None] = print,
+                   progress: bool = True) -> Results:
+    """Run the analyses. ``models`` holds ``base``, the tuned models and optionally ``scratch``;
+    ``data`` holds the target task's ``train`` and ``test`` splits (items ``(x, y[, mask])``)."""
+    acfg = cfg["analysis"]
+    res = Results()
+    timings: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    findings: list[F.Finding] = []
+    base = models["base"]
+    tuned_names = [n for n, m in manifests.items() if m.get("role") == "tuned"]
+    primary = acfg.get("primary", "full")
+    if primary not in tuned_names:
+        primary = tuned_names[0]
+    test_loader = DataLoader(data["test"], batch_size=acfg["batch_size"], shuffle=False)
+
+    sample = [data["test"][i] for i in range(min(8, len(data["test"])))]
+    res.arrays["samples"] = {"images": torch.stack([b[0] for b in sample]).numpy(),
+                             "labels": torch.as_tensor([int(b[1]) for b in sample]).numpy()}
+    if sample and len(sample[0]) > 2:
+        res.arrays["samples"]["masks"] = torch.stack([torch.as_tensor(b[2]) for b in sample]).numpy()
+
+    t = time.perf_counter()
+    preds = predictions_table({n: m for n, m in models.items() if n != "base"}, test_loader, device)
+    res.tables["predictions"] = preds
+    acc = preds.groupby("model", sort=False).agg(acc=("correct", "mean"), loss=("loss", "mean"),
+                                                  n=("correct", "size")).reset_index()
+    acc["role"] = acc["model"].map(lambda n: manifests[n].get("role"))
+    acc["strategy"] = acc["model"].map(lambda n: manifests[n].get("strategy"))
+    acc["train_seconds"] = acc["model"].map(lambda n: manifests[n].get("seconds"))
+    res.tables["accuracy"] = acc
+    curves, stages = training_tables(manifests)
+    res.tables["training"], res.tables["training_stages"] = curves, stages
+    findings += F.transfer_findings(preds, primary=primary)
+    timings["evaluation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    deltas, stage_tables = [], []
+    for name in tuned_names:
+        d = weight_deltas(base, models[name])
+        d.insert(0, "model", name)
+        deltas.append(d)
+        s = aggregate_deltas(d)
+        s.insert(0, "model", name)
+        stage_tables.append(s)
+    res.tables["weight_deltas"] = pd.concat(deltas, ignore_index=True)
+    res.tables["weight_stages"] = pd.concat(stage_tables, ignore_index=True)
+    filt = first_conv_filters(base, models[primary])
+    if filt is not None:
+        res.arrays["first_conv"] = {k: v for k, v in filt.items() if k != "name"}
+        res.summary["first_conv_name"] = filt["name"]
+    findings += F.weight_findings(res.tables["weight_stages"], primary=primary)
+    timings["weights"] = time.perf_counter() - t
+
+    res.summary.update(primary=primary, tuned=tuned_names, timings=timings, skipped=skipped,
+                       findings=F.rank_findings(findings))
+    return res

@@ -1,0 +1,227 @@
+"""Benchmark of tunelens CKA: cost against the plain forward passes, memory growth with N, and torch-cka.
+
+    python bench/similarity.py [--quick] [--threads 1] [--device cpu] [--out artifacts/bench/similarity.json]
+
+For each model pair (two torchvision resnet18 at 64x64, and the default tiny_resnet pair at 32x32):
+
+1. **cost**: the same list of batches is run (a) through both models, eval, no grad (the floor: the
+   data must go through both models once) and (b) through :func:`analysis.similarity.cka_matrix`
+   (A x B, A x A, B x B matrices, bootstrap CI of the diagonal, activation statistics and example
+   feature maps); timed alternately, median of ``--repeats``. Target: (b)/(a) <= 1.25.
+2. **memory**: ``cka_matrix`` over N=512 and N=4096 images, each in a fresh process with batches
+   generated on the fly (so the data set itself is not held); peak RSS of the whole process and its
+   rise over the RSS just before the call. Target: peak(4096) <= 1.2 peak(512).
+3. **torch-cka** (PyPI ``torch-cka``, a bench-only extra): same models (copies: it never removes its
+   hooks), same layers, same batches; its time over the forward passes, and its values against ours.
+   Its hooks keep ``out`` itself, so layers followed by an in-place op (``bn1`` -> ReLU(inplace),
+   ``layer1.0.bn2`` -> ``out += identity``) are compared separately to show where it goes wrong.
+
+Also times a default-run-sized CKA stage (3 fine-tuned models, 360 test images at 32x32).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench._common import (machine_info, rss_mb, run_fresh, set_threads, time_interleaved,  # noqa: E402
+                           timed, write_json)
+
+PAIRS = {
+    "resnet18": {"arch": "resnet18", "classes": (10, 10), "size": 64},
+    "default": {"arch": "tiny_resnet", "classes": (8, 6), "size": 32},
+}
+
+
+def _models(pair: str, device: str = "cpu"):
+    from finetune.models import build_model
+
+    p = PAIRS[pair]
+    a = build_model(p["arch"], p["classes"][0], seed=0).eval().to(device)
+    b = build_model(p["arch"], p["classes"][1], seed=1).eval().to(device)
+    return a, b
+
+
+def _batch(pair: str, i: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + i)
+    s = PAIRS[pair]["size"]
+    x = torch.randn(bs, 3, s, s, generator=g)
+    x = x + torch.linspace(-1, 1, s)[None, None, None, :] * torch.randn(bs, 3, 1, 1, generator=g)  # some structure
+    return x, torch.zeros(bs, dtype=torch.long)
+
+
+class _Generated:
+    """Batches made on the fly from a seed: nothing grows with N except the count."""
+
+    def __init__(self, pair: str, n: int, bs: int) -> None:
+        self.pair, self.n, self.bs = pair, n, bs
+
+    def __len__(self) -> int:
+        return (self.n + self.bs - 1) // self.bs
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield _batch(self.pair, i, min(self.bs, self.n - i * self.bs))
+
+
+def memory_run(pair: str, n: int, bs: int, threads: int, device: str) -> dict:
+    """In a fresh process: RSS before and peak during cka_matrix over ``n`` generated images."""
+    import resource
+
+    from analysis.similarity import cka_matrix
+    set_threads(threads)
+    a, b = _models(pair, device)
+    before = rss_mb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = cka_matrix(a, b, _Generated(pair, n, bs), device=device, n_boot=1000)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"n": n, "rss_before_mb": before, "peak_during_mb": peak, "rise_mb": peak - before,
+           "n_samples": res.n_samples}
+    if device.startswith("cuda"):
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def _torch_cka(a, b, la, lb, loader, device):
+    """One torch-cka run on fresh copies of the models; returns its A x B matrix (in firing order) and names."""
+    from torch_cka import CKA
+
+    ca, cb = copy.deepcopy(a), copy.deepcopy(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = CKA(ca, cb, model1_name="A", model2_name="B", model1_layers=la, model2_layers=lb, device=device)
+        m.compare(loader)
+    return m.hsic_matrix.numpy(), list(m.model1_features), list(m.model2_features)
+
+
+def bench_pair(pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tuple[int, int], threads: int,
+               torch_cka_ok: bool) -> dict:
+    from analysis.layers import resolve_layers
+    from analysis.similarity import cka_matrix
+
+    a, b = _models(pair, device)
+    la, lb = resolve_layers(a), resolve_layers(b)
+    batches = list(_Generated(pair, n, bs))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+
+    def forward():
+        with torch.no_grad():
+            for x, _ in batches:
+                x = x.to(device)
+                a(x)
+                b(x)
+
+    fns = {"forward_both": forward, "tunelens": lambda: cka_matrix(a, b, batches, device=device)}
+    loader = None
+    if torch_cka_ok:
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+            torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])), batch_size=bs)
+        fns["torch_cka"] = lambda: _torch_cka(a, b, la, lb, loader, device)
+    t = time_interleaved(fns, repeats=repeats, warmup=1, sync=sync)
+    base = t["forward_both"]["median"]
+    out: dict = {"n_images": n, "batch_size": bs, "image_size": PAIRS[pair]["size"], "layers_a": la, "layers_b": lb,
+                 "timings_s": t, "ratio_tunelens_over_forward": t["tunelens"]["median"] / base}
+    ours = cka_matrix(a, b, batches, device=device)
+    out["estimator"] = ours.estimator
+    print(f"[{pair}] forward passes (both models): {base:.3f} s; tunelens cka_matrix: "
+          f"{t['tunelens']['median']:.3f} s -> {out['ratio_tunelens_over_forward']:.3f}x (target <= 1.25x)")
+    if torch_cka_ok:
+        r = t["torch_cka"]["median"] / base
+        out["ratio_torch_cka_over_forward"] = r
+        out["speedup_vs_torch_cka"] = t["torch_cka"]["median"] / t["tunelens"]["median"]
+        theirs, na, nb = _torch_cka(a, b, la, lb, loader, device)
+        th = ours.ab.loc[na, nb].to_numpy()
+        out["torch_cka_max_abs_diff_auto_layers"] = float(np.abs(theirs - th).max())
+        print(f"[{pair}] torch-cka: {t['torch_cka']['median']:.3f} s -> {r:.3f}x forward; tunelens is "
+              f"{out['speedup_vs_torch_cka']:.2f}x faster; max |diff| on {len(na)}x{len(nb)} auto layers: "
+              f"{out['torch_cka_max_abs_diff_auto_layers']:.2e}")
+        inplace = ["conv1", "bn1", "layer1.0.bn2"]  # bn1 -> ReLU(inplace); bn2 -> out += identity
+        sub = batches[: max(2, len(batches) // 4)]
+        sub_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+            torch.cat([x for x, _ in sub]), torch.cat([y for _, y in sub])), batch_size=bs)
+        ours_in = cka_matrix(a, b, sub, inplace, inplace, device=device, n_examples=0).ab
+        theirs_in, na, nb = _torch_cka(a, b, inplace, inplace, sub_loader, device)
+        diag = {f"{x}": {"tunelens": float(ours_in.loc[x, x]), "torch_cka": float(theirs_in[na.index(x), nb.index(x)])}
+                for x in inplace}
+        out["inplace_layers_diagonal"] = diag
+        for k, v in diag.items():
+            print(f"[{pair}]   {k:>13}: tunelens {v['tunelens']:.4f}  torch-cka {v['torch_cka']:.4f}"
+                  f"  (diff {abs(v['tunelens'] - v['torch_cka']):.1e})")
+    mem = [run_fresh("bench.similarity", "memory_run", {"pair": pair, "n": m, "bs": bs, "threads": threads,
+                                                          "device": device}) for m in mem_ns]
+    out["memory"] = mem
+    out["peak_ratio"] = mem[1]["peak_rss_mb"] / mem[0]["peak_rss_mb"]
+    out["rise_ratio"] = mem[1]["rise_mb"] / max(mem[0]["rise_mb"], 1e-9)
+    print(f"[{pair}] peak RSS N={mem_ns[0]}: {mem[0]['peak_rss_mb']:.0f} MiB (rise {mem[0]['rise_mb']:.0f}), "
+          f"N={mem_ns[1]}: {mem[1]['peak_rss_mb']:.0f} MiB (rise {mem[1]['rise_mb']:.0f}) -> "
+          f"{out['peak_ratio']:.3f}x (target <= 1.2x)")
+    return out
+
+
+def default_stage(device: str, bs: int = 64) -> dict:
+    """A default-run-sized CKA stage: base vs 3 tuned models (cka_matrix + cka_against_chance with scratch)."""
+    from analysis.similarity import cka_against_chance, cka_matrix
+    from finetune.data import ShapesSpec, make_shapes
+    from finetune.models import build_model, replace_head
+
+    test = make_shapes(ShapesSpec(task="target", train_per_class=1, val_per_class=1, test_per_class=60))["test"]
+    loader = torch.utils.data.DataLoader(test, batch_size=bs)
+    base = replace_head(build_model("tiny_resnet", 8, seed=0), 6, seed=0)
+    tuned = [build_model("tiny_resnet", 6, seed=s) for s in (1, 2, 3)]
+    scratch = build_model("tiny_resnet", 6, seed=9)
+
+    def stage():
+        for t in tuned:
+            cka_matrix(base, t, loader, device=device)
+            cka_against_chance(base, t, loader, scratch=scratch, device=device)
+
+    s, _ = timed(stage)
+    print(f"[default stage] {len(tuned)} x (cka_matrix + cka_against_chance) on {len(test)} images: {s:.2f} s "
+          "(target < 30 s)")
+    return {"seconds": s, "n_images": len(test), "n_tuned": len(tuned)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer images and repeats (a smoke run)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=0)
+    ap.add_argument("--pairs", default="resnet18,default")
+    ap.add_argument("--out", default="artifacts/bench/similarity.json")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    threads = set_threads(args.threads or None)
+    try:
+        import torch_cka  # noqa: F401
+        cka_ok = True
+    except Exception as e:  # noqa: BLE001 - optional extra
+        print(f"torch-cka not importable ({e}); skipping that comparison (pip install torch-cka)")
+        cka_ok = False
+    n = {"resnet18": 256 if args.quick else 512, "default": 512 if args.quick else 2048}
+    repeats = args.repeats or (2 if args.quick else 3)
+    mem_ns = (128, 512) if args.quick else (512, 4096)
+    result = {"machine": machine_info(), "device": args.device, "quick": args.quick, "threads": threads,
+              "memory_method": "peak RSS (ru_maxrss) of a fresh process per N; batches generated on the fly",
+              "pairs": {}}
+    for pair in args.pairs.split(","):
+        result["pairs"][pair] = bench_pair(pair, n[pair], 64, repeats, args.device, mem_ns, threads, cka_ok)
+    result["default_stage"] = default_stage(args.device)
+    path = write_json(args.out, result)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

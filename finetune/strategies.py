@@ -1,0 +1,67 @@
+"""Fine-tuning strategies: which parameters train, and which stay exactly as pretrained.
+
+* ``linear_probe``: freeze everything, replace and train the head (the classic recipe).
+* ``full``: every parameter trains.
+* ``last_k``: the last ``k`` stages and the head train; earlier stages are frozen.
+* ``lp_ft``: a linear probe first, then full fine-tuning from the probed head
+  (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform
+  Out-of-Distribution").
+* ``scratch``: the from-scratch control: random initialisation, every parameter trains.
+
+Frozen modules are also kept in eval mode, so BatchNorm running statistics of a
+frozen backbone stay those of pretraining (otherwise a "frozen" linear probe still
+changes the features it probes).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .models import head_name
+
+__all__ = ["STRATEGIES", "stage_names", "trainable_prefixes", "apply_freeze", "set_train_mode"]
+
+STRATEGIES = ("linear_probe", "full", "last_k", "lp_ft", "scratch")
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """The model's stages in forward order (top-level children that hold parameters)."""
+    return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+
+
+def trainable_prefixes(model: nn.Module, strategy: str, k: int = 1) -> list[str] | None:
+    """Module-name prefixes that train under ``strategy``; ``None`` means everything."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    head = head_name(model)
+    if strategy in ("full", "scratch"):
+        return None
+    if strategy in ("linear_probe", "lp_ft"):  # lp_ft starts with its probe phase
+        return [head]
+    stages = [s for s in stage_names(model) if not head.startswith(s)]
+    if k < 1 or k > len(stages):
+        raise ValueError(f"last_k needs 1 <= k <= {len(stages)} (the model's stages: {', '.join(stages)}), got {k}")
+    return stages[-k:] + [head]
+
+
+def _matches(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def apply_freeze(model: nn.Module, prefixes: list[str] | None) -> list[str]:
+    """Set ``requires_grad`` so that only parameters under ``prefixes`` train. Returns their names."""
+    names = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(prefixes is None or _matches(n, prefixes))
+        if p.requires_grad:
+            names.append(n)
+    return names
+
+
+def set_train_mode(model: nn.Module, prefixes: list[str] | None) -> None:
+    """Train mode for trainable parts, eval mode for frozen ones (BatchNorm stats stay put)."""
+    model.train()
+    if prefixes is None:
+        return
+    for n, m in model.named_modules():
+        if n and not _matches(n, prefixes) and not any(p.startswith(n + ".") for p in prefixes):
+            m.eval()

@@ -1,0 +1,287 @@
+"""One training loop for pretraining and fine-tuning, in the spirit of torchvision's
+``references/classification/train.py``: SGD or AdamW, weight decay, a cosine or step
+schedule with warm-up, label smoothing, simple augmentation, early stopping on the
+validation split (best weights restored), a seed, progress bars with ETA, and
+resumption from the last finished epoch after an interrupt.
+
+Per epoch it records, for every stage, the mean gradient norm and the mean update
+ratio ``||step|| / ||theta||`` (where learning happens), into ``history``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import runtime
+from .models import stage_of, stage_order
+from .strategies import apply_freeze, set_train_mode, trainable_prefixes
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "augment_batch"]
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = "full"
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    head_lr: float | None = None  # defaults to lr
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | none
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    augment: bool = True
+    patience: int = 0  # early stopping on val accuracy; 0 = off
+    last_k: int = 1
+    lp_epochs: int = 0  # lp_ft: epochs of the probe phase (then full fine-tuning)
+    lp_lr: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False  # bf16 autocast on CUDA
+    sync_bn: bool = False
+    num_workers: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    seconds: float = 0.0
+    peak_gpu_mem_mb: float | None = None
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random horizontal flip and random translation by up to ``pad`` pixels (reflect padding)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (torch.arange(h)[None, :] + dy[:, None]).to(x.device)
+    cols = (torch.arange(w)[None, :] + dx[:, None]).to(x.device)
+    idx = torch.arange(n, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy and mean cross-entropy over a loader; sums are reduced across ranks when distributed."""
+    device = runtime.resolve_device(device)
+    was = model.training
+    model.eval()
+    tot = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    for batch in loader:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        out = model(x)
+        tot[0] += (out.argmax(1) == y).sum()
+        tot[1] += F.cross_entropy(out.float(), y, reduction="sum").double()
+        tot[2] += len(y)
+    runtime.all_reduce_sum(tot)
+    model.train(was)
+    n = max(tot[2].item(), 1)
+    return {"acc": tot[0].item() / n, "loss": tot[1].item() / n, "n": int(tot[2].item())}
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, head: str) -> torch.optim.Optimizer:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim > 1]
+    no_decay = [p for n, p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adamw")
+
+
+def _lr_factor(cfg: TrainConfig, epoch: int, step: int, steps: int, epochs: int) -> float:
+    t = epoch + step / max(steps, 1)
+    if cfg.warmup_epochs and t < cfg.warmup_epochs:
+        return (t + 1 / max(steps, 1)) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        import math
+        span = max(epochs - cfg.warmup_epochs, 1e-9)
+        return 0.5 * (1 + math.cos(math.pi * min((t - cfg.warmup_epochs) / span, 1.0)))
+    if cfg.schedule == "step":
+        return 0.1 ** int(3 * t / max(epochs, 1))
+    if cfg.schedule == "none":
+        return 1.0
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; expected cosine, step or none")
+
+
+def _phases(cfg: TrainConfig) -> list[tuple[str, int, float]]:
+    """(strategy, epochs, lr) per phase; lp_ft is a probe phase then a full phase."""
+    if cfg.strategy == "lp_ft":
+        lp = cfg.lp_epochs or max(cfg.epochs // 3, 1)
+        return [("linear_probe", lp, cfg.lp_lr or cfg.lr * 10), ("full", max(cfg.epochs - lp, 1), cfg.lr)]
+    return [(cfg.strategy, cfg.epochs, cfg.lr)]
+
+
+def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
+          resume_path: str | os.PathLike | None = None, desc: str = "train",
+          progress: bool = True) -> TrainResult:
+    """Train ``model`` under ``cfg.strategy``. Returns the model with the best validation weights.
+
+    ``resume_path``: a file where the state after each finished epoch is kept; when it
+    exists at start, training continues from there (it is deleted on success). It holds
+    only tensors and plain values and is read with ``torch.load(weights_only=True)``.
+    Under ``torch.distributed`` the model is wrapped in DistributedDataParallel and the
+    data in a DistributedSampler; only rank 0 writes the resume file.
+    """
+    from .models import head_name
+
+    device = runtime.resolve_device(cfg.device)
+    runtime.set_determinism(cfg.seed)
+    model.to(device)
+    if cfg.sync_bn and runtime.is_distributed():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    head = head_name(model)
+    stages = stage_order(model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if runtime.is_distributed():
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        generator=gen, drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda")
+    val_loader = None
+    if val_set is not None:
+        vs = None
+        if runtime.is_distributed():
+            from torch.utils.data.distributed import DistributedSampler
+            vs = DistributedSampler(val_set, shuffle=False)
+        val_loader = DataLoader(val_set, batch_size=256, sampler=vs, pin_memory=device.type == "cuda")
+    phases = _phases(cfg)
+    total_epochs = sum(e for _, e, _ in phases)
+    history: list[dict] = []
+    best = {"acc": -1.0, "state": None, "epoch": -1}
+    start_epoch = 0
+    resume_path = Path(resume_path) if resume_path else None
+    opt_state = None
+    if resume_path and resume_path.exists():
+        st = torch.load(resume_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        history, start_epoch, opt_state = st["history"], st["epoch"], st["optimizer"]
+        best = {"acc": st["best_acc"], "state": st["best_state"], "epoch": st["best_epoch"]}
+        gen.set_state(st["gen"])
+        torch.set_rng_state(st["rng"])
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=total_epochs * len(loader), initial=start_epoch * len(loader), desc=desc,
+               disable=not progress or not runtime.is_main(), dynamic_ncols=True, leave=False)
+    epoch0 = 0
+    stale = 0
+    for phase_strategy, phase_epochs, lr in phases:
+        if start_epoch >= epoch0 + phase_epochs:
+            epoch0 += phase_epochs
+            continue
+        prefixes = trainable_prefixes(model, phase_strategy, cfg.last_k)
+        apply_freeze(model, prefixes)
+        net: nn.Module = model
+        if runtime.is_distributed():
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        opt = _make_optimizer(model, cfg, lr, head)
+        if len(phases) > 1 and epoch0 > 0 and start_epoch <= epoch0:
+            best, stale = {"acc": -1.0, "state": None, "epoch": -1}, 0  # model selection within the last phase
+        if opt_state is not None and start_epoch > epoch0:
+            opt.load_state_dict(opt_state)
+        for epoch in range(max(start_epoch, epoch0), epoch0 + phase_epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            set_train_mode(model, prefixes)
+            sums = {"loss": 0.0, "correct": 0, "n": 0}
+            gnorm = {s: 0.0 for s in stages}
+            uratio = {s: 0.0 for s in stages}
+            nsteps = 0
+            for step, batch in enumerate(loader):
+                for g in opt.param_groups:
+                    g["lr"] = lr * _lr_factor(cfg, epoch - epoch0, step, len(loader), phase_epochs)
+                x = batch[0].to(device, non_blocking=True)
+                y = batch[1].to(device, non_blocking=True)
+                if cfg.augment:
+                    x = augment_batch(x, gen)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                    out = net(x)
+                    loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                before = {}
+                for n, p in model.named_parameters():
+                    if p.grad is not None:
+                        s = stage_of(n)
+                        if s in gnorm:
+                            gnorm[s] += float(p.grad.detach().pow(2).sum())
+                        before[n] = p.detach().clone()
+                opt.step()
+                upd = {s: [0.0, 0.0] for s in stages}
+                for n, p in model.named_parameters():
+                    if n in before:
+                        s = stage_of(n)
+                        if s in upd:
+                            upd[s][0] += float((p.detach() - before[n]).pow(2).sum())
+                            upd[s][1] += float(before[n].pow(2).sum())
+                for s, (num, den) in upd.items():
+                    uratio[s] += (num ** 0.5) / (den ** 0.5) if den > 0 else 0.0
+                nsteps += 1
+                sums["loss"] += float(loss.detach()) * len(y)
+                sums["correct"] += int((out.argmax(1) == y).sum())
+                sums["n"] += len(y)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+            # gnorm holds sums of squared norms over steps: report mean per-step norm (sqrt of mean square)
+            rec = {"epoch": epoch + 1, "phase": phase_strategy, "lr": lr,
+                   "train_loss": sums["loss"] / max(sums["n"], 1),
+                   "train_acc": sums["correct"] / max(sums["n"], 1),
+                   "grad_norm": {s: (gnorm[s] / max(nsteps, 1)) ** 0.5 for s in stages},
+                   "update_ratio": {s: uratio[s] / max(nsteps, 1) for s in stages}}
+            if val_loader is not None:
+                v = evaluate(model, val_loader, device)
+                rec.update(val_loss=v["loss"], val_acc=v["acc"])
+                if v["acc"] > best["acc"]:
+                    best = {"acc": v["acc"], "state": copy.deepcopy({k: t.cpu() for k, t in model.state_dict().items()}),
+                            "epoch": epoch + 1}
+                    stale = 0
+                else:
+                    stale += 1
+            history.append(rec)
+            if resume_path and runtime.is_main():
+                from .checkpoints import _atomic_replace
+                st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                      "epoch": epoch + 1, "best_acc": best["acc"], "best_state": best["state"],
+                      "best_epoch": best["epoch"], "gen": gen.get_state(), "rng": torch.get_rng_state()}
+                _atomic_replace(resume_path, lambda tmp: torch.save(st, tmp))
+            if cfg.patience and stale >= cfg.patience:
+                break  # early stopping (in lp_ft this ends the current phase)
+        epoch0 += phase_epochs
+        opt_state = None
+    bar.close()
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    apply_freeze(model, None)
+    model.eval()
+    res = TrainResult(model=model, history=history, best_epoch=best["epoch"], seconds=time.perf_counter() - t0)
+    if device.type == "cuda":
+        res.peak_gpu_mem_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if resume_path and resume_path.exists() and runtime.is_main():
+        resume_path.unlink()
+    return res

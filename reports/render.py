@@ -1,0 +1,104 @@
+"""Render one self-contained HTML report from an analysis results folder.
+
+Findings first, then one section per analysis, then methods and reproducibility.
+Everything is inlined (figures as data URIs, a small script for sortable tables),
+user strings are escaped by jinja2's autoescape, and the report folder (HTML +
+the result tables as CSV) is written to a temporary sibling and swapped in only
+when complete.
+"""
+from __future__ import annotations
+
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jinja2
+import numpy as np
+
+
+from analysis.results import Results
+
+from .model import Figure, Section, Table
+from .sections import SECTION_BUILDERS
+
+__all__ = ["render_report", "render_html"]
+
+_TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    env.filters["fmt"] = _fmt
+    env.tests["figure"] = lambda b: isinstance(b, Figure)
+    env.tests["table"] = lambda b: isinstance(b, Table)
+    return env
+
+
+def render_html(res: Results, title: str = "tunelens report") -> str:
+    sections: list[Section] = []
+    errors: list[str] = []
+    for name, build in SECTION_BUILDERS:
+        try:
+            sec = build(res)
+        except Exception as e:  # a broken section must not lose the rest of the report
+            errors.append(f"section {name} could not be rendered: {type(e).__name__}: {e}")
+            continue
+        if sec is not None:
+            sections.append(sec)
+    anchors = {s.id for s in sections} | {b.id for s in sections for b in s.blocks}
+    findings = []
+    for f in res.summary.get("findings", []):
+        f = dict(f)
+        if f.get("evidence") not in anchors:
+            f["evidence"] = None
+        findings.append(f)
+    return _env().get_template("report.html.j2").render(
+        title=title, findings=findings, sections=sections, errors=errors, summary=res.summary,
+        skipped=res.summary.get("skipped", {}))
+
+
+def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str = "tunelens report") -> Path:
+    """Write ``out_dir/index.html`` and ``out_dir/tables/*.csv``; return the HTML path."""
+    res = Results.load(results_dir)
+    page = render_html(res, title=title)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "tables").mkdir()
+        for name, df in res.tables.items():
+            df.to_csv(tmp / "tables" / f"{name}.csv", index=False)
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "index.html"
+
+

@@ -1,0 +1,64 @@
+"""The report renders in headless Chromium: no console errors, every image decoded, findings present."""
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROBE = """
+<script>
+window.__errors = [];
+window.addEventListener('error', function (e) { window.__errors.push(String(e.message || e)); }, true);
+var _ce = console.error; console.error = function () { window.__errors.push(Array.prototype.join.call(arguments, ' ')); _ce.apply(console, arguments); };
+</script>
+"""
+CHECK = """
+<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  Promise.all(imgs.map(function (i) { return i.decode().then(function () { return i.naturalWidth > 0; }, function () { return false; }); }))
+  .then(function (ok) {
+    var r = {images: imgs.length, decoded: ok.filter(Boolean).length, errors: window.__errors,
+             findings: document.querySelectorAll('#findings ol.findings li').length,
+             tables: document.querySelectorAll('table.sortable').length};
+    var pre = document.createElement('pre'); pre.id = 'probe-result'; pre.textContent = 'PROBE' + JSON.stringify(r) + 'EBORP';
+    document.body.appendChild(pre);
+  });
+});
+</script>
+"""
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        p = shutil.which(name)
+        if p:
+            return p
+    if os.environ.get("CI"):
+        pytest.fail("Chromium is not installed: .ci/run must install Debian's chromium package")
+    pytest.skip("Chromium not installed (apt-get install chromium); CI installs it and runs this test")
+
+
+def test_report_in_headless_chromium(quick_run, tmp_path):
+    exe = _chromium()
+    html = (quick_run / "report" / "index.html").read_text()
+    page = html.replace("<head>", "<head>" + PROBE, 1).replace("</body>", CHECK + "</body>", 1)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page)
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    m = re.search(r"id=\"probe-result\">PROBE(.*?)EBORP", out.stdout, re.S)
+    assert m, f"probe did not run; chromium said: {out.stderr[-2000:]}"
+    r = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert r["errors"] == []
+    console_errors = [ln for ln in out.stderr.splitlines() if "CONSOLE" in ln and ("Error" in ln or "ERROR" in ln)]
+    assert console_errors == []
+    assert r["images"] >= 5 and r["decoded"] == r["images"]
+    assert r["findings"] >= 1 and r["tables"] >= 1

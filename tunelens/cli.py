@@ -1,0 +1,108 @@
+"""Command line: ``tunelens run | finetune | analyze | report | compare``.
+
+Bad input exits with status 2 and one line that names the problem and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="artifacts", help="folder for checkpoints/, results/ and report/ (default: artifacts)")
+    p.add_argument("--config", help="JSON file with configuration overrides (merged over the defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set finetune.common.epochs=5 (repeatable)")
+    p.add_argument("--quick", action="store_true", help="small data and few epochs (for tests and smoke runs)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tunelens", description="What supervised fine-tuning did inside a vision model.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, hlp in (("run", "the whole default pipeline: pretrain, fine-tune, analyze, report"),
+                      ("finetune", "pretrain on the source task and fine-tune with each strategy -> checkpoints/"),
+                      ("analyze", "analyze the checkpoints in OUT/checkpoints -> OUT/results/"),
+                      ("report", "render OUT/results/ into OUT/report/index.html")):
+        p = sub.add_parser(name, help=hlp, description=hlp)
+        _common(p)
+        if name == "analyze":
+            p.add_argument("--force", action="store_true", help="recompute even when inputs are unchanged")
+    return ap
+
+
+def _config(args) -> dict:
+    from .config import make_config
+
+    over = None
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise UsageError(f"--config {path}: no such file")
+        try:
+            over = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config {path} is not valid JSON: {e}") from e
+    try:
+        cfg = make_config(over, quick=args.quick, sets=args.set)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    if args.device:
+        cfg["device"] = args.device
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        from finetune import runtime
+
+        if args.cmd in ("run", "finetune", "analyze", "report"):
+            cfg = _config(args)
+            try:
+                runtime.init_distributed(cfg["device"])
+            except ValueError as e:
+                raise UsageError(str(e)) from e
+            log = print if runtime.is_main() else (lambda *a, **k: None)
+            out = Path(args.out)
+            progress = not args.no_progress
+            from . import pipeline
+
+            if args.cmd == "finetune":
+                pipeline.stage_finetune(cfg, out, progress=progress, log=log)
+            elif args.cmd == "analyze":
+                pipeline.stage_analyze(cfg, out, progress=progress, log=log, force=args.force)
+            elif args.cmd == "report":
+                if runtime.is_main():
+                    path = pipeline.stage_report(out, log=log)
+                    print(f"report: {path.resolve()}")
+            else:
+                path = pipeline.run_all(cfg, out, progress=progress, log=log)
+                if runtime.is_main():
+                    print(f"[run] finished in {time.perf_counter() - t0:.1f}s")
+                    print(f"report: {path.resolve()}")
+        return 0
+    except UsageError as e:
+        print(f"tunelens: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"tunelens: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The default run's configuration: one nested dict of plain values, hashed for the stage cache.
+
+Override with ``--config FILE.json`` (a partial dict merged over the defaults) or
+``--set dotted.key=value``; ``--quick`` shrinks data and epochs for tests.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+__all__ = ["DEFAULT_CONFIG", "QUICK_OVERRIDES", "make_config", "config_hash", "merge", "set_dotted"]
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",
+    "arch": "tiny_resnet",
+    "data": {
+        "image_size": 32,
+        "clutter": 3,
+        "source": {"train_per_class": 300, "val_per_class": 25, "test_per_class": 25},
+        "target": {"train_per_class": 40, "val_per_class": 20, "test_per_class": 60},
+    },
+    "pretrain": {"epochs": 15, "lr": 0.1, "batch_size": 64, "weight_decay": 5e-4, "warmup_epochs": 1,
+                 "schedule": "cosine", "augment": True, "patience": 0},
+    "finetune": {
+        "strategies": ["linear_probe", "full", "lp_ft"],
+        "common": {"epochs": 30, "batch_size": 32, "weight_decay": 5e-4, "schedule": "cosine", "augment": True,
+                   "patience": 10},
+        "linear_probe": {"lr": 0.1},
+        "full": {"lr": 0.02},
+        "last_k": {"lr": 0.02, "last_k": 2},
+        "lp_ft": {"lr": 0.02, "lp_epochs": 10, "lp_lr": 0.1},
+        "scratch": {"lr": 0.1, "warmup_epochs": 1},
+    },
+    "analysis": {
+        "primary": "full",
+        "batch_size": 64,
+        "cka": True,
+        "attribution": True,
+        "attribution_images": 48,
+        "functional": True,
+        "interpolation_steps": 11,
+    },
+}
+
+QUICK_OVERRIDES: dict[str, Any] = {
+    "data": {"source": {"train_per_class": 60, "val_per_class": 10, "test_per_class": 10},
+             "target": {"train_per_class": 16, "val_per_class": 8, "test_per_class": 16}},
+    "pretrain": {"epochs": 3},
+    "finetune": {"common": {"epochs": 3, "patience": 0}, "lp_ft": {"lp_epochs": 1}},
+    "analysis": {"attribution_images": 12, "interpolation_steps": 5},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge: values of ``over`` replace those of ``base`` (dicts merged key by key)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def set_dotted(cfg: dict, assignment: str) -> dict:
+    """Apply ``a.b.c=value`` (value parsed as JSON when it parses, else a string)."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, _, raw = assignment.partition("=")
+    try:
+        val = json.loads(raw)
+    except json.JSONDecodeError:
+        val = raw
+    node = cfg
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise ValueError(f"--set {key}: {p!r} is not a section of the configuration")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ValueError(f"--set {key}: unknown key {parts[-1]!r} (known: {', '.join(node)})")
+    node[parts[-1]] = val
+    return cfg
+
+
+def make_config(overrides: dict | None = None, quick: bool = False, sets: list[str] | None = None) -> dict:
+    cfg = merge(DEFAULT_CONFIG, QUICK_OVERRIDES) if quick else copy.deepcopy(DEFAULT_CONFIG)
+    if overrides:
+        cfg = merge(cfg, overrides)
+    for s in sets or []:
+        set_dotted(cfg, s)
+    return cfg
+
+
+def config_hash(*parts: Any) -> str:
+    """A short, stable hash of JSON-serialisable parts (the stage cache key)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

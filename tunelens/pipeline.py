@@ -1,0 +1,99 @@
+"""The default pipeline: finetune -> analyze -> report, each stage from the previous stage's files.
+
+Each stage is skipped when its inputs and configuration are unchanged: checkpoints
+carry a configuration hash in their manifest, the results folder carries the hash
+of the analysis configuration and of every checkpoint it read.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from analysis.results import Results
+from finetune import runtime
+from finetune.checkpoints import versions
+from finetune.data import make_shapes
+from finetune.recipes import data_spec, load_run_models, run_finetune_stage
+
+from .config import config_hash
+
+__all__ = ["stage_finetune", "stage_analyze", "stage_report", "run_all"]
+
+
+def stage_finetune(cfg: dict, out: Path, progress: bool = True, log=print) -> dict:
+    return run_finetune_stage(cfg, out, progress=progress, log=log)
+
+
+def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force: bool = False) -> Path:
+    from analysis.suite import analyze_models
+
+    out = Path(out)
+    res_dir = out / "results"
+    ck_index = out / "checkpoints" / "manifest.json"
+    if not ck_index.exists():
+        raise FileNotFoundError(f"{ck_index} not found: run `tunelens finetune --out {out}` first")
+    index = json.loads(ck_index.read_text())["checkpoints"]
+    key = config_hash("analysis", cfg["analysis"], {n: e["sha256"] for n, e in sorted(index.items())})
+    if not force and (res_dir / "summary.json").exists():
+        try:
+            if json.loads((res_dir / "summary.json").read_text()).get("key") == key:
+                log("[analyze] results unchanged, kept")
+                return res_dir
+        except json.JSONDecodeError:
+            pass
+    device = runtime.resolve_device(cfg.get("device", "auto"))
+    runtime.set_determinism(cfg["seed"])
+    t0 = time.perf_counter()
+    models, mans = load_run_models(out / "checkpoints", device=device)
+    tspec = data_spec(cfg, "target") if "target" in cfg.get("data", {}) else None
+    tman = next(m for m in mans.values() if m["role"] == "tuned")
+    if tspec is None or tspec.to_dict() != tman["data"]:
+        from finetune.data import ShapesSpec
+        d = dict(tman["data"])
+        d.pop("name", None)
+        d["classes"] = tuple(d["classes"])
+        tspec = ShapesSpec(**d)
+    data = make_shapes(tspec)
+    with runtime.no_tf32():
+        res = analyze_models(models, mans, data, cfg, device=device, log=log, progress=progress)
+    res.summary.update(
+        key=key, config=cfg, versions=versions(),
+        checkpoints={n: {"file": m["file"], "sha256": m["sha256"], "strategy": m["strategy"], "seed": m["seed"],
+                         "train_seconds": m.get("seconds")} for n, m in mans.items()},
+        data={"description": "generated shapes on cluttered backgrounds (embedded default, seed "
+                             f"{tspec.seed}).", "classes": list(tspec.classes), "image_size": tspec.image_size,
+              "n_train": len(data["train"]), "n_test": len(data["test"]), "spec": tspec.to_dict()},
+        base_description=f"{mans['base']['arch']} pretrained on {len(mans['base']['classes'])} source shapes "
+                         f"({', '.join(mans['base']['classes'])}), source test accuracy "
+                         f"{100 * mans['base']['metrics']['test_acc']:.1f}%.")
+    res.summary["timings"]["training"] = sum(m.get("seconds") or 0 for m in mans.values())
+    res.summary["timings"]["analyze_total"] = time.perf_counter() - t0
+    if runtime.is_main():
+        res.save(res_dir)
+    runtime.barrier()
+    log(f"[analyze] done in {time.perf_counter() - t0:.1f}s -> {res_dir}")
+    return res_dir
+
+
+def stage_report(out: Path, log=print) -> Path:
+    from reports.render import render_report
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    path = render_report(out / "results", out / "report")
+    log(f"[report] rendered in {time.perf_counter() - t0:.1f}s")
+    return path
+
+
+def run_all(cfg: dict, out: Path, progress: bool = True, log=print) -> Path:
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    stage_finetune(cfg, out, progress=progress, log=log)
+    stage_analyze(cfg, out, progress=progress, log=log)
+    path = None
+    if runtime.is_main():
+        path = stage_report(out, log=log)
+    runtime.barrier()
+    return path
