@@ -10,19 +10,28 @@ Two accumulators fed by :func:`analysis.similarity.cka_matrix` (one per model):
   batch), from which :meth:`ExampleMaps.strongest` picks each image's strongest channels;
   :func:`plot_feature_maps` shows two models side by side.
 
-Both see a layer's output inside the forward hook, before any later in-place operation (torchvision's
+:func:`gram_pass` runs the data once through several models and, inside each forward hook, forms the
+float64 Gram matrix that CKA needs and feeds both accumulators.
+
+All of them see a layer's output inside the forward hook, before any later in-place operation (torchvision's
 ``ReLU(inplace=True)``) can change it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
-__all__ = ["ActivationStats", "ExampleMaps", "plot_feature_maps"]
+from analysis.layers import ActivationCapture, unpack_batch
+from finetune.runtime import no_tf32
+
+__all__ = ["ActivationStats", "ExampleMaps", "plot_feature_maps", "gram_pass"]
 
 
 class ActivationStats:
@@ -50,10 +59,8 @@ class ActivationStats:
         x64 = out.detach().to(torch.float64) if x64 is None else x64
         s = x64.sum()
         ss = (x64 * x64).sum() if sumsq is None else sumsq
-        # torch.count_nonzero is ~10x slower on CPU than summing |sign(x)|; a float32 sum of 0/1 values is
-        # exact below 2^24 elements (every partial sum is an integer < 2^24), float64 above
-        nz = out.detach().sign().abs_()
-        zeros = c - (nz.sum() if c < 2 ** 24 and nz.dtype == torch.float32 else nz.sum(dtype=torch.float64))
+        # torch.count_nonzero is ~20x slower on CPU than summing the tensor cast to bool
+        zeros = c - out.detach().bool().sum(dtype=torch.int32 if c < 2 ** 31 else torch.int64)
         mean_b = s / c
         m2_b = ss - s * mean_b
         if name not in self._acc:
@@ -176,3 +183,83 @@ def plot_feature_maps(maps_a: ExampleMaps, maps_b: ExampleMaps, layer: str, laye
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def _gram64(x: torch.Tensor) -> torch.Tensor:
+    """``x @ x.T`` for a float64 (n, d) matrix. On the CPU numpy's BLAS (OpenBLAS in the wheels) is used:
+    for these short, wide products it is ~1.3x faster than torch's MKL call (same float64 arithmetic)."""
+    if x.device.type == "cpu" and x.dtype == torch.float64:
+        xn = x.numpy()
+        return torch.from_numpy(xn @ xn.T)
+    return x @ x.T
+
+
+def _blas_threads(n: int):
+    """Cap numpy's BLAS pool at torch's thread count while the pass runs (no oversubscription)."""
+    try:
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(limits=n, user_api="blas")
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return nullcontext()
+
+
+def gram_pass(models: Sequence[nn.Module], layer_lists: Sequence[list[str]], loader: Iterable,
+              device: torch.device, sink: Callable[[list[dict[str, torch.Tensor]]], None], n_examples: int = 0
+              ) -> tuple[list[ActivationStats], list[ExampleMaps]]:
+    """Run every batch of ``loader`` once through each *distinct* model (eval mode, no grad, TF32 off, hooks
+    always removed, training flags restored; models are moved to ``device``).
+
+    Inside each forward hook (:class:`analysis.layers.ActivationCapture`, so an in-place op after the layer
+    cannot change what is seen) the layer's output is flattened to ``(n, d)``, copied to float64 on
+    ``device`` and its Gram ``X X^T`` formed; the same copy updates the layer's :class:`ActivationStats`
+    and the first batch fills :class:`ExampleMaps`. After each batch ``sink`` receives, per entry of
+    ``models``, ``{layer: Gram}``. Returns per entry of ``models`` its statistics and example maps.
+    """
+    slot_of: list[int] = []
+    slots: list[tuple[nn.Module, list[str]]] = []
+    for m, names in zip(models, layer_lists):
+        ids = [id(s[0]) for s in slots]
+        if id(m) in ids:
+            s = ids.index(id(m))
+            slots[s][1].extend(n for n in names if n not in slots[s][1])
+        else:
+            s = len(slots)
+            slots.append((m, list(names)))
+        slot_of.append(s)
+    grams: list[dict[str, torch.Tensor]] = [{} for _ in slots]
+    stats = [ActivationStats() for _ in slots]
+    maps = [ExampleMaps(n_examples) for _ in slots]
+
+    buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def hook_fn(s: int) -> Callable[[str, torch.Tensor], None]:
+        def fn(name: str, out: torch.Tensor) -> None:
+            flat = out.reshape(out.shape[0], -1)
+            x = buffers.get((s, name))
+            if x is None or x.shape != flat.shape:  # reused: no fresh (page-faulting) allocation per batch
+                x = buffers[(s, name)] = torch.empty(flat.shape, dtype=torch.float64, device=device)
+            x.copy_(flat)
+            K = _gram64(x)
+            grams[s][name] = K
+            stats[s].update(name, out, x, torch.diagonal(K).sum())
+            maps[s].update(name, out)
+        return fn
+
+    was = [m.training for m, _ in slots]
+    try:
+        with ExitStack() as stack, torch.no_grad(), no_tf32():
+            stack.enter_context(_blas_threads(torch.get_num_threads()))
+            for s, (m, names) in enumerate(slots):
+                m.eval().to(device)
+                stack.enter_context(ActivationCapture(m, names, fn=hook_fn(s)))
+            for batch in loader:
+                x = unpack_batch(batch)[0].to(device, non_blocking=True)
+                for s, (m, _) in enumerate(slots):
+                    grams[s].clear()
+                    maps[s].add_images(x)
+                    m(x)
+                sink([{k: grams[slot_of[i]][k] for k in names} for i, names in enumerate(layer_lists)])
+    finally:
+        for (m, _), w in zip(slots, was):
+            m.train(w)
+    return [stats[s] for s in slot_of], [maps[s] for s in slot_of]

@@ -256,7 +256,11 @@ def _attribute_chunk(model: nn.Module, x: torch.Tensor, target: torch.Tensor, me
 
     opts = dict(opts)
     n = len(x)
-    with seeded(seed, x.device):
+    if method != "occlusion":
+        x = x.detach().clone().requires_grad_(True)
+    with seeded(seed, x.device), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        warnings.filterwarnings("ignore", message="Setting forward, backward hooks and attributes on non-linear")
         if method == "saliency":
             return ca.Saliency(model).attribute(x, target=target, **opts)
         if method == "input_x_gradient":
@@ -307,9 +311,7 @@ def _attribute_chunk(model: nn.Module, x: torch.Tensor, target: torch.Tensor, me
             up = ca.LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode=mode)
             return (up / x.shape[1]).expand(-1, x.shape[1], -1, -1)
         if method == "guided_backprop":
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
-                return ca.GuidedBackprop(model).attribute(x, target=target, **opts)
+            return ca.GuidedBackprop(model).attribute(x, target=target, **opts)
         if method == "lrp":
             if is_residual(model):
                 raise ValueError("Captum's LRP is not offered for residual networks: its relevance does not "

@@ -9,16 +9,21 @@ method's base-vs-tuned agreement between
 * a **ceiling**: the base model against itself under a tiny perturbation -- a new noise
   seed for the stochastic methods (SmoothGrad, GradientShap), the input shifted by one
   pixel (and the map shifted back) for the deterministic ones;
-* a **floor**: the base model against a copy with every stage re-initialised, cascading
-  from the head down (Adebayo et al. 2018, "Sanity Checks for Saliency Maps"), seeded;
+* a **floor**: the base model against a copy with its weights re-initialised by cascading
+  randomization from the head down (Adebayo et al. 2018, "Sanity Checks for Saliency Maps"),
+  seeded, at two depths: ``floor`` = every stage randomized (the change index's scale), and
+  ``floor_top`` = only the top ``top_stages`` stages (head and last block by default), the
+  part of the network that fine-tuning re-purposes;
 
 as a **change index** ``(ceiling - AB) / (ceiling - floor)`` of the mean similarity
 (absolute-value Spearman by default; 0 = as similar as the base model is to itself, 1 = as
-different as a random network). A method whose ``ceiling - floor`` is below
-``threshold`` (0.1 by default) cannot tell a trained network from a random one for this
-question and is flagged ``informative = False`` (guided backprop is the known case:
-it largely reconstructs the image, Adebayo et al. 2018; Nie et al. 2018); its numbers
-should not be used for findings.
+different as a fully random network; negative = closer than the ceiling). A method is
+flagged ``informative = False`` when its ceiling and floor are close -- ``ceiling - floor``
+or ``ceiling - floor_top`` below ``threshold`` (0.1 by default): its maps hardly move when
+the decision layers are replaced by random ones, so they cannot show what fine-tuning did
+to them. Guided backprop is the known case: it largely reconstructs the image from the
+lowest layers and ignores the upper ones (Adebayo et al. 2018; Nie et al. 2018). Flagged
+methods' numbers should not be used for findings.
 
 When the two models' heads differ (an external checkpoint or a pretrained base with
 source-task classes), the base model is attributed through a linear-probe head fitted
@@ -44,7 +49,7 @@ from .attribution import (DEFAULT_METHODS, STOCHASTIC_METHODS, _merge_options, a
 from .compare import LOCALISATION, SIMILARITIES, compare_maps, to_maps
 from .faithfulness import deletion_insertion
 from .layers import unpack_batch
-from .prepare import fit_probe_head, output_dim, prepare_for_attribution, randomize_cascading
+from .prepare import cascade_stages, fit_probe_head, output_dim, prepare_for_attribution, randomize_cascading
 
 __all__ = ["attribution_study", "AttributionStudy", "ExampleMaps", "STUDY_OPTIONS", "collect_images",
            "bootstrap_ci", "change_index"]
@@ -82,20 +87,22 @@ class AttributionStudy:
     """Everything :func:`attribution_study` measured.
 
     ``comparisons``: one row per image and method -- base-vs-tuned similarities
-    (:data:`analysis.compare.SIMILARITIES`), ``ceiling_<sim>`` and ``floor_<sim>``, mask
+    (:data:`analysis.compare.SIMILARITIES`), ``ceiling_<sim>``, ``floor_<sim>``, ``floor_top_<sim>``, mask
     metrics ``mass_base``/``mass_tuned``/``rank_acc_*``/``pointing_*`` (with masks),
     ``deletion_base``/``insertion_base``/``deletion_tuned``/``insertion_tuned`` (with
     faithfulness), labels, predictions and targets.
-    ``summary``: one row per method -- ``ab``, ``ceiling``, ``floor``, ``gap``, ``change_index``
-    (with bootstrap CI), ``informative``, ``threshold``, ``similarity``, the mean of every
-    similarity for AB/ceiling/floor, faithfulness means, seconds.
+    ``summary``: one row per method -- ``ab``, ``ceiling``, ``floor``, ``floor_top``, ``gap``
+    (ceiling - floor), ``gap_top``, ``change_index`` (with bootstrap CI), ``change_index_top``,
+    ``informative``, ``threshold``, ``similarity``, the mean of every similarity for
+    AB/ceiling/floor/floor_top, faithfulness means, seconds.
     ``localisation``: per method and mask metric, base and tuned means, their difference,
     bootstrap CIs (None without masks; see ``localisation_note``).
     ``per_class``: per method and class, AB similarity with CI and change index (method-level
     ceiling and floor), mass in mask per model.
     ``faithfulness``: per method and model, deletion and insertion AUC with CIs.
     ``examples``: per method, the images of :data:`EXAMPLE_KINDS` for a grid.
-    ``maps``: per method, signed ``(N, H, W)`` maps of ``base``, ``tuned``, ``ceiling``, ``floor``.
+    ``maps``: per method, signed ``(N, H, W)`` maps of ``base``, ``tuned``, ``ceiling``, ``floor``,
+    ``floor_top``.
     """
 
     comparisons: pd.DataFrame
@@ -210,7 +217,8 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
                       n_images: int = 64, seed: int = 0, device: str | torch.device = "auto",
                       target: str = "label", probe_data: Any = None, classes: Sequence[str] | None = None,
                       options: Mapping[str, Mapping[str, Any]] | None = None, similarity: str = "spearman_abs",
-                      threshold: float = 0.1, faithfulness: bool = True, faithfulness_steps: int = 16,
+                      threshold: float = 0.1, top_stages: int = 2, faithfulness: bool = True,
+                      faithfulness_steps: int = 16,
                       k: float = 0.1, n_boot: int = 1000, shap_baselines: int = 16, eval_batch: int | None = None,
                       progress: bool = False) -> AttributionStudy:
     """Base-vs-tuned attribution maps of ``methods`` on ``n_images`` images of ``data``, calibrated.
@@ -221,7 +229,8 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
     linear-probe head, needed when the models' heads differ in size. ``options``:
     per-method options on top of :data:`STUDY_OPTIONS`. ``similarity``: the similarity
     of the change index (one of :data:`analysis.compare.SIMILARITIES`); ``threshold``: the
-    least ``ceiling - floor`` of an informative method. GradientShap's baseline
+    least ``ceiling - floor`` (and ``ceiling - floor_top``) of an informative method; ``top_stages``:
+    how many stages from the top ``floor_top`` randomizes. GradientShap's baseline
     distribution is ``shap_baselines`` other images of ``data`` (the same for every model).
     """
     if similarity not in SIMILARITIES:
@@ -257,6 +266,7 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
     else:
         pb = prepare_for_attribution(base, x, device=dev)
     pf = randomize_cascading(pb, seed=seed)
+    pf_top = randomize_cascading(pb, n_stages=min(top_stages, len(cascade_stages(pb))), seed=seed)
     timings["prepare"] = time.perf_counter() - t
     if eval_batch is None:
         eval_batch = min(auto_eval_batch(m, x, dev) for m in (pb, pt))
@@ -283,8 +293,9 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
         opts.update((options or {}).get(method, {}))
         if method == "gradient_shap" and shap_bl is not None and "baselines" not in opts:
             opts["baselines"] = shap_bl
-        a_b, a_t, a_f = attribute_group([pb, pt, pf], x, [tb, tt, tb], method, seed=seed, eval_batch=eval_batch,
-                                        progress=progress, desc=f"{method} (base, tuned, floor)", **opts)
+        a_b, a_t, a_f, a_ft = attribute_group([pb, pt, pf, pf_top], x, [tb, tt, tb, tb], method, seed=seed,
+                                              eval_batch=eval_batch, progress=progress,
+                                              desc=f"{method} (base, tuned, floors)", **opts)
         if method in STOCHASTIC_METHODS:
             a_c = attribute_group([pb], x, [tb], method, seed=seed + 1_000_003, eval_batch=eval_batch,
                                   progress=progress, desc=f"{method} (ceiling)", **opts)[0]
@@ -297,9 +308,11 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
         df = compare_maps(a_b, a_t, masks, k=k, names=("base", "tuned"))
         ceil = compare_maps(ref_b, ref_c, k=k)
         flo = compare_maps(a_b, a_f, k=k)
+        flo_top = compare_maps(a_b, a_ft, k=k)
         for s in SIMILARITIES:
             df[f"ceiling_{s}"] = ceil[s].to_numpy()
             df[f"floor_{s}"] = flo[s].to_numpy()
+            df[f"floor_top_{s}"] = flo_top[s].to_numpy()
         sb, st = to_maps(a_b, "signed"), to_maps(a_t, "signed")
         if faithfulness:
             t = time.perf_counter()
@@ -318,7 +331,8 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
         rows.append(df)
         maps[method] = {"base": sb.astype(np.float32), "tuned": st.astype(np.float32),
                         "ceiling": to_maps(a_c, "signed").astype(np.float32),
-                        "floor": to_maps(a_f, "signed").astype(np.float32)}
+                        "floor": to_maps(a_f, "signed").astype(np.float32),
+                        "floor_top": to_maps(a_ft, "signed").astype(np.float32)}
     comparisons = pd.concat(rows, ignore_index=True)
 
     summary = _summary(comparisons, methods, similarity, threshold, n_boot, seed, timings)
@@ -329,8 +343,9 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
                 for m in methods}
     flagged = summary.loc[~summary["informative"], "method"].tolist()
     if flagged:
-        notes.append(f"Uninformative for this question (ceiling - floor of {similarity} below {threshold}): "
-                     f"{', '.join(flagged)}; their numbers are not used for findings.")
+        notes.append(f"Uninformative for this question (ceiling - floor of {similarity} below {threshold}, with "
+                     f"all stages or only the top {top_stages} randomized): {', '.join(flagged)}; their numbers "
+                     "are not used for findings.")
     timings["total"] = time.perf_counter() - t_start
     settings = {"methods": list(methods), "n_images": n, "seed": seed, "target": target, "similarity": similarity,
                 "threshold": threshold, "k": k, "n_boot": n_boot, "faithfulness_steps": faithfulness_steps,
@@ -340,6 +355,8 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
                                 if not isinstance(vv, torch.Tensor)} for m in methods},
                 "ceiling": "new noise seed (smoothgrad, gradient_shap); one-pixel horizontal shift (others)",
                 "floor": "all stages re-initialised, cascading from the head (seeded)",
+                "floor_top": f"the top {top_stages} stages re-initialised: "
+                             f"{', '.join(cascade_stages(pb)[:top_stages])}", "top_stages": top_stages,
                 "channel_reduction": "signed = channel sum; absolute = channel sum of |.|"}
     return AttributionStudy(
         comparisons=comparisons, summary=summary, localisation=localisation, per_class=per_class,
@@ -355,17 +372,19 @@ def _summary(comp: pd.DataFrame, methods: Sequence[str], similarity: str, thresh
     out = []
     for m in methods:
         d = comp[comp["method"] == m]
-        ab, ce, fl = (d[c].to_numpy(dtype=np.float64) for c in (similarity, f"ceiling_{similarity}",
-                                                                 f"floor_{similarity}"))
-        mab, mce, mfl = np.nanmean(ab), np.nanmean(ce), np.nanmean(fl)
+        ab, ce, fl, ft = (d[c].to_numpy(dtype=np.float64) for c in (
+            similarity, f"ceiling_{similarity}", f"floor_{similarity}", f"floor_top_{similarity}"))
+        mab, mce, mfl, mft = np.nanmean(ab), np.nanmean(ce), np.nanmean(fl), np.nanmean(ft)
         lo, hi = _change_index_ci(ab, ce, fl, n_boot, seed)
         row = {"method": m, "n": len(d), "similarity": similarity, "ab": mab, "ceiling": mce, "floor": mfl,
-               "gap": mce - mfl, "change_index": change_index(mab, mce, mfl), "change_index_lo": lo,
-               "change_index_hi": hi, "threshold": threshold, "informative": bool(mce - mfl >= threshold)}
+               "floor_top": mft, "gap": mce - mfl, "gap_top": mce - mft,
+               "change_index": change_index(mab, mce, mfl), "change_index_lo": lo, "change_index_hi": hi,
+               "change_index_top": change_index(mab, mce, mft), "threshold": threshold,
+               "informative": bool(mce - mfl >= threshold and mce - mft >= threshold)}
         for s in SIMILARITIES:
             row[f"ab_{s}"] = float(np.nanmean(d[s]))
-            row[f"ceiling_{s}"] = float(np.nanmean(d[f"ceiling_{s}"]))
-            row[f"floor_{s}"] = float(np.nanmean(d[f"floor_{s}"]))
+            for role in ("ceiling", "floor", "floor_top"):
+                row[f"{role}_{s}"] = float(np.nanmean(d[f"{role}_{s}"]))
         for c in ("deletion_base", "insertion_base", "deletion_tuned", "insertion_tuned", "mass_base", "mass_tuned"):
             if c in d:
                 row[c] = float(np.nanmean(d[c]))

@@ -233,7 +233,8 @@ def compare_maps(a: ArrayLike, b: ArrayLike, masks: ArrayLike | None = None, *, 
         "spearman": spearman_rows(sa, sb),
         "spearman_abs": spearman_rows(aa, ab),
         "topk": topk_intersection(aa, ab, k),
-        "ssim": ssim(xa, xb, win_size=win_size, data_range=1.0),
+        "ssim": (ssim(xa, xb, win_size=win_size, data_range=1.0) if min(sa.shape[-2:]) >= win_size
+                 else np.full(len(sa), np.nan)),
         "cosine": cosine_rows(sa, sb),
     })
     if masks is not None:

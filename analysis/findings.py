@@ -71,7 +71,7 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
         d, lo, hi = paired_bootstrap_diff(a, b, seed=1)
         out.append(Finding(
             "best_strategy", f"Of the fine-tuning strategies, {best} scores best ({pct(acc[best])}) and {worst} "
-            f"worst ({pct(acc[worst])}), a gap of {100 * d:.1f} points.", "strategies", score=6 + d * 5,
+            f"worst ({pct(acc[worst])}), a gap of {100 * d:.1f} points.", "tbl-strategies", score=6 + d * 5,
             uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap)"))
     return out
 
@@ -89,10 +89,10 @@ def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding
                                "shared weight is bit-identical to the pretrained one); only the new head was trained.",
                                "weights", score=3))
             continue
-        first = g.sort_values("depth").iloc[0]
-        ratio = top["relative"] / first["relative"] if first["relative"] > 0 else float("inf")
-        rel_txt = f"{ratio:.1f}x the {first['stage']}'s {pct(first['relative'], 2)}" if np.isfinite(ratio) \
-            else f"while the {first['stage']} did not move"
+        low = g.loc[g["relative"].idxmin()]
+        ratio = top["relative"] / low["relative"] if low["relative"] > 0 else float("inf")
+        rel_txt = (f"{ratio:.1f}x the change of {low['stage']} ({pct(low['relative'], 2)}), the stage that moved least"
+                   if np.isfinite(ratio) else f"while {low['stage']} did not move at all")
         out.append(Finding(
             f"weights_{model}", f"{model}: {top['stage']} moved most, its weights changed by "
             f"{pct(top['relative'], 2)} of their norm (relative Frobenius), {rel_txt}.", "weights",
@@ -102,3 +102,117 @@ def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding
 
 def rank_findings(findings: list[Finding]) -> list[dict]:
     return [f.to_dict() for f in sorted(findings, key=lambda f: -f.score)]
+
+
+def _noise_pts(p: float, n: int) -> float:
+    """Two standard errors of an accuracy difference between two evaluations on the same n images (points)."""
+    return 100 * 2 * float(np.sqrt(2 * max(p * (1 - p), 1e-12) / max(n, 1)))
+
+
+def functional_findings(rewind: pd.DataFrame | None, interp: pd.DataFrame | None, barrier: float | None,
+                        gains: pd.DataFrame | None, stages: pd.DataFrame | None, primary: str) -> list[Finding]:
+    """Rewind criticality, the loss barrier, probe gains, and the literature's three expectations."""
+    out: list[Finding] = []
+    checks = []
+    if rewind is not None and len(rewind):
+        r = rewind[rewind["model"] == primary]
+        grp = r[~r["group"].isin(["none", "all_but_head"])]
+        if len(grp):
+            top = grp.loc[grp["acc_drop"].idxmax()]
+            low = grp.loc[grp["acc_drop"].idxmin()]
+            ref = r[r["group"] == "none"].iloc[0]
+            noise = _noise_pts(ref["acc"], int(ref["n"]))
+            if 100 * top["acc_drop"] > noise:
+                text = (f"Rewinding {top['group']} of the {primary} model to its pretrained weights costs "
+                        f"{100 * top['acc_drop']:.1f} points of target accuracy, rewinding {low['group']} costs "
+                        f"{100 * low['acc_drop']:.1f}: the new task lives most in {top['group']}.")
+            else:
+                text = (f"No single stage of the {primary} model is critical: rewinding any one stage to its "
+                        f"pretrained weights costs at most {100 * top['acc_drop']:.1f} points ({top['group']}), "
+                        "within sampling noise.")
+            abh = r[r["group"] == "all_but_head"]
+            if len(abh):
+                text += (f" Rewinding the whole backbone costs {100 * abh['acc_drop'].iloc[0]:.1f} points.")
+            out.append(Finding("rewind", text, "fig-rewind", score=9,
+                               uncertainty=f"{int(ref['n'])} test images; differences under about {noise:.1f} "
+                                           "points are within sampling noise (2 s.e.)"))
+            l1 = grp[grp["group"] == "layer1"]
+            l4 = grp[grp["group"] == "layer4"]
+            if len(l1) and len(l4):
+                ok = l1["acc_drop"].iloc[0] < l4["acc_drop"].iloc[0]
+                checks.append(f"rewinding layer1 costs {'less' if ok else 'no less'} than rewinding layer4 "
+                              f"({100 * l1['acc_drop'].iloc[0]:.1f} vs {100 * l4['acc_drop'].iloc[0]:.1f} points)"
+                              + ("" if ok else " [not as expected]"))
+    if interp is not None and len(interp) and barrier is not None:
+        verdict = "No loss barrier" if barrier < 0.05 else "A loss barrier"
+        a = interp.loc[interp["excess_loss"].idxmax(), "alpha"]
+        out.append(Finding(
+            "barrier", f"{verdict} between the pretrained and the fine-tuned weights ({primary}): the largest excess "
+            f"loss over the straight line is {barrier:.3f} (at alpha = {a:.2f}); the two solutions "
+            f"{'lie in one basin' if barrier < 0.05 else 'are separated by a ridge'}.", "fig-interpolation",
+            score=6, uncertainty=f"{int(interp['n'].iloc[0])} test images, {len(interp)} points along the path; "
+                                 f"BatchNorm statistics: {interp['bn'].iloc[0]}"))
+    if gains is not None and len(gains):
+        g = gains[~gains["layer"].isin(["fc"])]
+        if len(g):
+            top = g.loc[g["gain"].idxmax()]
+            out.append(Finding(
+                "probe_gain", f"Linear-probe accuracy on the target task rises most at {top['layer']} after "
+                f"fine-tuning ({top['gain']:+.1f} points: {pct(top['base_test_acc'])} -> {pct(top['tuned_test_acc'])}).",
+                "fig-probes", score=7, uncertainty="one probe per layer on the target test split; "
+                f"{_noise_pts(top['tuned_test_acc'], 100):.0f}-point noise scale per 100 test images"))
+            last_stage = g[g["layer"].str.startswith("layer")]
+            if len(last_stage):
+                ls = last_stage.sort_values("depth").iloc[-1]
+                l1 = g[g["layer"] == "layer1"]
+                if len(l1):
+                    ok = ls["gain"] > l1["gain"].iloc[0]
+                    checks.append(f"the probe gain is {'larger' if ok else 'not larger'} at {ls['layer']} than at "
+                                  f"layer1 ({ls['gain']:+.1f} vs {l1['gain'].iloc[0]:+.1f} points)"
+                                  + ("" if ok else " [not as expected]"))
+    if stages is not None and len(stages):
+        s = stages[stages["model"] == primary].set_index("stage")
+        if {"stem", "layer1", "layer4"} <= set(s.index):
+            early = float(s.loc[["stem", "layer1"], "relative"].mean())
+            late = float(s.loc["layer4", "relative"])
+            ok = early < late
+            checks.insert(0, f"early layers change {'least' if ok else 'not least'} (mean relative change of stem "
+                             f"and layer1 {pct(early, 2)} vs layer4 {pct(late, 2)})" + ("" if ok else " [not as expected]"))
+    if checks:
+        held = sum("[not as expected]" not in c for c in checks)
+        out.append(Finding("literature", f"Transfer-learning expectations ({held} of {len(checks)} hold for "
+                           f"{primary}): " + "; ".join(checks) + ".", "functional", score=5,
+                           kind="result" if held == len(checks) else "caveat"))
+    return out
+
+
+def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -> list[Finding]:
+    """Where representations were kept (CKA >= ``kept``) and where they diverged, read against the
+    random-weights baseline and, when present, the from-scratch control."""
+    out: list[Finding] = []
+    c = chance.dropna(subset=["cka_base_tuned"]).reset_index(drop=True)
+    if c.empty:
+        return out
+    est = c["estimator"].iloc[0] if "estimator" in c else "CKA"
+    kept_layers = []
+    for _, r in c.iterrows():
+        if r["cka_base_tuned"] >= kept:
+            kept_layers.append(r["layer"])
+        else:
+            break
+    low = c.loc[c["cka_base_tuned"].idxmin()]
+    rnd = low.get("cka_base_random", float("nan"))
+    adapted = np.isfinite(rnd) and low["cka_base_tuned"] > rnd + 0.1
+    head = (f"representations are kept through {kept_layers[-1]} (CKA >= {kept})" if kept_layers
+            else f"no layer keeps CKA >= {kept}")
+    txt = (f"{primary}: {head}; {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}, 95% CI "
+           f"{low['ci_low']:.2f}-{low['ci_high']:.2f})")
+    if np.isfinite(rnd):
+        txt += (f", {'still far above' if adapted else 'not clearly above'} the random-weights baseline "
+                f"{rnd:.2f}: features were {'adapted, not replaced' if adapted else 'largely replaced'}")
+    sc = low.get("cka_tuned_scratch", float("nan"))
+    if np.isfinite(sc):
+        txt += f". The scratch control's {low['layer']} has CKA {sc:.2f} with the tuned model"
+    out.append(Finding("cka", txt + ".", "fig-cka-diagonal", score=8.5,
+                       uncertainty=f"estimator: {est}; CI: bootstrap over batches"))
+    return out

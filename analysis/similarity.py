@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from analysis.activations import ActivationStats, ExampleMaps, plot_feature_maps
-from analysis.layers import ActivationCapture, LayerSpec, resolve_layers, unpack_batch
-from finetune.runtime import no_tf32, resolve_device
+from analysis.activations import ExampleMaps, gram_pass, plot_feature_maps
+from analysis.layers import LayerSpec, resolve_layers
+from finetune.runtime import resolve_device
 
 __all__ = ["linear_cka", "CKAValue", "StreamingCKA", "CKAResult", "cka_matrix", "cka_against_chance",
            "randomly_initialised", "estimator_name", "MIN_BATCH"]
@@ -361,54 +360,6 @@ class CKAResult:
         return plot_feature_maps(self.maps_a, self.maps_b, layer, layer_b, k=k, labels=labels, path=path)
 
 
-def _run_pass(models: Sequence[nn.Module], layer_lists: Sequence[list[str]], loader: Iterable,
-              device: torch.device, sink: Callable[[list[dict[str, torch.Tensor]]], None], n_examples: int = 0
-              ) -> tuple[list[ActivationStats], list[ExampleMaps]]:
-    """Run every batch once through each *distinct* model (eval, no grad, hooks always removed); the hooks
-    form float64 Grams on ``device`` and update activation statistics; ``sink`` gets each model's Grams."""
-    slot_of: list[int] = []
-    slots: list[tuple[nn.Module, list[str]]] = []
-    for m, names in zip(models, layer_lists):
-        ids = [id(s[0]) for s in slots]
-        if id(m) in ids:
-            s = ids.index(id(m))
-            slots[s][1].extend(n for n in names if n not in slots[s][1])
-        else:
-            s = len(slots)
-            slots.append((m, list(names)))
-        slot_of.append(s)
-    grams: list[dict[str, torch.Tensor]] = [{} for _ in slots]
-    stats = [ActivationStats() for _ in slots]
-    maps = [ExampleMaps(n_examples) for _ in slots]
-
-    def hook_fn(s: int) -> Callable[[str, torch.Tensor], None]:
-        def fn(name: str, out: torch.Tensor) -> None:
-            x = out.reshape(out.shape[0], -1).to(device=device, dtype=torch.float64)
-            K = x @ x.T
-            grams[s][name] = K
-            stats[s].update(name, out, x, torch.diagonal(K).sum())
-            maps[s].update(name, out)
-        return fn
-
-    was = [m.training for m, _ in slots]
-    try:
-        with ExitStack() as stack, torch.no_grad(), no_tf32():
-            for s, (m, names) in enumerate(slots):
-                m.eval().to(device)
-                stack.enter_context(ActivationCapture(m, names, fn=hook_fn(s)))
-            for batch in loader:
-                x = unpack_batch(batch)[0].to(device, non_blocking=True)
-                for s, (m, _) in enumerate(slots):
-                    grams[s].clear()
-                    maps[s].add_images(x)
-                    m(x)
-                sink([{k: grams[slot_of[i]][k] for k in names} for i, names in enumerate(layer_lists)])
-    finally:
-        for (m, _), w in zip(slots, was):
-            m.train(w)
-    return [stats[s] for s in slot_of], [maps[s] for s in slot_of]
-
-
 def cka_matrix(model_a: nn.Module, model_b: nn.Module, loader: Iterable, layers_a: LayerSpec = "auto",
                layers_b: LayerSpec = "auto", *, debiased: bool = True, device: str | torch.device = "auto",
                pairs: Sequence[tuple[str, str]] | None = None, n_examples: int = 4, n_boot: int = 1000,
@@ -424,7 +375,7 @@ def cka_matrix(model_a: nn.Module, model_b: nn.Module, loader: Iterable, layers_
     dev = resolve_device(device)
     la, lb = resolve_layers(model_a, layers_a), resolve_layers(model_b, layers_b)
     metric = StreamingCKA(la, lb, debiased=debiased, pairs=pairs)
-    stats, maps = _run_pass([model_a, model_b], [la, lb], loader, dev,
+    stats, maps = gram_pass([model_a, model_b], [la, lb], loader, dev,
                             lambda g: metric.update_grams(g[0], g[1]), n_examples=n_examples)
     ab, aa, bb = metric.compute_all()
     diag = metric.bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed)
@@ -472,7 +423,7 @@ def cka_against_chance(base: nn.Module, tuned: nn.Module, loader: Iterable, rand
         for metric, (i, j) in zip(metrics, jobs):
             metric.update_grams(g[i], g[j])
 
-    _run_pass(models, lists, loader, dev, sink)
+    gram_pass(models, lists, loader, dev, sink)
     d_bt = metrics[0].bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed).set_index("layer_a")
     ab_br = metrics[1].compute()
     ab_ts = metrics[2].compute() if scratch is not None else None

@@ -60,6 +60,105 @@ def training_tables(manifests: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFr
     return pd.DataFrame(curves), st
 
 
+def _random_like(base: nn.Module, manifest: dict, seed: int) -> nn.Module:
+    """The base architecture with fresh random weights (its own initialisation when tunelens can build it)."""
+    from finetune.models import build_model
+
+    from .similarity import randomly_initialised
+
+    try:
+        m = build_model(manifest["arch"], int(manifest["num_classes"]), seed=seed)
+        if set(m.state_dict()) == set(base.state_dict()):
+            return m
+    except Exception:  # noqa: BLE001 - fall back to resetting the parameters in place
+        pass
+    return randomly_initialised(base, seed=seed)
+
+
+def _similarity(res: Results, models, manifests, tuned_names, primary, loader, cfg, device, findings) -> None:
+    from .similarity import cka_against_chance, cka_matrix
+
+    base = models["base"]
+    seed = cfg.get("seed", 0)
+    diag = []
+    for name in tuned_names:
+        r = cka_matrix(base, models[name], loader, device=device, seed=seed, labels=("base", name),
+                       n_examples=4 if name == primary else 0)
+        d = r.diagonal.copy()
+        d.insert(0, "model", name)
+        d.insert(1, "layer", d["layer_a"])
+        diag.append(d)
+        if name == primary:
+            res.tables["cka_base_tuned"] = r.ab.reset_index(names="layer")
+            res.tables["cka_base_base"] = r.aa.reset_index(names="layer")
+            res.tables["cka_tuned_tuned"] = r.bb.reset_index(names="layer")
+            res.tables["activations"] = r.activations
+            res.summary["cka"] = {"estimator": r.estimator, "n_samples": r.n_samples,
+                                  "skipped_samples": r.skipped_samples, "primary": name}
+            maps = {}
+            for layer in ("layer1", "layer4"):
+                if layer in r.maps_a.maps and layer in r.maps_b.maps:
+                    ch_a, ma = r.maps_a.strongest(layer, 4)
+                    ch_b, mb = r.maps_b.strongest(layer, 4, reference=r.maps_a)
+                    maps.update({f"{layer}_base": ma, f"{layer}_tuned": mb, f"{layer}_channels": ch_a})
+            if maps and r.maps_a.images is not None:
+                maps["images"] = r.maps_a.images
+                res.arrays["feature_maps"] = maps
+    res.tables["cka_diagonal"] = pd.concat(diag, ignore_index=True)
+    chance = cka_against_chance(base, models[primary], loader, random_model=_random_like(base, manifests["base"], seed + 7),
+                                scratch=models.get("scratch"), device=device, seed=seed)
+    chance.insert(0, "model", primary)
+    res.tables["cka_chance"] = chance
+    findings += F.similarity_findings(chance, primary)
+
+
+def _functional(res: Results, models, tuned_names, primary, data, acfg, device, findings) -> None:
+    from .functional import interpolate, rewind
+    from .probes import probe_gain, probe_layers
+
+    base = models["base"]
+    test_loader = DataLoader(data["test"], batch_size=256, shuffle=False)
+    train_loader = DataLoader(data["train"], batch_size=64, shuffle=False)
+    rws = []
+    for name in tuned_names:
+        r = rewind(base, models[name], test_loader, device=device)
+        r.insert(0, "model", name)
+        rws.append(r)
+    res.tables["rewind"] = pd.concat(rws, ignore_index=True)
+    it = interpolate(base, models[primary], test_loader, steps=acfg.get("interpolation_steps", 11),
+                     train_loader=train_loader, device=device)
+    it.insert(0, "model", primary)
+    res.tables["interpolation"] = it
+    res.summary["interpolation"] = {k: v for k, v in it.attrs.items()}
+    probes = [probe_layers(models[n], train_loader, test_loader, name=n, device=device)
+              for n in ["base", primary] + (["scratch"] if "scratch" in models else [])]
+    res.tables["probes"] = pd.concat(probes, ignore_index=True)
+    gains = probe_gain(probes[0], probes[1])
+    res.tables["probe_gain"] = gains
+    findings += F.functional_findings(res.tables["rewind"], it, it.attrs.get("barrier"), gains,
+                                      res.tables.get("weight_stages"), primary)
+
+
+def strategies_table(res: Results, manifests: dict[str, dict]) -> pd.DataFrame:
+    """One row per fine-tuned model (and the scratch control): accuracy, how far each stage moved, time."""
+    acc = res.tables["accuracy"].set_index("model")
+    rows = []
+    st = res.tables.get("weight_stages")
+    cka = res.tables.get("cka_diagonal")
+    for name in acc.index:
+        row = {"model": name, "strategy": acc.loc[name, "strategy"], "test_acc": acc.loc[name, "acc"],
+               "train_seconds": acc.loc[name, "train_seconds"]}
+        if st is not None:
+            for _, r in st[st["model"] == name].iterrows():
+                if r["stage"] != "head":
+                    row[f"rel_change_{r['stage']}"] = r["relative"]
+        if cka is not None and "model" in cka:
+            for _, r in cka[cka["model"] == name].iterrows():
+                row[f"cka_{r['layer']}"] = r["cka"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], data: dict[str, Dataset],
                    cfg: dict[str, Any], device: torch.device, log: Callable[[str], None] = print,
                    progress: bool = True) -> Results:
@@ -114,6 +213,22 @@ def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], dat
         res.summary["first_conv_name"] = filt["name"]
     findings += F.weight_findings(res.tables["weight_stages"], primary=primary)
     timings["weights"] = time.perf_counter() - t
+
+    if acfg.get("cka", True):
+        t = time.perf_counter()
+        _similarity(res, models, manifests, tuned_names, primary, test_loader, cfg, device, findings)
+        timings["cka"] = time.perf_counter() - t
+    else:
+        skipped["cka"] = "disabled in the configuration (analysis.cka = false)"
+
+    if acfg.get("functional", True):
+        t = time.perf_counter()
+        _functional(res, models, tuned_names, primary, data, acfg, device, findings)
+        timings["functional"] = time.perf_counter() - t
+    else:
+        skipped["functional"] = "disabled in the configuration (analysis.functional = false)"
+
+    res.tables["strategies"] = strategies_table(res, manifests)
 
     res.summary.update(primary=primary, tuned=tuned_names, timings=timings, skipped=skipped,
                        findings=F.rank_findings(findings))

@@ -21,7 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "timed", "time_interleaved", "rss_mb", "peak_rss_mb", "run_fresh", "write_json",
+__all__ = ["ROOT", "timed", "time_interleaved", "paired_ratio", "rss_mb", "peak_rss_mb", "run_fresh", "write_json",
            "machine_info", "set_threads"]
 
 
@@ -35,21 +35,30 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1,
                      sync: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
     """Time several functions alternately (A B C A B C ...), so slow drifts of a shared machine hit all
-    of them alike. Returns per name ``{"times": [...], "median": s, "min": s}``."""
+    of them alike. Per name: wall-clock ``times``/``median``/``min`` and process CPU time ``cpu_times``/
+    ``cpu_median`` (with one thread, CPU time is the cost even when other jobs share the cores)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             if sync:
                 sync()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             if sync:
                 sync()
-            times[k].append(time.perf_counter() - t)
-    return {k: {"times": v, "median": statistics.median(v), "min": min(v)} for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return {k: {"times": wall[k], "median": statistics.median(wall[k]), "min": min(wall[k]),
+                "cpu_times": cpu[k], "cpu_median": statistics.median(cpu[k])} for k in fns}
+
+
+def paired_ratio(t: dict[str, dict[str, Any]], num: str, den: str, key: str = "times") -> float:
+    """Median over repeats of ``t[num][key][i] / t[den][key][i]`` (pairs timed back to back)."""
+    return statistics.median(a / b for a, b in zip(t[num][key], t[den][key]))
 
 
 def rss_mb() -> float:
@@ -63,7 +72,18 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB."""
+    """Peak resident set size of this process so far, MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of *this* address space. (``ru_maxrss``
+    is not used there: it survives ``fork`` + ``exec``, so a child started from a big parent reports the
+    parent's size.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import (machine_info, rss_mb, run_fresh, set_threads, time_interleaved,  # noqa: E402
-                           timed, write_json)
+from bench._common import (machine_info, paired_ratio, peak_rss_mb, rss_mb, run_fresh,  # noqa: E402
+                           set_threads, time_interleaved, timed, write_json)
 
 PAIRS = {
     "resnet18": {"arch": "resnet18", "classes": (10, 10), "size": 64},
@@ -74,8 +73,6 @@ class _Generated:
 
 def memory_run(pair: str, n: int, bs: int, threads: int, device: str) -> dict:
     """In a fresh process: RSS before and peak during cka_matrix over ``n`` generated images."""
-    import resource
-
     from analysis.similarity import cka_matrix
     set_threads(threads)
     a, b = _models(pair, device)
@@ -85,7 +82,7 @@ def memory_run(pair: str, n: int, bs: int, threads: int, device: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = cka_matrix(a, b, _Generated(pair, n, bs), device=device, n_boot=1000)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     out = {"n": n, "rss_before_mb": before, "peak_during_mb": peak, "rise_mb": peak - before,
            "n_samples": res.n_samples}
     if device.startswith("cuda"):
@@ -95,14 +92,37 @@ def memory_run(pair: str, n: int, bs: int, threads: int, device: str) -> dict:
 
 def _torch_cka(a, b, la, lb, loader, device):
     """One torch-cka run on fresh copies of the models; returns its A x B matrix (in firing order) and names."""
+    import torch_cka.cka
     from torch_cka import CKA
 
+    torch_cka.cka.tqdm = lambda it, **_: it  # no progress bar (it changes nothing else)
     ca, cb = copy.deepcopy(a), copy.deepcopy(b)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = CKA(ca, cb, model1_name="A", model2_name="B", model1_layers=la, model2_layers=lb, device=device)
         m.compare(loader)
     return m.hsic_matrix.numpy(), list(m.model1_features), list(m.model2_features)
+
+
+def _song_explicit(a, b, la, lb, batches, dtype) -> np.ndarray:
+    """torch-cka's arithmetic (explicit Song et al. formula on zero-diagonal Grams, averaged over batches) on
+    *copied* features in ``dtype``: float32 reproduces torch-cka's rounding, float64 shows the formula is right."""
+    from analysis.layers import iterate_pair
+
+    def hsic(K, L):
+        n = K.shape[0]
+        one = torch.ones(n, 1, dtype=K.dtype)
+        return (torch.trace(K @ L) + (one.T @ K @ one @ one.T @ L @ one).item() / ((n - 1) * (n - 2))
+                - (one.T @ K @ L @ one).item() * 2 / (n - 2)) / (n * (n - 3))
+
+    acc = np.zeros((len(la), len(lb), 3))
+    for fa, fb, _, _ in iterate_pair(a, b, batches, la, lb):
+        ga = {k: (lambda x: x @ x.T)(v.flatten(1).to(dtype)).fill_diagonal_(0) for k, v in fa.items()}
+        gb = {k: (lambda x: x @ x.T)(v.flatten(1).to(dtype)).fill_diagonal_(0) for k, v in fb.items()}
+        for i, x in enumerate(la):
+            for j, y in enumerate(lb):
+                acc[i, j] += [float(hsic(ga[x], gb[y])), float(hsic(ga[x], ga[x])), float(hsic(gb[y], gb[y]))]
+    return acc[:, :, 0] / np.sqrt(acc[:, :, 1] * acc[:, :, 2])
 
 
 def bench_pair(pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tuple[int, int], threads: int,
@@ -129,25 +149,39 @@ def bench_pair(pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tu
             torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])), batch_size=bs)
         fns["torch_cka"] = lambda: _torch_cka(a, b, la, lb, loader, device)
     t = time_interleaved(fns, repeats=repeats, warmup=1, sync=sync)
+    # ratios of runs timed back to back; the headline uses process CPU time when torch runs one thread
+    # (on a shared machine wall time mostly measures the neighbours), wall time otherwise
+    key = "cpu_times" if threads == 1 and not device.startswith("cuda") else "times"
+    ratio = {k: {"wall": paired_ratio(t, k, "forward_both"), "cpu": paired_ratio(t, k, "forward_both", "cpu_times"),
+                 "headline": paired_ratio(t, k, "forward_both", key)} for k in fns if k != "forward_both"}
     base = t["forward_both"]["median"]
     out: dict = {"n_images": n, "batch_size": bs, "image_size": PAIRS[pair]["size"], "layers_a": la, "layers_b": lb,
-                 "timings_s": t, "ratio_tunelens_over_forward": t["tunelens"]["median"] / base}
+                 "timings_s": t, "ratio_basis": key, "ratios": ratio,
+                 "ratio_tunelens_over_forward": ratio["tunelens"]["headline"]}
     ours = cka_matrix(a, b, batches, device=device)
     out["estimator"] = ours.estimator
-    print(f"[{pair}] forward passes (both models): {base:.3f} s; tunelens cka_matrix: "
-          f"{t['tunelens']['median']:.3f} s -> {out['ratio_tunelens_over_forward']:.3f}x (target <= 1.25x)")
+    print(f"[{pair}] N={n} bs={bs}: forward passes (both models) {base:.3f} s wall; tunelens cka_matrix "
+          f"{t['tunelens']['median']:.3f} s -> {ratio['tunelens']['headline']:.3f}x ({key}; wall "
+          f"{ratio['tunelens']['wall']:.3f}x, cpu {ratio['tunelens']['cpu']:.3f}x) (target <= 1.25x)")
     if torch_cka_ok:
-        r = t["torch_cka"]["median"] / base
+        r = ratio["torch_cka"]["headline"]
         out["ratio_torch_cka_over_forward"] = r
-        out["speedup_vs_torch_cka"] = t["torch_cka"]["median"] / t["tunelens"]["median"]
+        out["speedup_vs_torch_cka"] = r / ratio["tunelens"]["headline"]
         theirs, na, nb = _torch_cka(a, b, la, lb, loader, device)
         th = ours.ab.loc[na, nb].to_numpy()
         out["torch_cka_max_abs_diff_auto_layers"] = float(np.abs(theirs - th).max())
-        print(f"[{pair}] torch-cka: {t['torch_cka']['median']:.3f} s -> {r:.3f}x forward; tunelens is "
-              f"{out['speedup_vs_torch_cka']:.2f}x faster; max |diff| on {len(na)}x{len(nb)} auto layers: "
-              f"{out['torch_cka_max_abs_diff_auto_layers']:.2e}")
-        inplace = ["conv1", "bn1", "layer1.0.bn2"]  # bn1 -> ReLU(inplace); bn2 -> out += identity
         sub = batches[: max(2, len(batches) // 4)]
+        ours_sub = cka_matrix(a, b, sub, device=device, n_examples=0).ab.loc[na, nb].to_numpy()
+        s64, s32 = (_song_explicit(a, b, na, nb, sub, dt) for dt in (torch.float64, torch.float32))
+        out["explicit_song_float64_vs_tunelens_max_abs_diff"] = float(np.abs(s64 - ours_sub).max())
+        out["explicit_song_float32_vs_float64_max_abs_diff"] = float(np.abs(s32 - s64).max())
+        print(f"[{pair}] torch-cka: {t['torch_cka']['median']:.3f} s -> {r:.3f}x forward (wall "
+              f"{ratio['torch_cka']['wall']:.3f}x); tunelens is {out['speedup_vs_torch_cka']:.2f}x faster; "
+              f"max |diff| on {len(na)}x{len(nb)} auto layers: {out['torch_cka_max_abs_diff_auto_layers']:.2e}")
+        print(f"[{pair}]   why: its explicit Song formula in float32 vs float64 on copied features differs by up "
+              f"to {out['explicit_song_float32_vs_float64_max_abs_diff']:.2e}; in float64 it equals tunelens to "
+              f"{out['explicit_song_float64_vs_tunelens_max_abs_diff']:.1e}")
+        inplace = ["conv1", "bn1", "layer1.0.bn2"]  # bn1 -> ReLU(inplace); bn2 -> out += identity
         sub_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
             torch.cat([x for x, _ in sub]), torch.cat([y for _, y in sub])), batch_size=bs)
         ours_in = cka_matrix(a, b, sub, inplace, inplace, device=device, n_examples=0).ab
@@ -167,6 +201,28 @@ def bench_pair(pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tu
           f"N={mem_ns[1]}: {mem[1]['peak_rss_mb']:.0f} MiB (rise {mem[1]['rise_mb']:.0f}) -> "
           f"{out['peak_ratio']:.3f}x (target <= 1.2x)")
     return out
+
+
+def cost_only(pair: str, n: int, bs: int, repeats: int, device: str, threads: int) -> dict:
+    """Just the cost ratio (tunelens over the forward passes) at another batch size."""
+    from analysis.similarity import cka_matrix
+
+    a, b = _models(pair, device)
+    batches = list(_Generated(pair, n, bs))
+
+    def forward():
+        with torch.no_grad():
+            for x, _ in batches:
+                a(x.to(device))
+                b(x.to(device))
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    t = time_interleaved({"forward_both": forward, "tunelens": lambda: cka_matrix(a, b, batches, device=device)},
+                         repeats=repeats, sync=sync)
+    key = "cpu_times" if threads == 1 and not device.startswith("cuda") else "times"
+    r = paired_ratio(t, "tunelens", "forward_both", key)
+    print(f"[{pair}] N={n} bs={bs}: tunelens / forward passes = {r:.3f}x ({key})")
+    return {"batch_size": bs, "n_images": n, "ratio_basis": key, "ratio_tunelens_over_forward": r, "timings_s": t}
 
 
 def default_stage(device: str, bs: int = 64) -> dict:
@@ -195,13 +251,14 @@ def default_stage(device: str, bs: int = 64) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer images and repeats (a smoke run)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch's default); 1 gives stable numbers on a shared machine")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=0)
     ap.add_argument("--pairs", default="resnet18,default")
+    ap.add_argument("--batch-size", type=int, default=64, help="the default run's analysis batch size")
     ap.add_argument("--out", default="artifacts/bench/similarity.json")
     args = ap.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     threads = set_threads(args.threads or None)
     try:
         import torch_cka  # noqa: F401
@@ -216,7 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
               "memory_method": "peak RSS (ru_maxrss) of a fresh process per N; batches generated on the fly",
               "pairs": {}}
     for pair in args.pairs.split(","):
-        result["pairs"][pair] = bench_pair(pair, n[pair], 64, repeats, args.device, mem_ns, threads, cka_ok)
+        result["pairs"][pair] = bench_pair(pair, n[pair], args.batch_size, repeats, args.device, mem_ns, threads, cka_ok)
+        if pair == "default" and args.batch_size != 32:  # the Gram cost per image grows with the batch size
+            result["pairs"][pair]["cost_at_batch_size_32"] = cost_only(pair, n[pair], 32, repeats, args.device, threads)
     result["default_stage"] = default_stage(args.device)
     path = write_json(args.out, result)
     print(f"wrote {path}")

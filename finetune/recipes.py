@@ -72,11 +72,11 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     """Pretrain + fine-tune per the configuration; return ``{name: manifest}``."""
     from .strategies import STRATEGIES
 
-    from tunelens.config import config_hash  # noqa: local import keeps finetune usable alone
+    from tunelens.config import code_hash, config_hash  # noqa: local import keeps finetune usable alone
 
     ckdir = Path(out) / "checkpoints"
     seed, arch = cfg["seed"], cfg["arch"]
-    device = cfg.get("device", "auto")
+    device = str(runtime.resolve_device(cfg.get("device", "auto")))
     src_spec, tgt_spec = data_spec(cfg, "source"), data_spec(cfg, "target")
     t0 = time.perf_counter()
     src, tgt = make_shapes(src_spec), make_shapes(tgt_spec)
@@ -84,7 +84,8 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
         f"(source {len(src['train'])} train images, target {len(tgt['train'])} train images)")
     manifests: dict[str, dict] = {}
 
-    base_key = config_hash("base", arch, seed, src_spec.to_dict(), cfg["pretrain"])
+    code = code_hash("finetune")
+    base_key = config_hash("base", arch, seed, src_spec.to_dict(), cfg["pretrain"], code, device)
     base_path = ckdir / "base.safetensors"
     man = _cached(base_path, base_key)
     if man is None:
@@ -106,7 +107,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
             raise ValueError(f"unknown strategy {strat!r} in finetune.strategies; expected {', '.join(STRATEGIES)}")
         opts = dict(cfg["finetune"]["common"], **cfg["finetune"].get(strat, {}))
         tcfg = TrainConfig(**dict(opts, strategy=strat, seed=seed + 1, device=device))
-        key = config_hash(strat, arch, seed, tgt_spec.to_dict(), tcfg.to_dict(),
+        key = config_hash(strat, arch, seed, tgt_spec.to_dict(), tcfg.to_dict(), code,
                           None if strat == "scratch" else man["sha256"])
         path = ckdir / f"{strat}.safetensors"
         got = _cached(path, key)

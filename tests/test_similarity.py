@@ -308,6 +308,8 @@ def test_cka_matrix_equals_streaming_on_copied_features():
     assert (np.take_along_axis(s, ch, 1)[:, 0] == s.max(1)).all()
     fig = res.plot_feature_maps("layer2", k=2, path=None)
     assert len(fig.axes) == 4 * 5
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def test_same_model_diagonal_is_one_and_type_layers():

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         if name == "analyze":
             p.add_argument("--force", action="store_true", help="recompute even when inputs are unchanged")
+    from .compare import add_parser as add_compare_parser
+    add_compare_parser(sub)
     return ap
 
 
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from finetune import runtime
 
+        if args.cmd == "compare":
+            from .compare import run as run_compare
+            return run_compare(args)
         if args.cmd in ("run", "finetune", "analyze", "report"):
             cfg = _config(args)
             try:

@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any
 
-__all__ = ["DEFAULT_CONFIG", "QUICK_OVERRIDES", "make_config", "config_hash", "merge", "set_dotted"]
+__all__ = ["DEFAULT_CONFIG", "QUICK_OVERRIDES", "make_config", "config_hash", "merge", "set_dotted", "code_hash"]
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -99,3 +99,16 @@ def config_hash(*parts: Any) -> str:
     """A short, stable hash of JSON-serialisable parts (the stage cache key)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def code_hash(package: str) -> str:
+    """Hash of a package's Python sources: a code change invalidates the cached stage that ran it."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(importlib.import_module(package).__file__).parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")) + sorted(root.rglob("*.j2")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]

@@ -18,7 +18,7 @@ from finetune.checkpoints import versions
 from finetune.data import make_shapes
 from finetune.recipes import data_spec, load_run_models, run_finetune_stage
 
-from .config import config_hash
+from .config import code_hash, config_hash
 
 __all__ = ["stage_finetune", "stage_analyze", "stage_report", "run_all"]
 
@@ -36,7 +36,8 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     if not ck_index.exists():
         raise FileNotFoundError(f"{ck_index} not found: run `tunelens finetune --out {out}` first")
     index = json.loads(ck_index.read_text())["checkpoints"]
-    key = config_hash("analysis", cfg["analysis"], {n: e["sha256"] for n, e in sorted(index.items())})
+    key = config_hash("analysis", cfg["analysis"], cfg["seed"], {n: e["sha256"] for n, e in sorted(index.items())},
+                      code_hash("analysis"))
     if not force and (res_dir / "summary.json").exists():
         try:
             if json.loads((res_dir / "summary.json").read_text()).get("key") == key:

@@ -1,8 +1,10 @@
 """Report sections, in page order. Each builder maps a Results to a Section, or None when it has nothing to show."""
-from . import methods, overview, weights
+from . import functional, methods, overview, similarity, weights
 
 SECTION_BUILDERS = [
     ("overview", overview.build),
     ("weights", weights.build),
+    ("similarity", similarity.build),
+    ("functional", functional.build),
     ("methods", methods.build),
 ]
