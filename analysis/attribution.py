@@ -43,11 +43,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .prepare import _model_device, assert_eval, is_residual, prepare_for_attribution
+from .prepare import _model_device, assert_eval, is_residual, output_dim, prepare_for_attribution
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "STOCHASTIC_METHODS", "DEFAULT_OPTIONS", "attribute", "attribute_pair",
            "attribute_group", "PairMaps", "CoarseLayerWarning", "default_gradcam_layer", "predictions",
@@ -414,6 +413,11 @@ def attribute_pair(base: nn.Module, tuned: nn.Module, inputs: torch.Tensor, targ
     dev = torch.device(device) if device is not None else _model_device(tuned)
     pb = prepare_for_attribution(base, inputs, device=dev)
     pt = prepare_for_attribution(tuned, inputs, device=dev)
+    if output_dim(pb, inputs) != output_dim(pt, inputs):
+        raise ValueError(f"the models answer different questions ({output_dim(pb, inputs)} vs "
+                         f"{output_dim(pt, inputs)} classes): give the base model a probe head for the tuned "
+                         "model's classes first (analysis.prepare.fit_probe_head), or use attribution_study "
+                         "with probe_data")
     if isinstance(targets, tuple) and len(targets) == 2 and not isinstance(targets[0], (int, np.integer)):
         tb, tt = resolve_targets(pb, inputs, targets[0]), resolve_targets(pt, inputs, targets[1])
     else:

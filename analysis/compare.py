@@ -187,7 +187,8 @@ def relevance_mass(maps: ArrayLike, masks: ArrayLike) -> np.ndarray:
 
 
 def relevance_rank_accuracy(maps: ArrayLike, masks: ArrayLike) -> np.ndarray:
-    """Fraction of the ``K = |mask|`` highest-relevance pixels that lie in the mask, per sample (NaN for empty masks)."""
+    """Fraction of the ``K = |mask|`` highest-relevance pixels that lie in the mask, per sample
+    (NaN for empty masks). Ties: the first in row-major order."""
     r = _flat(to_maps(maps, "signed"))
     m = _flat(_masks(masks, len(r)))
     k = m.sum(1)

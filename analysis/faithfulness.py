@@ -86,5 +86,6 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, maps: torch.Tenso
             p = torch.cat([F.softmax(model(batch[i:i + eval_batch]).float(), 1)
                            for i in range(0, len(batch), eval_batch)])
             curves[name][s:s + k] = p[torch.arange(len(t), device=dev), t].view(k, steps + 1).cpu().numpy()
-    return {"deletion_auc": _trapz(curves["deletion"], 1 / steps), "insertion_auc": _trapz(curves["insertion"], 1 / steps),
+    return {"deletion_auc": _trapz(curves["deletion"], 1 / steps),
+            "insertion_auc": _trapz(curves["insertion"], 1 / steps),
             "deletion_curve": curves["deletion"], "insertion_curve": curves["insertion"]}

@@ -216,3 +216,60 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     out.append(Finding("cka", txt + ".", "fig-cka-diagonal", score=8.5,
                        uncertainty=f"estimator: {est}; CI: bootstrap over batches"))
     return out
+
+
+_METHOD_NAMES = {"integrated_gradients": "integrated gradients", "grad_cam": "Grad-CAM", "saliency": "saliency",
+                 "input_x_gradient": "input x gradient", "smoothgrad": "SmoothGrad", "gradient_shap": "GradientSHAP",
+                 "occlusion": "occlusion", "guided_backprop": "guided backprop"}
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def attribution_findings(summary: pd.DataFrame, localisation: pd.DataFrame | None, per_class: pd.DataFrame,
+                         primary: str) -> list[Finding]:
+    """How much the maps changed (change index with CI), where the evidence moved (mass inside the object),
+    which class changed most; uninformative methods are named, not used."""
+    out: list[Finding] = []
+    inf = summary[summary["informative"]]
+    flagged = summary[~summary["informative"]]["method"].tolist()
+    for _, r in inf.sort_values("change_index", ascending=False).head(2).iterrows():
+        name = _METHOD_NAMES.get(r["method"], r["method"])
+        out.append(Finding(
+            f"attr_change_{r['method']}", f"{_cap(name)} maps of the {primary} model moved "
+            f"{'far' if r['change_index'] > 0.5 else 'part of the way'} from the base model's: change index "
+            f"{r['change_index']:.2f} on a scale where 0 is as close as the base model to itself under a one-pixel "
+            f"shift or new noise ({r['ceiling']:.2f}) and 1 is as far as a randomized network ({r['floor']:.2f}).",
+            "attribution", score=7.5,
+            uncertainty=f"95% CI {r['change_index_lo']:.2f} to {r['change_index_hi']:.2f} (bootstrap over {int(r['n'])} "
+                        f"images; similarity: {r['similarity']})"))
+    if localisation is not None and len(inf):
+        loc = localisation[(localisation["metric"] == "mass") & localisation["method"].isin(inf["method"])]
+        if len(loc):
+            r = loc.loc[loc["delta"].abs().idxmax()]
+            name = _METHOD_NAMES.get(r["method"], r["method"])
+            rose = "rose" if r["delta"] > 0 else "fell"
+            sig = r["delta_lo"] > 0 or r["delta_hi"] < 0
+            out.append(Finding(
+                "attr_localisation", f"After fine-tuning, the share of positive {name} attribution inside the object "
+                f"{rose} from {pct(r['base'])} to {pct(r['tuned'])}"
+                + ("" if sig else " (not distinguishable from no change)") + ".", "attribution", score=8 if sig else 4,
+                uncertainty=f"95% CI of the change {100 * r['delta_lo']:+.1f} to {100 * r['delta_hi']:+.1f} points "
+                            f"(paired bootstrap over {int(r['n'])} images)"))
+    if len(inf) and per_class is not None and len(per_class):
+        m = inf.sort_values("change_index", ascending=False)["method"].iloc[0]
+        pc = per_class[per_class["method"] == m].dropna(subset=["change_index"])
+        if len(pc) > 1:
+            r = pc.loc[pc["change_index"].idxmax()]
+            out.append(Finding(
+                "attr_class", f"{_cap(_METHOD_NAMES.get(m, m))} maps changed most for class {r['class']} "
+                f"(change index {r['change_index']:.2f}; base-vs-tuned similarity {r['ab']:.2f}).", "attribution",
+                score=4, uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images"))
+    if flagged:
+        out.append(Finding(
+            "attr_flagged", "Uninformative for comparing these two models, so left out of the findings: "
+            + ", ".join(_METHOD_NAMES.get(f, f) for f in flagged) + " (their maps barely change even when the "
+            "network's top layers are randomized, or their ceiling and floor are too close).", "attribution",
+            score=2, kind="caveat"))
+    return out

@@ -150,7 +150,8 @@ def reused_modules(model: nn.Module, inputs: torch.Tensor,
 
 
 def is_residual(model: nn.Module) -> bool:
-    """True when the model has residual blocks (torchvision ResNet blocks or a ``*ResNet*``/``*Block*`` with downsample)."""
+    """True when the model has residual blocks: torchvision ResNet blocks, or a module whose class name says
+    ResNet, ResNeXt or residual."""
     for m in model.modules():
         if isinstance(m, (BasicBlock, Bottleneck)):
             return True

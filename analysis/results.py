@@ -45,6 +45,8 @@ class Results:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             for name, df in self.tables.items():
+                if df is None or len(df.columns) == 0:
+                    continue  # nothing to write (an empty table reads back as an error)
                 df.to_csv(tmp / f"{name}.csv", index=False)
             for name, arrs in self.arrays.items():
                 np.savez_compressed(tmp / f"{name}.npz", **arrs)

@@ -11,14 +11,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import findings as F
-from .layers import unpack_batch
+from .layers import resolve_layers, unpack_batch
 from .results import Results
+from .sharding import batch_offsets, gather_rows, per_sample_batch_size, shard_loader
 from .weights import aggregate_deltas, first_conv_filters, weight_deltas
 
 __all__ = ["analyze_models", "predictions_table", "training_tables"]
@@ -26,21 +28,30 @@ __all__ = ["analyze_models", "predictions_table", "training_tables"]
 
 @torch.no_grad()
 def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: torch.device) -> pd.DataFrame:
-    """Per model and test image: label, prediction, correctness and the loss (for paired comparisons)."""
-    rows = []
+    """Per model and test image: label, prediction, correctness and the loss (for paired comparisons).
+
+    Under ``torch.distributed`` with a :func:`analysis.sharding.shard_loader` loader each rank predicts its
+    batches and the rows of all ranks are gathered (a collective), in single-process order."""
+    frames = []
+    offsets = batch_offsets(loader)
     for name, model in models.items():
         model.eval()
+        rows = []
         idx = 0
-        for batch in loader:
+        for b, batch in enumerate(loader):
+            if offsets is not None:
+                idx = offsets[b]
             x, y, _ = unpack_batch(batch)
-            out = model(x.to(device)).float()
-            loss = torch.nn.functional.cross_entropy(out, y.to(device), reduction="none")
+            out = model(x.to(device, non_blocking=True)).float()
+            loss = torch.nn.functional.cross_entropy(out, y.to(device, non_blocking=True), reduction="none").cpu()
             pred = out.argmax(1).cpu()
             for i in range(len(y)):
                 rows.append({"model": name, "index": idx, "label": int(y[i]), "pred": int(pred[i]),
                              "correct": int(pred[i] == y[i]), "loss": float(loss[i])})
                 idx += 1
-    return pd.DataFrame(rows)
+        frames.append(gather_rows(rows, sort_by="index"))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def training_tables(manifests: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -75,14 +86,32 @@ def _random_like(base: nn.Module, manifest: dict, seed: int) -> nn.Module:
     return randomly_initialised(base, seed=seed)
 
 
+def _backbone_layers(base: nn.Module, tuned: nn.Module) -> list[str]:
+    """``auto`` layers, without the head when the two heads have different shapes."""
+    from finetune.models import head_name
+
+    layers = resolve_layers(base, "auto")
+    hb, ht = head_name(base), head_name(tuned)
+    wb = base.get_submodule(hb).weight.shape if hasattr(base.get_submodule(hb), "weight") else None
+    wt = tuned.get_submodule(ht).weight.shape if hasattr(tuned.get_submodule(ht), "weight") else None
+    if wb != wt:
+        layers = [n for n in layers if n != hb and not n.startswith(hb + ".")]
+    return layers
+
+
 def _similarity(res: Results, models, manifests, tuned_names, primary, loader, cfg, device, findings) -> None:
     from .similarity import cka_against_chance, cka_matrix
 
     base = models["base"]
     seed = cfg.get("seed", 0)
+    layers = _backbone_layers(base, models[primary])
+    if layers != resolve_layers(base, "auto"):
+        res.summary.setdefault("notes", []).append(
+            "The base and tuned heads differ in shape, so CKA compares the backbones (up to the pooled features); "
+            "the logits layer is left out.")
     diag = []
     for name in tuned_names:
-        r = cka_matrix(base, models[name], loader, device=device, seed=seed, labels=("base", name),
+        r = cka_matrix(base, models[name], loader, layers, layers, device=device, seed=seed, labels=("base", name),
                        n_examples=4 if name == primary else 0)
         d = r.diagonal.copy()
         d.insert(0, "model", name)
@@ -105,11 +134,41 @@ def _similarity(res: Results, models, manifests, tuned_names, primary, loader, c
                 maps["images"] = r.maps_a.images
                 res.arrays["feature_maps"] = maps
     res.tables["cka_diagonal"] = pd.concat(diag, ignore_index=True)
-    chance = cka_against_chance(base, models[primary], loader, random_model=_random_like(base, manifests["base"], seed + 7),
+    chance = cka_against_chance(base, models[primary], loader, layers=layers, random_model=_random_like(base, manifests["base"], seed + 7),
                                 scratch=models.get("scratch"), device=device, seed=seed)
     chance.insert(0, "model", primary)
     res.tables["cka_chance"] = chance
     findings += F.similarity_findings(chance, primary)
+
+
+def _attribution(res: Results, models, primary, data, cfg, device, findings, progress) -> None:
+    from .attribution_study import attribution_study
+
+    acfg = cfg["analysis"]
+    classes = getattr(data["test"], "classes", None)
+    study = attribution_study(models["base"], models[primary], data["test"], n_images=acfg["attribution_images"],
+                              seed=cfg.get("seed", 0), device=device, probe_data=data.get("train"),
+                              classes=list(classes) if classes is not None else None, progress=progress)
+    res.tables["attribution_summary"] = study.summary
+    res.tables["attribution_comparisons"] = study.comparisons
+    res.tables["attribution_per_class"] = study.per_class
+    if study.localisation is not None:
+        res.tables["attribution_localisation"] = study.localisation
+    elif study.localisation_note:
+        res.summary.setdefault("skipped", {})["localisation"] = study.localisation_note
+    if study.faithfulness is not None:
+        res.tables["attribution_faithfulness"] = study.faithfulness
+    for method, ex in study.examples.items():
+        arr = {"inputs": ex.inputs, "base": ex.base, "tuned": ex.tuned, "labels": ex.labels,
+               "base_pred": ex.base_pred, "tuned_pred": ex.tuned_pred, "similarity": ex.similarity,
+               "kinds": np.array(ex.kinds, dtype="U32")}
+        if ex.masks is not None:
+            arr["masks"] = ex.masks
+        res.arrays[f"attribution_examples_{method}"] = arr
+    res.summary["attribution"] = {"settings": study.settings, "timings": study.timings, "notes": study.notes,
+                                  "primary": primary, "classes": study.classes}
+    res.summary.setdefault("notes", []).extend(study.notes)
+    findings += F.attribution_findings(study.summary, study.localisation, study.per_class, primary)
 
 
 def _functional(res: Results, models, tuned_names, primary, data, acfg, device, findings) -> None:
@@ -117,8 +176,11 @@ def _functional(res: Results, models, tuned_names, primary, data, acfg, device, 
     from .probes import probe_gain, probe_layers
 
     base = models["base"]
-    test_loader = DataLoader(data["test"], batch_size=256, shuffle=False)
-    train_loader = DataLoader(data["train"], batch_size=64, shuffle=False)
+    # each rank its block of the batches (smaller batches when there are fewer than ranks: per-sample results)
+    test_loader = shard_loader(data["test"], per_sample_batch_size(len(data["test"]), 256), device=device)
+    train_loader = shard_loader(data["train"], per_sample_batch_size(len(data["train"]), 64), device=device)
+    # BatchNorm re-estimation along the interpolation: every rank the same first batches, as one process
+    bn_loader = DataLoader(data["train"], batch_size=64, shuffle=False)
     rws = []
     for name in tuned_names:
         r = rewind(base, models[name], test_loader, device=device)
@@ -126,7 +188,7 @@ def _functional(res: Results, models, tuned_names, primary, data, acfg, device, 
         rws.append(r)
     res.tables["rewind"] = pd.concat(rws, ignore_index=True)
     it = interpolate(base, models[primary], test_loader, steps=acfg.get("interpolation_steps", 11),
-                     train_loader=train_loader, device=device)
+                     train_loader=bn_loader, device=device)
     it.insert(0, "model", primary)
     res.tables["interpolation"] = it
     res.summary["interpolation"] = {k: v for k, v in it.attrs.items()}
@@ -174,7 +236,7 @@ def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], dat
     primary = acfg.get("primary", "full")
     if primary not in tuned_names:
         primary = tuned_names[0]
-    test_loader = DataLoader(data["test"], batch_size=acfg["batch_size"], shuffle=False)
+    test_loader = shard_loader(data["test"], acfg["batch_size"], device=device)
 
     sample = [data["test"][i] for i in range(min(8, len(data["test"])))]
     res.arrays["samples"] = {"images": torch.stack([b[0] for b in sample]).numpy(),
@@ -220,6 +282,13 @@ def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], dat
         timings["cka"] = time.perf_counter() - t
     else:
         skipped["cka"] = "disabled in the configuration (analysis.cka = false)"
+
+    if acfg.get("attribution", True):
+        t = time.perf_counter()
+        _attribution(res, models, primary, data, cfg, device, findings, progress)
+        timings["attribution"] = time.perf_counter() - t
+    else:
+        skipped["attribution"] = "disabled in the configuration (analysis.attribution = false)"
 
     if acfg.get("functional", True):
         t = time.perf_counter()

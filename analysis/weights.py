@@ -64,6 +64,11 @@ def _check_keys(a: dict, b: dict) -> None:
 
 def _matrix_stats(d: torch.Tensor) -> dict[str, float]:
     m = d.reshape(d.shape[0], -1).double()
+    if not bool(torch.isfinite(m).all()):
+        nan = float("nan")
+        return {"spectral": nan, "stable_rank": nan, "effective_rank": nan, "top1_energy": nan}
+    if m.shape[1] > m.shape[0]:
+        m = m.T  # same singular values; LAPACK is far faster on tall matrices than on wide ones
     s = torch.linalg.svdvals(m)
     tot2 = float((s ** 2).sum())
     if tot2 == 0.0:

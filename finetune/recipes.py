@@ -16,7 +16,6 @@ from pathlib import Path
 
 
 import torch
-from torch.utils.data import DataLoader
 
 from . import runtime
 from .checkpoints import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
@@ -48,20 +47,25 @@ def _train_and_save(name: str, model: torch.nn.Module, data: dict, tcfg: TrainCo
                 desc=f"{name:>12}", progress=progress)
     device = runtime.resolve_device(tcfg.device)
     metrics = {}
-    for split in ("val", "test"):
-        sampler = None
-        if runtime.is_distributed():
-            from torch.utils.data.distributed import DistributedSampler
-            sampler = DistributedSampler(data[split], shuffle=False)
+    for split in ("val", "test"):  # sharded by batch under torch.distributed, sums reduced: one process's numbers
         metrics.update({f"{split}_{k}": v for k, v in
-                        evaluate(res.model, DataLoader(data[split], batch_size=256, sampler=sampler), device).items()})
+                        evaluate(res.model, runtime.shard_loader(data[split], 256, device=device), device).items()})
     from .models import stage_order
 
+    peak = res.peak_gpu_mem_mb
+    if peak is not None and runtime.is_distributed():  # the largest over ranks
+        peak = max(p for p in runtime.all_gather_objects(peak) if p is not None)
     man = dict(meta, stage_order=stage_order(res.model), train_config=tcfg.to_dict(), metrics=dict(metrics, best_epoch=res.best_epoch),
-               history=res.history, seconds=round(res.seconds, 3), device=str(device),
-               peak_gpu_mem_mb=res.peak_gpu_mem_mb, world_size=runtime.world_size())
+               history=res.history, seconds=round(res.seconds, 3), device=runtime.device_name(tcfg.device),
+               peak_gpu_mem_mb=peak, world_size=runtime.world_size())
     if runtime.is_main():
-        man = save_checkpoint(path, res.model.state_dict(), man)
+        try:
+            man = save_checkpoint(path, res.model.state_dict(), man)
+        except BaseException:
+            # never leave half a checkpoint (weights renamed into place, manifest not): remove both
+            for p in (path, path.with_suffix(".json")):
+                p.unlink(missing_ok=True)
+            raise
     runtime.barrier()
     if not runtime.is_main():
         _, man = load_checkpoint(path)
@@ -76,7 +80,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
 
     ckdir = Path(out) / "checkpoints"
     seed, arch = cfg["seed"], cfg["arch"]
-    device = str(runtime.resolve_device(cfg.get("device", "auto")))
+    device = runtime.device_name(cfg.get("device", "auto"))  # the same on every rank: cache keys agree
     src_spec, tgt_spec = data_spec(cfg, "source"), data_spec(cfg, "target")
     t0 = time.perf_counter()
     src, tgt = make_shapes(src_spec), make_shapes(tgt_spec)

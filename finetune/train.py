@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,8 @@ class TrainConfig:
     lp_lr: float | None = None
     seed: int = 0
     device: str = "auto"
-    amp: bool = False  # bf16 autocast on CUDA
-    sync_bn: bool = False
+    amp: bool = False  # bf16 autocast on CUDA (ignored, with a warning, elsewhere)
+    sync_bn: bool = False  # SyncBatchNorm under torch.distributed on CUDA (ignored, with a warning, on CPU)
     num_workers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +100,26 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
     return {"acc": tot[0].item() / n, "loss": tot[1].item() / n, "n": int(tot[2].item())}
 
 
+def _revert_sync_batchnorm(model: nn.Module, classes: dict[str, type]) -> nn.Module:
+    """Undo ``nn.SyncBatchNorm.convert_sync_batchnorm`` in place: each SyncBatchNorm becomes its original
+    class (``classes``: module name -> class before conversion) sharing its parameters and buffers, so the
+    state dict is unchanged and the trained model runs without a process group."""
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.SyncBatchNorm) or name not in classes:
+            continue
+        bn = classes[name](mod.num_features, mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
+        if mod.affine:
+            bn.weight, bn.bias = mod.weight, mod.bias
+        bn.running_mean, bn.running_var, bn.num_batches_tracked = (mod.running_mean, mod.running_var,
+                                                                   mod.num_batches_tracked)
+        bn.train(mod.training)
+        if name == "":
+            return bn
+        parent, _, leaf = name.rpartition(".")
+        model.get_submodule(parent).add_module(leaf, bn)
+    return model
+
+
 def _make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, head: str) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.ndim > 1]
@@ -143,33 +164,49 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
     ``resume_path``: a file where the state after each finished epoch is kept; when it
     exists at start, training continues from there (it is deleted on success). It holds
     only tensors and plain values and is read with ``torch.load(weights_only=True)``.
-    Under ``torch.distributed`` the model is wrapped in DistributedDataParallel and the
-    data in a DistributedSampler; only rank 0 writes the resume file.
+    Under ``torch.distributed`` the model is wrapped in DistributedDataParallel (with
+    SyncBatchNorm when ``cfg.sync_bn``, CUDA only) and the data in a DistributedSampler
+    (``cfg.batch_size`` per rank); validation is sharded by batch and its sums reduced, the
+    epoch's training loss and accuracy are reduced over ranks, and every rank ends with rank
+    0's weights and buffers. Only rank 0 writes the resume file.
     """
     from .models import head_name
 
     device = runtime.resolve_device(cfg.device)
     runtime.set_determinism(cfg.seed)
     model.to(device)
-    if cfg.sync_bn and runtime.is_distributed():
+    distributed = runtime.is_distributed()
+    if cfg.amp and device.type != "cuda" and runtime.is_main():
+        warnings.warn(f"amp=True is ignored on {device.type}: bf16 autocast is only used on CUDA", stacklevel=2)
+    sync_bn = cfg.sync_bn and distributed
+    if sync_bn and device.type != "cuda":
+        if runtime.is_main():
+            warnings.warn("sync_bn=True is ignored on CPU (torch's SyncBatchNorm runs on GPUs only): each rank "
+                          "normalises with its own batch statistics", stacklevel=2)
+        sync_bn = False
+    bn_classes: dict[str, type] = {}
+    if sync_bn:
+        bn_classes = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     head = head_name(model)
     stages = stage_order(model)
     gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = gen if not distributed else torch.Generator().manual_seed(cfg.seed + 1_000_003 * runtime.rank())
     sampler = None
-    if runtime.is_distributed():
+    if distributed:
         from torch.utils.data.distributed import DistributedSampler
         sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
+    n_local = len(sampler) if sampler is not None else len(train_set)  # this rank's training samples
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=gen, drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.num_workers,
+                        generator=gen, drop_last=n_local > cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ValueError(f"no training batch: {len(train_set)} training samples over {runtime.world_size()} "
+                         f"rank(s) with batch_size {cfg.batch_size}")
     val_loader = None
     if val_set is not None:
-        vs = None
-        if runtime.is_distributed():
-            from torch.utils.data.distributed import DistributedSampler
-            vs = DistributedSampler(val_set, shuffle=False)
-        val_loader = DataLoader(val_set, batch_size=256, sampler=vs, pin_memory=device.type == "cuda")
+        # the same batches as one process, no sample padded or repeated: reduced sums equal one process's
+        val_loader = runtime.shard_loader(val_set, 256, device=device)
     phases = _phases(cfg)
     total_epochs = sum(e for _, e, _ in phases)
     history: list[dict] = []
@@ -198,7 +235,7 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
         prefixes = trainable_prefixes(model, phase_strategy, cfg.last_k)
         apply_freeze(model, prefixes)
         net: nn.Module = model
-        if runtime.is_distributed():
+        if distributed:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         opt = _make_optimizer(model, cfg, lr, head)
         if len(phases) > 1 and epoch0 > 0 and start_epoch <= epoch0:
@@ -219,7 +256,7 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
                 x = batch[0].to(device, non_blocking=True)
                 y = batch[1].to(device, non_blocking=True)
                 if cfg.augment:
-                    x = augment_batch(x, gen)
+                    x = augment_batch(x, aug_gen)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                     out = net(x)
                     loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
@@ -248,6 +285,11 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
                 sums["n"] += len(y)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+            if distributed:  # the epoch's training loss and accuracy over all ranks' samples
+                tot = runtime.all_reduce_sum(torch.tensor([sums["loss"], sums["correct"], sums["n"]],
+                                                          dtype=torch.float64, device=device)).tolist()
+                sums = {"loss": tot[0], "correct": int(round(tot[1])), "n": int(round(tot[2]))}
+                runtime.broadcast_module(model, parameters=False)  # BatchNorm statistics: rank 0's everywhere
             # gnorm holds sums of squared norms over steps: report mean per-step norm (sqrt of mean square)
             rec = {"epoch": epoch + 1, "phase": phase_strategy, "lr": lr,
                    "train_loss": sums["loss"] / max(sums["n"], 1),
@@ -277,6 +319,9 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
     bar.close()
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    if sync_bn:
+        model = _revert_sync_batchnorm(model, bn_classes)
+    runtime.broadcast_module(model)  # every rank holds exactly what rank 0 saves
     apply_freeze(model, None)
     model.eval()
     res = TrainResult(model=model, history=history, best_epoch=best["epoch"], seconds=time.perf_counter() - t0)

@@ -15,6 +15,16 @@ from analysis.prepare import (LogitMismatchError, SplitReLUBasicBlock, SplitReLU
                               randomize_cascading, reused_modules)
 from finetune.models import build_model
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors gain nothing from a second thread, and on a shared machine a descheduled OpenMP
+    thread makes every operator wait: one thread keeps these tests fast and steady."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 FAST = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"nt_samples": 2}, "gradient_shap": {"n_samples": 2},
         "occlusion": {"window": 8, "stride": 8}}
 
@@ -77,7 +87,6 @@ def test_prepare_makes_a_checked_copy():
     assert prepare_for_attribution(p, x) is p
 
 
-@pytest.mark.slow
 def test_prepare_bottleneck():
     from torchvision.models import resnet50
 
@@ -125,7 +134,6 @@ def test_unknown_method_and_missing_target(linear):
         attribute(model, x, None, "saliency")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["tiny_resnet", "resnet18"])
 def test_every_method_runs(arch):
     model = build_model(arch, 6, seed=0).eval()
@@ -191,6 +199,8 @@ def test_pair_shares_noise_and_targets():
     pred = attribute_pair(model, other, x, "pred", methods=("saliency",))
     assert torch.equal(pred.target_base, resolve_targets(prepare_for_attribution(model, x), x, "pred"))
     assert pred["saliency"][0].shape == x.shape
+    with pytest.raises(ValueError, match="probe head"):
+        attribute_pair(build_model("tiny_resnet", 8, seed=0), model, x, y, methods=("saliency",))
 
 
 def test_batching_does_not_change_deterministic_maps():

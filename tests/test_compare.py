@@ -13,6 +13,16 @@ from analysis.compare import (SIMILARITIES, compare_maps, pointing_game, relevan
 from analysis.faithfulness import deletion_insertion, gaussian_blur
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors gain nothing from a second thread, and on a shared machine a descheduled OpenMP
+    thread makes every operator wait: one thread keeps these tests fast and steady."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def maps() -> np.ndarray:
     return np.random.default_rng(0).normal(size=(5, 3, 12, 12))
@@ -153,7 +163,6 @@ def test_collect_images_from_dataset_and_loader():
     assert x3.shape[0] == 6 and m3.shape == (6, 32, 32)
 
 
-@pytest.mark.slow
 def test_study_small_with_probe_head_and_masks():
     from finetune.models import build_model
 
@@ -188,7 +197,6 @@ def test_study_small_with_probe_head_and_masks():
     assert res.timings["total"] > 0
 
 
-@pytest.mark.slow
 def test_study_without_masks_and_same_heads():
     from finetune.models import build_model
 
@@ -196,8 +204,10 @@ def test_study_without_masks_and_same_heads():
     x = data.images[:6]
     y = data.labels[:6]
     model = build_model("tiny_resnet", 6, seed=0)
+    before = torch.get_num_threads()
     res = attribution_study(model, model, [(x, y)], methods=("saliency",), n_images=6, device="cpu", n_boot=20,
-                            faithfulness=False)
+                            faithfulness=False, threads=2)
+    assert res.settings["threads"] == 2 and torch.get_num_threads() == before  # restored
     assert res.localisation is None and res.localisation_note and res.masks is None
     assert res.probe is None
     # the same model on both sides: identical maps

@@ -114,6 +114,13 @@ def test_compare_writes_the_report(report, capsys):
     assert "fc.weight" in deltas and "replaced" in deltas
     assert any("linear-probe head" in n for n in summary["notes"])
     assert "linear-probe head" in html
+    cka = report / "results" / "cka_diagonal.csv"
+    if cka.exists():  # CKA compares the backbones: the two heads answer different tasks
+        import pandas as pd
+
+        layers = set(pd.read_csv(cka)["layer"])
+        assert "layer4" in layers and "fc" not in layers
+        assert "fc diverges" not in html
     # absent things say so
     assert "localisation" in summary["skipped"] and "training curves" in summary["skipped"]
     assert "Not run" in html and "ground-truth masks" in html
@@ -169,7 +176,7 @@ def test_every_layout_validates(pair, layout, tmp_path):
 @pytest.mark.slow
 def test_user_factory(tmp_path, monkeypatch, capsys):
     """--arch module:function with the user's own network class, imported from the working directory."""
-    (tmp_path / "my_nets.py").write_text(
+    (tmp_path / "byo_cli_nets.py").write_text(
         "from torch import nn\n\n\n"
         "class SmallNet(nn.Module):\n"
         "    def __init__(self, num_classes=10):\n"
@@ -188,7 +195,7 @@ def test_user_factory(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
 
-    nets = importlib.import_module("my_nets")
+    nets = importlib.import_module("byo_cli_nets")
     data = make_images(tmp_path / "data", classes=("a", "b"), per_class=6)
     torch.manual_seed(0)
     base = nets.small_net(num_classes=10)
@@ -203,7 +210,7 @@ def test_user_factory(tmp_path, monkeypatch, capsys):
         opt.step()
     torch.save({f"module.{k}": v for k, v in tuned.state_dict().items()}, tmp_path / "tuned.pt")
     out = tmp_path / "out"
-    rc = main(["compare", "--arch", "my_nets:small_net", "--base", "base.pt", "--tuned", "tuned.pt", "--data", "data",
+    rc = main(["compare", "--arch", "byo_cli_nets:small_net", "--base", "base.pt", "--tuned", "tuned.pt", "--data", "data",
                "--out", str(out)] + FAST)
     assert rc == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {(out / 'report' / 'index.html').resolve()}"
@@ -245,7 +252,7 @@ def _bad(tmp: Path, pair) -> dict:
     for c in ("a", "b", "c"):
         (unreadable / c).mkdir(parents=True)
         (unreadable / c / "x.png").write_bytes(b"not a png")
-    nan_free_torchhome = tmp / "torch_home"
+    torch_home = tmp / "torch_home"
     return {
         "missing file": (dict(tuned=[root / "nope.pt"]), [], ["--tuned", "nope.pt", "no such file"]),
         "missing base": (dict(base=root / "nope_base.pt"), [], ["--base", "no such file"]),
@@ -262,7 +269,7 @@ def _bad(tmp: Path, pair) -> dict:
         "missing data folder": (dict(data=tmp / "nodata"), [], ["data folder", "does not exist"]),
         "unreadable data folder": (dict(data=unreadable), [], ["no readable images", "x.png"]),
         "torchvision weights not cached": (dict(base="torchvision:IMAGENET1K_V1"), ["TORCH_HOME"],
-                                           [str(nan_free_torchhome / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
+                                           [str(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
                                             "https://download.pytorch.org/models/resnet18-f37072fd.pth"]),
         "bad image size": (dict(), ["--image-size", "4"], ["--image-size"]),
         "out is a file": (dict(), ["OUTFILE"], ["is a file"]),

@@ -65,7 +65,7 @@ def test_safetensors_and_legacy_format(tmp_path, sd):
                   if not k.endswith("num_batches_tracked")}, light)
 
 
-@pytest.mark.parametrize("how", ["os_system", "builtins_open", "plain_pickle"])
+@pytest.mark.parametrize("how", ["os_system", "builtins_open", "plain_pickle", "legacy_torch"])
 def test_code_running_pickle_is_refused_and_not_run(tmp_path, how):
     marker = tmp_path / f"marker_{how}"
 
@@ -80,6 +80,8 @@ def test_code_running_pickle_is_refused_and_not_run(tmp_path, how):
     if how == "plain_pickle":
         with open(path, "wb") as f:
             pickle.dump(payload, f)
+    elif how == "legacy_torch":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
     else:
         torch.save(payload, path)
     with pytest.raises(CheckpointLoadError) as e:
@@ -183,7 +185,7 @@ def test_torchvision_weights_from_local_cache_only(tmp_path, monkeypatch, sd):
 
 
 def test_user_factory(tmp_path, monkeypatch):
-    (tmp_path / "my_nets.py").write_text(
+    (tmp_path / "byo_loading_nets.py").write_text(
         "from torch import nn\n"
         "def small(num_classes=10):\n"
         "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
@@ -192,9 +194,9 @@ def test_user_factory(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
 
-    net = importlib.import_module("my_nets").small(num_classes=7)
+    net = importlib.import_module("byo_loading_nets").small(num_classes=7)
     torch.save({"module." + k: v for k, v in net.state_dict().items()}, tmp_path / "net.pt")
-    m = load_model("my_nets:small", Path("net.pt"))
+    m = load_model("byo_loading_nets:small", Path("net.pt"))
     assert m[4].out_features == 7 and _same(m.state_dict(), net.state_dict())
 
 

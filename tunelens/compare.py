@@ -267,7 +267,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         k = n_out(m)
         manifests[name] = {
             "role": "base" if name == "base" else "tuned", "strategy": "external", "arch": args.arch,
-            "num_classes": k,
+            "num_classes": k, "head": head_name(m),
             "classes": list(ds.classes) if k == n_cls else [str(i) for i in range(k)], "seconds": None,
             "seed": None, "file": files[name], "sha256": _sha256(files[name]), "external": True,
             "source": args.base if name == "base" else files[name]}
@@ -310,6 +310,32 @@ def _minimal_results(plan: Plan, tuned_ok: list[str], why: str):
     for name in ("weights", "functional", "cka", "attribution"):
         res.summary["skipped"][name] = why
     return res
+
+
+def _backbone_only_cka(res, head: str) -> None:
+    """Heads of different tasks (1000 ImageNet logits vs your classes): CKA compares the backbones only.
+
+    Drops the head layer from the CKA tables and re-derives the CKA finding from the rest
+    (a no-op when the analyses already left the head out)."""
+    from analysis import findings as F
+
+    t = res.tables
+    for name in ("cka_diagonal", "cka_chance"):
+        df = t.get(name)
+        if df is not None and "layer" in df:
+            t[name] = df[df["layer"] != head].reset_index(drop=True)
+    for name in ("cka_base_tuned", "cka_base_base", "cka_tuned_tuned"):
+        df = t.get(name)
+        if df is not None and "layer" in df:
+            t[name] = df[df["layer"] != head].drop(columns=[head], errors="ignore").reset_index(drop=True)
+    if t.get("strategies") is not None:
+        t["strategies"] = t["strategies"].drop(columns=[f"cka_{head}"], errors="ignore")
+    chance = t.get("cka_chance")
+    found = res.summary.get("findings", [])
+    if chance is not None and len(chance) and any(f.get("id") == "cka" for f in found):
+        primary = str(chance["model"].iloc[0]) if "model" in chance else res.summary.get("primary")
+        new = [f.to_dict() for f in F.similarity_findings(chance, primary)]
+        res.summary["findings"] = [f for f in found if f.get("id") != "cka"] + new
 
 
 def execute(plan: Plan, log=print) -> Path:
@@ -356,6 +382,9 @@ def execute(plan: Plan, log=print) -> Path:
         with runtime.no_tf32():
             res = analyze_models(models, mans, data, plan.cfg, device=plan.device, log=log, progress=plan.progress)
     t_an = time.perf_counter() - t0
+    head = plan.manifests["base"].get("head")
+    if head and any(plan.manifests[n]["num_classes"] != plan.manifests["base"]["num_classes"] for n in tuned_ok):
+        _backbone_only_cka(res, head)
 
     s = res.summary
     skipped = s.setdefault("skipped", {})

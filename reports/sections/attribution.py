@@ -1,0 +1,94 @@
+"""Attributions: both models' maps on the same inputs, and how much they differ against a ceiling and a floor."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from analysis.results import Results
+
+from .. import figures as fg
+from ..model import Figure, Section, Table
+
+_SHOW = ("integrated_gradients", "grad_cam", "saliency", "occlusion")
+
+
+def _grid(ex: dict, classes: list[str], method: str) -> str:
+    n = len(ex["kinds"])
+    fig, axes = plt.subplots(n, 4, figsize=(6.4, 1.65 * n), squeeze=False)
+    lim = float(max(np.abs(ex["base"]).max(), np.abs(ex["tuned"]).max())) or 1.0
+    diff = ex["tuned"] - ex["base"]
+    dlim = float(np.abs(diff).max()) or 1.0
+
+    def name(c):
+        c = int(c)
+        return classes[c] if 0 <= c < len(classes) else str(c)
+
+    for i in range(n):
+        img = fg.to_display(ex["inputs"][i])
+        axes[i][0].imshow(img, interpolation="nearest")
+        if "masks" in ex and np.asarray(ex["masks"][i]).any():
+            axes[i][0].contour(np.asarray(ex["masks"][i], float), levels=[0.5], colors="yellow", linewidths=0.8)
+        axes[i][0].set_ylabel(f"{ex['kinds'][i].replace('_', ' ')}\n{name(ex['labels'][i])}", fontsize=7)
+        im1 = axes[i][1].imshow(ex["base"][i], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        axes[i][2].imshow(ex["tuned"][i], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        im3 = axes[i][3].imshow(diff[i], cmap="PuOr_r", vmin=-dlim, vmax=dlim, interpolation="nearest")
+        axes[i][1].set_title(f"base: pred {name(ex['base_pred'][i])}", fontsize=7)
+        axes[i][2].set_title(f"tuned: pred {name(ex['tuned_pred'][i])}", fontsize=7)
+        axes[i][3].set_title(f"tuned - base (sim {ex['similarity'][i]:.2f})", fontsize=7)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(im1, ax=[axes[j][2] for j in range(n)], shrink=0.6, label="attribution (shared scale)")
+    fig.colorbar(im3, ax=[axes[j][3] for j in range(n)], shrink=0.6, label="difference")
+    fig.suptitle(method, fontsize=9)
+    return fg.fig_to_uri(fig, "png")
+
+
+def build(res: Results) -> Section | None:
+    summ = res.table("attribution_summary")
+    if summ is None or summ.empty:
+        return None
+    info = res.summary.get("attribution", {})
+    st = info.get("settings", {})
+    sec = Section("attribution", "Attributions: where each model finds its evidence",
+                  "Captum attributions of the target-class logit for both models on the same test images, with "
+                  "the same targets, baselines and noise seeds. Each method's base-vs-tuned agreement is read "
+                  f"between a ceiling ({st.get('ceiling', 'the base model against itself under a tiny perturbation')}) "
+                  f"and a floor ({st.get('floor', 'a randomized copy')}; Adebayo et al. 2018): change index = "
+                  "(ceiling - AB) / (ceiling - floor). A method whose ceiling and floor are close cannot tell the "
+                  "models apart and is flagged.")
+    sec.notes.extend(info.get("notes", []))
+    cols = ["method", "informative", "ab", "ceiling", "floor", "floor_top", "gap", "gap_top", "change_index",
+            "change_index_lo", "change_index_hi", "ab_ssim", "ab_topk", "ab_spearman", "n", "seconds"]
+    sec.blocks.append(Table("tbl-attr-summary", "Agreement per method, with ceiling, floor and change index",
+                            summ[[c for c in cols if c in summ]], csv="attribution_summary",
+                            caption=f"ab/ceiling/floor: mean {summ['similarity'].iloc[0]} over images; floor_top "
+                                    "randomizes only the top stages."))
+    classes = info.get("classes") or res.summary.get("data", {}).get("classes", [])
+    informative = set(summ.loc[summ["informative"].astype(bool), "method"])
+    for m in _SHOW:
+        ex = res.arrays.get(f"attribution_examples_{m}")
+        if ex is None or not len(ex.get("kinds", [])):
+            continue
+        tag = "" if m in informative else " (flagged uninformative)"
+        sec.blocks.append(Figure(f"fig-attr-{m}", f"{m}{tag}: input, base map, tuned map, difference",
+                                 _grid(ex, classes, m),
+                                 "Rows: the image whose map changed most, least, one the fine-tuning fixed and one it "
+                                 "broke (when present). Base and tuned maps share one colour scale."))
+    loc = res.table("attribution_localisation")
+    if loc is not None and len(loc):
+        mass = loc[loc["metric"] == "mass"].copy()
+        long = mass.melt(id_vars=["method"], value_vars=["base", "tuned"], var_name="model", value_name="mass")
+        sec.blocks.append(Figure("fig-attr-localisation", "Share of positive attribution inside the object",
+                                 fg.bar_chart(long, "method", "mass", hue="model", ylabel="relevance mass in mask"),
+                                 "Relevance mass (Arras et al. 2022) before and after fine-tuning."))
+        sec.blocks.append(Table("tbl-attr-localisation", "Localisation before vs after (bootstrap 95% CIs)", loc,
+                                csv="attribution_localisation"))
+    pc = res.table("attribution_per_class")
+    if pc is not None and len(pc):
+        sec.blocks.append(Table("tbl-attr-class", "Per class (bootstrap 95% CIs)", pc, csv="attribution_per_class"))
+    fa = res.table("attribution_faithfulness")
+    if fa is not None and len(fa):
+        sec.blocks.append(Table("tbl-attr-faith", "Faithfulness: deletion and insertion AUC (RISE)", fa,
+                                csv="attribution_faithfulness"))
+    return sec
