@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from finetune import runtime
 
         if args.cmd == "compare":
+            import os
+
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UsageError("tunelens compare runs in one process: launch it without torchrun")
             from .compare import run as run_compare
             return run_compare(args)
         if args.cmd in ("run", "finetune", "analyze", "report"):

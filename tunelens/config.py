@@ -23,11 +23,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "target": {"train_per_class": 40, "val_per_class": 20, "test_per_class": 60},
     },
     "pretrain": {"epochs": 15, "lr": 0.1, "batch_size": 64, "weight_decay": 5e-4, "warmup_epochs": 1,
-                 "schedule": "cosine", "augment": True, "patience": 0},
+                 "schedule": "cosine", "augment": True, "patience": 0, "amp": False, "sync_bn": False},
     "finetune": {
         "strategies": ["linear_probe", "full", "lp_ft"],
         "common": {"epochs": 30, "batch_size": 32, "weight_decay": 5e-4, "schedule": "cosine", "augment": True,
-                   "patience": 10},
+                   "patience": 10, "amp": False, "sync_bn": False},
         "linear_probe": {"lr": 0.1},
         "full": {"lr": 0.005},
         "last_k": {"lr": 0.005, "last_k": 2},

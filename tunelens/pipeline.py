@@ -58,6 +58,8 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
         d["classes"] = tuple(d["classes"])
         tspec = ShapesSpec(**d)
     data = make_shapes(tspec)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with runtime.no_tf32():
         res = analyze_models(models, mans, data, cfg, device=device, log=log, progress=progress)
     res.summary.update(
@@ -70,6 +72,9 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
         base_description=f"{mans['base']['arch']} pretrained on {len(mans['base']['classes'])} source shapes "
                          f"({', '.join(mans['base']['classes'])}), source test accuracy "
                          f"{100 * mans['base']['metrics']['test_acc']:.1f}%.")
+    res.summary["world_size"] = runtime.world_size()
+    if device.type == "cuda":
+        res.summary["analysis_peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     res.summary["timings"]["training"] = sum(m.get("seconds") or 0 for m in mans.values())
     res.summary["timings"]["analyze_total"] = time.perf_counter() - t0
     if runtime.is_main():
