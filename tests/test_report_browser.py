@@ -19,15 +19,14 @@ var _ce = console.error; console.error = function () { window.__errors.push(Arra
 CHECK = """
 <script>
 window.addEventListener('load', function () {
+  // the load event fires only after every <img> has loaded (or failed); a decoded image has a natural size
   var imgs = Array.prototype.slice.call(document.images);
-  Promise.all(imgs.map(function (i) { return i.decode().then(function () { return i.naturalWidth > 0; }, function () { return false; }); }))
-  .then(function (ok) {
-    var r = {images: imgs.length, decoded: ok.filter(Boolean).length, errors: window.__errors,
-             findings: document.querySelectorAll('#findings ol.findings li').length,
-             tables: document.querySelectorAll('table.sortable').length};
-    var pre = document.createElement('pre'); pre.id = 'probe-result'; pre.textContent = 'PROBE' + JSON.stringify(r) + 'EBORP';
-    document.body.appendChild(pre);
-  });
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0 && i.naturalHeight > 0; });
+  var r = {images: imgs.length, decoded: ok.length, errors: window.__errors,
+           findings: document.querySelectorAll('#findings ol.findings li').length,
+           tables: document.querySelectorAll('table.sortable').length};
+  var pre = document.createElement('pre'); pre.id = 'probe-result'; pre.textContent = 'PROBE' + JSON.stringify(r) + 'EBORP';
+  document.body.appendChild(pre);
 });
 </script>
 """
@@ -53,8 +52,11 @@ def test_report_in_headless_chromium(quick_run, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
            "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    m = re.search(r"id=\"probe-result\">PROBE(.*?)EBORP", out.stdout, re.S)
+    for _attempt in range(3):  # a loaded machine can starve headless Chromium of its virtual time budget
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        m = re.search(r"id=\"probe-result\">PROBE(.*?)EBORP", out.stdout, re.S)
+        if m:
+            break
     assert m, f"probe did not run; chromium said: {out.stderr[-2000:]}"
     r = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert r["errors"] == []

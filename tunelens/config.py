@@ -19,10 +19,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "data": {
         "image_size": 32,
         "clutter": 3,
-        "source": {"train_per_class": 300, "val_per_class": 25, "test_per_class": 25},
+        "source": {"train_per_class": 400, "val_per_class": 25, "test_per_class": 25},
         "target": {"train_per_class": 40, "val_per_class": 20, "test_per_class": 60},
     },
-    "pretrain": {"epochs": 15, "lr": 0.1, "batch_size": 64, "weight_decay": 5e-4, "warmup_epochs": 1,
+    "pretrain": {"epochs": 30, "lr": 0.1, "batch_size": 64, "weight_decay": 5e-4, "warmup_epochs": 1,
                  "schedule": "cosine", "augment": True, "patience": 0, "amp": False, "sync_bn": False},
     "finetune": {
         "strategies": ["linear_probe", "full", "lp_ft"],
