@@ -183,6 +183,8 @@ def collect_images(data: Any, n_images: int, seed: int = 0, exclude: Sequence[in
         pool = np.setdiff1d(np.arange(len(data)), np.asarray(exclude, dtype=np.int64))
         idx = np.sort(np.random.default_rng(seed).permutation(pool)[:n_images])
         items = [data[int(i)] for i in idx]
+        if not items:
+            raise ValueError("no images to attribute: the data set is empty (or every image is excluded)")
         if isinstance(items[0], torch.Tensor):
             return torch.stack(items), None, None, idx
         x = torch.stack([it[0] for it in items])
@@ -321,8 +323,20 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
 
     shap_bl = None
     if "gradient_shap" in methods and shap_baselines > 0 and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
-        bx, _, _, _ = collect_images(data, shap_baselines, seed + 1, exclude=idx)
+        # baselines from images outside the study; when the study uses every image, from the images themselves
+        others = len(data) > len(idx)
+        bx, _, _, _ = collect_images(data, shap_baselines, seed + 1, exclude=idx if others else ())
         shap_bl = bx if len(bx) else None
+
+    # under torch.distributed each rank attributes its own contiguous block of the images; rows and maps are
+    # gathered afterwards in single-process order, so the statistics below see every image once
+    from finetune import runtime
+
+    world = runtime.world_size() if n >= runtime.world_size() else 1
+    bounds = np.linspace(0, n, world + 1).astype(int)
+    lo, hi = (int(bounds[runtime.rank()]), int(bounds[runtime.rank() + 1])) if world > 1 else (0, n)
+    xs, tbs, tts = x[lo:hi], tb[lo:hi], tt[lo:hi]
+    ms = masks[lo:hi] if masks is not None else None
 
     rows, maps, faith_rows, summary_rows = [], {}, [], []
     for method in methods:
@@ -331,19 +345,19 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
         opts.update((options or {}).get(method, {}))
         if method == "gradient_shap" and shap_bl is not None and "baselines" not in opts:
             opts["baselines"] = shap_bl
-        a_b, a_t, a_f, a_ft = attribute_group([pb, pt, pf, pf_top], x, [tb, tt, tb, tb], method, seed=seed,
+        a_b, a_t, a_f, a_ft = attribute_group([pb, pt, pf, pf_top], xs, [tbs, tts, tbs, tbs], method, seed=seed,
                                               eval_batch=eval_batch, progress=progress,
                                               desc=f"{method} (base, tuned, floors)", **opts)
         if method in STOCHASTIC_METHODS:
-            a_c = attribute_group([pb], x, [tb], method, seed=seed + 1_000_003, eval_batch=eval_batch,
+            a_c = attribute_group([pb], xs, [tbs], method, seed=seed + 1_000_003, eval_batch=eval_batch,
                                   progress=progress, desc=f"{method} (ceiling)", **opts)[0]
             ref_b, ref_c = a_b, a_c
         else:
-            a_c = attribute_group([pb], _shift(x), [tb], method, seed=seed, eval_batch=eval_batch,
+            a_c = attribute_group([pb], _shift(xs), [tbs], method, seed=seed, eval_batch=eval_batch,
                                   progress=progress, desc=f"{method} (ceiling)", **opts)[0]
             ref_b, ref_c = a_b[..., :-1], a_c[..., 1:]
         timings[method] = time.perf_counter() - t
-        df = compare_maps(a_b, a_t, masks, k=k, names=("base", "tuned"))
+        df = compare_maps(a_b, a_t, ms, k=k, names=("base", "tuned"))
         ceil = compare_maps(ref_b, ref_c, k=k)
         flo = compare_maps(a_b, a_f, k=k)
         flo_top = compare_maps(a_b, a_ft, k=k)
@@ -354,23 +368,29 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
         sb, st = to_maps(a_b, "signed"), to_maps(a_t, "signed")
         if faithfulness:
             t = time.perf_counter()
-            for role, model, mp, tg in (("base", pb, sb, tb), ("tuned", pt, st, tt)):
-                fi = deletion_insertion(model, x, mp, tg, steps=faithfulness_steps, eval_batch=2 * eval_batch)
+            for role, model, mp, tg in (("base", pb, sb, tbs), ("tuned", pt, st, tts)):
+                fi = deletion_insertion(model, xs, mp, tg, steps=faithfulness_steps, eval_batch=2 * eval_batch)
                 df[f"deletion_{role}"] = fi["deletion_auc"]
                 df[f"insertion_{role}"] = fi["insertion_auc"]
             timings[f"{method}_faithfulness"] = time.perf_counter() - t
         df.insert(0, "method", method)
-        df["index"] = idx
-        df["label"] = y.numpy() if y is not None else -1
+        df["index"] = idx[lo:hi]
+        if "sample" in df:
+            df["sample"] += lo  # position in the whole study, not in this rank's block
+        df["label"] = y.numpy()[lo:hi] if y is not None else -1
         df["class"] = [classes[int(c)] if y is not None and int(c) < len(classes) else str(int(c))
                        for c in df["label"]]
-        df["base_pred"], df["tuned_pred"] = base_pred.numpy(), tuned_pred.numpy()
-        df["target_base"], df["target_tuned"] = tb.numpy(), tt.numpy()
+        df["base_pred"], df["tuned_pred"] = base_pred.numpy()[lo:hi], tuned_pred.numpy()[lo:hi]
+        df["target_base"], df["target_tuned"] = tbs.numpy(), tts.numpy()
         rows.append(df)
         maps[method] = {"base": sb.astype(np.float32), "tuned": st.astype(np.float32),
                         "ceiling": to_maps(a_c, "signed").astype(np.float32),
                         "floor": to_maps(a_f, "signed").astype(np.float32),
                         "floor_top": to_maps(a_ft, "signed").astype(np.float32)}
+    if world > 1:
+        parts = runtime.all_gather_objects((rows, maps))
+        rows = [pd.concat([p[0][i] for p in parts], ignore_index=True) for i in range(len(methods))]
+        maps = {m: {key: np.concatenate([p[1][m][key] for p in parts]) for key in maps[m]} for m in methods}
     comparisons = pd.concat(rows, ignore_index=True)
 
     summary = _summary(comparisons, methods, similarity, threshold, n_boot, seed, timings)

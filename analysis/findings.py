@@ -90,13 +90,18 @@ def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding
                                "weights", score=3))
             continue
         low = g.loc[g["relative"].idxmin()]
-        ratio = top["relative"] / low["relative"] if low["relative"] > 0 else float("inf")
-        rel_txt = (f"{ratio:.1f}x the change of {low['stage']} ({pct(low['relative'], 2)}), the stage that moved least"
-                   if np.isfinite(ratio) else f"while {low['stage']} did not move at all")
+        first = g.sort_values("depth").iloc[0]  # the stem for ResNets
+        parts = []
+        if first["stage"] != top["stage"]:
+            parts.append(f"{top['relative'] / first['relative']:.1f}x the {first['stage']}'s {pct(first['relative'], 2)}"
+                         if first["relative"] > 0 else f"while the {first['stage']} did not move")
+        if low["stage"] not in (top["stage"], first["stage"]):
+            parts.append(f"{low['stage']} moved least ({pct(low['relative'], 2)})")
         out.append(Finding(
             f"weights_{model}", f"{model}: {top['stage']} moved most, its weights changed by "
-            f"{pct(top['relative'], 2)} of their norm (relative Frobenius), {rel_txt}.", "weights",
-            score=(8 if model == primary else 4), uncertainty="exact (computed on the weights, no sampling)"))
+            f"{pct(top['relative'], 2)} of their norm (relative Frobenius)" + (", " + "; ".join(parts) if parts else "")
+            + ".", "weights", score=(8 if model == primary else 4),
+            uncertainty="exact (computed on the weights, no sampling)"))
     return out
 
 

@@ -155,7 +155,7 @@ def _attribution(res: Results, models, primary, data, cfg, device, findings, pro
     if study.localisation is not None:
         res.tables["attribution_localisation"] = study.localisation
     elif study.localisation_note:
-        res.summary.setdefault("skipped", {})["localisation"] = study.localisation_note
+        res.summary["skipped"]["localisation"] = study.localisation_note
     if study.faithfulness is not None:
         res.tables["attribution_faithfulness"] = study.faithfulness
     for method, ex in study.examples.items():
@@ -276,26 +276,18 @@ def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], dat
     findings += F.weight_findings(res.tables["weight_stages"], primary=primary)
     timings["weights"] = time.perf_counter() - t
 
-    if acfg.get("cka", True):
+    res.summary["skipped"] = skipped
+    stages = (("cka", lambda: _similarity(res, models, manifests, tuned_names, primary, test_loader, cfg, device,
+                                          findings)),
+              ("attribution", lambda: _attribution(res, models, primary, data, cfg, device, findings, progress)),
+              ("functional", lambda: _functional(res, models, tuned_names, primary, data, acfg, device, findings)))
+    for name, run in stages:
+        if not acfg.get(name, True):
+            skipped[name] = f"disabled in the configuration (analysis.{name} = false)"
+            continue
         t = time.perf_counter()
-        _similarity(res, models, manifests, tuned_names, primary, test_loader, cfg, device, findings)
-        timings["cka"] = time.perf_counter() - t
-    else:
-        skipped["cka"] = "disabled in the configuration (analysis.cka = false)"
-
-    if acfg.get("attribution", True):
-        t = time.perf_counter()
-        _attribution(res, models, primary, data, cfg, device, findings, progress)
-        timings["attribution"] = time.perf_counter() - t
-    else:
-        skipped["attribution"] = "disabled in the configuration (analysis.attribution = false)"
-
-    if acfg.get("functional", True):
-        t = time.perf_counter()
-        _functional(res, models, tuned_names, primary, data, acfg, device, findings)
-        timings["functional"] = time.perf_counter() - t
-    else:
-        skipped["functional"] = "disabled in the configuration (analysis.functional = false)"
+        run()
+        timings[name] = time.perf_counter() - t
 
     res.tables["strategies"] = strategies_table(res, manifests)
 

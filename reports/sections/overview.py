@@ -60,6 +60,13 @@ def build(res: Results) -> Section | None:
                              ylabel="mean ||step|| / ||theta||"),
                 "Mean per-step update ratio ||step||/||theta|| of each stage over the fine-tuning run (log scale); "
                 "frozen stages have no bar."))
+            gn = ts.groupby(["model", "stage"], sort=False)["grad_norm"].mean().reset_index()
+            sec.blocks.append(Figure(
+                "fig-grad-norm", "Gradient norm per stage",
+                fg.bar_chart(gn[gn["grad_norm"] > 0], "stage", "grad_norm", hue="model", logy=True, order=order,
+                             ylabel="mean per-step ||grad||"),
+                "Root-mean-square over the run's steps of each stage's gradient norm (log scale); frozen stages "
+                "have no gradient."))
             sec.blocks.append(Table("tbl-training-stages", "Gradient norm and update ratio per stage and epoch",
                                     ts, csv="training_stages"))
     return sec
