@@ -316,7 +316,7 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
     else:
         tb, tt = base_pred, tuned_pred
     if masks is None:
-        loc_note = "Localisation omitted: the data has no object masks."
+        loc_note = "Localisation omitted: the data has no ground-truth masks, so relevance mass, rank accuracy and the pointing game cannot be computed."
         notes.append(loc_note)
     else:
         loc_note = None
