@@ -219,7 +219,8 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
                       n_images: int = 64, seed: int = 0, device: str | torch.device = "auto",
                       target: str = "label", probe_data: Any = None, classes: Sequence[str] | None = None,
                       options: Mapping[str, Mapping[str, Any]] | None = None, similarity: str = "spearman_abs",
-                      threshold: float = 0.1, top_stages: int = 2, faithfulness: bool = True,
+                      threshold: float = 0.1, top_stages: int = 2,
+                      faithfulness: bool | Sequence[str] = ("integrated_gradients", "grad_cam"),
                       faithfulness_steps: int = 16,
                       k: float = 0.1, n_boot: int = 1000, shap_baselines: int = 16, eval_batch: int | None = None,
                       threads: int | str | None = "auto", progress: bool = False) -> AttributionStudy:
@@ -234,6 +235,8 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
     least ``ceiling - floor`` (and ``ceiling - floor_top``) of an informative method; ``top_stages``:
     how many stages from the top ``floor_top`` randomizes. GradientShap's baseline
     distribution is ``shap_baselines`` other images of ``data`` (the same for every model).
+    ``faithfulness``: deletion/insertion AUC (RISE) for these methods (default integrated gradients and
+    Grad-CAM: each costs 2 x ``faithfulness_steps`` forward passes per image and model), all (True) or none.
     ``threads``: torch CPU threads during the study (restored after); ``"auto"`` uses one thread
     when other processes already keep every core busy (1-minute load average above the number of
     cores), where a descheduled OpenMP worker stalls every small operator (measured 3x slower with
@@ -271,7 +274,7 @@ def _auto_threads(threads: int | str | None) -> int | None:
 def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str], *, n_images: int, seed: int,
            device: str | torch.device, target: str, probe_data: Any, classes: Sequence[str] | None,
            options: Mapping[str, Mapping[str, Any]] | None, similarity: str, threshold: float, top_stages: int,
-           faithfulness: bool, faithfulness_steps: int, k: float, n_boot: int, shap_baselines: int,
+           faithfulness: bool | Sequence[str], faithfulness_steps: int, k: float, n_boot: int, shap_baselines: int,
            eval_batch: int | None, progress: bool, threads: int) -> AttributionStudy:
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
@@ -343,6 +346,9 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
         t = time.perf_counter()
         opts = dict(STUDY_OPTIONS.get(method, {}))
         opts.update((options or {}).get(method, {}))
+        if method == "occlusion" and "window" not in (options or {}).get(method, {}):
+            side = int(x.shape[-1])  # 8 px windows every 6 px at 32 px; the same 5 x 5 grid on larger inputs
+            opts["window"], opts["stride"] = max(2, side // 4), max(1, side * 3 // 16)
         if method == "gradient_shap" and shap_bl is not None and "baselines" not in opts:
             opts["baselines"] = shap_bl
         a_b, a_t, a_f, a_ft = attribute_group([pb, pt, pf, pf_top], xs, [tbs, tts, tbs, tbs], method, seed=seed,
@@ -366,7 +372,7 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
             df[f"floor_{s}"] = flo[s].to_numpy()
             df[f"floor_top_{s}"] = flo_top[s].to_numpy()
         sb, st = to_maps(a_b, "signed"), to_maps(a_t, "signed")
-        if faithfulness:
+        if faithfulness is True or (not isinstance(faithfulness, bool) and method in faithfulness):
             t = time.perf_counter()
             for role, model, mp, tg in (("base", pb, sb, tbs), ("tuned", pt, st, tts)):
                 fi = deletion_insertion(model, xs, mp, tg, steps=faithfulness_steps, eval_batch=2 * eval_batch)
@@ -396,7 +402,8 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
     summary = _summary(comparisons, methods, similarity, threshold, n_boot, seed, timings)
     localisation = _localisation(comparisons, methods, n_boot, seed) if masks is not None else None
     per_class = _per_class(comparisons, summary, methods, similarity, n_boot, seed, masks is not None)
-    faith = _faithfulness(comparisons, methods, n_boot, seed) if faithfulness else None
+    faith_methods = list(methods) if faithfulness is True else [m for m in methods if faithfulness and m in faithfulness]
+    faith = _faithfulness(comparisons, faith_methods, n_boot, seed) if faith_methods else None
     examples = {m: _examples(comparisons[comparisons["method"] == m], maps[m], x, masks, similarity)
                 for m in methods}
     flagged = summary.loc[~summary["informative"], "method"].tolist()

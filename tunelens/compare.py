@@ -255,6 +255,8 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         a["batch_size"] = args.batch_size
     if not any(s.startswith("analysis.attribution_images=") for s in args.set):
         a["attribution_images"] = min(a["attribution_images"], len(test))
+        if max(ds.image_size) >= 128:  # 8 methods x 5 sets of maps per image: keep large inputs affordable
+            a["attribution_images"] = min(a["attribution_images"], 16)
     cfg["data"] = {"folder": str(Path(args.data)), "image_size": list(ds.image_size), "limit": args.limit,
                    "test_fraction": args.test_fraction, "masks": args.masks,
                    "transform": ds.transform_description}
