@@ -451,7 +451,7 @@ def _summary(comp: pd.DataFrame, methods: Sequence[str], similarity: str, thresh
             for role in ("ceiling", "floor", "floor_top"):
                 row[f"{role}_{s}"] = float(np.nanmean(d[f"{role}_{s}"]))
         for c in ("deletion_base", "insertion_base", "deletion_tuned", "insertion_tuned", "mass_base", "mass_tuned"):
-            if c in d:
+            if c in d and d[c].notna().any():
                 row[c] = float(np.nanmean(d[c]))
         row["seconds"] = timings.get(m, float("nan")) + timings.get(f"{m}_faithfulness", 0.0)
         out.append(row)
