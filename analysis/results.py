@@ -12,12 +12,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["Results"]
+__all__ = ["Results", "write_folder_atomically"]
 
 
 def _jsonable(o: Any) -> Any:
@@ -30,6 +31,32 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
+def write_folder_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with ``fill(tmp)`` in a temporary sibling, then swap it in for ``folder``.
+
+    A reader sees the old folder or the complete new one, never a half-written one; when ``fill``
+    fails, the old folder stays as it was and the temporary one is removed.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        fill(tmp)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 @dataclass
 class Results:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -40,10 +67,7 @@ class Results:
         return self.tables.get(name)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        def fill(tmp: Path) -> None:
             for name, df in self.tables.items():
                 if df is None or len(df.columns) == 0:
                     continue  # nothing to write (an empty table reads back as an error)
@@ -51,19 +75,8 @@ class Results:
             for name, arrs in self.arrays.items():
                 np.savez_compressed(tmp / f"{name}.npz", **arrs)
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2, sort_keys=True, default=_jsonable))
-            old = None
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+        return write_folder_atomically(folder, fill)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Results":

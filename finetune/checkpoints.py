@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_bytes", "atomic_write_text", "sha256_file",
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_replace", "atomic_write_bytes", "atomic_write_text", "sha256_file",
            "versions", "CheckpointError"]
 
 
@@ -35,7 +35,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _atomic_replace(path: Path, write) -> None:
+def atomic_replace(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -55,7 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     def w(tmp):
         with open(tmp, "wb") as f:
             f.write(data)
-    _atomic_replace(Path(path), w)
+    atomic_replace(Path(path), w)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -83,7 +84,7 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    _atomic_replace(path, lambda tmp: save_file(tensors, tmp))
+    atomic_replace(path, lambda tmp: save_file(tensors, tmp))
     man = dict(manifest)
     man.update(file=path.name, sha256=sha256_file(path), versions=versions())
     atomic_write_text(path.with_suffix(".json"), json.dumps(man, indent=2, sort_keys=True, default=str))

@@ -307,11 +307,11 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
                     stale += 1
             history.append(rec)
             if resume_path and runtime.is_main():
-                from .checkpoints import _atomic_replace
+                from .checkpoints import atomic_replace
                 st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
                       "epoch": epoch + 1, "best_acc": best["acc"], "best_state": best["state"],
                       "best_epoch": best["epoch"], "gen": gen.get_state(), "rng": torch.get_rng_state()}
-                _atomic_replace(resume_path, lambda tmp: torch.save(st, tmp))
+                atomic_replace(resume_path, lambda tmp: torch.save(st, tmp))
             if cfg.patience and stale >= cfg.patience:
                 break  # early stopping (in lp_ft this ends the current phase)
         epoch0 += phase_epochs

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jinja2
 import numpy as np
 
 
-from analysis.results import Results
+from analysis.results import Results, write_folder_atomically
 
 from .model import Figure, Section, Table
 from .sections import SECTION_BUILDERS
@@ -79,26 +77,13 @@ def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, ti
     """Write ``out_dir/index.html`` and ``out_dir/tables/*.csv``; return the HTML path."""
     res = Results.load(results_dir)
     page = render_html(res, title=title)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def fill(tmp: Path) -> None:
         (tmp / "tables").mkdir()
         for name, df in res.tables.items():
             df.to_csv(tmp / "tables" / f"{name}.csv", index=False)
         (tmp / "index.html").write_text(page, encoding="utf-8")
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    out_dir = write_folder_atomically(out_dir, fill)
     return out_dir / "index.html"
 
 
