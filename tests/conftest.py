@@ -15,3 +15,13 @@ def quick_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick_run")
     assert main(["run", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of small-tensor tests: a second thread gains nothing there, and on a
+    shared machine a descheduled OpenMP thread makes every operator wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

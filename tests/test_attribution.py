@@ -15,14 +15,7 @@ from analysis.prepare import (LogitMismatchError, SplitReLUBasicBlock, SplitReLU
                               randomize_cascading, reused_modules)
 from finetune.models import build_model
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread, and on a shared machine a descheduled OpenMP
-    thread makes every operator wait: one thread keeps these tests fast and steady."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 FAST = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"nt_samples": 2}, "gradient_shap": {"n_samples": 2},

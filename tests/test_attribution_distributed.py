@@ -1,15 +1,10 @@
 """The attribution study sharded over 2 gloo processes equals the single-process study."""
 from __future__ import annotations
 
-import pickle
-from datetime import timedelta
-
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import run_two_ranks, single_thread
 
 pytestmark = pytest.mark.slow
 
@@ -28,29 +23,13 @@ def _study():
     return {"comparisons": st.comparisons, "summary": st.summary, "maps": st.maps}
 
 
-def _worker(rank: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=120))
-    try:
-        res = _study()
-        if rank == 0:
-            with open(out, "wb") as f:
-                pickle.dump(res, f)
-    finally:
-        dist.destroy_process_group()
+def _study_on_rank(rank: int) -> dict:
+    return _study()
 
 
 def test_sharded_attribution_equals_single_process(tmp_path):
-    out = tmp_path / "rank0.pkl"
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'init'}", str(out)), nprocs=2, join=True)
-    with open(out, "rb") as f:
-        dd = pickle.load(f)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = _study()
-    finally:
-        torch.set_num_threads(n)
+    dd = run_two_ranks(_study_on_rank, tmp_path)
+    single = single_thread(_study)
     cols = [c for c in single["comparisons"].columns if c != "seconds"]
     pd.testing.assert_frame_equal(dd["comparisons"][cols], single["comparisons"][cols], rtol=1e-5, atol=1e-6)
     num = [c for c in single["summary"].columns if c not in ("seconds",) and single["summary"][c].dtype.kind == "f"]

@@ -13,14 +13,7 @@ from analysis.compare import (SIMILARITIES, compare_maps, pointing_game, relevan
 from analysis.faithfulness import deletion_insertion, gaussian_blur
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread, and on a shared machine a descheduled OpenMP
-    thread makes every operator wait: one thread keeps these tests fast and steady."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture

@@ -196,7 +196,7 @@ def test_user_factory(tmp_path, monkeypatch, capsys):
     import importlib
 
     nets = importlib.import_module("byo_cli_nets")
-    data = make_images(tmp_path / "data", classes=("a", "b"), per_class=6)
+    make_images(tmp_path / "data", classes=("a", "b"), per_class=6)
     torch.manual_seed(0)
     base = nets.small_net(num_classes=10)
     torch.save({"state_dict": base.state_dict()}, tmp_path / "base.pt")
@@ -237,7 +237,6 @@ def test_nan_weights_are_a_finding(pair, tmp_path, capsys):
 def _bad(tmp: Path, pair) -> dict:
     """name -> (compare() keyword arguments, extra argv, words the one-line message must hold)."""
     root = pair["root"]
-    data = pair["data"]
     trunc = tmp / "trunc.pt"
     raw = pair["tuned"]["plain"].read_bytes()
     trunc.write_bytes(raw[: len(raw) // 3])

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +18,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import WORLD, run_two_ranks, single_thread
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from analysis.sharding import ShardedBatchSampler, gather_rows, per_sample_batch_size, shard_loader
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = 2
 
 
 # ---------------------------------------------------------------- sharded batches (no process group needed)
@@ -97,34 +94,19 @@ def _analyses(loader_for) -> dict:
     return out
 
 
-def _worker(rank: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        ds = _dataset()
-        res = _analyses(lambda bs: shard_loader(ds, bs))
-        # 70 images in 16s: 5 batches, the short one last -> ranks get 3 and 2 batches
-        res["n_local_batches"] = len(shard_loader(ds, 16))
-        if rank == 0:
-            with open(out, "wb") as f:
-                pickle.dump(res, f)
-    finally:
-        dist.destroy_process_group()
+def _sharded_analyses(rank: int) -> dict:
+    ds = _dataset()
+    res = _analyses(lambda bs: shard_loader(ds, bs))
+    # 70 images in 16s: 5 batches, the short one last -> ranks get 3 and 2 batches
+    res["n_local_batches"] = len(shard_loader(ds, 16))
+    return res
 
 
 @pytest.mark.slow
 def test_two_process_analyses_equal_single_process(tmp_path):
-    out = tmp_path / "rank0.pkl"
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'init'}", str(out)), nprocs=WORLD, join=True)
-    with open(out, "rb") as f:
-        dd = pickle.load(f)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ds = _dataset()
-        single = _analyses(lambda bs: DataLoader(ds, batch_size=bs, shuffle=False))
-    finally:
-        torch.set_num_threads(n)
+    dd = run_two_ranks(_sharded_analyses, tmp_path, timeout_s=60)
+    ds = _dataset()
+    single = single_thread(_analyses, lambda bs: DataLoader(ds, batch_size=bs, shuffle=False))
     assert dd["n_local_batches"] == 3
     for key in ("eval", "eval_a"):  # sums of correct counts and losses over ranks, not averages of averages
         assert dd[key]["n"] == single[key]["n"] == 70

@@ -1,19 +1,16 @@
 """A 2-process gloo run, sharded by batch, equals the single-process CKA (and statistics) to 1e-9."""
 from __future__ import annotations
 
-import pickle
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import WORLD, run_two_ranks, single_thread
 
 from analysis.similarity import StreamingCKA, cka_matrix
 from finetune.models import build_model
 
-WORLD = 2
 
 
 def _image_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,31 +48,15 @@ def _run(batches_img, batches_feat) -> dict:
             "attrs": dict(res.ab.attrs)}
 
 
-def _worker(rank: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
-    try:
-        # shard by batch, not by sample: minibatch CKA depends on which samples share a batch
-        result = _run(_image_batches()[rank::WORLD], _feature_batches()[rank::WORLD])
-        if rank == 0:
-            with open(out, "wb") as f:
-                pickle.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+def _run_on_rank(rank: int) -> dict:
+    # shard by batch, not by sample: minibatch CKA depends on which samples share a batch
+    return _run(_image_batches()[rank::WORLD], _feature_batches()[rank::WORLD])
 
 
 @pytest.mark.slow
 def test_two_process_gloo_equals_single_process(tmp_path):
-    out = tmp_path / "rank0.pkl"
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'init'}", str(out)), nprocs=WORLD, join=True)
-    with open(out, "rb") as f:
-        dd = pickle.load(f)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = _run(_image_batches(), _feature_batches())
-    finally:
-        torch.set_num_threads(n)
+    dd = run_two_ranks(_run_on_rank, tmp_path)
+    single = single_thread(_run, _image_batches(), _feature_batches())
     for key in ("ab", "aa", "bb", "res_ab", "res_aa", "res_bb"):
         assert dd[key].index.equals(single[key].index) and dd[key].columns.equals(single[key].columns)
         np.testing.assert_allclose(dd[key].to_numpy(), single[key].to_numpy(), rtol=0, atol=1e-9)
