@@ -341,7 +341,7 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
     xs, tbs, tts = x[lo:hi], tb[lo:hi], tt[lo:hi]
     ms = masks[lo:hi] if masks is not None else None
 
-    rows, maps, faith_rows, summary_rows = [], {}, [], []
+    rows, maps = [], {}
     for method in methods:
         t = time.perf_counter()
         opts = dict(STUDY_OPTIONS.get(method, {}))

@@ -289,7 +289,7 @@ class StreamingCKA:
         if reasons:
             warnings.warn("StreamingCKA: " + "; ".join(reasons.values()), RuntimeWarning, stacklevel=3)
         C = (ip / torch.sqrt(d[:, None] * d[None, :])).numpy()
-        A, B = len(la), len(lb)
+        A = len(la)
         attrs = dict(info, estimator=self.estimator, nan_reasons=reasons)
         out = []
         for block, rows, cols, rn, cn in ((C[:A, A:], la, lb, "layer_a", "layer_b"),

@@ -9,7 +9,6 @@ weights) is not recomputed.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from analysis.results import Results
 from finetune import runtime
 from finetune.checkpoints import versions
 from finetune.data import make_shapes
