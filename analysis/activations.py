@@ -16,6 +16,7 @@ float64 Gram matrix that CKA needs and feeds both accumulators.
 All of them see a layer's output inside the forward hook, before any later in-place operation (torchvision's
 ``ReLU(inplace=True)``) can change it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -28,10 +29,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis.layers import ActivationCapture, unpack_batch
-from finetune.runtime import no_tf32
+from tunelens.core.evaluation import unpack_batch
+from tunelens.core.hooks import ActivationCapture
+from tunelens.core.runtime import no_tf32
 
-__all__ = ["ActivationStats", "ExampleMaps", "plot_feature_maps", "gram_pass"]
+__all__ = ["ActivationStats", "ExampleMaps", "gram_pass", "plot_feature_maps"]
 
 
 class ActivationStats:
@@ -50,8 +52,9 @@ class ActivationStats:
     def reset(self) -> None:
         self._acc.clear()
 
-    def update(self, name: str, out: torch.Tensor, x64: torch.Tensor | None = None,
-               sumsq: torch.Tensor | None = None) -> None:
+    def update(
+        self, name: str, out: torch.Tensor, x64: torch.Tensor | None = None, sumsq: torch.Tensor | None = None
+    ) -> None:
         """Add one batch. ``x64`` (the float64 copy) and ``sumsq`` (``trace`` of the Gram) are reused if given."""
         c = out.numel()
         if c == 0:
@@ -60,7 +63,7 @@ class ActivationStats:
         s = x64.sum()
         ss = (x64 * x64).sum() if sumsq is None else sumsq
         # torch.count_nonzero is ~20x slower on CPU than summing the tensor cast to bool
-        zeros = c - out.detach().bool().sum(dtype=torch.int32 if c < 2 ** 31 else torch.int64)
+        zeros = c - out.detach().bool().sum(dtype=torch.int32 if c < 2**31 else torch.int64)
         mean_b = s / c
         m2_b = ss - s * mean_b
         if name not in self._acc:
@@ -98,8 +101,16 @@ class ActivationStats:
         """One row per layer: ``model, layer, mean, std, frac_zero, n_values`` (collective when distributed)."""
         rows = []
         for k, (n, m, m2, z) in self.merged_state().items():
-            rows.append({"model": model, "layer": k, "mean": m, "std": float(np.sqrt(max(m2, 0.0) / n)),
-                         "frac_zero": z / n, "n_values": n})
+            rows.append(
+                {
+                    "model": model,
+                    "layer": k,
+                    "mean": m,
+                    "std": float(np.sqrt(max(m2, 0.0) / n)),
+                    "frac_zero": z / n,
+                    "n_values": n,
+                }
+            )
         return pd.DataFrame(rows, columns=["model", "layer", "mean", "std", "frac_zero", "n_values"])
 
 
@@ -127,16 +138,18 @@ class ExampleMaps:
         """Mean activation of each channel per image, ``(n_examples, C)``."""
         return self.maps[layer].mean(axis=(2, 3))
 
-    def strongest(self, layer: str, k: int = 4, reference: "ExampleMaps | None" = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def strongest(self, layer: str, k: int = 4, reference: ExampleMaps | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(channels (n, k), maps (n, k, H, W))``: each image's ``k`` channels of largest mean activation.
 
         With ``reference`` (the other model) holding the same layer with the same channel count, its
         channel choice is used, so the same channels of both models appear side by side.
         """
         src = self
-        if reference is not None and layer in reference.maps and \
-                reference.maps[layer].shape[1] == self.maps[layer].shape[1]:
+        if (
+            reference is not None
+            and layer in reference.maps
+            and reference.maps[layer].shape[1] == self.maps[layer].shape[1]
+        ):
             src = reference
         k = min(k, self.maps[layer].shape[1])
         ch = np.argsort(-src.strengths(layer), axis=1, kind="stable")[:, :k]
@@ -144,8 +157,15 @@ class ExampleMaps:
         return ch, m
 
 
-def plot_feature_maps(maps_a: ExampleMaps, maps_b: ExampleMaps, layer: str, layer_b: str | None = None,
-                      k: int = 4, labels: tuple[str, str] = ("A", "B"), path: str | None = None):
+def plot_feature_maps(
+    maps_a: ExampleMaps,
+    maps_b: ExampleMaps,
+    layer: str,
+    layer_b: str | None = None,
+    k: int = 4,
+    labels: tuple[str, str] = ("A", "B"),
+    path: str | None = None,
+):
     """Figure: per example image (rows), the input, then model A's ``k`` strongest channels of ``layer``,
     then the same channels (or B's own strongest when widths differ) of model B at ``layer_b``."""
     import matplotlib
@@ -198,14 +218,20 @@ def _blas_threads(n: int):
     """Cap numpy's BLAS pool at torch's thread count while the pass runs (no oversubscription)."""
     try:
         from threadpoolctl import threadpool_limits
+
         return threadpool_limits(limits=n, user_api="blas")
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         return nullcontext()
 
 
-def gram_pass(models: Sequence[nn.Module], layer_lists: Sequence[list[str]], loader: Iterable,
-              device: torch.device, sink: Callable[[list[dict[str, torch.Tensor]]], None], n_examples: int = 0
-              ) -> tuple[list[ActivationStats], list[ExampleMaps]]:
+def gram_pass(
+    models: Sequence[nn.Module],
+    layer_lists: Sequence[list[str]],
+    loader: Iterable,
+    device: torch.device,
+    sink: Callable[[list[dict[str, torch.Tensor]]], None],
+    n_examples: int = 0,
+) -> tuple[list[ActivationStats], list[ExampleMaps]]:
     """Run every batch of ``loader`` once through each *distinct* model (eval mode, no grad, TF32 off, hooks
     always removed, training flags restored; models are moved to ``device``).
 
@@ -217,7 +243,7 @@ def gram_pass(models: Sequence[nn.Module], layer_lists: Sequence[list[str]], loa
     """
     slot_of: list[int] = []
     slots: list[tuple[nn.Module, list[str]]] = []
-    for m, names in zip(models, layer_lists):
+    for m, names in zip(models, layer_lists, strict=False):
         ids = [id(s[0]) for s in slots]
         if id(m) in ids:
             s = ids.index(id(m))
@@ -243,6 +269,7 @@ def gram_pass(models: Sequence[nn.Module], layer_lists: Sequence[list[str]], loa
             grams[s][name] = K
             stats[s].update(name, out, x, torch.diagonal(K).sum())
             maps[s].update(name, out)
+
         return fn
 
     was = [m.training for m, _ in slots]
@@ -260,6 +287,6 @@ def gram_pass(models: Sequence[nn.Module], layer_lists: Sequence[list[str]], loa
                     m(x)
                 sink([{k: grams[slot_of[i]][k] for k in names} for i, names in enumerate(layer_lists)])
     finally:
-        for (m, _), w in zip(slots, was):
+        for (m, _), w in zip(slots, was, strict=False):
             m.train(w)
     return [stats[s] for s in slot_of], [maps[s] for s in slot_of]

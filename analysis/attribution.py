@@ -32,14 +32,15 @@ torch's and NumPy's global generators, which are seeded per chunk (from ``seed``
 chunk's position) inside a forked RNG state, so the caller's random state is untouched
 and every model of a group sees the same draws.
 """
+
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,14 +49,44 @@ from tqdm.auto import tqdm
 
 from .prepare import _model_device, assert_eval, is_residual, output_dim, prepare_for_attribution
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "STOCHASTIC_METHODS", "DEFAULT_OPTIONS", "attribute", "attribute_pair",
-           "attribute_group", "PairMaps", "CoarseLayerWarning", "default_gradcam_layer", "predictions",
-           "resolve_targets", "auto_eval_batch"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "DEFAULT_OPTIONS",
+    "METHODS",
+    "STOCHASTIC_METHODS",
+    "CoarseLayerWarning",
+    "PairMaps",
+    "attribute",
+    "attribute_group",
+    "attribute_pair",
+    "auto_eval_batch",
+    "default_gradcam_layer",
+    "predictions",
+    "resolve_targets",
+]
 
-METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradient_shap", "occlusion",
-           "grad_cam", "guided_backprop", "deeplift", "lrp")
-DEFAULT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradient_shap",
-                   "occlusion", "grad_cam", "guided_backprop")
+METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradient_shap",
+    "occlusion",
+    "grad_cam",
+    "guided_backprop",
+    "deeplift",
+    "lrp",
+)
+DEFAULT_METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradient_shap",
+    "occlusion",
+    "grad_cam",
+    "guided_backprop",
+)
 STOCHASTIC_METHODS = frozenset({"smoothgrad", "gradient_shap"})
 
 #: Defaults per method (any Captum ``attribute`` keyword may be passed on top of these).
@@ -99,6 +130,7 @@ class PairMaps:
 # helpers
 # ----------------------------------------------------------------------------------------------
 
+
 @contextmanager
 def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """torch (CPU and ``device``) and NumPy global generators seeded inside; the caller's states restored after."""
@@ -106,7 +138,7 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     np_state = np.random.get_state()
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(seed)
-        np.random.seed(seed % (2 ** 32))
+        np.random.seed(seed % (2**32))
         try:
             yield
         finally:
@@ -121,8 +153,9 @@ def _is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return True
     msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg
-                                            or "not enough memory" in msg)
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+    )
 
 
 def _available_ram() -> int:
@@ -154,8 +187,9 @@ def _activation_bytes(model: nn.Module, x1: torch.Tensor) -> int:
     return max(total, x1.numel() * x1.element_size())
 
 
-def auto_eval_batch(model: nn.Module, inputs: torch.Tensor, device: torch.device | None = None,
-                    memory_budget: int | None = None) -> int:
+def auto_eval_batch(
+    model: nn.Module, inputs: torch.Tensor, device: torch.device | None = None, memory_budget: int | None = None
+) -> int:
     """Most images per forward/backward pass that fit: activation bytes per image x 3 against a memory budget.
 
     Budget: 60% of free GPU memory on CUDA, 25% of available RAM on CPU, unless given. Capped
@@ -179,9 +213,13 @@ def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
     if "layer4" in names:
         return "layer4"
     last: list[str] = []
-    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: last.append(n) if isinstance(o, torch.Tensor)
-                                       and o.ndim == 4 else None)
-               for n, m in model.named_modules() if n]
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _i, o, n=n: last.append(n) if isinstance(o, torch.Tensor) and o.ndim == 4 else None
+        )
+        for n, m in model.named_modules()
+        if n
+    ]
     try:
         with torch.no_grad():
             model(inputs[:1].to(_model_device(model)))
@@ -197,16 +235,18 @@ def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
 def predictions(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Arg-max class of the model's logits for each input (eval mode assumed), on the CPU."""
     dev = _model_device(model)
-    return torch.cat([model(inputs[i:i + batch_size].to(dev)).argmax(1).cpu()
-                      for i in range(0, len(inputs), batch_size)])
+    return torch.cat(
+        [model(inputs[i : i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(inputs), batch_size)]
+    )
 
 
 def resolve_targets(model: nn.Module, inputs: torch.Tensor, target: Any) -> torch.Tensor:
     """Target class per input as a CPU long tensor: an int, a sequence/tensor of labels, or ``"pred"``."""
     n = len(inputs)
     if target is None:
-        raise ValueError("a target is needed: pass the true labels (target=labels) or target='pred' for the "
-                         "model's own prediction")
+        raise ValueError(
+            "a target is needed: pass the true labels (target=labels) or target='pred' for the model's own prediction"
+        )
     if isinstance(target, str):
         if target in ("pred", "prediction", "own"):
             return predictions(model, inputs)
@@ -249,8 +289,17 @@ def _occlusion_args(opts: dict[str, Any], channels: int) -> tuple[tuple[int, ...
 # one chunk of one model
 # ----------------------------------------------------------------------------------------------
 
-def _attribute_chunk(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: str,
-                     opts: dict[str, Any], eval_batch: int, seed: int, state: dict[str, Any]) -> torch.Tensor:
+
+def _attribute_chunk(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    method: str,
+    opts: dict[str, Any],
+    eval_batch: int,
+    seed: int,
+    state: dict[str, Any],
+) -> torch.Tensor:
     import captum.attr as ca
 
     opts = dict(opts)
@@ -271,8 +320,12 @@ def _attribute_chunk(model: nn.Module, x: torch.Tensor, target: torch.Tensor, me
             return ca.DeepLift(model).attribute(x, target=target, **opts)
         if method == "smoothgrad":
             inner_name = opts.pop("inner", "saliency")
-            inner = {"saliency": ca.Saliency, "input_x_gradient": ca.InputXGradient,
-                     "integrated_gradients": ca.IntegratedGradients, "guided_backprop": ca.GuidedBackprop}
+            inner = {
+                "saliency": ca.Saliency,
+                "input_x_gradient": ca.InputXGradient,
+                "integrated_gradients": ca.IntegratedGradients,
+                "guided_backprop": ca.GuidedBackprop,
+            }
             if inner_name not in inner:
                 raise ValueError(f"smoothgrad's inner method must be one of {sorted(inner)}, got {inner_name!r}")
             opts.pop("noise_level", None)
@@ -291,30 +344,38 @@ def _attribute_chunk(model: nn.Module, x: torch.Tensor, target: torch.Tensor, me
             win, stride = _occlusion_args(opts, x.shape[1])
             opts.setdefault("perturbations_per_eval", max(1, eval_batch // n))
             with torch.no_grad():
-                return ca.Occlusion(model).attribute(x, sliding_window_shapes=win, strides=stride, target=target,
-                                                     **opts)
+                return ca.Occlusion(model).attribute(
+                    x, sliding_window_shapes=win, strides=stride, target=target, **opts
+                )
         if method == "grad_cam":
             layer_name = opts.pop("layer", "auto")
             mode = opts.pop("interpolate_mode", "bilinear")
             layer = model.get_submodule(state["layer"] if layer_name == "auto" else layer_name)
             cam = ca.LayerGradCam(model, layer).attribute(x, target=target, **opts)
             if cam.ndim != 4:
-                raise ValueError(f"grad_cam needs a layer with a spatial output; {layer_name!r} gave shape "
-                                 f"{tuple(cam.shape)}")
+                raise ValueError(
+                    f"grad_cam needs a layer with a spatial output; {layer_name!r} gave shape {tuple(cam.shape)}"
+                )
             h, w = cam.shape[-2:]
             if (h < 4 or w < 4) and not state.get("warned"):
                 state["warned"] = True
-                warnings.warn(f"Grad-CAM layer {state['layer'] if layer_name == 'auto' else layer_name!r} is "
-                              f"{h}x{w}, coarser than 4x4: its upsampled map can hardly localise anything; choose "
-                              "an earlier layer (e.g. layer3) or larger inputs", CoarseLayerWarning, stacklevel=4)
+                warnings.warn(
+                    f"Grad-CAM layer {state['layer'] if layer_name == 'auto' else layer_name!r} is "
+                    f"{h}x{w}, coarser than 4x4: its upsampled map can hardly localise anything; choose "
+                    "an earlier layer (e.g. layer3) or larger inputs",
+                    CoarseLayerWarning,
+                    stacklevel=4,
+                )
             up = ca.LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode=mode)
             return (up / x.shape[1]).expand(-1, x.shape[1], -1, -1)
         if method == "guided_backprop":
             return ca.GuidedBackprop(model).attribute(x, target=target, **opts)
         if method == "lrp":
             if is_residual(model):
-                raise ValueError("Captum's LRP is not offered for residual networks: its relevance does not "
-                                 "conserve across the residual add, so the maps would not mean what LRP promises")
+                raise ValueError(
+                    "Captum's LRP is not offered for residual networks: its relevance does not "
+                    "conserve across the residual add, so the maps would not mean what LRP promises"
+                )
             return ca.LRP(model).attribute(x, target=target, **opts)
     raise ValueError(f"unknown attribution method {method!r}")
 
@@ -323,9 +384,19 @@ def _attribute_chunk(model: nn.Module, x: torch.Tensor, target: torch.Tensor, me
 # public API
 # ----------------------------------------------------------------------------------------------
 
-def attribute_group(models: Sequence[nn.Module], inputs: torch.Tensor, targets: Sequence[torch.Tensor],
-                    method: str, *, seed: int = 0, eval_batch: int | None = None, progress: bool = False,
-                    desc: str | None = None, **options: Any) -> list[torch.Tensor]:
+
+def attribute_group(
+    models: Sequence[nn.Module],
+    inputs: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    method: str,
+    *,
+    seed: int = 0,
+    eval_batch: int | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+    **options: Any,
+) -> list[torch.Tensor]:
     """Maps of several prepared models on the same inputs, chunk by chunk with the same seeds.
 
     The models must be prepared (:func:`analysis.prepare.prepare_for_attribution`) and on
@@ -352,11 +423,13 @@ def attribute_group(models: Sequence[nn.Module], inputs: torch.Tensor, targets: 
     with tqdm(total=n, desc=desc or method, disable=not progress, leave=False) as bar:
         while start < n:
             size = _outer_chunk(method, opts, b, n - start)
-            xs = inputs[start:start + size].to(dev)
+            xs = inputs[start : start + size].to(dev)
             cs = _chunk_seed(seed, start)
             try:
-                res = [_attribute_chunk(m, xs, t[start:start + size].to(dev), method, opts, b, cs, state)
-                       for m, t in zip(models, targets)]
+                res = [
+                    _attribute_chunk(m, xs, t[start : start + size].to(dev), method, opts, b, cs, state)
+                    for m, t in zip(models, targets, strict=False)
+                ]
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                 if not _is_oom(e) or b == 1:
                     raise
@@ -365,16 +438,25 @@ def attribute_group(models: Sequence[nn.Module], inputs: torch.Tensor, targets: 
                 b = max(1, b // 2)
                 warnings.warn(f"{method}: out of memory; retrying with {b} images per pass", stacklevel=2)
                 continue
-            for o, r in zip(outs, res):
-                o[start:start + size] = r.detach().float().to(inputs.device)
+            for o, r in zip(outs, res, strict=False):
+                o[start : start + size] = r.detach().float().to(inputs.device)
             start += size
             bar.update(size)
     return outs
 
 
-def attribute(model: nn.Module, inputs: torch.Tensor, target: Any = None, method: str = "integrated_gradients",
-              *, seed: int = 0, eval_batch: int | None = None, progress: bool = False,
-              device: torch.device | str | None = None, **options: Any) -> torch.Tensor:
+def attribute(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Any = None,
+    method: str = "integrated_gradients",
+    *,
+    seed: int = 0,
+    eval_batch: int | None = None,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+    **options: Any,
+) -> torch.Tensor:
     """Attribution map of ``model``'s logit ``target`` for ``inputs``, shaped like ``inputs``.
 
     ``method`` is one of :data:`METHODS`; ``options`` go to the Captum method (on top of
@@ -394,14 +476,24 @@ def attribute(model: nn.Module, inputs: torch.Tensor, target: Any = None, method
     dev = torch.device(device) if device is not None else _model_device(model)
     prepared = prepare_for_attribution(model, inputs, device=dev)
     t = resolve_targets(prepared, inputs, target)
-    return attribute_group([prepared], inputs, [t], method, seed=seed, eval_batch=eval_batch, progress=progress,
-                           **options)[0]
+    return attribute_group(
+        [prepared], inputs, [t], method, seed=seed, eval_batch=eval_batch, progress=progress, **options
+    )[0]
 
 
-def attribute_pair(base: nn.Module, tuned: nn.Module, inputs: torch.Tensor, targets: Any,
-                   methods: Sequence[str] = ("integrated_gradients",), *, seed: int = 0,
-                   options: Mapping[str, Mapping[str, Any]] | None = None, eval_batch: int | None = None,
-                   progress: bool = False, device: torch.device | str | None = None) -> PairMaps:
+def attribute_pair(
+    base: nn.Module,
+    tuned: nn.Module,
+    inputs: torch.Tensor,
+    targets: Any,
+    methods: Sequence[str] = ("integrated_gradients",),
+    *,
+    seed: int = 0,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    eval_batch: int | None = None,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> PairMaps:
     """Both models' maps on the same inputs, targets, baselines and random draws.
 
     ``targets``: true labels (used for both models), ``"pred"`` (each model its own
@@ -414,10 +506,12 @@ def attribute_pair(base: nn.Module, tuned: nn.Module, inputs: torch.Tensor, targ
     pb = prepare_for_attribution(base, inputs, device=dev)
     pt = prepare_for_attribution(tuned, inputs, device=dev)
     if output_dim(pb, inputs) != output_dim(pt, inputs):
-        raise ValueError(f"the models answer different questions ({output_dim(pb, inputs)} vs "
-                         f"{output_dim(pt, inputs)} classes): give the base model a probe head for the tuned "
-                         "model's classes first (analysis.prepare.fit_probe_head), or use attribution_study "
-                         "with probe_data")
+        raise ValueError(
+            f"the models answer different questions ({output_dim(pb, inputs)} vs "
+            f"{output_dim(pt, inputs)} classes): give the base model a probe head for the tuned "
+            "model's classes first (analysis.prepare.fit_probe_head), or use attribution_study "
+            "with probe_data"
+        )
     if isinstance(targets, tuple) and len(targets) == 2 and not isinstance(targets[0], (int, np.integer)):
         tb, tt = resolve_targets(pb, inputs, targets[0]), resolve_targets(pt, inputs, targets[1])
     else:
@@ -428,8 +522,9 @@ def attribute_pair(base: nn.Module, tuned: nn.Module, inputs: torch.Tensor, targ
     used: dict[str, dict[str, Any]] = {}
     for method in methods:
         opts = dict((options or {}).get(method, {}))
-        a, b = attribute_group([pb, pt], inputs, [tb, tt], method, seed=seed, eval_batch=eval_batch,
-                               progress=progress, **opts)
+        a, b = attribute_group(
+            [pb, pt], inputs, [tb, tt], method, seed=seed, eval_batch=eval_batch, progress=progress, **opts
+        )
         maps[method] = (a, b)
         used[method] = _merge_options(method, opts)
     return PairMaps(maps=maps, target_base=tb, target_tuned=tt, seed=seed, options=used)

@@ -30,6 +30,7 @@ source-task classes), the base model is attributed through a linear-probe head f
 on ``probe_data`` (:func:`analysis.prepare.fit_probe_head`), so both models answer the
 same question; :attr:`AttributionStudy.notes` says so.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,17 +43,30 @@ import pandas as pd
 import torch
 from torch import nn
 
-from finetune.runtime import resolve_device
+from tunelens.core.evaluation import unpack_batch
+from tunelens.core.runtime import resolve_device
 
-from .attribution import (DEFAULT_METHODS, STOCHASTIC_METHODS, _merge_options, attribute_group, auto_eval_batch,
-                          predictions)
+from .attribution import (
+    DEFAULT_METHODS,
+    STOCHASTIC_METHODS,
+    _merge_options,
+    attribute_group,
+    auto_eval_batch,
+    predictions,
+)
 from .compare import LOCALISATION, SIMILARITIES, compare_maps, to_maps
 from .faithfulness import deletion_insertion
-from .layers import unpack_batch
 from .prepare import cascade_stages, fit_probe_head, output_dim, prepare_for_attribution, randomize_cascading
 
-__all__ = ["attribution_study", "AttributionStudy", "ExampleMaps", "STUDY_OPTIONS", "collect_images",
-           "bootstrap_ci", "change_index"]
+__all__ = [
+    "STUDY_OPTIONS",
+    "AttributionStudy",
+    "ExampleMaps",
+    "attribution_study",
+    "bootstrap_ci",
+    "change_index",
+    "collect_images",
+]
 
 #: Method options of the study (on top of :data:`analysis.attribution.DEFAULT_OPTIONS`), sized so the
 #: default run (tiny_resnet, 32x32, 64 images, 8 methods, 4 maps each) stays within its time budget on 2 CPU cores.
@@ -133,8 +147,10 @@ class AttributionStudy:
 # statistics
 # ----------------------------------------------------------------------------------------------
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-                 ) -> tuple[float, float, float]:
+
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
     """Mean and percentile bootstrap CI of the mean (NaNs ignored): ``(mean, lo, hi)``."""
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
@@ -154,8 +170,9 @@ def change_index(ab: float, ceiling: float, floor: float) -> float:
     return float((ceiling - ab) / gap) if abs(gap) > 1e-12 else float("nan")
 
 
-def _change_index_ci(ab: np.ndarray, ceil: np.ndarray, floor: np.ndarray, n_boot: int, seed: int,
-                     alpha: float = 0.05) -> tuple[float, float]:
+def _change_index_ci(
+    ab: np.ndarray, ceil: np.ndarray, floor: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05
+) -> tuple[float, float]:
     ok = ~(np.isnan(ab) | np.isnan(ceil) | np.isnan(floor))
     ab, ceil, floor = ab[ok], ceil[ok], floor[ok]
     if len(ab) < 2 or n_boot <= 0:
@@ -175,8 +192,10 @@ def _change_index_ci(ab: np.ndarray, ceil: np.ndarray, floor: np.ndarray, n_boot
 # data
 # ----------------------------------------------------------------------------------------------
 
-def collect_images(data: Any, n_images: int, seed: int = 0, exclude: Sequence[int] = ()
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, np.ndarray]:
+
+def collect_images(
+    data: Any, n_images: int, seed: int = 0, exclude: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, np.ndarray]:
     """``(inputs, labels, masks, indices)`` of ``n_images`` drawn without replacement (seeded) from a dataset,
     or the first ``n_images`` of a loader / iterable of batches (indices = positions)."""
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (list, tuple)):
@@ -215,15 +234,32 @@ def _shift(x: torch.Tensor) -> torch.Tensor:
 # the study
 # ----------------------------------------------------------------------------------------------
 
-def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str] = DEFAULT_METHODS, *,
-                      n_images: int = 64, seed: int = 0, device: str | torch.device = "auto",
-                      target: str = "label", probe_data: Any = None, classes: Sequence[str] | None = None,
-                      options: Mapping[str, Mapping[str, Any]] | None = None, similarity: str = "spearman_abs",
-                      threshold: float = 0.1, top_stages: int = 2,
-                      faithfulness: bool | Sequence[str] = ("integrated_gradients", "grad_cam"),
-                      faithfulness_steps: int = 16,
-                      k: float = 0.1, n_boot: int = 1000, shap_baselines: int = 16, eval_batch: int | None = None,
-                      threads: int | str | None = "auto", progress: bool = False) -> AttributionStudy:
+
+def attribution_study(
+    base: nn.Module,
+    tuned: nn.Module,
+    data: Any,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    n_images: int = 64,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    target: str = "label",
+    probe_data: Any = None,
+    classes: Sequence[str] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    similarity: str = "spearman_abs",
+    threshold: float = 0.1,
+    top_stages: int = 2,
+    faithfulness: bool | Sequence[str] = ("integrated_gradients", "grad_cam"),
+    faithfulness_steps: int = 16,
+    k: float = 0.1,
+    n_boot: int = 1000,
+    shap_baselines: int = 16,
+    eval_batch: int | None = None,
+    threads: int | str | None = "auto",
+    progress: bool = False,
+) -> AttributionStudy:
     """Base-vs-tuned attribution maps of ``methods`` on ``n_images`` images of ``data``, calibrated.
 
     ``data``: a dataset or loader of ``(image, label[, mask])``. ``target``: ``"label"``
@@ -248,11 +284,30 @@ def attribution_study(base: nn.Module, tuned: nn.Module, data: Any, methods: Seq
     if use is not None:
         torch.set_num_threads(use)
     try:
-        return _study(base, tuned, data, methods, n_images=n_images, seed=seed, device=device, target=target,
-                      probe_data=probe_data, classes=classes, options=options, similarity=similarity,
-                      threshold=threshold, top_stages=top_stages, faithfulness=faithfulness,
-                      faithfulness_steps=faithfulness_steps, k=k, n_boot=n_boot, shap_baselines=shap_baselines,
-                      eval_batch=eval_batch, progress=progress, threads=torch.get_num_threads())
+        return _study(
+            base,
+            tuned,
+            data,
+            methods,
+            n_images=n_images,
+            seed=seed,
+            device=device,
+            target=target,
+            probe_data=probe_data,
+            classes=classes,
+            options=options,
+            similarity=similarity,
+            threshold=threshold,
+            top_stages=top_stages,
+            faithfulness=faithfulness,
+            faithfulness_steps=faithfulness_steps,
+            k=k,
+            n_boot=n_boot,
+            shap_baselines=shap_baselines,
+            eval_batch=eval_batch,
+            progress=progress,
+            threads=torch.get_num_threads(),
+        )
     finally:
         torch.set_num_threads(n_threads)
 
@@ -271,11 +326,31 @@ def _auto_threads(threads: int | str | None) -> int | None:
     return int(threads)
 
 
-def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str], *, n_images: int, seed: int,
-           device: str | torch.device, target: str, probe_data: Any, classes: Sequence[str] | None,
-           options: Mapping[str, Mapping[str, Any]] | None, similarity: str, threshold: float, top_stages: int,
-           faithfulness: bool | Sequence[str], faithfulness_steps: int, k: float, n_boot: int, shap_baselines: int,
-           eval_batch: int | None, progress: bool, threads: int) -> AttributionStudy:
+def _study(
+    base: nn.Module,
+    tuned: nn.Module,
+    data: Any,
+    methods: Sequence[str],
+    *,
+    n_images: int,
+    seed: int,
+    device: str | torch.device,
+    target: str,
+    probe_data: Any,
+    classes: Sequence[str] | None,
+    options: Mapping[str, Mapping[str, Any]] | None,
+    similarity: str,
+    threshold: float,
+    top_stages: int,
+    faithfulness: bool | Sequence[str],
+    faithfulness_steps: int,
+    k: float,
+    n_boot: int,
+    shap_baselines: int,
+    eval_batch: int | None,
+    progress: bool,
+    threads: int,
+) -> AttributionStudy:
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if target not in ("label", "pred"):
@@ -297,14 +372,19 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
     probe_info = None
     if output_dim(base, x) != n_out:
         if probe_data is None:
-            raise ValueError(f"the base model has {output_dim(base, x)} outputs and the tuned model {n_out}: pass "
-                             "probe_data (labelled training images of the target task) to fit a linear-probe head")
-        base_probe, probe_info = fit_probe_head(prepare_for_attribution(base, x, device=dev), probe_data,
-                                                num_classes=n_out, device=dev)
-        notes.append(f"The base model's head answers another task, so it was attributed through a linear-probe "
-                     f"head (logistic regression on its pooled penultimate features, {probe_info['n_train']} "
-                     f"training images, training accuracy {100 * probe_info['train_acc']:.1f}%): both models "
-                     "answer the same question.")
+            raise ValueError(
+                f"the base model has {output_dim(base, x)} outputs and the tuned model {n_out}: pass "
+                "probe_data (labelled training images of the target task) to fit a linear-probe head"
+            )
+        base_probe, probe_info = fit_probe_head(
+            prepare_for_attribution(base, x, device=dev), probe_data, num_classes=n_out, device=dev
+        )
+        notes.append(
+            f"The base model's head answers another task, so it was attributed through a linear-probe "
+            f"head (logistic regression on its pooled penultimate features, {probe_info['n_train']} "
+            f"training images, training accuracy {100 * probe_info['train_acc']:.1f}%): both models "
+            "answer the same question."
+        )
         pb = base_probe
     else:
         pb = prepare_for_attribution(base, x, device=dev)
@@ -333,7 +413,7 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
 
     # under torch.distributed each rank attributes its own contiguous block of the images; rows and maps are
     # gathered afterwards in single-process order, so the statistics below see every image once
-    from finetune import runtime
+    from tunelens.core import runtime
 
     world = runtime.world_size() if n >= runtime.world_size() else 1
     bounds = np.linspace(0, n, world + 1).astype(int)
@@ -351,16 +431,42 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
             opts["window"], opts["stride"] = max(2, side // 4), max(1, side * 3 // 16)
         if method == "gradient_shap" and shap_bl is not None and "baselines" not in opts:
             opts["baselines"] = shap_bl
-        a_b, a_t, a_f, a_ft = attribute_group([pb, pt, pf, pf_top], xs, [tbs, tts, tbs, tbs], method, seed=seed,
-                                              eval_batch=eval_batch, progress=progress,
-                                              desc=f"{method} (base, tuned, floors)", **opts)
+        a_b, a_t, a_f, a_ft = attribute_group(
+            [pb, pt, pf, pf_top],
+            xs,
+            [tbs, tts, tbs, tbs],
+            method,
+            seed=seed,
+            eval_batch=eval_batch,
+            progress=progress,
+            desc=f"{method} (base, tuned, floors)",
+            **opts,
+        )
         if method in STOCHASTIC_METHODS:
-            a_c = attribute_group([pb], xs, [tbs], method, seed=seed + 1_000_003, eval_batch=eval_batch,
-                                  progress=progress, desc=f"{method} (ceiling)", **opts)[0]
+            a_c = attribute_group(
+                [pb],
+                xs,
+                [tbs],
+                method,
+                seed=seed + 1_000_003,
+                eval_batch=eval_batch,
+                progress=progress,
+                desc=f"{method} (ceiling)",
+                **opts,
+            )[0]
             ref_b, ref_c = a_b, a_c
         else:
-            a_c = attribute_group([pb], _shift(xs), [tbs], method, seed=seed, eval_batch=eval_batch,
-                                  progress=progress, desc=f"{method} (ceiling)", **opts)[0]
+            a_c = attribute_group(
+                [pb],
+                _shift(xs),
+                [tbs],
+                method,
+                seed=seed,
+                eval_batch=eval_batch,
+                progress=progress,
+                desc=f"{method} (ceiling)",
+                **opts,
+            )[0]
             ref_b, ref_c = a_b[..., :-1], a_c[..., 1:]
         timings[method] = time.perf_counter() - t
         df = compare_maps(a_b, a_t, ms, k=k, names=("base", "tuned"))
@@ -384,15 +490,17 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
         if "sample" in df:
             df["sample"] += lo  # position in the whole study, not in this rank's block
         df["label"] = y.numpy()[lo:hi] if y is not None else -1
-        df["class"] = [classes[int(c)] if y is not None and int(c) < len(classes) else str(int(c))
-                       for c in df["label"]]
+        df["class"] = [classes[int(c)] if y is not None and int(c) < len(classes) else str(int(c)) for c in df["label"]]
         df["base_pred"], df["tuned_pred"] = base_pred.numpy()[lo:hi], tuned_pred.numpy()[lo:hi]
         df["target_base"], df["target_tuned"] = tbs.numpy(), tts.numpy()
         rows.append(df)
-        maps[method] = {"base": sb.astype(np.float32), "tuned": st.astype(np.float32),
-                        "ceiling": to_maps(a_c, "signed").astype(np.float32),
-                        "floor": to_maps(a_f, "signed").astype(np.float32),
-                        "floor_top": to_maps(a_ft, "signed").astype(np.float32)}
+        maps[method] = {
+            "base": sb.astype(np.float32),
+            "tuned": st.astype(np.float32),
+            "ceiling": to_maps(a_c, "signed").astype(np.float32),
+            "floor": to_maps(a_f, "signed").astype(np.float32),
+            "floor_top": to_maps(a_ft, "signed").astype(np.float32),
+        }
     if world > 1:
         parts = runtime.all_gather_objects((rows, maps))
         rows = [pd.concat([p[0][i] for p in parts], ignore_index=True) for i in range(len(methods))]
@@ -402,50 +510,103 @@ def _study(base: nn.Module, tuned: nn.Module, data: Any, methods: Sequence[str],
     summary = _summary(comparisons, methods, similarity, threshold, n_boot, seed, timings)
     localisation = _localisation(comparisons, methods, n_boot, seed) if masks is not None else None
     per_class = _per_class(comparisons, summary, methods, similarity, n_boot, seed, masks is not None)
-    faith_methods = list(methods) if faithfulness is True else [m for m in methods if faithfulness and m in faithfulness]
+    faith_methods = (
+        list(methods) if faithfulness is True else [m for m in methods if faithfulness and m in faithfulness]
+    )
     faith = _faithfulness(comparisons, faith_methods, n_boot, seed) if faith_methods else None
-    examples = {m: _examples(comparisons[comparisons["method"] == m], maps[m], x, masks, similarity)
-                for m in methods}
+    examples = {m: _examples(comparisons[comparisons["method"] == m], maps[m], x, masks, similarity) for m in methods}
     flagged = summary.loc[~summary["informative"], "method"].tolist()
     if flagged:
-        notes.append(f"Uninformative for this question (ceiling - floor of {similarity} below {threshold}, with "
-                     f"all stages or only the top {top_stages} randomized): {', '.join(flagged)}; their numbers "
-                     "are not used for findings.")
+        notes.append(
+            f"Uninformative for this question (ceiling - floor of {similarity} below {threshold}, with "
+            f"all stages or only the top {top_stages} randomized): {', '.join(flagged)}; their numbers "
+            "are not used for findings."
+        )
     timings["total"] = time.perf_counter() - t_start
-    settings = {"methods": list(methods), "n_images": n, "seed": seed, "target": target, "similarity": similarity,
-                "threshold": threshold, "k": k, "n_boot": n_boot, "faithfulness_steps": faithfulness_steps,
-                "eval_batch": eval_batch, "device": str(dev), "threads": threads,
-                "options": {m: {kk: vv for kk, vv in _merge_options(m, {**STUDY_OPTIONS.get(m, {}),
-                                                                        **(options or {}).get(m, {})}).items()
-                                if not isinstance(vv, torch.Tensor)} for m in methods},
-                "ceiling": "new noise seed (smoothgrad, gradient_shap); one-pixel horizontal shift (others)",
-                "floor": "all stages re-initialised, cascading from the head (seeded)",
-                "floor_top": f"the top {top_stages} stages re-initialised: "
-                             f"{', '.join(cascade_stages(pb)[:top_stages])}", "top_stages": top_stages,
-                "channel_reduction": "signed = channel sum; absolute = channel sum of |.|"}
+    settings = {
+        "methods": list(methods),
+        "n_images": n,
+        "seed": seed,
+        "target": target,
+        "similarity": similarity,
+        "threshold": threshold,
+        "k": k,
+        "n_boot": n_boot,
+        "faithfulness_steps": faithfulness_steps,
+        "eval_batch": eval_batch,
+        "device": str(dev),
+        "threads": threads,
+        "options": {
+            m: {
+                kk: vv
+                for kk, vv in _merge_options(m, {**STUDY_OPTIONS.get(m, {}), **(options or {}).get(m, {})}).items()
+                if not isinstance(vv, torch.Tensor)
+            }
+            for m in methods
+        },
+        "ceiling": "new noise seed (smoothgrad, gradient_shap); one-pixel horizontal shift (others)",
+        "floor": "all stages re-initialised, cascading from the head (seeded)",
+        "floor_top": f"the top {top_stages} stages re-initialised: {', '.join(cascade_stages(pb)[:top_stages])}",
+        "top_stages": top_stages,
+        "channel_reduction": "signed = channel sum; absolute = channel sum of |.|",
+    }
     return AttributionStudy(
-        comparisons=comparisons, summary=summary, localisation=localisation, per_class=per_class,
-        faithfulness=faith, examples=examples, maps=maps, inputs=x.numpy(), labels=(y.numpy() if y is not None
-                                                                                     else np.full(n, -1)),
-        masks=masks.numpy() if masks is not None else None, classes=classes, base_pred=base_pred.numpy(),
-        tuned_pred=tuned_pred.numpy(), notes=notes, localisation_note=loc_note, probe=probe_info,
-        settings=settings, timings=timings)
+        comparisons=comparisons,
+        summary=summary,
+        localisation=localisation,
+        per_class=per_class,
+        faithfulness=faith,
+        examples=examples,
+        maps=maps,
+        inputs=x.numpy(),
+        labels=(y.numpy() if y is not None else np.full(n, -1)),
+        masks=masks.numpy() if masks is not None else None,
+        classes=classes,
+        base_pred=base_pred.numpy(),
+        tuned_pred=tuned_pred.numpy(),
+        notes=notes,
+        localisation_note=loc_note,
+        probe=probe_info,
+        settings=settings,
+        timings=timings,
+    )
 
 
-def _summary(comp: pd.DataFrame, methods: Sequence[str], similarity: str, threshold: float, n_boot: int,
-             seed: int, timings: Mapping[str, float]) -> pd.DataFrame:
+def _summary(
+    comp: pd.DataFrame,
+    methods: Sequence[str],
+    similarity: str,
+    threshold: float,
+    n_boot: int,
+    seed: int,
+    timings: Mapping[str, float],
+) -> pd.DataFrame:
     out = []
     for m in methods:
         d = comp[comp["method"] == m]
-        ab, ce, fl, ft = (d[c].to_numpy(dtype=np.float64) for c in (
-            similarity, f"ceiling_{similarity}", f"floor_{similarity}", f"floor_top_{similarity}"))
+        ab, ce, fl, ft = (
+            d[c].to_numpy(dtype=np.float64)
+            for c in (similarity, f"ceiling_{similarity}", f"floor_{similarity}", f"floor_top_{similarity}")
+        )
         mab, mce, mfl, mft = np.nanmean(ab), np.nanmean(ce), np.nanmean(fl), np.nanmean(ft)
         lo, hi = _change_index_ci(ab, ce, fl, n_boot, seed)
-        row = {"method": m, "n": len(d), "similarity": similarity, "ab": mab, "ceiling": mce, "floor": mfl,
-               "floor_top": mft, "gap": mce - mfl, "gap_top": mce - mft,
-               "change_index": change_index(mab, mce, mfl), "change_index_lo": lo, "change_index_hi": hi,
-               "change_index_top": change_index(mab, mce, mft), "threshold": threshold,
-               "informative": bool(mce - mfl >= threshold and mce - mft >= threshold)}
+        row = {
+            "method": m,
+            "n": len(d),
+            "similarity": similarity,
+            "ab": mab,
+            "ceiling": mce,
+            "floor": mfl,
+            "floor_top": mft,
+            "gap": mce - mfl,
+            "gap_top": mce - mft,
+            "change_index": change_index(mab, mce, mfl),
+            "change_index_lo": lo,
+            "change_index_hi": hi,
+            "change_index_top": change_index(mab, mce, mft),
+            "threshold": threshold,
+            "informative": bool(mce - mfl >= threshold and mce - mft >= threshold),
+        }
         for s in SIMILARITIES:
             row[f"ab_{s}"] = float(np.nanmean(d[s]))
             for role in ("ceiling", "floor", "floor_top"):
@@ -463,8 +624,18 @@ def _paired(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict[str, f
     m_b, lo_b, hi_b = bootstrap_ci(b, n_boot, seed)
     ok = ~(np.isnan(a) | np.isnan(b))
     m_d, lo_d, hi_d = bootstrap_ci(b[ok] - a[ok], n_boot, seed)
-    return {"base": m_a, "base_lo": lo_a, "base_hi": hi_a, "tuned": m_b, "tuned_lo": lo_b, "tuned_hi": hi_b,
-            "delta": m_d, "delta_lo": lo_d, "delta_hi": hi_d, "n": int(ok.sum())}
+    return {
+        "base": m_a,
+        "base_lo": lo_a,
+        "base_hi": hi_a,
+        "tuned": m_b,
+        "tuned_lo": lo_b,
+        "tuned_hi": hi_b,
+        "delta": m_d,
+        "delta_lo": lo_d,
+        "delta_hi": hi_d,
+        "n": int(ok.sum()),
+    }
 
 
 def _localisation(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
@@ -472,9 +643,13 @@ def _localisation(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed:
     for m in methods:
         d = comp[comp["method"] == m]
         for metric in LOCALISATION:
-            out.append({"method": m, "metric": metric,
-                        **_paired(d[f"{metric}_base"].to_numpy(float), d[f"{metric}_tuned"].to_numpy(float),
-                                  n_boot, seed)})
+            out.append(
+                {
+                    "method": m,
+                    "metric": metric,
+                    **_paired(d[f"{metric}_base"].to_numpy(float), d[f"{metric}_tuned"].to_numpy(float), n_boot, seed),
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -483,24 +658,43 @@ def _faithfulness(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed:
     for m in methods:
         d = comp[comp["method"] == m]
         for game in ("deletion", "insertion"):
-            out.append({"method": m, "game": game, "better": "lower" if game == "deletion" else "higher",
-                        **_paired(d[f"{game}_base"].to_numpy(float), d[f"{game}_tuned"].to_numpy(float),
-                                  n_boot, seed)})
+            out.append(
+                {
+                    "method": m,
+                    "game": game,
+                    "better": "lower" if game == "deletion" else "higher",
+                    **_paired(d[f"{game}_base"].to_numpy(float), d[f"{game}_tuned"].to_numpy(float), n_boot, seed),
+                }
+            )
     return pd.DataFrame(out)
 
 
-def _per_class(comp: pd.DataFrame, summary: pd.DataFrame, methods: Sequence[str], similarity: str, n_boot: int,
-               seed: int, with_masks: bool) -> pd.DataFrame:
+def _per_class(
+    comp: pd.DataFrame,
+    summary: pd.DataFrame,
+    methods: Sequence[str],
+    similarity: str,
+    n_boot: int,
+    seed: int,
+    with_masks: bool,
+) -> pd.DataFrame:
     out = []
     for m in methods:
         s = summary[summary["method"] == m].iloc[0]
         d = comp[comp["method"] == m]
         for cls, g in d.groupby("class", sort=True):
             mean, lo, hi = bootstrap_ci(g[similarity].to_numpy(float), n_boot, seed)
-            row = {"method": m, "class": cls, "n": len(g), "ab": mean, "ab_lo": lo, "ab_hi": hi,
-                   "change_index": change_index(mean, s["ceiling"], s["floor"]),
-                   "base_acc": float((g["base_pred"] == g["label"]).mean()),
-                   "tuned_acc": float((g["tuned_pred"] == g["label"]).mean())}
+            row = {
+                "method": m,
+                "class": cls,
+                "n": len(g),
+                "ab": mean,
+                "ab_lo": lo,
+                "ab_hi": hi,
+                "change_index": change_index(mean, s["ceiling"], s["floor"]),
+                "base_acc": float((g["base_pred"] == g["label"]).mean()),
+                "tuned_acc": float((g["tuned_pred"] == g["label"]).mean()),
+            }
             if with_masks:
                 p = _paired(g["mass_base"].to_numpy(float), g["mass_tuned"].to_numpy(float), n_boot, seed)
                 row.update({f"mass_{kk}": vv for kk, vv in p.items() if kk != "n"})
@@ -508,8 +702,9 @@ def _per_class(comp: pd.DataFrame, summary: pd.DataFrame, methods: Sequence[str]
     return pd.DataFrame(out)
 
 
-def _examples(d: pd.DataFrame, maps: Mapping[str, np.ndarray], x: torch.Tensor, masks: torch.Tensor | None,
-              similarity: str) -> ExampleMaps:
+def _examples(
+    d: pd.DataFrame, maps: Mapping[str, np.ndarray], x: torch.Tensor, masks: torch.Tensor | None, similarity: str
+) -> ExampleMaps:
     sim = d[similarity].to_numpy(float)
     order = np.argsort(np.where(np.isnan(sim), np.inf, sim), kind="stable")  # most changed first
     correct_b = (d["base_pred"] == d["label"]).to_numpy()
@@ -524,8 +719,15 @@ def _examples(d: pd.DataFrame, maps: Mapping[str, np.ndarray], x: torch.Tensor, 
             if cand:
                 chosen.append((kind, int(cand[0])))
     pos = np.array([i for _, i in chosen], dtype=np.int64)
-    return ExampleMaps(kinds=[k for k, _ in chosen], indices=d["index"].to_numpy()[pos], inputs=x.numpy()[pos],
-                       masks=masks.numpy()[pos] if masks is not None else None, base=maps["base"][pos],
-                       tuned=maps["tuned"][pos], labels=d["label"].to_numpy()[pos],
-                       base_pred=d["base_pred"].to_numpy()[pos], tuned_pred=d["tuned_pred"].to_numpy()[pos],
-                       similarity=sim[pos])
+    return ExampleMaps(
+        kinds=[k for k, _ in chosen],
+        indices=d["index"].to_numpy()[pos],
+        inputs=x.numpy()[pos],
+        masks=masks.numpy()[pos] if masks is not None else None,
+        base=maps["base"][pos],
+        tuned=maps["tuned"][pos],
+        labels=d["label"].to_numpy()[pos],
+        base_pred=d["base_pred"].to_numpy()[pos],
+        tuned_pred=d["tuned_pred"].to_numpy()[pos],
+        similarity=sim[pos],
+    )

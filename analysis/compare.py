@@ -28,18 +28,32 @@ Localisation against a boolean mask (per sample and map; higher = more on the ob
 ``pointing``   pointing game (Zhang et al. 2018): 1 when the maximum-relevance pixel is in the
                mask (optionally dilated by ``tolerance`` pixels)
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-__all__ = ["to_maps", "signed_map", "abs_map", "spearman_rows", "topk_intersection", "cosine_rows", "ssim",
-           "shared_scale", "relevance_mass", "relevance_rank_accuracy", "pointing_game", "compare_maps",
-           "SIMILARITIES", "LOCALISATION"]
+__all__ = [
+    "LOCALISATION",
+    "SIMILARITIES",
+    "abs_map",
+    "compare_maps",
+    "cosine_rows",
+    "pointing_game",
+    "relevance_mass",
+    "relevance_rank_accuracy",
+    "shared_scale",
+    "signed_map",
+    "spearman_rows",
+    "ssim",
+    "to_maps",
+    "topk_intersection",
+]
 
 SIMILARITIES = ("spearman", "spearman_abs", "topk", "ssim", "cosine")
 LOCALISATION = ("mass", "rank_acc", "pointing")
@@ -133,8 +147,9 @@ def shared_scale(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return a / s, b / s
 
 
-def ssim(a: ArrayLike, b: ArrayLike, *, win_size: int = 7, data_range: float = 1.0, K1: float = 0.01,
-         K2: float = 0.03) -> np.ndarray:
+def ssim(
+    a: ArrayLike, b: ArrayLike, *, win_size: int = 7, data_range: float = 1.0, K1: float = 0.01, K2: float = 0.03
+) -> np.ndarray:
     """Mean SSIM per sample of ``(N, H, W)`` maps, as ``skimage.metrics.structural_similarity`` computes it
     with ``win_size``, ``data_range``, a uniform window and ``use_sample_covariance=True``.
 
@@ -154,11 +169,11 @@ def ssim(a: ArrayLike, b: ArrayLike, *, win_size: int = 7, data_range: float = 1
 
     ux, uy = mean(x), mean(y)
     uxx, uyy, uxy = mean(x * x), mean(y * y), mean(x * y)
-    npix = win_size ** 2
+    npix = win_size**2
     cov_norm = npix / (npix - 1)
     vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     return s.mean(dim=(1, 2, 3)).numpy()
 
 
@@ -215,8 +230,16 @@ def pointing_game(maps: ArrayLike, masks: ArrayLike, tolerance: int = 0) -> np.n
     return out
 
 
-def compare_maps(a: ArrayLike, b: ArrayLike, masks: ArrayLike | None = None, *, k: float = 0.1,
-                 names: Sequence[str] = ("a", "b"), win_size: int = 7, tolerance: int = 0) -> pd.DataFrame:
+def compare_maps(
+    a: ArrayLike,
+    b: ArrayLike,
+    masks: ArrayLike | None = None,
+    *,
+    k: float = 0.1,
+    names: Sequence[str] = ("a", "b"),
+    win_size: int = 7,
+    tolerance: int = 0,
+) -> pd.DataFrame:
     """Per-sample comparison of two sets of maps of the same inputs.
 
     ``a``, ``b``: ``(N, H, W)`` or ``(N, C, H, W)`` tensors or arrays. Returns one row per
@@ -229,17 +252,22 @@ def compare_maps(a: ArrayLike, b: ArrayLike, masks: ArrayLike | None = None, *, 
     if sa.shape != sb.shape:
         raise ValueError(f"maps differ in shape: {sa.shape} vs {sb.shape}")
     xa, xb = shared_scale(aa, ab)
-    df = pd.DataFrame({
-        "sample": np.arange(len(sa)),
-        "spearman": spearman_rows(sa, sb),
-        "spearman_abs": spearman_rows(aa, ab),
-        "topk": topk_intersection(aa, ab, k),
-        "ssim": (ssim(xa, xb, win_size=win_size, data_range=1.0) if min(sa.shape[-2:]) >= win_size
-                 else np.full(len(sa), np.nan)),
-        "cosine": cosine_rows(sa, sb),
-    })
+    df = pd.DataFrame(
+        {
+            "sample": np.arange(len(sa)),
+            "spearman": spearman_rows(sa, sb),
+            "spearman_abs": spearman_rows(aa, ab),
+            "topk": topk_intersection(aa, ab, k),
+            "ssim": (
+                ssim(xa, xb, win_size=win_size, data_range=1.0)
+                if min(sa.shape[-2:]) >= win_size
+                else np.full(len(sa), np.nan)
+            ),
+            "cosine": cosine_rows(sa, sb),
+        }
+    )
     if masks is not None:
-        for name, s in zip(names, (sa, sb)):
+        for name, s in zip(names, (sa, sb), strict=False):
             df[f"mass_{name}"] = relevance_mass(s, masks)
             df[f"rank_acc_{name}"] = relevance_rank_accuracy(s, masks)
             df[f"pointing_{name}"] = pointing_game(s, masks, tolerance)

@@ -19,6 +19,7 @@ or absolute; nonzero pixels are the object) or ``x0,y0,x1,y1`` (a bounding box i
 original image's pixel coordinates, corners inclusive-exclusive). Masks are resized and
 cropped exactly like their image. Every selected image needs a row.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["image_folder", "ImageFolderData", "DataFolderError", "split_train_test", "IMAGE_EXTENSIONS",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "DataFolderError",
+    "ImageFolderData",
+    "image_folder",
+    "split_train_test",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,7 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Decoded images are kept in memory up to this many bytes (float32 tensors); beyond it they are
 #: decoded again on every access.
-CACHE_BYTES = 2 * 1024 ** 3
+CACHE_BYTES = 2 * 1024**3
 
 
 class DataFolderError(ValueError):
@@ -117,9 +125,18 @@ class ImageFolderData(Dataset):
     (``[(path, reason)]`` for undecodable files), ``has_masks``, ``transform_description``.
     """
 
-    def __init__(self, root: Path, classes: list[str], samples: list[tuple[Path, int]], image_fn: Callable,
-                 mask_fn: Callable | None, masks: dict[Path, Any] | None, description: str,
-                 skipped: list[tuple[Path, str]], cache: bool | str = "auto") -> None:
+    def __init__(
+        self,
+        root: Path,
+        classes: list[str],
+        samples: list[tuple[Path, int]],
+        image_fn: Callable,
+        mask_fn: Callable | None,
+        masks: dict[Path, Any] | None,
+        description: str,
+        skipped: list[tuple[Path, str]],
+        cache: bool | str = "auto",
+    ) -> None:
         self.root, self.classes, self.samples = root, list(classes), list(samples)
         self.targets = [y for _, y in self.samples]
         self._image_fn, self._mask_fn, self._masks = image_fn, mask_fn, masks
@@ -134,7 +151,9 @@ class ImageFolderData(Dataset):
         except DataFolderError:
             raise
         except Exception as e:
-            raise DataFolderError(f"the image transform fails on {self.samples[0][0]}: {type(e).__name__}: {e}") from None
+            raise DataFolderError(
+                f"the image transform fails on {self.samples[0][0]}: {type(e).__name__}: {e}"
+            ) from None
         self.image_size = tuple(first[0].shape[-2:])
         if cache == "auto":
             self._use_cache = first[0].numel() * 4 * len(self.samples) <= CACHE_BYTES
@@ -172,7 +191,7 @@ class ImageFolderData(Dataset):
 
     def describe(self) -> str:
         conv = {m: n for m, n in self.modes.items() if m != "RGB"}
-        s = (f"{len(self)} images of {len(self.classes)} classes from {self.root}; {self.transform_description}")
+        s = f"{len(self)} images of {len(self.classes)} classes from {self.root}; {self.transform_description}"
         if conv:
             s += "; converted to RGB: " + ", ".join(f"{n} {m}" for m, n in sorted(conv.items()))
         if self.skipped:
@@ -223,8 +242,10 @@ def _read_masks(csv_path: Path, root: Path, wanted: list[Path]) -> dict[Path, An
     cols = set(rows[0])
     box_cols = ("x0", "y0", "x1", "y1")
     if "path" not in cols or not ("mask" in cols or all(c in cols for c in box_cols)):
-        raise DataFolderError(f"masks CSV {csv_path} needs the columns path and mask, or path,x0,y0,x1,y1; it has "
-                              f"{', '.join(sorted(c for c in cols if c)) or 'none'}")
+        raise DataFolderError(
+            f"masks CSV {csv_path} needs the columns path and mask, or path,x0,y0,x1,y1; it has "
+            f"{', '.join(sorted(c for c in cols if c)) or 'none'}"
+        )
     wanted_set = {p.resolve() for p in wanted}
     out: dict[Path, Any] = {}
     for i, row in enumerate(rows, start=2):
@@ -245,18 +266,23 @@ def _read_masks(csv_path: Path, root: Path, wanted: list[Path]) -> dict[Path, An
                 with Image.open(mp) as im:
                     arr = np.asarray(im.convert("L")) > 0
             except Exception as e:
-                raise DataFolderError(f"masks CSV {csv_path} line {i}: mask {mval!r} cannot be read "
-                                      f"({type(e).__name__}: {e})") from None
+                raise DataFolderError(
+                    f"masks CSV {csv_path} line {i}: mask {mval!r} cannot be read ({type(e).__name__}: {e})"
+                ) from None
             out[img_path] = (arr, mval)
         else:
             try:
                 x0, y0, x1, y1 = (float(row[c]) for c in box_cols)
             except (TypeError, ValueError, KeyError):
-                raise DataFolderError(f"masks CSV {csv_path} line {i}: the box x0,y0,x1,y1 of {rel!r} must be four "
-                                      "numbers (pixels of the original image)") from None
+                raise DataFolderError(
+                    f"masks CSV {csv_path} line {i}: the box x0,y0,x1,y1 of {rel!r} must be four "
+                    "numbers (pixels of the original image)"
+                ) from None
             if not (x1 > x0 and y1 > y0):
-                raise DataFolderError(f"masks CSV {csv_path} line {i}: box of {rel!r} is empty (need x1 > x0 and "
-                                      f"y1 > y0, got {x0:g},{y0:g},{x1:g},{y1:g})")
+                raise DataFolderError(
+                    f"masks CSV {csv_path} line {i}: box of {rel!r} is empty (need x1 > x0 and "
+                    f"y1 > y0, got {x0:g},{y0:g},{x1:g},{y1:g})"
+                )
             out[img_path] = ((x0, y0, x1, y1), None)
     return out
 
@@ -268,21 +294,31 @@ def _mask_maker(entry: tuple, path: Path, csv_path: Path):
 
         def box(w: int, h: int) -> torch.Tensor:
             m = torch.zeros(h, w, dtype=torch.bool)
-            m[max(0, int(round(y0))):min(h, int(round(y1))), max(0, int(round(x0))):min(w, int(round(x1)))] = True
+            m[max(0, int(round(y0))) : min(h, int(round(y1))), max(0, int(round(x0))) : min(w, int(round(x1)))] = True
             return m
+
         return box
 
     def mask(w: int, h: int) -> torch.Tensor:
         if val.shape != (h, w):
-            raise DataFolderError(f"mask {name!r} (from {csv_path}) is {val.shape[1]}x{val.shape[0]} but its image "
-                                  f"{path} is {w}x{h}")
+            raise DataFolderError(
+                f"mask {name!r} (from {csv_path}) is {val.shape[1]}x{val.shape[0]} but its image {path} is {w}x{h}"
+            )
         return torch.from_numpy(val.copy())
+
     return mask
 
 
-def image_folder(path: str | os.PathLike, image_size: int = 224, normalize: str = "imagenet",
-                 limit: int | None = None, masks_csv: str | os.PathLike | None = None,
-                 transform: Callable | None = None, seed: int = 0, cache: bool | str = "auto") -> ImageFolderData:
+def image_folder(
+    path: str | os.PathLike,
+    image_size: int = 224,
+    normalize: str = "imagenet",
+    limit: int | None = None,
+    masks_csv: str | os.PathLike | None = None,
+    transform: Callable | None = None,
+    seed: int = 0,
+    cache: bool | str = "auto",
+) -> ImageFolderData:
     """A dataset of the images under ``path`` (one sub-folder per class); see the module docstring.
 
     ``limit``: keep at most that many images, spread evenly over the classes (chosen with
@@ -295,27 +331,37 @@ def image_folder(path: str | os.PathLike, image_size: int = 224, normalize: str 
     if not root.exists():
         raise DataFolderError(f"data folder {root} does not exist")
     if not root.is_dir():
-        raise DataFolderError(f"data folder {root} is a file; expected a folder with one sub-folder of images per "
-                              "class")
+        raise DataFolderError(
+            f"data folder {root} is a file; expected a folder with one sub-folder of images per class"
+        )
     try:
         dirs = _class_dirs(root)
     except PermissionError as e:
         raise DataFolderError(f"data folder {root} cannot be read: {e.strerror}") from None
     if not dirs:
         loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-        hint = (f" (it holds {len(loose)} image(s) directly: move them into one sub-folder per class)"
-                if loose else " (it is empty)" if not any(root.iterdir()) else "")
+        hint = (
+            f" (it holds {len(loose)} image(s) directly: move them into one sub-folder per class)"
+            if loose
+            else " (it is empty)"
+            if not any(root.iterdir())
+            else ""
+        )
         raise DataFolderError(f"data folder {root} has no class sub-folders{hint}; expected ROOT/CLASS/IMAGE files")
     classes = [d.name for d in dirs]
     per_class = [_images_in(d) for d in dirs]
     if not any(per_class):
-        raise DataFolderError(f"data folder {root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} in "
-                              f"{len(dirs)} class folders)")
-    empty = [c for c, ps in zip(classes, per_class) if not ps]
+        raise DataFolderError(
+            f"data folder {root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} in "
+            f"{len(dirs)} class folders)"
+        )
+    empty = [c for c, ps in zip(classes, per_class, strict=False) if not ps]
     if empty:
-        raise DataFolderError(f"class folder {root / empty[0]} has no images" +
-                              (f" (nor {', '.join(empty[1:4])})" if len(empty) > 1 else "") +
-                              "; remove it or add images: every sub-folder is a class")
+        raise DataFolderError(
+            f"class folder {root / empty[0]} has no images"
+            + (f" (nor {', '.join(empty[1:4])})" if len(empty) > 1 else "")
+            + "; remove it or add images: every sub-folder is a class"
+        )
     if limit is not None:
         if int(limit) < 1:
             raise DataFolderError(f"limit must be at least 1, got {limit}")
@@ -350,8 +396,10 @@ def image_folder(path: str | os.PathLike, image_size: int = 224, normalize: str 
         if decode(p):
             kept.append((p, c))
     if not kept:
-        raise DataFolderError(f"data folder {root} has no readable images: the first, {skipped[0][0]}, cannot be "
-                              f"decoded ({skipped[0][1]})")
+        raise DataFolderError(
+            f"data folder {root} has no readable images: the first, {skipped[0][0]}, cannot be "
+            f"decoded ({skipped[0][1]})"
+        )
     if limit is None or limit >= len(classes):
         for c, name in enumerate(classes):
             if any(k == c for _, k in kept):
@@ -359,8 +407,10 @@ def image_folder(path: str | os.PathLike, image_size: int = 224, normalize: str 
             found = next((p for p in per_class[c] if p not in tried and decode(p)), None)
             if found is None:
                 first = next(p for p, _ in skipped if p in per_class[c])
-                raise DataFolderError(f"class folder {root / name} has no readable image (the first, {first}, "
-                                      f"cannot be decoded: {dict(skipped)[first]})")
+                raise DataFolderError(
+                    f"class folder {root / name} has no readable image (the first, {first}, "
+                    f"cannot be decoded: {dict(skipped)[first]})"
+                )
             counts = Counter(k for _, k in kept)
             big = max(counts, key=lambda k: counts[k])
             drop = max(i for i, (_, k) in enumerate(kept) if k == big)
@@ -381,20 +431,25 @@ def image_folder(path: str | os.PathLike, image_size: int = 224, normalize: str 
             x = TF.to_tensor(resize(img))
             return TF.normalize(x, mean, std) if mean is not None else x
 
-        desc = (f"resized to {image_size}x{image_size}, "
-                + ("normalised with the ImageNet mean and std" if normalize == "imagenet" else "values in [0, 1]"))
+        desc = f"resized to {image_size}x{image_size}, " + (
+            "normalised with the ImageNet mean and std" if normalize == "imagenet" else "values in [0, 1]"
+        )
     masks = None
     if masks_csv is not None:
         if geo is None:
-            raise DataFolderError("masks need a transform whose geometry is known: use image_size (the default "
-                                  "transform) or a torchvision weights' transforms(), not a custom transform")
+            raise DataFolderError(
+                "masks need a transform whose geometry is known: use image_size (the default "
+                "transform) or a torchvision weights' transforms(), not a custom transform"
+            )
         csv_path = Path(masks_csv)
         entries = _read_masks(csv_path, root, [p for p, _ in kept])
         lacking = [p for p, _ in kept if p.resolve() not in entries]
         if lacking:
-            raise DataFolderError(f"masks CSV {csv_path} has no row for {lacking[0].relative_to(root)} ({len(lacking)} of "
-                                  f"{len(kept)} selected images lack one): give every image a mask or a box, or "
-                                  "leave the masks out")
+            raise DataFolderError(
+                f"masks CSV {csv_path} has no row for {lacking[0].relative_to(root)} ({len(lacking)} of "
+                f"{len(kept)} selected images lack one): give every image a mask or a box, or "
+                "leave the masks out"
+            )
         from PIL import Image
 
         for p, _ in kept:
@@ -403,8 +458,10 @@ def image_folder(path: str | os.PathLike, image_size: int = 224, normalize: str 
                 with Image.open(p) as im:
                     w, h = im.size
                 if val.shape != (h, w):
-                    raise DataFolderError(f"mask {name!r} (from {csv_path}) is {val.shape[1]}x{val.shape[0]} pixels "
-                                          f"but its image {p.relative_to(root)} is {w}x{h}")
+                    raise DataFolderError(
+                        f"mask {name!r} (from {csv_path}) is {val.shape[1]}x{val.shape[0]} pixels "
+                        f"but its image {p.relative_to(root)} is {w}x{h}"
+                    )
         masks = {p: _mask_maker(entries[p.resolve()], p, csv_path) for p, _ in kept}
         desc += "; ground-truth masks from " + str(csv_path)
     ds = ImageFolderData(root, classes, kept, image_fn, geo, masks, desc, skipped, cache=cache)

@@ -10,6 +10,7 @@ at the target class; the AUC is the trapezoid area under the curve over the frac
 of pixels moved, in [0, 1]. All ``steps + 1`` variants of a chunk of images go
 through the model in one batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ from torch import nn
 from .compare import to_maps
 from .prepare import _model_device
 
-__all__ = ["gaussian_blur", "deletion_insertion"]
+__all__ = ["deletion_insertion", "gaussian_blur"]
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -31,7 +32,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return x.clone()
     r = max(1, int(math.ceil(3 * sigma)))
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
+    k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
     c = x.shape[1]
     y = F.pad(x, (r, r, 0, 0), mode="replicate")
@@ -45,9 +46,17 @@ def _trapz(y: np.ndarray, dx: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def deletion_insertion(model: nn.Module, inputs: torch.Tensor, maps: torch.Tensor | np.ndarray,
-                       target: torch.Tensor, *, steps: int = 16, deletion_baseline: str | float = 0.0,
-                       blur_sigma: float | None = None, eval_batch: int = 512) -> dict[str, np.ndarray]:
+def deletion_insertion(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    maps: torch.Tensor | np.ndarray,
+    target: torch.Tensor,
+    *,
+    steps: int = 16,
+    deletion_baseline: str | float = 0.0,
+    blur_sigma: float | None = None,
+    eval_batch: int = 512,
+) -> dict[str, np.ndarray]:
     """Deletion and insertion AUCs (and curves) per image for ``model`` in eval mode.
 
     ``maps``: ``(N, H, W)`` or ``(N, C, H, W)``; ``target``: class per image;
@@ -70,22 +79,26 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, maps: torch.Tenso
     curves = {"deletion": np.zeros((n, steps + 1)), "insertion": np.zeros((n, steps + 1))}
     chunk = max(1, eval_batch // (steps + 1))
     for s in range(0, n, chunk):
-        x = inputs[s:s + chunk].to(dev).float()
+        x = inputs[s : s + chunk].to(dev).float()
         k = len(x)
         blurred = gaussian_blur(x, sigma)
         if deletion_baseline == "blur":
             base = blurred
         else:
             base = torch.full_like(x, float(deletion_baseline))
-        moved = (ranks[s:s + k, None, :] < counts[None, :, None]).to(dev)  # (k, steps+1, HW)
+        moved = (ranks[s : s + k, None, :] < counts[None, :, None]).to(dev)  # (k, steps+1, HW)
         moved = moved.view(k, steps + 1, 1, h, w)
         dele = torch.where(moved, base[:, None], x[:, None]).view(-1, c, h, w)
         ins = torch.where(moved, x[:, None], blurred[:, None]).view(-1, c, h, w)
-        t = target[s:s + k].to(dev).repeat_interleave(steps + 1)
+        t = target[s : s + k].to(dev).repeat_interleave(steps + 1)
         for name, batch in (("deletion", dele), ("insertion", ins)):
-            p = torch.cat([F.softmax(model(batch[i:i + eval_batch]).float(), 1)
-                           for i in range(0, len(batch), eval_batch)])
-            curves[name][s:s + k] = p[torch.arange(len(t), device=dev), t].view(k, steps + 1).cpu().numpy()
-    return {"deletion_auc": _trapz(curves["deletion"], 1 / steps),
-            "insertion_auc": _trapz(curves["insertion"], 1 / steps),
-            "deletion_curve": curves["deletion"], "insertion_curve": curves["insertion"]}
+            p = torch.cat(
+                [F.softmax(model(batch[i : i + eval_batch]).float(), 1) for i in range(0, len(batch), eval_batch)]
+            )
+            curves[name][s : s + k] = p[torch.arange(len(t), device=dev), t].view(k, steps + 1).cpu().numpy()
+    return {
+        "deletion_auc": _trapz(curves["deletion"], 1 / steps),
+        "insertion_auc": _trapz(curves["insertion"], 1 / steps),
+        "deletion_curve": curves["deletion"],
+        "insertion_curve": curves["insertion"],
+    }

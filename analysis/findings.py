@@ -5,6 +5,7 @@ the tables it cites. Each carries ``evidence`` (the report section / figure anch
 it links to), ``score`` (how much it should lead the list) and, where one is
 known, ``uncertainty`` (a confidence interval or the reason there is none).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["Finding", "paired_bootstrap_diff", "transfer_findings", "weight_findings", "rank_findings"]
+__all__ = ["Finding", "paired_bootstrap_diff", "rank_findings", "transfer_findings", "weight_findings"]
 
 
 @dataclass
@@ -32,8 +33,9 @@ def pct(x: float, digits: int = 1) -> str:
     return f"{100 * x:.{digits}f}%"
 
 
-def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                          level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap_diff(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """Mean of ``a - b`` over paired samples and its percentile bootstrap CI (resampling samples)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.shape != b.shape or a.size == 0:
@@ -55,13 +57,23 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
         a = predictions[predictions.model == primary].sort_values("index")["correct"].to_numpy()
         b = predictions[predictions.model == control].sort_values("index")["correct"].to_numpy()
         d, lo, hi = paired_bootstrap_diff(a, b)
-        verdict = "Pretraining helped" if lo > 0 else ("Pretraining hurt" if hi < 0 else "Pretraining made no clear difference")
-        out.append(Finding(
-            "transfer", f"{verdict}: fine-tuning from the pretrained weights ({primary}) reaches "
-            f"{pct(acc[primary])} target test accuracy against {pct(acc[control])} for the same network trained "
-            f"from scratch with the same budget ({100 * d:+.1f} points).", "overview",
-            score=10 + abs(d) * 10, uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points "
-            f"(paired bootstrap over {len(a)} test images)"))
+        verdict = (
+            "Pretraining helped"
+            if lo > 0
+            else ("Pretraining hurt" if hi < 0 else "Pretraining made no clear difference")
+        )
+        out.append(
+            Finding(
+                "transfer",
+                f"{verdict}: fine-tuning from the pretrained weights ({primary}) reaches "
+                f"{pct(acc[primary])} target test accuracy against {pct(acc[control])} for the same network trained "
+                f"from scratch with the same budget ({100 * d:+.1f} points).",
+                "overview",
+                score=10 + abs(d) * 10,
+                uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points "
+                f"(paired bootstrap over {len(a)} test images)",
+            )
+        )
     tuned = [m for m in models if m not in (control, "base")]
     if len(tuned) > 1:
         best = max(tuned, key=lambda m: acc[m])
@@ -69,10 +81,16 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
         a = predictions[predictions.model == best].sort_values("index")["correct"].to_numpy()
         b = predictions[predictions.model == worst].sort_values("index")["correct"].to_numpy()
         d, lo, hi = paired_bootstrap_diff(a, b, seed=1)
-        out.append(Finding(
-            "best_strategy", f"Of the fine-tuning strategies, {best} scores best ({pct(acc[best])}) and {worst} "
-            f"worst ({pct(acc[worst])}), a gap of {100 * d:.1f} points.", "tbl-strategies", score=6 + d * 5,
-            uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap)"))
+        out.append(
+            Finding(
+                "best_strategy",
+                f"Of the fine-tuning strategies, {best} scores best ({pct(acc[best])}) and {worst} "
+                f"worst ({pct(acc[worst])}), a gap of {100 * d:.1f} points.",
+                "tbl-strategies",
+                score=6 + d * 5,
+                uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap)",
+            )
+        )
     return out
 
 
@@ -85,23 +103,39 @@ def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding
             continue
         top = g.loc[g["relative"].idxmax()]
         if top["relative"] == 0:
-            out.append(Finding(f"weights_frozen_{model}", f"{model}: the backbone did not move at all (every "
-                               "shared weight is bit-identical to the pretrained one); only the new head was trained.",
-                               "weights", score=3))
+            out.append(
+                Finding(
+                    f"weights_frozen_{model}",
+                    f"{model}: the backbone did not move at all (every "
+                    "shared weight is bit-identical to the pretrained one); only the new head was trained.",
+                    "weights",
+                    score=3,
+                )
+            )
             continue
         low = g.loc[g["relative"].idxmin()]
         first = g.sort_values("depth").iloc[0]  # the stem for ResNets
         parts = []
         if first["stage"] != top["stage"]:
-            parts.append(f"{top['relative'] / first['relative']:.1f}x the {first['stage']}'s {pct(first['relative'], 2)}"
-                         if first["relative"] > 0 else f"while the {first['stage']} did not move")
+            parts.append(
+                f"{top['relative'] / first['relative']:.1f}x the {first['stage']}'s {pct(first['relative'], 2)}"
+                if first["relative"] > 0
+                else f"while the {first['stage']} did not move"
+            )
         if low["stage"] not in (top["stage"], first["stage"]):
             parts.append(f"{low['stage']} moved least ({pct(low['relative'], 2)})")
-        out.append(Finding(
-            f"weights_{model}", f"{model}: {top['stage']} moved most, its weights changed by "
-            f"{pct(top['relative'], 2)} of their norm (relative Frobenius)" + (", " + "; ".join(parts) if parts else "")
-            + ".", "weights", score=(8 if model == primary else 4),
-            uncertainty="exact (computed on the weights, no sampling)"))
+        out.append(
+            Finding(
+                f"weights_{model}",
+                f"{model}: {top['stage']} moved most, its weights changed by "
+                f"{pct(top['relative'], 2)} of their norm (relative Frobenius)"
+                + (", " + "; ".join(parts) if parts else "")
+                + ".",
+                "weights",
+                score=(8 if model == primary else 4),
+                uncertainty="exact (computed on the weights, no sampling)",
+            )
+        )
     return out
 
 
@@ -114,8 +148,14 @@ def _noise_pts(p: float, n: int) -> float:
     return 100 * 2 * float(np.sqrt(2 * max(p * (1 - p), 1e-12) / max(n, 1)))
 
 
-def functional_findings(rewind: pd.DataFrame | None, interp: pd.DataFrame | None, barrier: float | None,
-                        gains: pd.DataFrame | None, stages: pd.DataFrame | None, primary: str) -> list[Finding]:
+def functional_findings(
+    rewind: pd.DataFrame | None,
+    interp: pd.DataFrame | None,
+    barrier: float | None,
+    gains: pd.DataFrame | None,
+    stages: pd.DataFrame | None,
+    primary: str,
+) -> list[Finding]:
     """Rewind criticality, the loss barrier, probe gains, and the literature's three expectations."""
     out: list[Finding] = []
     checks = []
@@ -128,66 +168,103 @@ def functional_findings(rewind: pd.DataFrame | None, interp: pd.DataFrame | None
             ref = r[r["group"] == "none"].iloc[0]
             noise = _noise_pts(ref["acc"], int(ref["n"]))
             if 100 * top["acc_drop"] > noise:
-                text = (f"Rewinding {top['group']} of the {primary} model to its pretrained weights costs "
-                        f"{100 * top['acc_drop']:.1f} points of target accuracy, rewinding {low['group']} costs "
-                        f"{100 * low['acc_drop']:.1f}: the new task lives most in {top['group']}.")
+                text = (
+                    f"Rewinding {top['group']} of the {primary} model to its pretrained weights costs "
+                    f"{100 * top['acc_drop']:.1f} points of target accuracy, rewinding {low['group']} costs "
+                    f"{100 * low['acc_drop']:.1f}: the new task lives most in {top['group']}."
+                )
             else:
-                text = (f"No single stage of the {primary} model is critical: rewinding any one stage to its "
-                        f"pretrained weights costs at most {100 * top['acc_drop']:.1f} points ({top['group']}), "
-                        "within sampling noise.")
+                text = (
+                    f"No single stage of the {primary} model is critical: rewinding any one stage to its "
+                    f"pretrained weights costs at most {100 * top['acc_drop']:.1f} points ({top['group']}), "
+                    "within sampling noise."
+                )
             abh = r[r["group"] == "all_but_head"]
             if len(abh):
-                text += (f" Rewinding the whole backbone costs {100 * abh['acc_drop'].iloc[0]:.1f} points.")
-            out.append(Finding("rewind", text, "fig-rewind", score=9,
-                               uncertainty=f"{int(ref['n'])} test images; differences under about {noise:.1f} "
-                                           "points are within sampling noise (2 s.e.)"))
+                text += f" Rewinding the whole backbone costs {100 * abh['acc_drop'].iloc[0]:.1f} points."
+            out.append(
+                Finding(
+                    "rewind",
+                    text,
+                    "fig-rewind",
+                    score=9,
+                    uncertainty=f"{int(ref['n'])} test images; differences under about {noise:.1f} "
+                    "points are within sampling noise (2 s.e.)",
+                )
+            )
             l1 = grp[grp["group"] == "layer1"]
             l4 = grp[grp["group"] == "layer4"]
             if len(l1) and len(l4):
                 ok = l1["acc_drop"].iloc[0] < l4["acc_drop"].iloc[0]
-                checks.append(f"rewinding layer1 costs {'less' if ok else 'no less'} than rewinding layer4 "
-                              f"({100 * l1['acc_drop'].iloc[0]:.1f} vs {100 * l4['acc_drop'].iloc[0]:.1f} points)"
-                              + ("" if ok else " [not as expected]"))
+                checks.append(
+                    f"rewinding layer1 costs {'less' if ok else 'no less'} than rewinding layer4 "
+                    f"({100 * l1['acc_drop'].iloc[0]:.1f} vs {100 * l4['acc_drop'].iloc[0]:.1f} points)"
+                    + ("" if ok else " [not as expected]")
+                )
     if interp is not None and len(interp) and barrier is not None:
         verdict = "No loss barrier" if barrier < 0.05 else "A loss barrier"
         a = interp.loc[interp["excess_loss"].idxmax(), "alpha"]
-        out.append(Finding(
-            "barrier", f"{verdict} between the pretrained and the fine-tuned weights ({primary}): the largest excess "
-            f"loss over the straight line is {barrier:.3f} (at alpha = {a:.2f}); the two solutions "
-            f"{'lie in one basin' if barrier < 0.05 else 'are separated by a ridge'}.", "fig-interpolation",
-            score=6, uncertainty=f"{int(interp['n'].iloc[0])} test images, {len(interp)} points along the path; "
-                                 f"BatchNorm statistics: {interp['bn'].iloc[0]}"))
+        out.append(
+            Finding(
+                "barrier",
+                f"{verdict} between the pretrained and the fine-tuned weights ({primary}): the largest excess "
+                f"loss over the straight line is {barrier:.3f} (at alpha = {a:.2f}); the two solutions "
+                f"{'lie in one basin' if barrier < 0.05 else 'are separated by a ridge'}.",
+                "fig-interpolation",
+                score=6,
+                uncertainty=f"{int(interp['n'].iloc[0])} test images, {len(interp)} points along the path; "
+                f"BatchNorm statistics: {interp['bn'].iloc[0]}",
+            )
+        )
     if gains is not None and len(gains):
         g = gains[~gains["layer"].isin(["fc"])]
         if len(g):
             top = g.loc[g["gain"].idxmax()]
-            out.append(Finding(
-                "probe_gain", f"Linear-probe accuracy on the target task rises most at {top['layer']} after "
-                f"fine-tuning ({top['gain']:+.1f} points: {pct(top['base_test_acc'])} -> {pct(top['tuned_test_acc'])}).",
-                "fig-probes", score=7, uncertainty="one probe per layer on the target test split; "
-                f"{_noise_pts(top['tuned_test_acc'], 100):.0f}-point noise scale per 100 test images"))
+            out.append(
+                Finding(
+                    "probe_gain",
+                    f"Linear-probe accuracy on the target task rises most at {top['layer']} after "
+                    f"fine-tuning ({top['gain']:+.1f} points: {pct(top['base_test_acc'])} -> {pct(top['tuned_test_acc'])}).",
+                    "fig-probes",
+                    score=7,
+                    uncertainty="one probe per layer on the target test split; "
+                    f"{_noise_pts(top['tuned_test_acc'], 100):.0f}-point noise scale per 100 test images",
+                )
+            )
             last_stage = g[g["layer"].str.startswith("layer")]
             if len(last_stage):
                 ls = last_stage.sort_values("depth").iloc[-1]
                 l1 = g[g["layer"] == "layer1"]
                 if len(l1):
                     ok = ls["gain"] > l1["gain"].iloc[0]
-                    checks.append(f"the probe gain is {'larger' if ok else 'not larger'} at {ls['layer']} than at "
-                                  f"layer1 ({ls['gain']:+.1f} vs {l1['gain'].iloc[0]:+.1f} points)"
-                                  + ("" if ok else " [not as expected]"))
+                    checks.append(
+                        f"the probe gain is {'larger' if ok else 'not larger'} at {ls['layer']} than at "
+                        f"layer1 ({ls['gain']:+.1f} vs {l1['gain'].iloc[0]:+.1f} points)"
+                        + ("" if ok else " [not as expected]")
+                    )
     if stages is not None and len(stages):
         s = stages[stages["model"] == primary].set_index("stage")
         if {"stem", "layer1", "layer4"} <= set(s.index):
             early = float(s.loc[["stem", "layer1"], "relative"].mean())
             late = float(s.loc["layer4", "relative"])
             ok = early < late
-            checks.insert(0, f"early layers change {'least' if ok else 'not least'} (mean relative change of stem "
-                             f"and layer1 {pct(early, 2)} vs layer4 {pct(late, 2)})" + ("" if ok else " [not as expected]"))
+            checks.insert(
+                0,
+                f"early layers change {'least' if ok else 'not least'} (mean relative change of stem "
+                f"and layer1 {pct(early, 2)} vs layer4 {pct(late, 2)})" + ("" if ok else " [not as expected]"),
+            )
     if checks:
         held = sum("[not as expected]" not in c for c in checks)
-        out.append(Finding("literature", f"Transfer-learning expectations ({held} of {len(checks)} hold for "
-                           f"{primary}): " + "; ".join(checks) + ".", "functional", score=5,
-                           kind="result" if held == len(checks) else "caveat"))
+        out.append(
+            Finding(
+                "literature",
+                f"Transfer-learning expectations ({held} of {len(checks)} hold for "
+                f"{primary}): " + "; ".join(checks) + ".",
+                "functional",
+                score=5,
+                kind="result" if held == len(checks) else "caveat",
+            )
+        )
     return out
 
 
@@ -208,32 +285,50 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     low = c.loc[c["cka_base_tuned"].idxmin()]
     rnd = low.get("cka_base_random", float("nan"))
     adapted = np.isfinite(rnd) and low["cka_base_tuned"] > rnd + 0.1
-    head = (f"representations are kept through {kept_layers[-1]} (CKA >= {kept})" if kept_layers
-            else f"no layer keeps CKA >= {kept}")
-    txt = (f"{primary}: {head}; {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}, 95% CI "
-           f"{low['ci_low']:.2f}-{low['ci_high']:.2f})")
+    head = (
+        f"representations are kept through {kept_layers[-1]} (CKA >= {kept})"
+        if kept_layers
+        else f"no layer keeps CKA >= {kept}"
+    )
+    txt = (
+        f"{primary}: {head}; {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}, 95% CI "
+        f"{low['ci_low']:.2f}-{low['ci_high']:.2f})"
+    )
     if np.isfinite(rnd):
-        txt += (f", {'still far above' if adapted else 'not clearly above'} the random-weights baseline "
-                f"{rnd:.2f}: features were {'adapted, not replaced' if adapted else 'largely replaced'}")
+        txt += (
+            f", {'still far above' if adapted else 'not clearly above'} the random-weights baseline "
+            f"{rnd:.2f}: features were {'adapted, not replaced' if adapted else 'largely replaced'}"
+        )
     sc = low.get("cka_tuned_scratch", float("nan"))
     if np.isfinite(sc):
         txt += f". The scratch control's {low['layer']} has CKA {sc:.2f} with the tuned model"
-    out.append(Finding("cka", txt + ".", "fig-cka-diagonal", score=8.5,
-                       uncertainty=f"estimator: {est}; CI: bootstrap over batches"))
+    out.append(
+        Finding(
+            "cka", txt + ".", "fig-cka-diagonal", score=8.5, uncertainty=f"estimator: {est}; CI: bootstrap over batches"
+        )
+    )
     return out
 
 
-_METHOD_NAMES = {"integrated_gradients": "integrated gradients", "grad_cam": "Grad-CAM", "saliency": "saliency",
-                 "input_x_gradient": "input x gradient", "smoothgrad": "SmoothGrad", "gradient_shap": "GradientSHAP",
-                 "occlusion": "occlusion", "guided_backprop": "guided backprop"}
+_METHOD_NAMES = {
+    "integrated_gradients": "integrated gradients",
+    "grad_cam": "Grad-CAM",
+    "saliency": "saliency",
+    "input_x_gradient": "input x gradient",
+    "smoothgrad": "SmoothGrad",
+    "gradient_shap": "GradientSHAP",
+    "occlusion": "occlusion",
+    "guided_backprop": "guided backprop",
+}
 
 
 def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def attribution_findings(summary: pd.DataFrame, localisation: pd.DataFrame | None, per_class: pd.DataFrame,
-                         primary: str) -> list[Finding]:
+def attribution_findings(
+    summary: pd.DataFrame, localisation: pd.DataFrame | None, per_class: pd.DataFrame, primary: str
+) -> list[Finding]:
     """How much the maps changed (change index with CI), where the evidence moved (mass inside the object),
     which class changed most; uninformative methods are named, not used."""
     out: list[Finding] = []
@@ -241,14 +336,19 @@ def attribution_findings(summary: pd.DataFrame, localisation: pd.DataFrame | Non
     flagged = summary[~summary["informative"]]["method"].tolist()
     for _, r in inf.sort_values("change_index", ascending=False).head(2).iterrows():
         name = _METHOD_NAMES.get(r["method"], r["method"])
-        out.append(Finding(
-            f"attr_change_{r['method']}", f"{_cap(name)} maps of the {primary} model moved "
-            f"{'far' if r['change_index'] > 0.5 else 'part of the way'} from the base model's: change index "
-            f"{r['change_index']:.2f} on a scale where 0 is as close as the base model to itself under a one-pixel "
-            f"shift or new noise ({r['ceiling']:.2f}) and 1 is as far as a randomized network ({r['floor']:.2f}).",
-            "attribution", score=7.5,
-            uncertainty=f"95% CI {r['change_index_lo']:.2f} to {r['change_index_hi']:.2f} (bootstrap over {int(r['n'])} "
-                        f"images; similarity: {r['similarity']})"))
+        out.append(
+            Finding(
+                f"attr_change_{r['method']}",
+                f"{_cap(name)} maps of the {primary} model moved "
+                f"{'far' if r['change_index'] > 0.5 else 'part of the way'} from the base model's: change index "
+                f"{r['change_index']:.2f} on a scale where 0 is as close as the base model to itself under a one-pixel "
+                f"shift or new noise ({r['ceiling']:.2f}) and 1 is as far as a randomized network ({r['floor']:.2f}).",
+                "attribution",
+                score=7.5,
+                uncertainty=f"95% CI {r['change_index_lo']:.2f} to {r['change_index_hi']:.2f} (bootstrap over {int(r['n'])} "
+                f"images; similarity: {r['similarity']})",
+            )
+        )
     if localisation is not None and len(inf):
         loc = localisation[(localisation["metric"] == "mass") & localisation["method"].isin(inf["method"])]
         if len(loc):
@@ -256,25 +356,45 @@ def attribution_findings(summary: pd.DataFrame, localisation: pd.DataFrame | Non
             name = _METHOD_NAMES.get(r["method"], r["method"])
             rose = "rose" if r["delta"] > 0 else "fell"
             sig = r["delta_lo"] > 0 or r["delta_hi"] < 0
-            out.append(Finding(
-                "attr_localisation", f"After fine-tuning, the share of positive {name} attribution inside the object "
-                f"{rose} from {pct(r['base'])} to {pct(r['tuned'])}"
-                + ("" if sig else " (not distinguishable from no change)") + ".", "attribution", score=8 if sig else 4,
-                uncertainty=f"95% CI of the change {100 * r['delta_lo']:+.1f} to {100 * r['delta_hi']:+.1f} points "
-                            f"(paired bootstrap over {int(r['n'])} images)"))
+            out.append(
+                Finding(
+                    "attr_localisation",
+                    f"After fine-tuning, the share of positive {name} attribution inside the object "
+                    f"{rose} from {pct(r['base'])} to {pct(r['tuned'])}"
+                    + ("" if sig else " (not distinguishable from no change)")
+                    + ".",
+                    "attribution",
+                    score=8 if sig else 4,
+                    uncertainty=f"95% CI of the change {100 * r['delta_lo']:+.1f} to {100 * r['delta_hi']:+.1f} points "
+                    f"(paired bootstrap over {int(r['n'])} images)",
+                )
+            )
     if len(inf) and per_class is not None and len(per_class):
         m = inf.sort_values("change_index", ascending=False)["method"].iloc[0]
         pc = per_class[per_class["method"] == m].dropna(subset=["change_index"])
         if len(pc) > 1:
             r = pc.loc[pc["change_index"].idxmax()]
-            out.append(Finding(
-                "attr_class", f"{_cap(_METHOD_NAMES.get(m, m))} maps changed most for class {r['class']} "
-                f"(change index {r['change_index']:.2f}; base-vs-tuned similarity {r['ab']:.2f}).", "attribution",
-                score=4, uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images"))
+            out.append(
+                Finding(
+                    "attr_class",
+                    f"{_cap(_METHOD_NAMES.get(m, m))} maps changed most for class {r['class']} "
+                    f"(change index {r['change_index']:.2f}; base-vs-tuned similarity {r['ab']:.2f}).",
+                    "attribution",
+                    score=4,
+                    uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images",
+                )
+            )
     if flagged:
-        out.append(Finding(
-            "attr_flagged", "Uninformative for comparing these two models, so left out of the findings: "
-            + ", ".join(_METHOD_NAMES.get(f, f) for f in flagged) + " (their maps barely change even when the "
-            "network's top layers are randomized, or their ceiling and floor are too close).", "attribution",
-            score=2, kind="caveat"))
+        out.append(
+            Finding(
+                "attr_flagged",
+                "Uninformative for comparing these two models, so left out of the findings: "
+                + ", ".join(_METHOD_NAMES.get(f, f) for f in flagged)
+                + " (their maps barely change even when the "
+                "network's top layers are randomized, or their ceiling and floor are too close).",
+                "attribution",
+                score=2,
+                kind="caveat",
+            )
+        )
     return out

@@ -23,6 +23,7 @@ outside the tuned model's head (:func:`finetune.models.head_name`). The replaced
 never rewound or interpolated: ``theta_base`` means the base backbone with the *tuned*
 head.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,14 +36,21 @@ import pandas as pd
 import torch
 from torch import nn
 
-from finetune.models import head_name
-from finetune.runtime import all_reduce_sum, no_tf32, resolve_device, world_size
-from finetune.train import evaluate
+from tunelens.core.evaluation import evaluate, unpack_batch
+from tunelens.core.naming import head_name
+from tunelens.core.runtime import all_reduce_sum, no_tf32, resolve_device, world_size
 
-from .layers import stage_of, unpack_batch
+from .layers import stage_of
 
-__all__ = ["shared_keys", "rewind", "rewound_model", "interpolate", "interpolated_state", "loss_barrier",
-           "recompute_bn"]
+__all__ = [
+    "interpolate",
+    "interpolated_state",
+    "loss_barrier",
+    "recompute_bn",
+    "rewind",
+    "rewound_model",
+    "shared_keys",
+]
 
 GroupSpec = str | Sequence[str] | Mapping[str, str | Sequence[str]]
 
@@ -89,9 +97,11 @@ def _resolve_groups(keys: list[str], groups: GroupSpec, head: str) -> list[tuple
             sel = [k for k in keys if stage_of(k) in prefixes]
         if not sel:
             stages = sorted({stage_of(k) for k in keys})
-            raise ValueError(f"rewind group {name!r} ({', '.join(prefixes)}) matches no parameter that base and tuned "
-                             f"share (the head {head!r} is never rewound). Use module names of the model or a stage: "
-                             f"{', '.join(stages)}.")
+            raise ValueError(
+                f"rewind group {name!r} ({', '.join(prefixes)}) matches no parameter that base and tuned "
+                f"share (the head {head!r} is never rewound). Use module names of the model or a stage: "
+                f"{', '.join(stages)}."
+            )
         out.append((str(name), sel))
     return out
 
@@ -114,8 +124,13 @@ def rewound_model(base: nn.Module, tuned: nn.Module, group: str | Sequence[str] 
     return model
 
 
-def rewind(base: nn.Module, tuned: nn.Module, loader: Iterable, groups: GroupSpec = "stages",
-           device: torch.device | str | None = None) -> pd.DataFrame:
+def rewind(
+    base: nn.Module,
+    tuned: nn.Module,
+    loader: Iterable,
+    groups: GroupSpec = "stages",
+    device: torch.device | str | None = None,
+) -> pd.DataFrame:
     """Target accuracy and loss of ``tuned`` with each parameter group set back to ``base``.
 
     ``groups``: ``"stages"`` (the stem ``conv1``+``bn1``, ``layer1`` .. ``layer4`` for ResNets,
@@ -157,9 +172,15 @@ def rewind(base: nn.Module, tuned: nn.Module, loader: Iterable, groups: GroupSpe
                 r = evaluate(model, loader, dev)
             finally:
                 _assign(state, tuned_sd, sel)
-            rows.append({"group": name, "n_tensors": len(sel),
-                         "n_params": int(sum(base_sd[k].numel() for k in sel if k in params)),
-                         "rel_change": (num ** 0.5) / (den ** 0.5) if den > 0 else float("nan"), **r})
+            rows.append(
+                {
+                    "group": name,
+                    "n_tensors": len(sel),
+                    "n_params": int(sum(base_sd[k].numel() for k in sel if k in params)),
+                    "rel_change": (num**0.5) / (den**0.5) if den > 0 else float("nan"),
+                    **r,
+                }
+            )
     df = pd.DataFrame(rows)
     df["acc_drop"] = ref["acc"] - df["acc"]
     df["loss_increase"] = df["loss"] - ref["loss"]
@@ -171,8 +192,9 @@ def rewind(base: nn.Module, tuned: nn.Module, loader: Iterable, groups: GroupSpe
 
 
 @torch.no_grad()
-def interpolated_state(base: nn.Module, tuned: nn.Module, alpha: float,
-                       keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+def interpolated_state(
+    base: nn.Module, tuned: nn.Module, alpha: float, keys: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
     """``tuned``'s state dict with every shared entry set to ``(1 - alpha) theta_b + alpha theta_t``.
 
     Exact at the endpoints: ``alpha == 0`` gives the base tensors and ``alpha == 1`` the tuned
@@ -250,9 +272,18 @@ def loss_barrier(df: pd.DataFrame) -> float:
     return float(np.max(loss - lin))
 
 
-def interpolate(base: nn.Module, tuned: nn.Module, loader: Iterable, steps: int = 11, *,
-                alphas: Sequence[float] | None = None, bn: str = "recompute", train_loader: Iterable | None = None,
-                bn_batches: int = 4, device: torch.device | str | None = None) -> pd.DataFrame:
+def interpolate(
+    base: nn.Module,
+    tuned: nn.Module,
+    loader: Iterable,
+    steps: int = 11,
+    *,
+    alphas: Sequence[float] | None = None,
+    bn: str = "recompute",
+    train_loader: Iterable | None = None,
+    bn_batches: int = 4,
+    device: torch.device | str | None = None,
+) -> pd.DataFrame:
     """Target loss and accuracy along ``theta(alpha) = (1 - alpha) theta_base + alpha theta_tuned``.
 
     ``alpha`` runs over ``steps`` evenly spaced values in [0, 1] (or ``alphas``; 0 and 1 are
@@ -294,8 +325,11 @@ def interpolate(base: nn.Module, tuned: nn.Module, loader: Iterable, steps: int 
     if bn == "recompute" and _bn_layers(model):
         source = "train_loader"
         if train_loader is None:
-            warnings.warn("interpolate(bn='recompute') without train_loader: BatchNorm statistics are "
-                          "re-estimated on the evaluation loader", stacklevel=2)
+            warnings.warn(
+                "interpolate(bn='recompute') without train_loader: BatchNorm statistics are "
+                "re-estimated on the evaluation loader",
+                stacklevel=2,
+            )
             train_loader, source = loader, "loader"
         bn_inputs = [unpack_batch(b)[0] for b in itertools.islice(train_loader, bn_batches)]
         if not bn_inputs:
@@ -319,7 +353,14 @@ def interpolate(base: nn.Module, tuned: nn.Module, loader: Iterable, steps: int 
     df["excess_loss"] = df["loss"] - df["linear_loss"]
     df["bn"] = bn
     df = df[["alpha", "acc", "loss", "linear_loss", "excess_loss", "n", "bn"]]
-    df.attrs.update(barrier=loss_barrier(df), barrier_alpha=float(df["alpha"].iloc[int(df["excess_loss"].argmax())]),
-                    bn=bn, bn_batches=len(bn_inputs), bn_samples=n_bn, bn_source=source, n_shared=len(keys),
-                    endpoints={k: {"acc": v["acc"], "loss": v["loss"]} for k, v in ends.items()})
+    df.attrs.update(
+        barrier=loss_barrier(df),
+        barrier_alpha=float(df["alpha"].iloc[int(df["excess_loss"].argmax())]),
+        bn=bn,
+        bn_batches=len(bn_inputs),
+        bn_samples=n_bn,
+        bn_source=source,
+        n_shared=len(keys),
+        endpoints={k: {"acc": v["acc"], "loss": v["loss"]} for k, v in ends.items()},
+    )
     return df

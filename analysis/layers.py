@@ -9,35 +9,31 @@ modules that fire more than once per forward pass (torchvision's
 removes its hooks, even on error. :func:`iterate_pair` runs a loader once through
 two models and yields both models' captured features per batch.
 """
+
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from finetune.models import stage_of
+from tunelens.core.evaluation import unpack_batch
+from tunelens.core.hooks import ActivationCapture
+from tunelens.core.naming import stage_of
 
-__all__ = ["resolve_layers", "ActivationCapture", "iterate_pair", "iterate_features", "unpack_batch",
-           "stage_of", "LayerSpec"]
+__all__ = [
+    "ActivationCapture",
+    "LayerSpec",
+    "iterate_features",
+    "iterate_pair",
+    "resolve_layers",
+    "stage_of",
+    "unpack_batch",
+]
 
 LayerSpec = str | Sequence[str] | type | tuple[type, ...]
-
-
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(inputs, labels or None, masks or None)`` from a loader's batch (tensor, (x, y) or (x, y, mask))."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None, None
-    if isinstance(batch, Mapping):
-        return batch["inputs"], batch.get("labels"), batch.get("masks")
-    if isinstance(batch, (list, tuple)) and batch:
-        x = batch[0]
-        y = batch[1] if len(batch) > 1 else None
-        m = batch[2] if len(batch) > 2 else None
-        return x, y, m
-    raise TypeError(f"a batch must be a tensor, a (inputs, labels[, masks]) tuple or a dict; got {type(batch).__name__}")
 
 
 def _is_resnet_like(model: nn.Module) -> bool:
@@ -57,12 +53,14 @@ def _auto_layers(model: nn.Module) -> list[str]:
         out = [f"features.{n}" for n, _ in children["features"].named_children()]
         if "avgpool" in children:
             out.append("avgpool")
-        from finetune.models import head_name
+        from tunelens.core.naming import head_name
+
         return out + [head_name(model)]
     enc = getattr(model, "encoder", None)
     if enc is not None and isinstance(getattr(enc, "layers", None), nn.Sequential):
         out = [f"encoder.layers.{n}" for n, _ in enc.layers.named_children()]
-        from finetune.models import head_name
+        from tunelens.core.naming import head_name
+
         return out + [head_name(model)]
     return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
 
@@ -92,74 +90,18 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[str]:
         if name not in named or name == "":
             close = difflib.get_close_matches(name, [n for n in named if n], n=3)
             hint = f" Close matches: {', '.join(close)}." if close else ""
-            raise ValueError(f"layer {name!r} is not a module of {type(model).__name__}.{hint} "
-                             "Layer names must match model.named_modules() exactly.")
+            raise ValueError(
+                f"layer {name!r} is not a module of {type(model).__name__}.{hint} "
+                "Layer names must match model.named_modules() exactly."
+            )
         if name not in out:
             out.append(name)
     return out
 
 
-class ActivationCapture:
-    """Context manager that hooks ``layers`` of ``model`` and calls ``fn(layer_name, output)`` inside each hook.
-
-    ``fn`` runs before any later in-place operation can change the output. When ``fn``
-    is None the outputs are *copied* (``detach().clone()``) into :attr:`features`.
-    A module that fires twice within one forward pass raises ``RuntimeError``.
-    Hooks are removed on exit, always.
-    """
-
-    def __init__(self, model: nn.Module, layers: Iterable[str], fn: Callable[[str, torch.Tensor], None] | None = None):
-        self.model = model
-        self.layers = list(layers)
-        self.fn = fn
-        self.features: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
-        self._calls: dict[str, int] = {}
-
-    def _hook(self, name: str):
-        def hook(_module, _inputs, output):
-            self._calls[name] = self._calls.get(name, 0) + 1
-            if self._calls[name] > 1:
-                raise RuntimeError(
-                    f"module {name!r} ran {self._calls[name]} times in one forward pass, so its activations "
-                    "would mix different points of the network (torchvision's BasicBlock.relu is used twice). "
-                    "Capture the enclosing block or a module that runs once instead.")
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"module {name!r} returned {type(out).__name__}, not a tensor")
-            if self.fn is not None:
-                self.fn(name, out.detach())
-            else:
-                self.features[name] = out.detach().clone()
-        return hook
-
-    def _reset(self, *_):
-        self._calls.clear()
-
-    def __enter__(self) -> "ActivationCapture":
-        mods = dict(self.model.named_modules())
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._reset))
-            for name in self.layers:
-                if name not in mods:
-                    raise ValueError(f"layer {name!r} is not a module of {type(self.model).__name__}")
-                self._handles.append(mods[name].register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def iterate_features(model: nn.Module, loader: Iterable, layers: Sequence[str], device: torch.device | str = "cpu"
-                     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None, Any]]:
+def iterate_features(
+    model: nn.Module, loader: Iterable, layers: Sequence[str], device: torch.device | str = "cpu"
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None, Any]]:
     """Yield ``(features, labels, batch)`` per batch: copies of each layer's output, in eval mode, without grad."""
     was = model.training
     model.eval()
@@ -175,9 +117,14 @@ def iterate_features(model: nn.Module, loader: Iterable, layers: Sequence[str], 
         model.train(was)
 
 
-def iterate_pair(model_a: nn.Module, model_b: nn.Module, loader: Iterable, layers_a: Sequence[str],
-                 layers_b: Sequence[str], device: torch.device | str = "cpu"
-                 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None, Any]]:
+def iterate_pair(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable,
+    layers_a: Sequence[str],
+    layers_b: Sequence[str],
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None, Any]]:
     """Run each batch of ``loader`` through both models once; yield ``(feats_a, feats_b, labels, batch)``."""
     was_a, was_b = model_a.training, model_b.training
     model_a.eval()

@@ -16,25 +16,38 @@
   pooled penultimate features) so a model whose head answers another task can be
   attributed for the target classes.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .layers import unpack_batch
+from tunelens.core.evaluation import unpack_batch
 
-__all__ = ["prepare_for_attribution", "is_prepared", "assert_eval", "reused_modules", "is_residual",
-           "randomize_cascading", "cascade_stages", "fit_probe_head", "head_features", "output_dim",
-           "SplitReLUBasicBlock", "SplitReLUBottleneck", "LogitMismatchError"]
+__all__ = [
+    "LogitMismatchError",
+    "SplitReLUBasicBlock",
+    "SplitReLUBottleneck",
+    "assert_eval",
+    "cascade_stages",
+    "fit_probe_head",
+    "head_features",
+    "is_prepared",
+    "is_residual",
+    "output_dim",
+    "prepare_for_attribution",
+    "randomize_cascading",
+    "reused_modules",
+]
 
 _PREPARED = "_tunelens_prepared"
 
@@ -49,7 +62,7 @@ class SplitReLUBasicBlock(BasicBlock):
     Same computation as ``BasicBlock.forward``; the residual add is out of place.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -61,7 +74,7 @@ class SplitReLUBasicBlock(BasicBlock):
 class SplitReLUBottleneck(Bottleneck):
     """torchvision ``Bottleneck`` with ``relu1``, ``relu2``, ``relu3`` instead of one ``relu`` used three times."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
@@ -95,8 +108,10 @@ def assert_eval(model: nn.Module) -> None:
     """Raise unless every module of ``model`` is in eval mode."""
     training = [n or type(model).__name__ for n, m in model.named_modules() if m.training]
     if training:
-        raise RuntimeError(f"attribution needs eval mode, but {len(training)} module(s) are in train mode "
-                           f"(first: {training[0]!r}); BatchNorm in train mode makes the maps depend on the batch")
+        raise RuntimeError(
+            f"attribution needs eval mode, but {len(training)} module(s) are in train mode "
+            f"(first: {training[0]!r}); BatchNorm in train mode makes the maps depend on the batch"
+        )
 
 
 @contextmanager
@@ -126,9 +141,22 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.detach().float()
 
 
-def reused_modules(model: nn.Module, inputs: torch.Tensor,
-                   types: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-                                              nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardswish)) -> dict[str, int]:
+def reused_modules(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    types: tuple[type, ...] = (
+        nn.ReLU,
+        nn.ReLU6,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.GELU,
+        nn.SiLU,
+        nn.Sigmoid,
+        nn.Tanh,
+        nn.Softplus,
+        nn.Hardswish,
+    ),
+) -> dict[str, int]:
     """Activation modules that run more than once in one forward pass: ``{name: calls}``."""
     counts: dict[str, int] = {}
     handles = []
@@ -136,6 +164,7 @@ def reused_modules(model: nn.Module, inputs: torch.Tensor,
     def hook(name):
         def f(*_):
             counts[name] = counts.get(name, 0) + 1
+
         return f
 
     try:
@@ -167,8 +196,15 @@ def _looks_like_probabilities(out: torch.Tensor) -> bool:
     return bool((out >= 0).all() and (out <= 1).all() and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-4))
 
 
-def prepare_for_attribution(model: nn.Module, inputs: torch.Tensor, *, device: torch.device | str | None = None,
-                            rtol: float = 1e-5, atol: float = 1e-5, n_check: int = 8) -> nn.Module:
+def prepare_for_attribution(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    device: torch.device | str | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    n_check: int = 8,
+) -> nn.Module:
     """A copy of ``model`` made safe for attribution, with its logits checked against the original's.
 
     On a deep copy: every module in eval mode; every module with an ``inplace`` flag
@@ -189,8 +225,10 @@ def prepare_for_attribution(model: nn.Module, inputs: torch.Tensor, *, device: t
     x = inputs[:n_check].detach()
     ref = _logits(model, x)
     if _looks_like_probabilities(ref):
-        raise ValueError("the model's outputs are probabilities (non-negative rows summing to 1): attribute the "
-                         "logits instead (remove the final softmax); gradients of saturated probabilities mislead")
+        raise ValueError(
+            "the model's outputs are probabilities (non-negative rows summing to 1): attribute the "
+            "logits instead (remove the final softmax); gradients of saturated probabilities mislead"
+        )
     prepared = copy.deepcopy(model).to(dev)
     prepared.eval()
     for m in list(prepared.modules()):
@@ -204,12 +242,17 @@ def prepare_for_attribution(model: nn.Module, inputs: torch.Tensor, *, device: t
     scale = float(ref.abs().max().clamp_min(1.0))
     if got.shape != ref.shape or not torch.allclose(got, ref, rtol=rtol, atol=atol * scale):
         diff = (got - ref).abs().max().item() if got.shape == ref.shape else float("nan")
-        raise LogitMismatchError(f"preparing {type(model).__name__} for attribution changed its logits "
-                                 f"(max abs difference {diff:.3g}); refusing to attribute a different function")
+        raise LogitMismatchError(
+            f"preparing {type(model).__name__} for attribution changed its logits "
+            f"(max abs difference {diff:.3g}); refusing to attribute a different function"
+        )
     reused = reused_modules(prepared, x)
     if reused:
-        warnings.warn(f"activation module(s) used more than once per forward pass: {sorted(reused)}; module-hook "
-                      "methods (guided backprop, DeepLift) treat their uses as one", stacklevel=2)
+        warnings.warn(
+            f"activation module(s) used more than once per forward pass: {sorted(reused)}; module-hook "
+            "methods (guided backprop, DeepLift) treat their uses as one",
+            stacklevel=2,
+        )
     prepared._tunelens_reused = sorted(reused)
     setattr(prepared, _PREPARED, True)
     return prepared
@@ -223,6 +266,7 @@ def output_dim(model: nn.Module, inputs: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------------------------
 # Model randomization (the floor)
 # ----------------------------------------------------------------------------------------------
+
 
 def cascade_stages(model: nn.Module) -> list[str]:
     """Top-level stages holding parameters, from the top (head) down: the order of cascading randomization."""
@@ -275,6 +319,7 @@ def randomize_cascading(model: nn.Module, n_stages: int | None = None, seed: int
 # Linear-probe head (models whose head answers another task)
 # ----------------------------------------------------------------------------------------------
 
+
 def _iter_batches(data: Any, batch_size: int = 256) -> Iterable:
     if isinstance(data, torch.utils.data.Dataset):
         return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
@@ -284,13 +329,14 @@ def _iter_batches(data: Any, batch_size: int = 256) -> Iterable:
 
 
 @torch.no_grad()
-def head_features(model: nn.Module, data: Any, max_samples: int | None = None,
-                  device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def head_features(
+    model: nn.Module, data: Any, max_samples: int | None = None, device: torch.device | str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Pooled penultimate features (the input of the classification head, flattened) and labels.
 
     ``data``: a dataset or loader yielding ``(x, y[, mask])``, or an ``(x, y)`` pair of tensors.
     """
-    from finetune.models import head_name
+    from tunelens.core.naming import head_name
 
     head = model.get_submodule(head_name(model))
     dev = torch.device(device) if device is not None else _model_device(model)
@@ -318,9 +364,16 @@ def head_features(model: nn.Module, data: Any, max_samples: int | None = None,
     return f, y
 
 
-def fit_probe_head(model: nn.Module, data: Any, num_classes: int | None = None, *, C: float = 1.0,
-                   max_samples: int | None = 4000, device: torch.device | str | None = None,
-                   max_iter: int = 2000) -> tuple[nn.Module, dict[str, Any]]:
+def fit_probe_head(
+    model: nn.Module,
+    data: Any,
+    num_classes: int | None = None,
+    *,
+    C: float = 1.0,
+    max_samples: int | None = 4000,
+    device: torch.device | str | None = None,
+    max_iter: int = 2000,
+) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``model`` whose head is a linear probe for the classes of ``data``.
 
     Logistic regression (scikit-learn, L2, ``C``) on standardised pooled penultimate
@@ -330,7 +383,7 @@ def fit_probe_head(model: nn.Module, data: Any, num_classes: int | None = None, 
     """
     from sklearn.linear_model import LogisticRegression
 
-    from finetune.models import head_name
+    from tunelens.core.naming import head_name
 
     feats, y = head_features(model, data, max_samples=max_samples, device=device)
     classes = np.unique(y)
@@ -363,6 +416,11 @@ def fit_probe_head(model: nn.Module, data: Any, num_classes: int | None = None, 
     if is_prepared(out):
         lin.weight.requires_grad_(False)
         lin.bias.requires_grad_(False)
-    info = {"train_acc": float(clf.score((feats - mu) / sd, y)), "n_train": int(len(y)),
-            "n_features": int(feats.shape[1]), "C": C, "head": name}
+    info = {
+        "train_acc": float(clf.score((feats - mu) / sd, y)),
+        "n_train": int(len(y)),
+        "n_features": int(feats.shape[1]),
+        "C": C,
+        "head": name,
+    }
     return out, info

@@ -8,6 +8,7 @@ and scored on the test split (Alain and Bengio 2016, "Understanding intermediate
 using linear classifier probes"). Run it on the base and the tuned model over the target
 task: :func:`probe_gain` shows where fine-tuning made the classes more decodable.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,11 +20,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from finetune.runtime import no_tf32, world_size
+from tunelens.core.runtime import no_tf32, world_size
 
 from .layers import LayerSpec, iterate_features, resolve_layers
 
-__all__ = ["global_pool", "layer_features", "fit_probe", "probe_layers", "probe_gain"]
+__all__ = ["fit_probe", "global_pool", "layer_features", "probe_gain", "probe_layers"]
 
 
 def global_pool(t: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,9 @@ def _gather(arr: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def layer_features(model: nn.Module, loader: Iterable, layers: Sequence[str],
-                   device: torch.device | str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def layer_features(
+    model: nn.Module, loader: Iterable, layers: Sequence[str], device: torch.device | str | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Globally pooled features ``{layer: (N, D) float64}`` and the labels ``(N,)`` over ``loader``.
 
     Under ``torch.distributed`` every rank receives the features of all ranks.
@@ -74,8 +76,16 @@ def layer_features(model: nn.Module, loader: Iterable, layers: Sequence[str],
     return out, _gather(torch.cat(labels).numpy())
 
 
-def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,
-              C: float = 1.0, max_iter: int = 1000, random_state: int = 0) -> dict[str, float]:
+def fit_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    C: float = 1.0,
+    max_iter: int = 1000,
+    random_state: int = 0,
+) -> dict[str, float]:
     """Standardise (fit on train), fit ``LogisticRegression(C, max_iter, random_state)``; train and test accuracy.
 
     Returns ``train_acc``, ``test_acc`` (fractions) and ``n_iter`` (lbfgs iterations; equal
@@ -92,14 +102,25 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(scaler.transform(x_train), y_train)
-    return {"train_acc": float(clf.score(scaler.transform(x_train), y_train)),
-            "test_acc": float(clf.score(scaler.transform(x_test), y_test)),
-            "n_iter": int(np.max(clf.n_iter_))}
+    return {
+        "train_acc": float(clf.score(scaler.transform(x_train), y_train)),
+        "test_acc": float(clf.score(scaler.transform(x_test), y_test)),
+        "n_iter": int(np.max(clf.n_iter_)),
+    }
 
 
-def probe_layers(model: nn.Module, train_loader: Iterable, test_loader: Iterable, layers: LayerSpec = "auto", *,
-                 name: str | None = None, C: float = 1.0, max_iter: int = 1000, random_state: int = 0,
-                 device: torch.device | str | None = None) -> pd.DataFrame:
+def probe_layers(
+    model: nn.Module,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    layers: LayerSpec = "auto",
+    *,
+    name: str | None = None,
+    C: float = 1.0,
+    max_iter: int = 1000,
+    random_state: int = 0,
+    device: torch.device | str | None = None,
+) -> pd.DataFrame:
     """Test accuracy of a linear probe on each layer's pooled, standardised features.
 
     ``layers`` as in :func:`analysis.layers.resolve_layers` (``"auto"``: for a ResNet the stem
@@ -117,9 +138,18 @@ def probe_layers(model: nn.Module, train_loader: Iterable, test_loader: Iterable
     rows = []
     for depth, layer in enumerate(names):
         r = fit_probe(xtr[layer], ytr, xte[layer], yte, C=C, max_iter=max_iter, random_state=random_state)
-        rows.append({"model": name or type(model).__name__, "layer": layer, "depth": depth,
-                     "n_features": int(xtr[layer].shape[1]), "n_train": len(ytr), "n_test": len(yte), **r,
-                     "chance": chance})
+        rows.append(
+            {
+                "model": name or type(model).__name__,
+                "layer": layer,
+                "depth": depth,
+                "n_features": int(xtr[layer].shape[1]),
+                "n_train": len(ytr),
+                "n_test": len(yte),
+                **r,
+                "chance": chance,
+            }
+        )
     cols = ["model", "layer", "depth", "n_features", "n_train", "n_test", "train_acc", "test_acc", "chance", "n_iter"]
     return pd.DataFrame(rows)[cols]
 
@@ -127,8 +157,16 @@ def probe_layers(model: nn.Module, train_loader: Iterable, test_loader: Iterable
 def probe_gain(base: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
     """Per layer (matched by name): ``base_test_acc``, ``tuned_test_acc`` and ``gain`` in percentage points
     (``100 * (tuned - base)``), in the tuned table's order."""
-    m = tuned[["layer", "depth", "test_acc"]].merge(base[["layer", "test_acc"]], on="layer", suffixes=("_tuned", "_base"))
-    out = pd.DataFrame({"layer": m["layer"], "depth": m["depth"], "base_test_acc": m["test_acc_base"],
-                        "tuned_test_acc": m["test_acc_tuned"]})
+    m = tuned[["layer", "depth", "test_acc"]].merge(
+        base[["layer", "test_acc"]], on="layer", suffixes=("_tuned", "_base")
+    )
+    out = pd.DataFrame(
+        {
+            "layer": m["layer"],
+            "depth": m["depth"],
+            "base_test_acc": m["test_acc_base"],
+            "tuned_test_acc": m["test_acc_tuned"],
+        }
+    )
     out["gain"] = 100.0 * (out["tuned_test_acc"] - out["base_test_acc"])
     return out.reset_index(drop=True)

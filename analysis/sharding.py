@@ -17,6 +17,7 @@ share of them, and the results are reduced (sums) or gathered (rows):
 
 Everything here is a no-op in a single process.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -24,9 +25,9 @@ from typing import Any
 
 import pandas as pd
 
-from finetune.runtime import ShardedBatchSampler, all_gather_objects, shard_loader, world_size
+from tunelens.core.runtime import ShardedBatchSampler, all_gather_objects, shard_loader, world_size
 
-__all__ = ["shard_loader", "ShardedBatchSampler", "gather_rows", "batch_offsets", "per_sample_batch_size"]
+__all__ = ["ShardedBatchSampler", "batch_offsets", "gather_rows", "per_sample_batch_size", "shard_loader"]
 
 
 def per_sample_batch_size(n: int, batch_size: int) -> int:
@@ -48,8 +49,9 @@ def batch_offsets(loader: Iterable) -> list[int] | None:
     return bs.offsets() if isinstance(bs, ShardedBatchSampler) else None
 
 
-def gather_rows(rows: Sequence[dict[str, Any]] | pd.DataFrame, sort_by: str | Sequence[str] | None = None
-                ) -> pd.DataFrame:
+def gather_rows(
+    rows: Sequence[dict[str, Any]] | pd.DataFrame, sort_by: str | Sequence[str] | None = None
+) -> pd.DataFrame:
     """All ranks' rows as one DataFrame (a collective: call it on every rank).
 
     ``rows``: this rank's rows (a list of dicts or a DataFrame). The parts are concatenated in rank

@@ -19,6 +19,7 @@ estimates stay; a zero self-HSIC (features constant across samples) gives NaN wi
 Gram matrices are formed inside the forward hook (:class:`analysis.layers.ActivationCapture`), so an
 in-place ReLU after a layer cannot overwrite what was measured, and modules that fire twice are refused.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,12 +34,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from analysis.activations import ExampleMaps, gram_pass, plot_feature_maps
-from analysis.layers import LayerSpec, resolve_layers
-from finetune.runtime import resolve_device
+from tunelens.analysis.activations import ExampleMaps, gram_pass, plot_feature_maps
+from tunelens.analysis.layers import LayerSpec, resolve_layers
+from tunelens.core.runtime import resolve_device
 
-__all__ = ["linear_cka", "CKAValue", "StreamingCKA", "CKAResult", "cka_matrix", "cka_against_chance",
-           "randomly_initialised", "estimator_name", "MIN_BATCH"]
+__all__ = [
+    "MIN_BATCH",
+    "CKAResult",
+    "CKAValue",
+    "StreamingCKA",
+    "cka_against_chance",
+    "cka_matrix",
+    "estimator_name",
+    "linear_cka",
+    "randomly_initialised",
+]
 
 MIN_BATCH = 4  # HSIC_1 divides by n(n-3); both estimators use the same batches so they stay comparable
 # A self-HSIC counts as zero when ||centred Gram||_F <= _DEGENERATE * ||Gram||_F (float64 rounding of the
@@ -58,7 +68,7 @@ class CKAValue(float):
     estimator: str
     reason: str
 
-    def __new__(cls, value: float, estimator: str, reason: str = "") -> "CKAValue":
+    def __new__(cls, value: float, estimator: str, reason: str = "") -> CKAValue:
         obj = super().__new__(cls, value)
         obj.estimator, obj.reason = estimator, reason
         return obj
@@ -133,8 +143,10 @@ def linear_cka(x: Any, y: Any, debiased: bool = False) -> CKAValue:
             scale = [float(torch.linalg.matrix_norm(X @ X.T)), float(torch.linalg.matrix_norm(Y @ Y.T))]
     bad = [w for w, s, ref in (("x", sx, scale[0]), ("y", sy, scale[1])) if not s > _DEGENERATE * ref]
     if bad:
-        reason = (f"self-similarity of {' and '.join(bad)} is zero (features constant across the {n} samples); "
-                  "CKA is undefined")
+        reason = (
+            f"self-similarity of {' and '.join(bad)} is zero (features constant across the {n} samples); "
+            "CKA is undefined"
+        )
         warnings.warn(f"linear_cka: NaN: {reason}", RuntimeWarning, stacklevel=2)
         return CKAValue(float("nan"), est, reason)
     return CKAValue(num / (sx * sy), est)
@@ -154,15 +166,23 @@ class StreamingCKA:
     Batches of fewer than 4 samples are skipped with a warning and counted.
     """
 
-    def __init__(self, layers_a: Sequence[str] | None = None, layers_b: Sequence[str] | None = None, *,
-                 debiased: bool = True, pairs: Sequence[tuple[str, str]] | None = None,
-                 keep_batches: bool = True) -> None:
+    def __init__(
+        self,
+        layers_a: Sequence[str] | None = None,
+        layers_b: Sequence[str] | None = None,
+        *,
+        debiased: bool = True,
+        pairs: Sequence[tuple[str, str]] | None = None,
+        keep_batches: bool = True,
+    ) -> None:
         self.debiased = debiased
         self.estimator = estimator_name(debiased, minibatch=True)
         self.keep_batches = keep_batches
-        self._init = (list(layers_a) if layers_a is not None else None,
-                      list(layers_b) if layers_b is not None else None,
-                      list(pairs) if pairs is not None else None)
+        self._init = (
+            list(layers_a) if layers_a is not None else None,
+            list(layers_b) if layers_b is not None else None,
+            list(pairs) if pairs is not None else None,
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -183,16 +203,18 @@ class StreamingCKA:
         common = [n for n in self.layers_a if n in set(self.layers_b)]
         if common:
             return [(n, n) for n in common]
-        return list(zip(self.layers_a, self.layers_b)) if len(self.layers_a) == len(self.layers_b) else []
+        return list(zip(self.layers_a, self.layers_b, strict=False)) if len(self.layers_a) == len(self.layers_b) else []
 
     def update(self, feats_a: Mapping[str, torch.Tensor], feats_b: Mapping[str, torch.Tensor]) -> None:
         """Add one batch of features (the same samples, in the same order, for both models)."""
+
         def grams(f: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out = {}
             for k, v in f.items():
                 x = _features64(v)
                 out[k] = x @ x.T
             return out
+
         self.update_grams(grams(feats_a), grams(feats_b))
 
     def update_grams(self, grams_a: Mapping[str, torch.Tensor], grams_b: Mapping[str, torch.Tensor]) -> None:
@@ -215,9 +237,12 @@ class StreamingCKA:
         if n < MIN_BATCH:
             self.skipped_samples += n
             self.skipped_batches += 1
-            warnings.warn(f"StreamingCKA: skipped a batch of {n} samples: the unbiased HSIC estimator divides by "
-                          f"n(n-3) and needs n >= {MIN_BATCH} (both estimators skip it so they stay comparable)",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"StreamingCKA: skipped a batch of {n} samples: the unbiased HSIC estimator divides by "
+                f"n(n-3) and needs n >= {MIN_BATCH} (both estimators skip it so they stay comparable)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         L = len(Ks)
         U = torch.empty((L, n * n), dtype=torch.float64, device=Ks[0].device)
@@ -252,25 +277,27 @@ class StreamingCKA:
         L = len(self.layers_a) + len(self.layers_b)
         ip = self._ip.clone() if self._ip is not None else torch.zeros((L, L), dtype=torch.float64)
         scale = self._scale.clone() if self._scale is not None else torch.zeros(L, dtype=torch.float64)
-        counts = torch.tensor([self.n_samples, self.n_batches, self.skipped_samples, self.skipped_batches],
-                              dtype=torch.float64)
-        recs = (torch.stack(self._records).cpu().numpy() if self._records
-                else np.zeros((0, len(self.pairs) + L)))
+        counts = torch.tensor(
+            [self.n_samples, self.n_batches, self.skipped_samples, self.skipped_batches], dtype=torch.float64
+        )
+        recs = torch.stack(self._records).cpu().numpy() if self._records else np.zeros((0, len(self.pairs) + L))
         if dist.is_available() and dist.is_initialized():
             nccl = dist.get_backend() == "nccl"
             dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
             flat = torch.cat([ip.flatten(), scale, counts.to(ip.device)]).to(dev)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat = flat.to(ip.device)
-            ip, scale, counts = flat[: L * L].view(L, L), flat[L * L: L * L + L], flat[L * L + L:]
+            ip, scale, counts = flat[: L * L].view(L, L), flat[L * L : L * L + L], flat[L * L + L :]
             parts: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(parts, recs)
             recs = np.concatenate(parts, axis=0)
         c = [int(round(float(v))) for v in counts.cpu()]
         info = {"n_samples": c[0], "n_batches": c[1], "skipped_samples": c[2], "skipped_batches": c[3]}
         if info["n_batches"] == 0:
-            raise ValueError(f"StreamingCKA: no batch had at least {MIN_BATCH} samples ({info['skipped_samples']} "
-                             f"samples in {info['skipped_batches']} batches were skipped); use a larger batch size")
+            raise ValueError(
+                f"StreamingCKA: no batch had at least {MIN_BATCH} samples ({info['skipped_samples']} "
+                f"samples in {info['skipped_batches']} batches were skipped); use a larger batch size"
+            )
         # canonical row order: the bootstrap no longer depends on batch order or on how ranks were sharded
         recs = recs[np.lexsort(recs.T[::-1])] if len(recs) else recs
         return ip.cpu(), scale.cpu(), info, recs
@@ -282,9 +309,11 @@ class StreamingCKA:
         names = [f"A:{k}" for k in la] + [f"B:{k}" for k in lb]
         reasons = {}
         for i, nm in enumerate(names):
-            if not float(d[i]) > _DEGENERATE ** 2 * float(scale[i]):
-                reasons[nm] = (f"self-HSIC of {nm} is {float(d[i]):.3g} (zero up to rounding: features constant "
-                               "across samples); its CKA row/column is NaN")
+            if not float(d[i]) > _DEGENERATE**2 * float(scale[i]):
+                reasons[nm] = (
+                    f"self-HSIC of {nm} is {float(d[i]):.3g} (zero up to rounding: features constant "
+                    "across samples); its CKA row/column is NaN"
+                )
                 d[i] = float("nan")
         if reasons:
             warnings.warn("StreamingCKA: " + "; ".join(reasons.values()), RuntimeWarning, stacklevel=3)
@@ -292,9 +321,11 @@ class StreamingCKA:
         A = len(la)
         attrs = dict(info, estimator=self.estimator, nan_reasons=reasons)
         out = []
-        for block, rows, cols, rn, cn in ((C[:A, A:], la, lb, "layer_a", "layer_b"),
-                                          (C[:A, :A], la, la, "layer_a", "layer_a"),
-                                          (C[A:, A:], lb, lb, "layer_b", "layer_b")):
+        for block, rows, cols, rn, cn in (
+            (C[:A, A:], la, lb, "layer_a", "layer_b"),
+            (C[:A, :A], la, la, "layer_a", "layer_a"),
+            (C[A:, A:], lb, lb, "layer_b", "layer_b"),
+        ):
             df = pd.DataFrame(block.copy(), index=pd.Index(rows, name=rn), columns=pd.Index(cols, name=cn))
             df.attrs = copy.deepcopy(attrs)
             out.append(df)
@@ -332,9 +363,17 @@ class StreamingCKA:
                     r = np.where((saa > 0) & (sbb > 0), sums[:, p] / np.sqrt(saa * sbb), np.nan)
                 if np.isfinite(ab.loc[a, b]) and np.isfinite(r).any():
                     lo[p], hi[p] = np.nanpercentile(r, [50 * (1 - ci), 50 * (1 + ci)])
-        df = pd.DataFrame({"layer_a": [a for a, _ in pairs], "layer_b": [b for _, b in pairs],
-                           "cka": [float(ab.loc[a, b]) for a, b in pairs], "ci_low": lo, "ci_high": hi,
-                           "n_batches": info["n_batches"], "estimator": self.estimator})
+        df = pd.DataFrame(
+            {
+                "layer_a": [a for a, _ in pairs],
+                "layer_b": [b for _, b in pairs],
+                "cka": [float(ab.loc[a, b]) for a, b in pairs],
+                "ci_low": lo,
+                "ci_high": hi,
+                "n_batches": info["n_batches"],
+                "estimator": self.estimator,
+            }
+        )
         df.attrs = dict(ab.attrs, ci=ci, n_boot=n_boot, seed=seed)
         return df
 
@@ -354,16 +393,34 @@ class CKAResult:
     n_samples: int = 0
     skipped_samples: int = 0
 
-    def plot_feature_maps(self, layer: str, layer_b: str | None = None, k: int = 4,
-                          labels: tuple[str, str] = ("A", "B"), path: str | None = None):
+    def plot_feature_maps(
+        self,
+        layer: str,
+        layer_b: str | None = None,
+        k: int = 4,
+        labels: tuple[str, str] = ("A", "B"),
+        path: str | None = None,
+    ):
         """The strongest channels of both models side by side (see :func:`analysis.activations.plot_feature_maps`)."""
         return plot_feature_maps(self.maps_a, self.maps_b, layer, layer_b, k=k, labels=labels, path=path)
 
 
-def cka_matrix(model_a: nn.Module, model_b: nn.Module, loader: Iterable, layers_a: LayerSpec = "auto",
-               layers_b: LayerSpec = "auto", *, debiased: bool = True, device: str | torch.device = "auto",
-               pairs: Sequence[tuple[str, str]] | None = None, n_examples: int = 4, n_boot: int = 1000,
-               ci: float = 0.95, seed: int = 0, labels: tuple[str, str] = ("A", "B")) -> CKAResult:
+def cka_matrix(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable,
+    layers_a: LayerSpec = "auto",
+    layers_b: LayerSpec = "auto",
+    *,
+    debiased: bool = True,
+    device: str | torch.device = "auto",
+    pairs: Sequence[tuple[str, str]] | None = None,
+    n_examples: int = 4,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    labels: tuple[str, str] = ("A", "B"),
+) -> CKAResult:
     """A x B, A x A and B x B minibatch CKA, activation statistics and example feature maps, in one pass.
 
     Each batch runs once through each model (eval mode, no grad; models are moved to ``device``; hooks
@@ -375,13 +432,15 @@ def cka_matrix(model_a: nn.Module, model_b: nn.Module, loader: Iterable, layers_
     dev = resolve_device(device)
     la, lb = resolve_layers(model_a, layers_a), resolve_layers(model_b, layers_b)
     metric = StreamingCKA(la, lb, debiased=debiased, pairs=pairs)
-    stats, maps = gram_pass([model_a, model_b], [la, lb], loader, dev,
-                            lambda g: metric.update_grams(g[0], g[1]), n_examples=n_examples)
+    stats, maps = gram_pass(
+        [model_a, model_b], [la, lb], loader, dev, lambda g: metric.update_grams(g[0], g[1]), n_examples=n_examples
+    )
     ab, aa, bb = metric.compute_all()
     diag = metric.bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed)
     acts = pd.concat([stats[0].table(labels[0]), stats[1].table(labels[1])], ignore_index=True)
-    return CKAResult(ab, aa, bb, diag, acts, maps[0], maps[1], metric.estimator, ab.attrs["n_samples"],
-                     ab.attrs["skipped_samples"])
+    return CKAResult(
+        ab, aa, bb, diag, acts, maps[0], maps[1], metric.estimator, ab.attrs["n_samples"], ab.attrs["skipped_samples"]
+    )
 
 
 def randomly_initialised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -399,10 +458,20 @@ def randomly_initialised(model: nn.Module, seed: int = 0) -> nn.Module:
     return m.to(dev).eval()
 
 
-def cka_against_chance(base: nn.Module, tuned: nn.Module, loader: Iterable, random_model: nn.Module | None = None,
-                       scratch: nn.Module | None = None, layers: LayerSpec = "auto", *, debiased: bool = True,
-                       device: str | torch.device = "auto", seed: int = 0, n_boot: int = 1000,
-                       ci: float = 0.95) -> pd.DataFrame:
+def cka_against_chance(
+    base: nn.Module,
+    tuned: nn.Module,
+    loader: Iterable,
+    random_model: nn.Module | None = None,
+    scratch: nn.Module | None = None,
+    layers: LayerSpec = "auto",
+    *,
+    debiased: bool = True,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+) -> pd.DataFrame:
     """Per layer: CKA(base, tuned) with a bootstrap CI over batches, next to CKA(base, random weights) and
     CKA(tuned, scratch) when a from-scratch model is given (NaN otherwise), all from one pass.
 
@@ -420,21 +489,23 @@ def cka_against_chance(base: nn.Module, tuned: nn.Module, loader: Iterable, rand
     jobs = [(0, 1), (0, 2)] + ([(1, 3)] if scratch is not None else [])
 
     def sink(g: list[dict[str, torch.Tensor]]) -> None:
-        for metric, (i, j) in zip(metrics, jobs):
+        for metric, (i, j) in zip(metrics, jobs, strict=False):
             metric.update_grams(g[i], g[j])
 
     gram_pass(models, lists, loader, dev, sink)
     d_bt = metrics[0].bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed).set_index("layer_a")
     ab_br = metrics[1].compute()
     ab_ts = metrics[2].compute() if scratch is not None else None
-    df = pd.DataFrame({
-        "layer": names,
-        "cka_base_tuned": [float(d_bt.loc[n, "cka"]) for n in names],
-        "ci_low": [float(d_bt.loc[n, "ci_low"]) for n in names],
-        "ci_high": [float(d_bt.loc[n, "ci_high"]) for n in names],
-        "cka_base_random": [float(ab_br.loc[n, n]) for n in names],
-        "cka_tuned_scratch": [float(ab_ts.loc[n, n]) if ab_ts is not None else float("nan") for n in names],
-        "estimator": metrics[0].estimator,
-    })
+    df = pd.DataFrame(
+        {
+            "layer": names,
+            "cka_base_tuned": [float(d_bt.loc[n, "cka"]) for n in names],
+            "ci_low": [float(d_bt.loc[n, "ci_low"]) for n in names],
+            "ci_high": [float(d_bt.loc[n, "ci_high"]) for n in names],
+            "cka_base_random": [float(ab_br.loc[n, n]) for n in names],
+            "cka_tuned_scratch": [float(ab_ts.loc[n, n]) if ab_ts is not None else float("nan") for n in names],
+            "estimator": metrics[0].estimator,
+        }
+    )
     df.attrs = dict(d_bt.attrs, random_seed=seed, scratch=scratch is not None)
     return df

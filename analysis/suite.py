@@ -5,6 +5,7 @@ and users' own checkpoints alike, and returns a :class:`~analysis.results.Result
 (tables + arrays + summary with ranked findings). Each analysis is optional and a
 skipped one says why in ``summary["skipped"]``.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,9 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tunelens.core.evaluation import unpack_batch
+from tunelens.core.results import Results
+
 from . import findings as F
-from .layers import resolve_layers, unpack_batch
-from .results import Results
+from .layers import resolve_layers
 from .sharding import batch_offsets, gather_rows, per_sample_batch_size, shard_loader
 from .weights import aggregate_deltas, first_conv_filters, weight_deltas
 
@@ -46,8 +49,16 @@ def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: 
             loss = torch.nn.functional.cross_entropy(out, y.to(device, non_blocking=True), reduction="none").cpu()
             pred = out.argmax(1).cpu()
             for i in range(len(y)):
-                rows.append({"model": name, "index": idx, "label": int(y[i]), "pred": int(pred[i]),
-                             "correct": int(pred[i] == y[i]), "loss": float(loss[i])})
+                rows.append(
+                    {
+                        "model": name,
+                        "index": idx,
+                        "label": int(y[i]),
+                        "pred": int(pred[i]),
+                        "correct": int(pred[i] == y[i]),
+                        "loss": float(loss[i]),
+                    }
+                )
                 idx += 1
         frames.append(gather_rows(rows, sort_by="index"))
     frames = [f for f in frames if len(f)]
@@ -62,9 +73,16 @@ def training_tables(manifests: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFr
         for rec in man.get("history", []):
             curves.append({"model": name, **{k: v for k, v in rec.items() if not isinstance(v, dict)}})
             for s, g in rec.get("grad_norm", {}).items():
-                stages.append({"model": name, "epoch": rec["epoch"], "stage": s,
-                               "depth": order.index(s) if s in order else len(order), "grad_norm": g,
-                               "update_ratio": rec.get("update_ratio", {}).get(s)})
+                stages.append(
+                    {
+                        "model": name,
+                        "epoch": rec["epoch"],
+                        "stage": s,
+                        "depth": order.index(s) if s in order else len(order),
+                        "grad_norm": g,
+                        "update_ratio": rec.get("update_ratio", {}).get(s),
+                    }
+                )
     st = pd.DataFrame(stages)
     if len(st):
         st = st.sort_values(["model", "epoch", "depth"], kind="stable").reset_index(drop=True)
@@ -73,7 +91,7 @@ def training_tables(manifests: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFr
 
 def _random_like(base: nn.Module, manifest: dict, seed: int) -> nn.Module:
     """The base architecture with fresh random weights (its own initialisation when tunelens can build it)."""
-    from finetune.models import build_model
+    from tunelens.finetune.models import build_model
 
     from .similarity import randomly_initialised
 
@@ -81,14 +99,14 @@ def _random_like(base: nn.Module, manifest: dict, seed: int) -> nn.Module:
         m = build_model(manifest["arch"], int(manifest["num_classes"]), seed=seed)
         if set(m.state_dict()) == set(base.state_dict()):
             return m
-    except Exception:  # noqa: BLE001 - fall back to resetting the parameters in place
+    except Exception:
         pass
     return randomly_initialised(base, seed=seed)
 
 
 def _backbone_layers(base: nn.Module, tuned: nn.Module) -> list[str]:
     """``auto`` layers, without the head when the two heads have different shapes."""
-    from finetune.models import head_name
+    from tunelens.core.naming import head_name
 
     layers = resolve_layers(base, "auto")
     hb, ht = head_name(base), head_name(tuned)
@@ -108,11 +126,21 @@ def _similarity(res: Results, models, manifests, tuned_names, primary, loader, c
     if layers != resolve_layers(base, "auto"):
         res.summary.setdefault("notes", []).append(
             "The base and tuned heads differ in shape, so CKA compares the backbones (up to the pooled features); "
-            "the logits layer is left out.")
+            "the logits layer is left out."
+        )
     diag = []
     for name in tuned_names:
-        r = cka_matrix(base, models[name], loader, layers, layers, device=device, seed=seed, labels=("base", name),
-                       n_examples=4 if name == primary else 0)
+        r = cka_matrix(
+            base,
+            models[name],
+            loader,
+            layers,
+            layers,
+            device=device,
+            seed=seed,
+            labels=("base", name),
+            n_examples=4 if name == primary else 0,
+        )
         d = r.diagonal.copy()
         d.insert(0, "model", name)
         d.insert(1, "layer", d["layer_a"])
@@ -122,20 +150,32 @@ def _similarity(res: Results, models, manifests, tuned_names, primary, loader, c
             res.tables["cka_base_base"] = r.aa.reset_index(names="layer")
             res.tables["cka_tuned_tuned"] = r.bb.reset_index(names="layer")
             res.tables["activations"] = r.activations
-            res.summary["cka"] = {"estimator": r.estimator, "n_samples": r.n_samples,
-                                  "skipped_samples": r.skipped_samples, "primary": name}
+            res.summary["cka"] = {
+                "estimator": r.estimator,
+                "n_samples": r.n_samples,
+                "skipped_samples": r.skipped_samples,
+                "primary": name,
+            }
             maps = {}
             for layer in ("layer1", "layer4"):
                 if layer in r.maps_a.maps and layer in r.maps_b.maps:
                     ch_a, ma = r.maps_a.strongest(layer, 4)
-                    ch_b, mb = r.maps_b.strongest(layer, 4, reference=r.maps_a)
+                    _ch_b, mb = r.maps_b.strongest(layer, 4, reference=r.maps_a)
                     maps.update({f"{layer}_base": ma, f"{layer}_tuned": mb, f"{layer}_channels": ch_a})
             if maps and r.maps_a.images is not None:
                 maps["images"] = r.maps_a.images
                 res.arrays["feature_maps"] = maps
     res.tables["cka_diagonal"] = pd.concat(diag, ignore_index=True)
-    chance = cka_against_chance(base, models[primary], loader, layers=layers, random_model=_random_like(base, manifests["base"], seed + 7),
-                                scratch=models.get("scratch"), device=device, seed=seed)
+    chance = cka_against_chance(
+        base,
+        models[primary],
+        loader,
+        layers=layers,
+        random_model=_random_like(base, manifests["base"], seed + 7),
+        scratch=models.get("scratch"),
+        device=device,
+        seed=seed,
+    )
     chance.insert(0, "model", primary)
     res.tables["cka_chance"] = chance
     findings += F.similarity_findings(chance, primary)
@@ -146,9 +186,17 @@ def _attribution(res: Results, models, primary, data, cfg, device, findings, pro
 
     acfg = cfg["analysis"]
     classes = getattr(data["test"], "classes", None)
-    study = attribution_study(models["base"], models[primary], data["test"], n_images=acfg["attribution_images"],
-                              seed=cfg.get("seed", 0), device=device, probe_data=data.get("train"),
-                              classes=list(classes) if classes is not None else None, progress=progress)
+    study = attribution_study(
+        models["base"],
+        models[primary],
+        data["test"],
+        n_images=acfg["attribution_images"],
+        seed=cfg.get("seed", 0),
+        device=device,
+        probe_data=data.get("train"),
+        classes=list(classes) if classes is not None else None,
+        progress=progress,
+    )
     res.tables["attribution_summary"] = study.summary
     res.tables["attribution_comparisons"] = study.comparisons
     res.tables["attribution_per_class"] = study.per_class
@@ -159,14 +207,26 @@ def _attribution(res: Results, models, primary, data, cfg, device, findings, pro
     if study.faithfulness is not None:
         res.tables["attribution_faithfulness"] = study.faithfulness
     for method, ex in study.examples.items():
-        arr = {"inputs": ex.inputs, "base": ex.base, "tuned": ex.tuned, "labels": ex.labels,
-               "base_pred": ex.base_pred, "tuned_pred": ex.tuned_pred, "similarity": ex.similarity,
-               "kinds": np.array(ex.kinds, dtype="U32")}
+        arr = {
+            "inputs": ex.inputs,
+            "base": ex.base,
+            "tuned": ex.tuned,
+            "labels": ex.labels,
+            "base_pred": ex.base_pred,
+            "tuned_pred": ex.tuned_pred,
+            "similarity": ex.similarity,
+            "kinds": np.array(ex.kinds, dtype="U32"),
+        }
         if ex.masks is not None:
             arr["masks"] = ex.masks
         res.arrays[f"attribution_examples_{method}"] = arr
-    res.summary["attribution"] = {"settings": study.settings, "timings": study.timings, "notes": study.notes,
-                                  "primary": primary, "classes": study.classes}
+    res.summary["attribution"] = {
+        "settings": study.settings,
+        "timings": study.timings,
+        "notes": study.notes,
+        "primary": primary,
+        "classes": study.classes,
+    }
     res.summary.setdefault("notes", []).extend(study.notes)
     findings += F.attribution_findings(study.summary, study.localisation, study.per_class, primary)
 
@@ -187,18 +247,27 @@ def _functional(res: Results, models, tuned_names, primary, data, acfg, device, 
         r.insert(0, "model", name)
         rws.append(r)
     res.tables["rewind"] = pd.concat(rws, ignore_index=True)
-    it = interpolate(base, models[primary], test_loader, steps=acfg.get("interpolation_steps", 11),
-                     train_loader=bn_loader, device=device)
+    it = interpolate(
+        base,
+        models[primary],
+        test_loader,
+        steps=acfg.get("interpolation_steps", 11),
+        train_loader=bn_loader,
+        device=device,
+    )
     it.insert(0, "model", primary)
     res.tables["interpolation"] = it
     res.summary["interpolation"] = {k: v for k, v in it.attrs.items()}
-    probes = [probe_layers(models[n], train_loader, test_loader, name=n, device=device)
-              for n in ["base", primary] + (["scratch"] if "scratch" in models else [])]
+    probes = [
+        probe_layers(models[n], train_loader, test_loader, name=n, device=device)
+        for n in ["base", primary] + (["scratch"] if "scratch" in models else [])
+    ]
     res.tables["probes"] = pd.concat(probes, ignore_index=True)
     gains = probe_gain(probes[0], probes[1])
     res.tables["probe_gain"] = gains
-    findings += F.functional_findings(res.tables["rewind"], it, it.attrs.get("barrier"), gains,
-                                      res.tables.get("weight_stages"), primary)
+    findings += F.functional_findings(
+        res.tables["rewind"], it, it.attrs.get("barrier"), gains, res.tables.get("weight_stages"), primary
+    )
 
 
 def strategies_table(res: Results, manifests: dict[str, dict]) -> pd.DataFrame:
@@ -208,8 +277,12 @@ def strategies_table(res: Results, manifests: dict[str, dict]) -> pd.DataFrame:
     st = res.tables.get("weight_stages")
     cka = res.tables.get("cka_diagonal")
     for name in acc.index:
-        row = {"model": name, "strategy": acc.loc[name, "strategy"], "test_acc": acc.loc[name, "acc"],
-               "train_seconds": acc.loc[name, "train_seconds"]}
+        row = {
+            "model": name,
+            "strategy": acc.loc[name, "strategy"],
+            "test_acc": acc.loc[name, "acc"],
+            "train_seconds": acc.loc[name, "train_seconds"],
+        }
         if st is not None:
             for _, r in st[st["model"] == name].iterrows():
                 if r["stage"] != "head":
@@ -221,9 +294,15 @@ def strategies_table(res: Results, manifests: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], data: dict[str, Dataset],
-                   cfg: dict[str, Any], device: torch.device, log: Callable[[str], None] = print,
-                   progress: bool = True) -> Results:
+def analyze_models(
+    models: dict[str, nn.Module],
+    manifests: dict[str, dict],
+    data: dict[str, Dataset],
+    cfg: dict[str, Any],
+    device: torch.device,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> Results:
     """Run the analyses. ``models`` holds ``base``, the tuned models and optionally ``scratch``;
     ``data`` holds the target task's ``train`` and ``test`` splits (items ``(x, y[, mask])``)."""
     acfg = cfg["analysis"]
@@ -239,16 +318,21 @@ def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], dat
     test_loader = shard_loader(data["test"], acfg["batch_size"], device=device)
 
     sample = [data["test"][i] for i in range(min(8, len(data["test"])))]
-    res.arrays["samples"] = {"images": torch.stack([b[0] for b in sample]).numpy(),
-                             "labels": torch.as_tensor([int(b[1]) for b in sample]).numpy()}
+    res.arrays["samples"] = {
+        "images": torch.stack([b[0] for b in sample]).numpy(),
+        "labels": torch.as_tensor([int(b[1]) for b in sample]).numpy(),
+    }
     if sample and len(sample[0]) > 2:
         res.arrays["samples"]["masks"] = torch.stack([torch.as_tensor(b[2]) for b in sample]).numpy()
 
     t = time.perf_counter()
     preds = predictions_table({n: m for n, m in models.items() if n != "base"}, test_loader, device)
     res.tables["predictions"] = preds
-    acc = preds.groupby("model", sort=False).agg(acc=("correct", "mean"), loss=("loss", "mean"),
-                                                  n=("correct", "size")).reset_index()
+    acc = (
+        preds.groupby("model", sort=False)
+        .agg(acc=("correct", "mean"), loss=("loss", "mean"), n=("correct", "size"))
+        .reset_index()
+    )
     acc["role"] = acc["model"].map(lambda n: manifests[n].get("role"))
     acc["strategy"] = acc["model"].map(lambda n: manifests[n].get("strategy"))
     acc["train_seconds"] = acc["model"].map(lambda n: manifests[n].get("seconds"))
@@ -277,10 +361,11 @@ def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], dat
     timings["weights"] = time.perf_counter() - t
 
     res.summary["skipped"] = skipped
-    stages = (("cka", lambda: _similarity(res, models, manifests, tuned_names, primary, test_loader, cfg, device,
-                                          findings)),
-              ("attribution", lambda: _attribution(res, models, primary, data, cfg, device, findings, progress)),
-              ("functional", lambda: _functional(res, models, tuned_names, primary, data, acfg, device, findings)))
+    stages = (
+        ("cka", lambda: _similarity(res, models, manifests, tuned_names, primary, test_loader, cfg, device, findings)),
+        ("attribution", lambda: _attribution(res, models, primary, data, cfg, device, findings, progress)),
+        ("functional", lambda: _functional(res, models, tuned_names, primary, data, acfg, device, findings)),
+    )
     for name, run in stages:
         if not acfg.get(name, True):
             skipped[name] = f"disabled in the configuration (analysis.{name} = false)"
@@ -291,6 +376,7 @@ def analyze_models(models: dict[str, nn.Module], manifests: dict[str, dict], dat
 
     res.tables["strategies"] = strategies_table(res, manifests)
 
-    res.summary.update(primary=primary, tuned=tuned_names, timings=timings, skipped=skipped,
-                       findings=F.rank_findings(findings))
+    res.summary.update(
+        primary=primary, tuned=tuned_names, timings=timings, skipped=skipped, findings=F.rank_findings(findings)
+    )
     return res

@@ -16,6 +16,7 @@ Matrix quantities use conv kernels reshaped to ``out x (in*k*k)``; for vectors
 whose shape differs (a replaced head) are rows with ``status == "replaced"`` and no
 numbers. BatchNorm running statistics get rows of ``kind == "bn_stat"``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ from torch import nn
 
 from .layers import stage_of
 
-__all__ = ["weight_deltas", "aggregate_deltas", "first_conv_filters", "as_state_dict", "ArchitectureMismatch"]
+__all__ = ["ArchitectureMismatch", "aggregate_deltas", "as_state_dict", "first_conv_filters", "weight_deltas"]
 
 _BN_STATS = ("running_mean", "running_var")
 
@@ -58,8 +59,11 @@ def _check_keys(a: dict, b: dict) -> None:
             parts.append(f"in base but not in tuned: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
         if extra:
             parts.append(f"in tuned but not in base: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
-        raise ArchitectureMismatch("the two models do not have the same architecture (" + "; ".join(parts) +
-                                   "). Compare checkpoints of one architecture.")
+        raise ArchitectureMismatch(
+            "the two models do not have the same architecture ("
+            + "; ".join(parts)
+            + "). Compare checkpoints of one architecture."
+        )
 
 
 def _matrix_stats(d: torch.Tensor) -> dict[str, float]:
@@ -70,17 +74,29 @@ def _matrix_stats(d: torch.Tensor) -> dict[str, float]:
     if m.shape[1] > m.shape[0]:
         m = m.T  # same singular values; LAPACK is far faster on tall matrices than on wide ones
     s = torch.linalg.svdvals(m)
-    tot2 = float((s ** 2).sum())
+    tot2 = float((s**2).sum())
     if tot2 == 0.0:
-        return {"spectral": 0.0, "stable_rank": float("nan"), "effective_rank": float("nan"), "top1_energy": float("nan")}
+        return {
+            "spectral": 0.0,
+            "stable_rank": float("nan"),
+            "effective_rank": float("nan"),
+            "top1_energy": float("nan"),
+        }
     p = s / s.sum()
     p = p[p > 0]
-    return {"spectral": float(s[0]), "stable_rank": tot2 / float(s[0]) ** 2,
-            "effective_rank": float(torch.exp(-(p * p.log()).sum())), "top1_energy": float(s[0]) ** 2 / tot2}
+    return {
+        "spectral": float(s[0]),
+        "stable_rank": tot2 / float(s[0]) ** 2,
+        "effective_rank": float(torch.exp(-(p * p.log()).sum())),
+        "top1_energy": float(s[0]) ** 2 / tot2,
+    }
 
 
-def weight_deltas(base: nn.Module | Mapping[str, torch.Tensor], tuned: nn.Module | Mapping[str, torch.Tensor],
-                  include_buffers: bool = True) -> pd.DataFrame:
+def weight_deltas(
+    base: nn.Module | Mapping[str, torch.Tensor],
+    tuned: nn.Module | Mapping[str, torch.Tensor],
+    include_buffers: bool = True,
+) -> pd.DataFrame:
     """One row per parameter tensor (and BatchNorm running statistic) shared by ``base`` and ``tuned``.
 
     Columns: ``name``, ``module``, ``stage``, ``depth`` (index of the stage in forward order), ``kind``
@@ -108,9 +124,16 @@ def weight_deltas(base: nn.Module | Mapping[str, torch.Tensor], tuned: nn.Module
         if stage not in stages:
             stages.append(stage)
         kind = "bn_stat" if is_stat else ("weight" if w0.ndim >= 2 else ("bias" if leaf == "bias" else "vector"))
-        row = {"name": name, "module": module, "stage": stage, "depth": stages.index(stage), "kind": kind,
-               "shape": "x".join(map(str, w0.shape)) + (" -> " + "x".join(map(str, w1.shape)) if w0.shape != w1.shape else ""),
-               "numel": int(w0.numel())}
+        row = {
+            "name": name,
+            "module": module,
+            "stage": stage,
+            "depth": stages.index(stage),
+            "kind": kind,
+            "shape": "x".join(map(str, w0.shape))
+            + (" -> " + "x".join(map(str, w1.shape)) if w0.shape != w1.shape else ""),
+            "numel": int(w0.numel()),
+        }
         if w0.shape != w1.shape:
             row["status"] = "replaced"
             rows.append(row)
@@ -118,15 +141,36 @@ def weight_deltas(base: nn.Module | Mapping[str, torch.Tensor], tuned: nn.Module
         w0d, w1d = w0.detach().double().cpu(), w1.detach().double().cpu()
         d = w1d - w0d
         n0, n1, nd = float(w0d.norm()), float(w1d.norm()), float(d.norm())
-        row.update(status="compared", norm_base=n0, frobenius=nd,
-                   relative=nd / n0 if n0 > 0 else (0.0 if nd == 0 else float("inf")),
-                   cosine=float((w0d * w1d).sum()) / (n0 * n1) if n0 > 0 and n1 > 0 else float("nan"),
-                   max_abs=float(d.abs().max()) if d.numel() else 0.0)
+        row.update(
+            status="compared",
+            norm_base=n0,
+            frobenius=nd,
+            relative=nd / n0 if n0 > 0 else (0.0 if nd == 0 else float("inf")),
+            cosine=float((w0d * w1d).sum()) / (n0 * n1) if n0 > 0 and n1 > 0 else float("nan"),
+            max_abs=float(d.abs().max()) if d.numel() else 0.0,
+        )
         if kind == "weight":
             row.update(_matrix_stats(d))
         rows.append(row)
-    cols = ["name", "module", "stage", "depth", "kind", "shape", "numel", "status", "norm_base", "frobenius",
-            "relative", "cosine", "max_abs", "spectral", "stable_rank", "effective_rank", "top1_energy"]
+    cols = [
+        "name",
+        "module",
+        "stage",
+        "depth",
+        "kind",
+        "shape",
+        "numel",
+        "status",
+        "norm_base",
+        "frobenius",
+        "relative",
+        "cosine",
+        "max_abs",
+        "spectral",
+        "stable_rank",
+        "effective_rank",
+        "top1_energy",
+    ]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
@@ -145,16 +189,25 @@ def aggregate_deltas(df: pd.DataFrame, by: str = "stage", include_stats: bool = 
         c = g[g["status"] == "compared"]
         num = float(np.sqrt((c["frobenius"] ** 2).sum()))
         den = float(np.sqrt((c["norm_base"] ** 2).sum()))
-        out.append({by: key, "depth": int(g["depth"].min()), "tensors": len(g), "numel": int(g["numel"].sum()),
-                    "replaced": int((g["status"] == "replaced").sum()), "frobenius": num,
-                    "relative": num / den if den > 0 else float("nan"),
-                    "mean_relative": float(c["relative"].mean()) if len(c) else float("nan"),
-                    "min_cosine": float(c["cosine"].min()) if len(c) else float("nan")})
+        out.append(
+            {
+                by: key,
+                "depth": int(g["depth"].min()),
+                "tensors": len(g),
+                "numel": int(g["numel"].sum()),
+                "replaced": int((g["status"] == "replaced").sum()),
+                "frobenius": num,
+                "relative": num / den if den > 0 else float("nan"),
+                "mean_relative": float(c["relative"].mean()) if len(c) else float("nan"),
+                "min_cosine": float(c["cosine"].min()) if len(c) else float("nan"),
+            }
+        )
     return pd.DataFrame(out).sort_values("depth", kind="stable").reset_index(drop=True)
 
 
-def first_conv_filters(base: nn.Module | Mapping[str, torch.Tensor], tuned: nn.Module | Mapping[str, torch.Tensor]
-                       ) -> dict[str, np.ndarray] | None:
+def first_conv_filters(
+    base: nn.Module | Mapping[str, torch.Tensor], tuned: nn.Module | Mapping[str, torch.Tensor]
+) -> dict[str, np.ndarray] | None:
     """The first convolution's kernels of both models and their difference (``out x in x k x k`` arrays),
     or None when there is no 4-d weight with matching shapes."""
     a, b = as_state_dict(base), as_state_dict(tuned)

@@ -5,8 +5,10 @@ not see torch's allocations. A peak is only meaningful in a fresh process, so
 :func:`run_fresh` runs a function of a benchmark module in a new interpreter and returns what it
 returned (JSON), together with that process's peak RSS.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -21,8 +23,18 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "timed", "time_interleaved", "paired_ratio", "rss_mb", "peak_rss_mb", "run_fresh", "write_json",
-           "machine_info", "set_threads"]
+__all__ = [
+    "ROOT",
+    "machine_info",
+    "paired_ratio",
+    "peak_rss_mb",
+    "rss_mb",
+    "run_fresh",
+    "set_threads",
+    "time_interleaved",
+    "timed",
+    "write_json",
+]
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -32,8 +44,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, out
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1,
-                     sync: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> dict[str, dict[str, Any]]:
     """Time several functions alternately (A B C A B C ...), so slow drifts of a shared machine hit all
     of them alike. Per name: wall-clock ``times``/``median``/``min`` and process CPU time ``cpu_times``/
     ``cpu_median`` (with one thread, CPU time is the cost even when other jobs share the cores)."""
@@ -52,13 +65,21 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup
                 sync()
             wall[k].append(time.perf_counter() - t)
             cpu[k].append(time.process_time() - c)
-    return {k: {"times": wall[k], "median": statistics.median(wall[k]), "min": min(wall[k]),
-                "cpu_times": cpu[k], "cpu_median": statistics.median(cpu[k])} for k in fns}
+    return {
+        k: {
+            "times": wall[k],
+            "median": statistics.median(wall[k]),
+            "min": min(wall[k]),
+            "cpu_times": cpu[k],
+            "cpu_median": statistics.median(cpu[k]),
+        }
+        for k in fns
+    }
 
 
 def paired_ratio(t: dict[str, dict[str, Any]], num: str, den: str, key: str = "times") -> float:
     """Median over repeats of ``t[num][key][i] / t[den][key][i]`` (pairs timed back to back)."""
-    return statistics.median(a / b for a, b in zip(t[num][key], t[den][key]))
+    return statistics.median(a / b for a, b in zip(t[num][key], t[den][key], strict=False))
 
 
 def rss_mb() -> float:
@@ -66,7 +87,7 @@ def rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return peak_rss_mb()
 
@@ -81,15 +102,16 @@ def peak_rss_mb() -> float:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2 ** 10
+                    return int(line.split()[1]) / 2**10
     except OSError:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def run_fresh(module: str, func: str, kwargs: dict[str, Any], env: dict[str, str] | None = None,
-              timeout: float = 1800) -> dict[str, Any]:
+def run_fresh(
+    module: str, func: str, kwargs: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 1800
+) -> dict[str, Any]:
     """Run ``module.func(**kwargs)`` in a new Python process (repository root on the path) and return its
     JSON-serialisable result, with ``peak_rss_mb`` of that process added."""
     code = (
@@ -101,12 +123,18 @@ def run_fresh(module: str, func: str, kwargs: dict[str, Any], env: dict[str, str
         "out['peak_rss_mb'] = peak_rss_mb()\n"
         "print('@@RESULT@@' + json.dumps(out))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=str(ROOT),
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{module}.{func} failed in a fresh process:\n{proc.stderr[-4000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")][-1]
-    return json.loads(line[len("@@RESULT@@"):])
+    return json.loads(line[len("@@RESULT@@") :])
 
 
 def set_threads(n: int | None) -> int:
@@ -121,12 +149,15 @@ def set_threads(n: int | None) -> int:
 def machine_info() -> dict[str, Any]:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
-    try:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(OSError):
         info["loadavg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -25,6 +25,7 @@
 
 Writes ``artifacts/bench/attribution.json`` and prints a summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,18 +36,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import contextlib
 
-from bench._common import machine_info, paired_ratio, set_threads, time_interleaved, write_json  # noqa: E402
+import torch
+
+from bench._common import machine_info, paired_ratio, set_threads, time_interleaved, write_json
 
 RATIO_TARGET = 1.25
 STAGE_TARGET_S = 60.0
 
 
 def _cost(device: str, n_images: int, n_steps: int, batch: int, repeats: int, threads: int) -> dict:
-    from analysis.attribution import attribute_group
-    from analysis.prepare import prepare_for_attribution
-    from finetune.models import build_model
+    from tunelens.analysis.attribution import attribute_group
+    from tunelens.analysis.prepare import prepare_for_attribution
+    from tunelens.finetune.models import build_model
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n_images, 3, 32, 32, generator=g).to(device)
@@ -60,14 +63,14 @@ def _cost(device: str, n_images: int, n_steps: int, batch: int, repeats: int, th
     # the same path points and batches as Captum's internal batching: ``batch // n_images`` steps per pass
     from captum.attr._utils.approximation_methods import approximation_parameters
 
-    step_sizes_fn, alphas_fn = approximation_parameters("gausslegendre")
+    _step_sizes_fn, alphas_fn = approximation_parameters("gausslegendre")
     alphas = torch.tensor(alphas_fn(n_steps), dtype=x.dtype, device=device)
     per = max(1, batch // n_images)
 
     def by_hand():
         total = torch.zeros_like(x)
         for s in range(0, n_steps, per):
-            a = alphas[s:s + per]
+            a = alphas[s : s + per]
             xs = (a.view(-1, 1, 1, 1, 1) * x[None]).reshape(-1, *x.shape[1:]).requires_grad_(True)
             out = model(xs)
             (grad,) = torch.autograd.grad(out.gather(1, t.repeat(len(a))[:, None]).sum(), xs)
@@ -76,19 +79,28 @@ def _cost(device: str, n_images: int, n_steps: int, batch: int, repeats: int, th
 
     times = time_interleaved({"captum_ig": captum_ig, "by_hand": by_hand}, repeats=repeats, warmup=1, sync=sync)
     key = "cpu_times" if threads == 1 and not device.startswith("cuda") else "times"
-    return {"n_images": n_images, "n_steps": n_steps, "passes": n_images * n_steps, "batch": batch,
-            "threads": threads, "ratio_basis": key, "ratio": paired_ratio(times, "captum_ig", "by_hand", key),
-            "ratio_cpu": paired_ratio(times, "captum_ig", "by_hand", "cpu_times"),
-            "ratio_wall": paired_ratio(times, "captum_ig", "by_hand", "times"),
-            "captum_ig_s": times["captum_ig"]["median"], "by_hand_s": times["by_hand"]["median"],
-            "captum_ig_cpu_s": times["captum_ig"]["cpu_median"], "by_hand_cpu_s": times["by_hand"]["cpu_median"],
-            "times": times}
+    return {
+        "n_images": n_images,
+        "n_steps": n_steps,
+        "passes": n_images * n_steps,
+        "batch": batch,
+        "threads": threads,
+        "ratio_basis": key,
+        "ratio": paired_ratio(times, "captum_ig", "by_hand", key),
+        "ratio_cpu": paired_ratio(times, "captum_ig", "by_hand", "cpu_times"),
+        "ratio_wall": paired_ratio(times, "captum_ig", "by_hand", "times"),
+        "captum_ig_s": times["captum_ig"]["median"],
+        "by_hand_s": times["by_hand"]["median"],
+        "captum_ig_cpu_s": times["captum_ig"]["cpu_median"],
+        "by_hand_cpu_s": times["by_hand"]["cpu_median"],
+        "times": times,
+    }
 
 
 def _run_models(run_dir: str, tuned_name: str):
-    from finetune.checkpoints import load_checkpoint
-    from finetune.data import ShapesSpec
-    from finetune.models import build_model
+    from tunelens.finetune.checkpoints import load_checkpoint
+    from tunelens.finetune.data import ShapesSpec
+    from tunelens.finetune.models import build_model
 
     d = Path(run_dir)
     if (d / "checkpoints").is_dir():
@@ -106,14 +118,17 @@ def _run_models(run_dir: str, tuned_name: str):
 
 
 def _stage(device: str, n_images: int, run_dir: str | None = None, tuned_name: str = "full") -> dict:
-    from analysis.attribution_study import attribution_study
-    from finetune.data import ShapesSpec, make_shapes
-    from finetune.models import build_model
+    from tunelens.analysis.attribution_study import attribution_study
+    from tunelens.finetune.data import ShapesSpec, make_shapes
+    from tunelens.finetune.models import build_model
 
     if run_dir:
         base, tuned, spec, mans = _run_models(run_dir, tuned_name)
-        source = {"run_dir": str(run_dir), "tuned": tuned_name,
-                  "test_acc": {k: m.get("metrics", {}).get("test_acc") for k, m in mans.items()}}
+        source = {
+            "run_dir": str(run_dir),
+            "tuned": tuned_name,
+            "test_acc": {k: m.get("metrics", {}).get("test_acc") for k, m in mans.items()},
+        }
     else:
         spec = ShapesSpec(task="target")
         base = build_model("tiny_resnet", 8, seed=0).eval()
@@ -123,19 +138,44 @@ def _stage(device: str, n_images: int, run_dir: str | None = None, tuned_name: s
     t, c = time.perf_counter(), time.process_time()
     res = attribution_study(base, tuned, data["test"], n_images=n_images, probe_data=data["train"], device=device)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    cols = ["method", "ab", "ceiling", "floor", "floor_top", "gap", "gap_top", "change_index", "change_index_lo",
-            "change_index_hi", "informative"]
-    out = {"models": source, "n_images": n_images, "methods": res.settings["methods"], "seconds": wall,
-           "cpu_seconds": cpu, "timings": res.timings, "eval_batch": res.settings["eval_batch"],
-           "threads_used": res.settings["threads"],
-           "options": res.settings["options"], "target_s": STAGE_TARGET_S, "ok": wall <= STAGE_TARGET_S,
-           "summary": res.summary[cols].to_dict(orient="records"), "notes": res.notes}
+    cols = [
+        "method",
+        "ab",
+        "ceiling",
+        "floor",
+        "floor_top",
+        "gap",
+        "gap_top",
+        "change_index",
+        "change_index_lo",
+        "change_index_hi",
+        "informative",
+    ]
+    out = {
+        "models": source,
+        "n_images": n_images,
+        "methods": res.settings["methods"],
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "timings": res.timings,
+        "eval_batch": res.settings["eval_batch"],
+        "threads_used": res.settings["threads"],
+        "options": res.settings["options"],
+        "target_s": STAGE_TARGET_S,
+        "ok": wall <= STAGE_TARGET_S,
+        "summary": res.summary[cols].to_dict(orient="records"),
+        "notes": res.notes,
+    }
     if run_dir:
         s = res.summary.set_index("method")
         thr = float(s["threshold"].iloc[0])
         checks = {f"{m}_informative": bool(s.loc[m, "informative"]) for m in ("integrated_gradients", "grad_cam")}
-        checks.update({f"{m}_change_index_above_threshold": bool(s.loc[m, "change_index"] > thr)
-                       for m in ("integrated_gradients", "grad_cam")})
+        checks.update(
+            {
+                f"{m}_change_index_above_threshold": bool(s.loc[m, "change_index"] > thr)
+                for m in ("integrated_gradients", "grad_cam")
+            }
+        )
         checks["guided_backprop_flagged"] = not bool(s.loc["guided_backprop", "informative"])
         out["default_run_checks"] = {**checks, "ok": all(checks.values())}
     return out
@@ -150,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--batch", type=int, default=256, help="images per forward/backward pass (IG internal batch)")
     p.add_argument("--skip-stage", action="store_true", help="only the cost ratio")
-    p.add_argument("--run-dir", default=None, help="a finished run's output (or checkpoints) folder: time the stage "
-                                                  "on its real models and check the informative flags")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="a finished run's output (or checkpoints) folder: time the stage "
+        "on its real models and check the informative flags",
+    )
     p.add_argument("--tuned", default="full", help="the fine-tuned checkpoint of --run-dir (default: full)")
     p.add_argument("--out", default="artifacts/bench/attribution.json")
     args = p.parse_args(argv)
@@ -162,30 +206,34 @@ def main(argv: list[str] | None = None) -> int:
     cost = _cost(args.device, n_images, 32, args.batch, repeats, threads)
     out["cost"] = {**cost, "target": RATIO_TARGET, "ok": cost["ratio"] <= RATIO_TARGET}
     out["ratio"] = cost["ratio"]
-    print(f"IG (32 steps) over {n_images} images vs {cost['passes']} forward+backward passes by hand "
-          f"(batches of {args.batch}, {threads} thread(s)): ratio {cost['ratio']:.3f} "
-          f"({'CPU time' if cost['ratio_basis'] == 'cpu_times' else 'wall'}; wall {cost['ratio_wall']:.3f}, "
-          f"CPU {cost['ratio_cpu']:.3f}); medians {cost['captum_ig_s']:.2f}s vs {cost['by_hand_s']:.2f}s  "
-          f"[target <= {RATIO_TARGET}] {'OK' if out['cost']['ok'] else 'OVER'}")
+    print(
+        f"IG (32 steps) over {n_images} images vs {cost['passes']} forward+backward passes by hand "
+        f"(batches of {args.batch}, {threads} thread(s)): ratio {cost['ratio']:.3f} "
+        f"({'CPU time' if cost['ratio_basis'] == 'cpu_times' else 'wall'}; wall {cost['ratio_wall']:.3f}, "
+        f"CPU {cost['ratio_cpu']:.3f}); medians {cost['captum_ig_s']:.2f}s vs {cost['by_hand_s']:.2f}s  "
+        f"[target <= {RATIO_TARGET}] {'OK' if out['cost']['ok'] else 'OVER'}"
+    )
     if not args.skip_stage:
         out["stage_threads"] = set_threads(args.stage_threads or default_threads)
         stage = _stage(args.device, 16 if args.quick else 64, args.run_dir, args.tuned)
         out["stage"] = stage
         per = ", ".join(f"{k} {v:.1f}s" for k, v in stage["timings"].items() if k != "total")
-        print(f"attribution stage ({stage['n_images']} images, {len(stage['methods'])} methods, "
-              f"{stage['threads_used']} thread(s)): "
-              f"{stage['seconds']:.1f}s wall, {stage['cpu_seconds']:.1f}s CPU [target < {STAGE_TARGET_S:.0f}s] "
-              f"{'OK' if stage['ok'] else 'OVER'}\n  {per}")
+        print(
+            f"attribution stage ({stage['n_images']} images, {len(stage['methods'])} methods, "
+            f"{stage['threads_used']} thread(s)): "
+            f"{stage['seconds']:.1f}s wall, {stage['cpu_seconds']:.1f}s CPU [target < {STAGE_TARGET_S:.0f}s] "
+            f"{'OK' if stage['ok'] else 'OVER'}\n  {per}"
+        )
         for r in stage["summary"]:
-            print(f"  {r['method']:<22} AB {r['ab']:.3f}  ceiling {r['ceiling']:.3f}  floor {r['floor']:.3f}  "
-                  f"floor_top {r['floor_top']:.3f}  change index {r['change_index']:+.2f}  "
-                  f"{'informative' if r['informative'] else 'FLAGGED'}")
+            print(
+                f"  {r['method']:<22} AB {r['ab']:.3f}  ceiling {r['ceiling']:.3f}  floor {r['floor']:.3f}  "
+                f"floor_top {r['floor_top']:.3f}  change index {r['change_index']:+.2f}  "
+                f"{'informative' if r['informative'] else 'FLAGGED'}"
+            )
         if "default_run_checks" in stage:
             print(f"  default-run checks: {stage['default_run_checks']}")
-    try:
+    with contextlib.suppress(OSError):
         out["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
-    except OSError:
-        pass
     path = write_json(args.out, out)
     print(f"-> {path}")
     return 0

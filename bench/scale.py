@@ -21,6 +21,7 @@ of all ranks together (images per CPU-second): when it stays level from 1 to 2 p
 the all-reduce add little and wall-clock throughput scales with free cores. Writes
 ``artifacts/bench/scale.json`` (``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench._common import machine_info, write_json  # noqa: E402
+from bench._common import machine_info, write_json
 
 
 def _free_port() -> int:
@@ -49,7 +50,7 @@ def _free_port() -> int:
 
 
 def _data(n: int):
-    from finetune.data import ShapesSpec, make_shapes
+    from tunelens.finetune.data import ShapesSpec, make_shapes
 
     per_class = -(-n // 6)
     test = make_shapes(ShapesSpec(task="target", train_per_class=1, val_per_class=1, test_per_class=per_class))["test"]
@@ -57,22 +58,29 @@ def _data(n: int):
 
 
 def _models(device):
-    from finetune.models import build_model, replace_head
+    from tunelens.finetune.models import build_model, replace_head
 
     base = replace_head(build_model("tiny_resnet", 8, seed=0), 6, seed=0).eval().to(device)
     tuned = build_model("tiny_resnet", 6, seed=1).eval().to(device)
     return base, tuned
 
 
-def _worker(rank: int, world: int, threads: int, port: int, n: int, bs: int, repeats: int, device: str,
-            out: str) -> None:
+def _worker(
+    rank: int, world: int, threads: int, port: int, n: int, bs: int, repeats: int, device: str, out: str
+) -> None:
     """One rank: time ``cka_matrix`` over this rank's batches; rank 0 writes timings and the matrix."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(threads)
-    from analysis.sharding import shard_loader
-    from analysis.similarity import cka_matrix
-    from finetune import runtime
+    from tunelens.analysis.sharding import shard_loader
+    from tunelens.analysis.similarity import cka_matrix
+    from tunelens.core import runtime
 
     dev = runtime.init_distributed(device)
     try:
@@ -100,9 +108,18 @@ def _worker(rank: int, world: int, threads: int, port: int, n: int, bs: int, rep
             cpu.append(sum(p[1] for p in parts))  # CPU time of all ranks together
         if runtime.is_main():
             with open(out, "wb") as f:
-                pickle.dump({"times": times, "cpu": cpu, "ab": res.ab.to_numpy(), "n_samples": res.n_samples,
-                             "local_batches": len(loader), "device": str(dev),
-                             "backend": torch.distributed.get_backend() if runtime.is_distributed() else None}, f)
+                pickle.dump(
+                    {
+                        "times": times,
+                        "cpu": cpu,
+                        "ab": res.ab.to_numpy(),
+                        "n_samples": res.n_samples,
+                        "local_batches": len(loader),
+                        "device": str(dev),
+                        "backend": torch.distributed.get_backend() if runtime.is_distributed() else None,
+                    },
+                    f,
+                )
     finally:
         if runtime.is_distributed():
             torch.distributed.destroy_process_group()
@@ -118,10 +135,21 @@ def run_config(procs: int, threads: int, n: int, bs: int, repeats: int, device: 
             r = pickle.load(f)
     med = statistics.median(r["times"])
     cpu = statistics.median(r["cpu"])
-    return {"processes": procs, "threads_per_process": threads, "seconds": r["times"], "median_s": med,
-            "images_per_s": r["n_samples"] / med, "cpu_seconds_all_ranks": r["cpu"], "median_cpu_s": cpu,
-            "images_per_cpu_s": r["n_samples"] / cpu, "n_images": r["n_samples"], "batches_rank0": r["local_batches"],
-            "device": r["device"], "backend": r["backend"], "_ab": r["ab"]}
+    return {
+        "processes": procs,
+        "threads_per_process": threads,
+        "seconds": r["times"],
+        "median_s": med,
+        "images_per_s": r["n_samples"] / med,
+        "cpu_seconds_all_ranks": r["cpu"],
+        "median_cpu_s": cpu,
+        "images_per_cpu_s": r["n_samples"] / cpu,
+        "n_images": r["n_samples"],
+        "batches_rank0": r["local_batches"],
+        "device": r["device"],
+        "backend": r["backend"],
+        "_ab": r["ab"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,28 +178,42 @@ def main(argv: list[str] | None = None) -> dict:
     for p, t in configs:
         r = run_config(p, t, n, args.batch_size, repeats, args.device)
         runs.append(r)
-        print(f"[scale] {p} process(es) x {t} thread(s) on {r['device']}: CKA stage over {r['n_images']} images "
-              f"in {r['median_s']:.3f} s (median of {repeats}) -> {r['images_per_s']:.1f} images/s "
-              f"({r['images_per_cpu_s']:.1f} images per CPU-second, all ranks)")
+        print(
+            f"[scale] {p} process(es) x {t} thread(s) on {r['device']}: CKA stage over {r['n_images']} images "
+            f"in {r['median_s']:.3f} s (median of {repeats}) -> {r['images_per_s']:.1f} images/s "
+            f"({r['images_per_cpu_s']:.1f} images per CPU-second, all ranks)"
+        )
     ref = next((r for r in runs if r["processes"] == 1 and r["threads_per_process"] == 1), runs[0])
     ref_ab = ref["_ab"]
     for r in runs:  # the sharded matrix equals the one-process matrix (float64 sums, all-reduced)
         r["max_abs_diff_vs_1_process"] = float(np.abs(r.pop("_ab") - ref_ab).max())
-    result = {"machine": machine_info(), "device": args.device, "stage": "analysis.similarity.cka_matrix, tiny_resnet "
-              "base vs tuned, default target data (32x32)", "n_images": n, "batch_size": args.batch_size,
-              "repeats": repeats, "loadavg_1m_at_start": load0, "runs": runs, "ratios": {}}
+    result = {
+        "machine": machine_info(),
+        "device": args.device,
+        "stage": "analysis.similarity.cka_matrix, tiny_resnet base vs tuned, default target data (32x32)",
+        "n_images": n,
+        "batch_size": args.batch_size,
+        "repeats": repeats,
+        "loadavg_1m_at_start": load0,
+        "runs": runs,
+        "ratios": {},
+    }
     for r in runs:
         key = f"{r['processes']}x{r['threads_per_process']}"
         result["ratios"][f"{key}_over_1x1"] = r["images_per_s"] / ref["images_per_s"]
     one2 = next((r for r in runs if r["processes"] == 1 and r["threads_per_process"] == 2), None)
     two1 = next((r for r in runs if r["processes"] == 2), None)
     if two1:
-        print(f"[scale] 2 processes / 1 process (1 thread each): {two1['images_per_s'] / ref['images_per_s']:.2f}x "
-              f"images/s; matrices agree to {two1['max_abs_diff_vs_1_process']:.1e}")
+        print(
+            f"[scale] 2 processes / 1 process (1 thread each): {two1['images_per_s'] / ref['images_per_s']:.2f}x "
+            f"images/s; matrices agree to {two1['max_abs_diff_vs_1_process']:.1e}"
+        )
         if one2:
             result["ratios"]["2x1_over_1x2"] = two1["images_per_s"] / one2["images_per_s"]
-            print(f"[scale] 2 processes x 1 thread / 1 process x 2 threads: "
-                  f"{result['ratios']['2x1_over_1x2']:.2f}x images/s (same 2 cores)")
+            print(
+                f"[scale] 2 processes x 1 thread / 1 process x 2 threads: "
+                f"{result['ratios']['2x1_over_1x2']:.2f}x images/s (same 2 cores)"
+            )
     path = write_json(args.out, result)
     print(f"wrote {path}")
     return result

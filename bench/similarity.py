@@ -18,6 +18,7 @@ For each model pair (two torchvision resnet18 at 64x64, and the default tiny_res
 
 Also times a default-run-sized CKA stage (3 fine-tuned models, 360 test images at 32x32).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench._common import (machine_info, paired_ratio, peak_rss_mb, rss_mb, run_fresh,  # noqa: E402
-                           set_threads, time_interleaved, timed, write_json)
+from bench._common import (
+    machine_info,
+    paired_ratio,
+    peak_rss_mb,
+    rss_mb,
+    run_fresh,
+    set_threads,
+    time_interleaved,
+    timed,
+    write_json,
+)
 
 PAIRS = {
     "resnet18": {"arch": "resnet18", "classes": (10, 10), "size": 64},
@@ -41,7 +51,7 @@ PAIRS = {
 
 
 def _models(pair: str, device: str = "cpu"):
-    from finetune.models import build_model
+    from tunelens.finetune.models import build_model
 
     p = PAIRS[pair]
     a = build_model(p["arch"], p["classes"][0], seed=0).eval().to(device)
@@ -73,7 +83,8 @@ class _Generated:
 
 def memory_run(pair: str, n: int, bs: int, threads: int, device: str) -> dict:
     """In a fresh process: RSS before and peak during cka_matrix over ``n`` generated images."""
-    from analysis.similarity import cka_matrix
+    from tunelens.analysis.similarity import cka_matrix
+
     set_threads(threads)
     a, b = _models(pair, device)
     before = rss_mb()
@@ -83,10 +94,15 @@ def memory_run(pair: str, n: int, bs: int, threads: int, device: str) -> dict:
         warnings.simplefilter("ignore")
         res = cka_matrix(a, b, _Generated(pair, n, bs), device=device, n_boot=1000)
     peak = peak_rss_mb()
-    out = {"n": n, "rss_before_mb": before, "peak_during_mb": peak, "rise_mb": peak - before,
-           "n_samples": res.n_samples}
+    out = {
+        "n": n,
+        "rss_before_mb": before,
+        "peak_during_mb": peak,
+        "rise_mb": peak - before,
+        "n_samples": res.n_samples,
+    }
     if device.startswith("cuda"):
-        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
@@ -107,13 +123,16 @@ def _torch_cka(a, b, la, lb, loader, device):
 def _song_explicit(a, b, la, lb, batches, dtype) -> np.ndarray:
     """torch-cka's arithmetic (explicit Song et al. formula on zero-diagonal Grams, averaged over batches) on
     *copied* features in ``dtype``: float32 reproduces torch-cka's rounding, float64 shows the formula is right."""
-    from analysis.layers import iterate_pair
+    from tunelens.analysis.layers import iterate_pair
 
     def hsic(K, L):
         n = K.shape[0]
         one = torch.ones(n, 1, dtype=K.dtype)
-        return (torch.trace(K @ L) + (one.T @ K @ one @ one.T @ L @ one).item() / ((n - 1) * (n - 2))
-                - (one.T @ K @ L @ one).item() * 2 / (n - 2)) / (n * (n - 3))
+        return (
+            torch.trace(K @ L)
+            + (one.T @ K @ one @ one.T @ L @ one).item() / ((n - 1) * (n - 2))
+            - (one.T @ K @ L @ one).item() * 2 / (n - 2)
+        ) / (n * (n - 3))
 
     acc = np.zeros((len(la), len(lb), 3))
     for fa, fb, _, _ in iterate_pair(a, b, batches, la, lb):
@@ -125,10 +144,11 @@ def _song_explicit(a, b, la, lb, batches, dtype) -> np.ndarray:
     return acc[:, :, 0] / np.sqrt(acc[:, :, 1] * acc[:, :, 2])
 
 
-def bench_pair(pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tuple[int, int], threads: int,
-               torch_cka_ok: bool) -> dict:
-    from analysis.layers import resolve_layers
-    from analysis.similarity import cka_matrix
+def bench_pair(
+    pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tuple[int, int], threads: int, torch_cka_ok: bool
+) -> dict:
+    from tunelens.analysis.layers import resolve_layers
+    from tunelens.analysis.similarity import cka_matrix
 
     a, b = _models(pair, device)
     la, lb = resolve_layers(a), resolve_layers(b)
@@ -145,24 +165,43 @@ def bench_pair(pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tu
     fns = {"forward_both": forward, "tunelens": lambda: cka_matrix(a, b, batches, device=device)}
     loader = None
     if torch_cka_ok:
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
-            torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])), batch_size=bs)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])),
+            batch_size=bs,
+        )
         fns["torch_cka"] = lambda: _torch_cka(a, b, la, lb, loader, device)
     t = time_interleaved(fns, repeats=repeats, warmup=1, sync=sync)
     # ratios of runs timed back to back; the headline uses process CPU time when torch runs one thread
     # (on a shared machine wall time mostly measures the neighbours), wall time otherwise
     key = "cpu_times" if threads == 1 and not device.startswith("cuda") else "times"
-    ratio = {k: {"wall": paired_ratio(t, k, "forward_both"), "cpu": paired_ratio(t, k, "forward_both", "cpu_times"),
-                 "headline": paired_ratio(t, k, "forward_both", key)} for k in fns if k != "forward_both"}
+    ratio = {
+        k: {
+            "wall": paired_ratio(t, k, "forward_both"),
+            "cpu": paired_ratio(t, k, "forward_both", "cpu_times"),
+            "headline": paired_ratio(t, k, "forward_both", key),
+        }
+        for k in fns
+        if k != "forward_both"
+    }
     base = t["forward_both"]["median"]
-    out: dict = {"n_images": n, "batch_size": bs, "image_size": PAIRS[pair]["size"], "layers_a": la, "layers_b": lb,
-                 "timings_s": t, "ratio_basis": key, "ratios": ratio,
-                 "ratio_tunelens_over_forward": ratio["tunelens"]["headline"]}
+    out: dict = {
+        "n_images": n,
+        "batch_size": bs,
+        "image_size": PAIRS[pair]["size"],
+        "layers_a": la,
+        "layers_b": lb,
+        "timings_s": t,
+        "ratio_basis": key,
+        "ratios": ratio,
+        "ratio_tunelens_over_forward": ratio["tunelens"]["headline"],
+    }
     ours = cka_matrix(a, b, batches, device=device)
     out["estimator"] = ours.estimator
-    print(f"[{pair}] N={n} bs={bs}: forward passes (both models) {base:.3f} s wall; tunelens cka_matrix "
-          f"{t['tunelens']['median']:.3f} s -> {ratio['tunelens']['headline']:.3f}x ({key}; wall "
-          f"{ratio['tunelens']['wall']:.3f}x, cpu {ratio['tunelens']['cpu']:.3f}x) (target <= 1.25x)")
+    print(
+        f"[{pair}] N={n} bs={bs}: forward passes (both models) {base:.3f} s wall; tunelens cka_matrix "
+        f"{t['tunelens']['median']:.3f} s -> {ratio['tunelens']['headline']:.3f}x ({key}; wall "
+        f"{ratio['tunelens']['wall']:.3f}x, cpu {ratio['tunelens']['cpu']:.3f}x) (target <= 1.25x)"
+    )
     if torch_cka_ok:
         r = ratio["torch_cka"]["headline"]
         out["ratio_torch_cka_over_forward"] = r
@@ -175,37 +214,53 @@ def bench_pair(pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tu
         s64, s32 = (_song_explicit(a, b, na, nb, sub, dt) for dt in (torch.float64, torch.float32))
         out["explicit_song_float64_vs_tunelens_max_abs_diff"] = float(np.abs(s64 - ours_sub).max())
         out["explicit_song_float32_vs_float64_max_abs_diff"] = float(np.abs(s32 - s64).max())
-        print(f"[{pair}] torch-cka: {t['torch_cka']['median']:.3f} s -> {r:.3f}x forward (wall "
-              f"{ratio['torch_cka']['wall']:.3f}x); tunelens is {out['speedup_vs_torch_cka']:.2f}x faster; "
-              f"max |diff| on {len(na)}x{len(nb)} auto layers: {out['torch_cka_max_abs_diff_auto_layers']:.2e}")
-        print(f"[{pair}]   why: its explicit Song formula in float32 vs float64 on copied features differs by up "
-              f"to {out['explicit_song_float32_vs_float64_max_abs_diff']:.2e}; in float64 it equals tunelens to "
-              f"{out['explicit_song_float64_vs_tunelens_max_abs_diff']:.1e}")
+        print(
+            f"[{pair}] torch-cka: {t['torch_cka']['median']:.3f} s -> {r:.3f}x forward (wall "
+            f"{ratio['torch_cka']['wall']:.3f}x); tunelens is {out['speedup_vs_torch_cka']:.2f}x faster; "
+            f"max |diff| on {len(na)}x{len(nb)} auto layers: {out['torch_cka_max_abs_diff_auto_layers']:.2e}"
+        )
+        print(
+            f"[{pair}]   why: its explicit Song formula in float32 vs float64 on copied features differs by up "
+            f"to {out['explicit_song_float32_vs_float64_max_abs_diff']:.2e}; in float64 it equals tunelens to "
+            f"{out['explicit_song_float64_vs_tunelens_max_abs_diff']:.1e}"
+        )
         inplace = ["conv1", "bn1", "layer1.0.bn2"]  # bn1 -> ReLU(inplace); bn2 -> out += identity
-        sub_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
-            torch.cat([x for x, _ in sub]), torch.cat([y for _, y in sub])), batch_size=bs)
+        sub_loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.cat([x for x, _ in sub]), torch.cat([y for _, y in sub])),
+            batch_size=bs,
+        )
         ours_in = cka_matrix(a, b, sub, inplace, inplace, device=device, n_examples=0).ab
         theirs_in, na, nb = _torch_cka(a, b, inplace, inplace, sub_loader, device)
-        diag = {f"{x}": {"tunelens": float(ours_in.loc[x, x]), "torch_cka": float(theirs_in[na.index(x), nb.index(x)])}
-                for x in inplace}
+        diag = {
+            f"{x}": {"tunelens": float(ours_in.loc[x, x]), "torch_cka": float(theirs_in[na.index(x), nb.index(x)])}
+            for x in inplace
+        }
         out["inplace_layers_diagonal"] = diag
         for k, v in diag.items():
-            print(f"[{pair}]   {k:>13}: tunelens {v['tunelens']:.4f}  torch-cka {v['torch_cka']:.4f}"
-                  f"  (diff {abs(v['tunelens'] - v['torch_cka']):.1e})")
-    mem = [run_fresh("bench.similarity", "memory_run", {"pair": pair, "n": m, "bs": bs, "threads": threads,
-                                                          "device": device}) for m in mem_ns]
+            print(
+                f"[{pair}]   {k:>13}: tunelens {v['tunelens']:.4f}  torch-cka {v['torch_cka']:.4f}"
+                f"  (diff {abs(v['tunelens'] - v['torch_cka']):.1e})"
+            )
+    mem = [
+        run_fresh(
+            "bench.similarity", "memory_run", {"pair": pair, "n": m, "bs": bs, "threads": threads, "device": device}
+        )
+        for m in mem_ns
+    ]
     out["memory"] = mem
     out["peak_ratio"] = mem[1]["peak_rss_mb"] / mem[0]["peak_rss_mb"]
     out["rise_ratio"] = mem[1]["rise_mb"] / max(mem[0]["rise_mb"], 1e-9)
-    print(f"[{pair}] peak RSS N={mem_ns[0]}: {mem[0]['peak_rss_mb']:.0f} MiB (rise {mem[0]['rise_mb']:.0f}), "
-          f"N={mem_ns[1]}: {mem[1]['peak_rss_mb']:.0f} MiB (rise {mem[1]['rise_mb']:.0f}) -> "
-          f"{out['peak_ratio']:.3f}x (target <= 1.2x)")
+    print(
+        f"[{pair}] peak RSS N={mem_ns[0]}: {mem[0]['peak_rss_mb']:.0f} MiB (rise {mem[0]['rise_mb']:.0f}), "
+        f"N={mem_ns[1]}: {mem[1]['peak_rss_mb']:.0f} MiB (rise {mem[1]['rise_mb']:.0f}) -> "
+        f"{out['peak_ratio']:.3f}x (target <= 1.2x)"
+    )
     return out
 
 
 def cost_only(pair: str, n: int, bs: int, repeats: int, device: str, threads: int) -> dict:
     """Just the cost ratio (tunelens over the forward passes) at another batch size."""
-    from analysis.similarity import cka_matrix
+    from tunelens.analysis.similarity import cka_matrix
 
     a, b = _models(pair, device)
     batches = list(_Generated(pair, n, bs))
@@ -217,8 +272,11 @@ def cost_only(pair: str, n: int, bs: int, repeats: int, device: str, threads: in
                 b(x.to(device))
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
-    t = time_interleaved({"forward_both": forward, "tunelens": lambda: cka_matrix(a, b, batches, device=device)},
-                         repeats=repeats, sync=sync)
+    t = time_interleaved(
+        {"forward_both": forward, "tunelens": lambda: cka_matrix(a, b, batches, device=device)},
+        repeats=repeats,
+        sync=sync,
+    )
     key = "cpu_times" if threads == 1 and not device.startswith("cuda") else "times"
     r = paired_ratio(t, "tunelens", "forward_both", key)
     print(f"[{pair}] N={n} bs={bs}: tunelens / forward passes = {r:.3f}x ({key})")
@@ -227,9 +285,9 @@ def cost_only(pair: str, n: int, bs: int, repeats: int, device: str, threads: in
 
 def default_stage(device: str, bs: int = 64) -> dict:
     """A default-run-sized CKA stage: base vs 3 tuned models (cka_matrix + cka_against_chance with scratch)."""
-    from analysis.similarity import cka_against_chance, cka_matrix
-    from finetune.data import ShapesSpec, make_shapes
-    from finetune.models import build_model, replace_head
+    from tunelens.analysis.similarity import cka_against_chance, cka_matrix
+    from tunelens.finetune.data import ShapesSpec, make_shapes
+    from tunelens.finetune.models import build_model, replace_head
 
     test = make_shapes(ShapesSpec(task="target", train_per_class=1, val_per_class=1, test_per_class=60))["test"]
     loader = torch.utils.data.DataLoader(test, batch_size=bs)
@@ -243,16 +301,22 @@ def default_stage(device: str, bs: int = 64) -> dict:
             cka_against_chance(base, t, loader, scratch=scratch, device=device)
 
     s, _ = timed(stage)
-    print(f"[default stage] {len(tuned)} x (cka_matrix + cka_against_chance) on {len(test)} images: {s:.2f} s "
-          "(target < 30 s)")
+    print(
+        f"[default stage] {len(tuned)} x (cka_matrix + cka_against_chance) on {len(test)} images: {s:.2f} s "
+        "(target < 30 s)"
+    )
     return {"seconds": s, "n_images": len(test), "n_tuned": len(tuned)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer images and repeats (a smoke run)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0: torch's default); 1 gives stable numbers on a shared machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch's default); 1 gives stable numbers on a shared machine",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=0)
     ap.add_argument("--pairs", default="resnet18,default")
@@ -261,19 +325,26 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     threads = set_threads(args.threads or None)
     try:
-        import torch_cka  # noqa: F401
+
         cka_ok = True
-    except Exception as e:  # noqa: BLE001 - optional extra
+    except Exception as e:
         print(f"torch-cka not importable ({e}); skipping that comparison (pip install torch-cka)")
         cka_ok = False
     n = {"resnet18": 256 if args.quick else 512, "default": 512 if args.quick else 2048}
     repeats = args.repeats or (2 if args.quick else 3)
     mem_ns = (128, 512) if args.quick else (512, 4096)
-    result = {"machine": machine_info(), "device": args.device, "quick": args.quick, "threads": threads,
-              "memory_method": "peak RSS (ru_maxrss) of a fresh process per N; batches generated on the fly",
-              "pairs": {}}
+    result = {
+        "machine": machine_info(),
+        "device": args.device,
+        "quick": args.quick,
+        "threads": threads,
+        "memory_method": "peak RSS (ru_maxrss) of a fresh process per N; batches generated on the fly",
+        "pairs": {},
+    }
     for pair in args.pairs.split(","):
-        result["pairs"][pair] = bench_pair(pair, n[pair], args.batch_size, repeats, args.device, mem_ns, threads, cka_ok)
+        result["pairs"][pair] = bench_pair(
+            pair, n[pair], args.batch_size, repeats, args.device, mem_ns, threads, cka_ok
+        )
         if pair == "default" and args.batch_size != 32:  # the Gram cost per image grows with the batch size
             result["pairs"][pair]["cost_at_batch_size_32"] = cost_only(pair, n[pair], 32, repeats, args.device, threads)
     result["default_stage"] = default_stage(args.device)

@@ -6,73 +6,33 @@ each to a temporary file renamed into place, so a killed run leaves either no
 checkpoint or one whose manifest does not vouch for it; :func:`load_checkpoint`
 refuses the latter.
 """
+
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_replace", "atomic_write_bytes", "atomic_write_text", "sha256_file",
-           "versions", "CheckpointError"]
+from tunelens.core.files import atomic_replace, atomic_write_bytes, atomic_write_text, sha256_file, versions
+
+__all__ = [
+    "CheckpointError",
+    "atomic_replace",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_checkpoint",
+    "save_checkpoint",
+    "sha256_file",
+    "versions",
+]
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, corrupt, incomplete or not what was expected."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_replace(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_replace(Path(path), w)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "captum", "scikit-learn", "pandas", "numpy", "safetensors", "tunelens"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict:
@@ -101,15 +61,19 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> tuple[dict[
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not man_path.exists():
-        raise CheckpointError(f"checkpoint {path} has no manifest {man_path.name}: it is incomplete "
-                              "(a run was probably interrupted while saving); re-run the stage that writes it")
+        raise CheckpointError(
+            f"checkpoint {path} has no manifest {man_path.name}: it is incomplete "
+            "(a run was probably interrupted while saving); re-run the stage that writes it"
+        )
     try:
         man = json.loads(man_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"manifest {man_path} is not valid JSON ({e}); re-run the stage that writes it") from e
     if verify and man.get("sha256") != sha256_file(path):
-        raise CheckpointError(f"checkpoint {path} does not match the sha256 in its manifest: the file is "
-                              "truncated or was changed; re-run the stage that writes it")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the sha256 in its manifest: the file is "
+            "truncated or was changed; re-run the stage that writes it"
+        )
     try:
         sd = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types

@@ -11,6 +11,7 @@ Edges, corners, colour blobs and textures transfer from source to target; what
 composes them into a class must adapt. Every image comes with its object mask, so
 attributions can be checked against where the evidence really is.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -19,8 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ShapesSpec", "ShapesDataset", "make_shapes", "SOURCE_CLASSES", "TARGET_CLASSES",
-           "MEAN", "STD"]
+__all__ = ["MEAN", "SOURCE_CLASSES", "STD", "TARGET_CLASSES", "ShapesDataset", "ShapesSpec", "make_shapes"]
 
 SOURCE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "hexagon", "half_disk")
 TARGET_CLASSES = ("ellipse", "crescent", "l_shape", "t_shape", "heart", "arrow")
@@ -60,14 +60,12 @@ def _shape_mask(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if name == "crescent":
         return (r <= 0.9) & (np.hypot(x - 0.45, y) >= 0.7)
     if name == "l_shape":
-        return (((x >= -0.8) & (x <= -0.3) & (np.abs(y) <= 0.9))
-                | ((x >= -0.8) & (x <= 0.8) & (y >= 0.4) & (y <= 0.9)))
+        return ((x >= -0.8) & (x <= -0.3) & (np.abs(y) <= 0.9)) | ((x >= -0.8) & (x <= 0.8) & (y >= 0.4) & (y <= 0.9))
     if name == "t_shape":
-        return (((np.abs(x) <= 0.25) & (y >= -0.9) & (y <= 0.6))
-                | ((np.abs(x) <= 0.9) & (y >= 0.35) & (y <= 0.85)))
+        return ((np.abs(x) <= 0.25) & (y >= -0.9) & (y <= 0.6)) | ((np.abs(x) <= 0.9) & (y >= 0.35) & (y <= 0.85))
     if name == "heart":
         xs, ys = x * 1.25, -y * 1.25 + 0.2
-        return (xs ** 2 + ys ** 2 - 1) ** 3 - xs ** 2 * ys ** 3 <= 0
+        return (xs**2 + ys**2 - 1) ** 3 - xs**2 * ys**3 <= 0
     if name == "arrow":
         shaft = (np.abs(y) <= 0.2) & (x >= -0.9) & (x <= 0.2)
         head = (x >= 0.1) & (x <= 0.95) & (np.abs(y) <= (0.95 - x) * 0.8)
@@ -109,8 +107,9 @@ class ShapesDataset(Dataset):
     Items are ``(image, label, mask)``: ``image`` is ``3 x H x W``, ``mask`` is ``H x W``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-                 classes: tuple[str, ...]) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, classes: tuple[str, ...]
+    ) -> None:
         self.images, self.labels, self.masks, self.classes = images, labels, masks, tuple(classes)
 
     def __len__(self) -> int:
@@ -146,7 +145,7 @@ def _render(rng: np.random.Generator, names: list[str], size: int, clutter: int)
         img = np.where(line[:, None], col, img)
     # the object
     scale = rng.uniform(0.35, 0.6, n)
-    cx, cy = (rng.uniform(-1, 1, (2, n)) * (1 - scale - 0.05))
+    cx, cy = rng.uniform(-1, 1, (2, n)) * (1 - scale - 0.05)
     rot = rng.uniform(0, 2 * np.pi, n)
     masks = np.zeros((n, s, s), dtype=bool)
     for i, name in enumerate(names):
@@ -169,8 +168,9 @@ def make_shapes(spec: ShapesSpec) -> dict[str, ShapesDataset]:
     """Generate the ``train``, ``val`` and ``test`` splits of one task, deterministically from ``spec.seed``."""
     out = {}
     task_offset = 0 if spec.task == "source" else 1_000_003
-    for k, (split, per) in enumerate((("train", spec.train_per_class), ("val", spec.val_per_class),
-                                      ("test", spec.test_per_class))):
+    for k, (split, per) in enumerate(
+        (("train", spec.train_per_class), ("val", spec.val_per_class), ("test", spec.test_per_class))
+    ):
         if per < 1:
             raise ValueError(f"{split}_per_class must be at least 1, got {per}")
         rng = np.random.default_rng([spec.seed, task_offset, k])
@@ -178,8 +178,9 @@ def make_shapes(spec: ShapesSpec) -> dict[str, ShapesDataset]:
         rng.shuffle(labels)
         imgs, masks = _render(rng, [spec.classes[c] for c in labels], spec.image_size, spec.clutter)
         x = (torch.from_numpy(imgs) - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
-        out[split] = ShapesDataset(x.contiguous(), torch.from_numpy(labels).long(), torch.from_numpy(masks),
-                                   spec.classes)
+        out[split] = ShapesDataset(
+            x.contiguous(), torch.from_numpy(labels).long(), torch.from_numpy(masks), spec.classes
+        )
     return out
 
 

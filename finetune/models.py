@@ -4,18 +4,21 @@ Every model exposes the module names of a torchvision ResNet where it is one
 (``conv1``, ``bn1``, ``layer1`` .. ``layer4``, ``fc``), so the analysis code serves
 the default model and torchvision's ResNets alike.
 """
+
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-__all__ = ["TinyResNet", "build_model", "replace_head", "head_name", "list_archs", "stage_of", "stage_order"]
+from tunelens.core.naming import head_name, stage_of, stage_order
+
+__all__ = ["TinyResNet", "build_model", "head_name", "list_archs", "replace_head", "stage_of", "stage_order"]
 
 
 class TinyResNet(nn.Module):
@@ -27,8 +30,9 @@ class TinyResNet(nn.Module):
     For 32x32 inputs ``layer4`` is 4x4, so Grad-CAM at ``layer4`` means something.
     """
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64, 128),
-                 in_channels: int = 3) -> None:
+    def __init__(
+        self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64, 128), in_channels: int = 3
+    ) -> None:
         super().__init__()
         w = widths
         self.conv1 = nn.Conv2d(in_channels, w[0], kernel_size=3, stride=1, padding=1, bias=False)
@@ -78,36 +82,14 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"cannot import module {mod_name!r} for architecture {spec!r}: {e}. "
-                         "Run from the folder that holds it, or put it on PYTHONPATH.") from e
+        raise ValueError(
+            f"cannot import module {mod_name!r} for architecture {spec!r}: {e}. "
+            "Run from the folder that holds it, or put it on PYTHONPATH."
+        ) from e
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"module {mod_name!r} has no callable {fn_name!r} (from architecture {spec!r})")
     return fn
-
-
-def head_name(model: nn.Module) -> str:
-    """Dotted name of the final classification layer (``fc``, ``classifier.2``, ``heads.head``...)."""
-    for cand in ("fc", "head", "heads.head", "classifier"):
-        mod = model.get_submodule(cand) if _has(model, cand) else None
-        if isinstance(mod, nn.Linear):
-            return cand
-        if isinstance(mod, nn.Sequential):
-            lin = [n for n, m in mod.named_children() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            if lin:
-                return f"{cand}.{lin[-1]}"
-    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not last:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to use as the classification head")
-    return last[-1]
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def replace_head(model: nn.Module, num_classes: int, seed: int | None = None) -> nn.Module:
@@ -157,27 +139,8 @@ def build_model(arch: str, num_classes: int, seed: int | None = None, **kwargs) 
 
         close = difflib.get_close_matches(arch, names + ["tiny_resnet"], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown architecture {arch!r}.{hint} Use tiny_resnet, a torchvision "
-                         "classification model name, or 'module:function'.")
+        raise ValueError(
+            f"unknown architecture {arch!r}.{hint} Use tiny_resnet, a torchvision "
+            "classification model name, or 'module:function'."
+        )
     return tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-
-
-def stage_of(name: str) -> str:
-    """The stage a parameter or module belongs to: ``stem`` (conv1/bn1), ``layerN``, ``head`` (fc), or its
-    top-level block (``features.3`` for ``features.3.0.weight``, ``encoder.layers.encoder_layer_2`` ...)."""
-    parts = name.split(".")
-    top = parts[0]
-    if top in ("conv1", "bn1", "relu", "maxpool"):
-        return "stem"
-    if top in ("fc", "head", "heads", "classifier"):
-        return "head"
-    if top == "features" and len(parts) > 1 and parts[1].isdigit():
-        return f"features.{parts[1]}"
-    if top == "encoder" and len(parts) > 2 and parts[1] == "layers":
-        return f"encoder.layers.{parts[2]}"
-    return top
-
-
-def stage_order(model: nn.Module) -> list[str]:
-    """Stages of ``model`` in parameter (forward) order."""
-    return list(dict.fromkeys(stage_of(n) for n, _ in model.named_parameters()))

@@ -12,13 +12,14 @@ Frozen modules are also kept in eval mode, so BatchNorm running statistics of a
 frozen backbone stay those of pretraining (otherwise a "frozen" linear probe still
 changes the features it probes).
 """
+
 from __future__ import annotations
 
 from torch import nn
 
-from .models import head_name
+from tunelens.core.naming import head_name
 
-__all__ = ["STRATEGIES", "stage_names", "trainable_prefixes", "apply_freeze", "set_train_mode"]
+__all__ = ["STRATEGIES", "apply_freeze", "set_train_mode", "stage_names", "trainable_prefixes"]
 
 STRATEGIES = ("linear_probe", "full", "last_k", "lp_ft", "scratch")
 

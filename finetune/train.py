@@ -7,6 +7,7 @@ resumption from the last finished epoch after an interrupt.
 Per epoch it records, for every stage, the mean gradient norm and the mean update
 ratio ``||step|| / ||theta||`` (where learning happens), into ``history``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,11 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import runtime
-from .models import stage_of, stage_order
+from tunelens.core import runtime
+from tunelens.core.evaluation import evaluate
+from tunelens.core.naming import stage_of, stage_order
+
 from .strategies import apply_freeze, set_train_mode, trainable_prefixes
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "augment_batch"]
+__all__ = ["TrainConfig", "TrainResult", "augment_batch", "evaluate", "train"]
 
 
 @dataclass
@@ -82,24 +85,6 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy and mean cross-entropy over a loader; sums are reduced across ranks when distributed."""
-    device = runtime.resolve_device(device)
-    was = model.training
-    model.eval()
-    tot = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for batch in loader:
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        out = model(x)
-        tot[0] += (out.argmax(1) == y).sum()
-        tot[1] += F.cross_entropy(out.float(), y, reduction="sum").double()
-        tot[2] += len(y)
-    runtime.all_reduce_sum(tot)
-    model.train(was)
-    n = max(tot[2].item(), 1)
-    return {"acc": tot[0].item() / n, "loss": tot[1].item() / n, "n": int(tot[2].item())}
-
-
 def _revert_sync_batchnorm(model: nn.Module, classes: dict[str, type]) -> nn.Module:
     """Undo ``nn.SyncBatchNorm.convert_sync_batchnorm`` in place: each SyncBatchNorm becomes its original
     class (``classes``: module name -> class before conversion) sharing its parameters and buffers, so the
@@ -110,8 +95,11 @@ def _revert_sync_batchnorm(model: nn.Module, classes: dict[str, type]) -> nn.Mod
         bn = classes[name](mod.num_features, mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
         if mod.affine:
             bn.weight, bn.bias = mod.weight, mod.bias
-        bn.running_mean, bn.running_var, bn.num_batches_tracked = (mod.running_mean, mod.running_var,
-                                                                   mod.num_batches_tracked)
+        bn.running_mean, bn.running_var, bn.num_batches_tracked = (
+            mod.running_mean,
+            mod.running_var,
+            mod.num_batches_tracked,
+        )
         bn.train(mod.training)
         if name == "":
             return bn
@@ -139,6 +127,7 @@ def _lr_factor(cfg: TrainConfig, epoch: int, step: int, steps: int, epochs: int)
         return (t + 1 / max(steps, 1)) / cfg.warmup_epochs
     if cfg.schedule == "cosine":
         import math
+
         span = max(epochs - cfg.warmup_epochs, 1e-9)
         return 0.5 * (1 + math.cos(math.pi * min((t - cfg.warmup_epochs) / span, 1.0)))
     if cfg.schedule == "step":
@@ -156,9 +145,15 @@ def _phases(cfg: TrainConfig) -> list[tuple[str, int, float]]:
     return [(cfg.strategy, cfg.epochs, cfg.lr)]
 
 
-def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
-          resume_path: str | os.PathLike | None = None, desc: str = "train",
-          progress: bool = True) -> TrainResult:
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    cfg: TrainConfig,
+    resume_path: str | os.PathLike | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
     """Train ``model`` under ``cfg.strategy``. Returns the model with the best validation weights.
 
     ``resume_path``: a file where the state after each finished epoch is kept; when it
@@ -170,7 +165,7 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
     epoch's training loss and accuracy are reduced over ranks, and every rank ends with rank
     0's weights and buffers. Only rank 0 writes the resume file.
     """
-    from .models import head_name
+    from tunelens.core.naming import head_name
 
     device = runtime.resolve_device(cfg.device)
     runtime.set_determinism(cfg.seed)
@@ -181,8 +176,11 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
     sync_bn = cfg.sync_bn and distributed
     if sync_bn and device.type != "cuda":
         if runtime.is_main():
-            warnings.warn("sync_bn=True is ignored on CPU (torch's SyncBatchNorm runs on GPUs only): each rank "
-                          "normalises with its own batch statistics", stacklevel=2)
+            warnings.warn(
+                "sync_bn=True is ignored on CPU (torch's SyncBatchNorm runs on GPUs only): each rank "
+                "normalises with its own batch statistics",
+                stacklevel=2,
+            )
         sync_bn = False
     bn_classes: dict[str, type] = {}
     if sync_bn:
@@ -195,14 +193,24 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
     sampler = None
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
+
         sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
     n_local = len(sampler) if sampler is not None else len(train_set)  # this rank's training samples
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=gen, drop_last=n_local > cfg.batch_size, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=gen,
+        drop_last=n_local > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     if len(loader) == 0:
-        raise ValueError(f"no training batch: {len(train_set)} training samples over {runtime.world_size()} "
-                         f"rank(s) with batch_size {cfg.batch_size}")
+        raise ValueError(
+            f"no training batch: {len(train_set)} training samples over {runtime.world_size()} "
+            f"rank(s) with batch_size {cfg.batch_size}"
+        )
     val_loader = None
     if val_set is not None:
         # the same batches as one process, no sample padded or repeated: reduced sums equal one process's
@@ -224,8 +232,14 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=total_epochs * len(loader), initial=start_epoch * len(loader), desc=desc,
-               disable=not progress or not runtime.is_main(), dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=total_epochs * len(loader),
+        initial=start_epoch * len(loader),
+        desc=desc,
+        disable=not progress or not runtime.is_main(),
+        dynamic_ncols=True,
+        leave=False,
+    )
     epoch0 = 0
     stale = 0
     for phase_strategy, phase_epochs, lr in phases:
@@ -236,7 +250,9 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
         apply_freeze(model, prefixes)
         net: nn.Module = model
         if distributed:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         opt = _make_optimizer(model, cfg, lr, head)
         if len(phases) > 1 and epoch0 > 0 and start_epoch <= epoch0:
             best, stale = {"acc": -1.0, "state": None, "epoch": -1}, 0  # model selection within the last phase
@@ -278,7 +294,7 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
                             upd[s][0] += float((p.detach() - before[n]).pow(2).sum())
                             upd[s][1] += float(before[n].pow(2).sum())
                 for s, (num, den) in upd.items():
-                    uratio[s] += (num ** 0.5) / (den ** 0.5) if den > 0 else 0.0
+                    uratio[s] += (num**0.5) / (den**0.5) if den > 0 else 0.0
                 nsteps += 1
                 sums["loss"] += float(loss.detach()) * len(y)
                 sums["correct"] += int((out.argmax(1) == y).sum())
@@ -286,32 +302,49 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
             if distributed:  # the epoch's training loss and accuracy over all ranks' samples
-                tot = runtime.all_reduce_sum(torch.tensor([sums["loss"], sums["correct"], sums["n"]],
-                                                          dtype=torch.float64, device=device)).tolist()
+                tot = runtime.all_reduce_sum(
+                    torch.tensor([sums["loss"], sums["correct"], sums["n"]], dtype=torch.float64, device=device)
+                ).tolist()
                 sums = {"loss": tot[0], "correct": int(round(tot[1])), "n": int(round(tot[2]))}
                 runtime.broadcast_module(model, parameters=False)  # BatchNorm statistics: rank 0's everywhere
             # gnorm holds sums of squared norms over steps: report mean per-step norm (sqrt of mean square)
-            rec = {"epoch": epoch + 1, "phase": phase_strategy, "lr": lr,
-                   "train_loss": sums["loss"] / max(sums["n"], 1),
-                   "train_acc": sums["correct"] / max(sums["n"], 1),
-                   "grad_norm": {s: (gnorm[s] / max(nsteps, 1)) ** 0.5 for s in stages},
-                   "update_ratio": {s: uratio[s] / max(nsteps, 1) for s in stages}}
+            rec = {
+                "epoch": epoch + 1,
+                "phase": phase_strategy,
+                "lr": lr,
+                "train_loss": sums["loss"] / max(sums["n"], 1),
+                "train_acc": sums["correct"] / max(sums["n"], 1),
+                "grad_norm": {s: (gnorm[s] / max(nsteps, 1)) ** 0.5 for s in stages},
+                "update_ratio": {s: uratio[s] / max(nsteps, 1) for s in stages},
+            }
             if val_loader is not None:
                 v = evaluate(model, val_loader, device)
                 rec.update(val_loss=v["loss"], val_acc=v["acc"])
                 if v["acc"] > best["acc"]:
-                    best = {"acc": v["acc"], "state": copy.deepcopy({k: t.cpu() for k, t in model.state_dict().items()}),
-                            "epoch": epoch + 1}
+                    best = {
+                        "acc": v["acc"],
+                        "state": copy.deepcopy({k: t.cpu() for k, t in model.state_dict().items()}),
+                        "epoch": epoch + 1,
+                    }
                     stale = 0
                 else:
                     stale += 1
             history.append(rec)
             if resume_path and runtime.is_main():
-                from .checkpoints import atomic_replace
-                st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                      "epoch": epoch + 1, "best_acc": best["acc"], "best_state": best["state"],
-                      "best_epoch": best["epoch"], "gen": gen.get_state(), "rng": torch.get_rng_state()}
-                atomic_replace(resume_path, lambda tmp: torch.save(st, tmp))
+                from tunelens.core.files import atomic_replace
+
+                st = {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "history": history,
+                    "epoch": epoch + 1,
+                    "best_acc": best["acc"],
+                    "best_state": best["state"],
+                    "best_epoch": best["epoch"],
+                    "gen": gen.get_state(),
+                    "rng": torch.get_rng_state(),
+                }
+                atomic_replace(resume_path, lambda tmp, st=st: torch.save(st, tmp))
             if cfg.patience and stale >= cfg.patience:
                 break  # early stopping (in lp_ft this ends the current phase)
         epoch0 += phase_epochs
@@ -326,7 +359,7 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: Tr
     model.eval()
     res = TrainResult(model=model, history=history, best_epoch=best["epoch"], seconds=time.perf_counter() - t0)
     if device.type == "cuda":
-        res.peak_gpu_mem_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        res.peak_gpu_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
     if resume_path and resume_path.exists() and runtime.is_main():
         resume_path.unlink()
     return res

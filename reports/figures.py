@@ -2,6 +2,7 @@
 
 Pure functions of tables and arrays; no analysis is computed here.
 """
+
 from __future__ import annotations
 
 import base64
@@ -10,15 +11,15 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
 plt.rcParams.update({"svg.hashsalt": "tunelens", "figure.dpi": 100, "font.size": 9, "axes.titlesize": 10})
 sns.set_theme(style="whitegrid", context="paper")
 
-__all__ = ["fig_to_uri", "line_chart", "bar_chart", "heatmap", "image_grid", "filter_grid", "to_display"]
+__all__ = ["bar_chart", "fig_to_uri", "filter_grid", "heatmap", "image_grid", "line_chart", "to_display"]
 
 
 def fig_to_uri(fig: plt.Figure, fmt: str = "svg") -> str:
@@ -30,12 +31,22 @@ def fig_to_uri(fig: plt.Figure, fmt: str = "svg") -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def line_chart(df: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = "", ylabel: str | None = None,
-               band: tuple[str, str] | None = None, logy: bool = False, style: str | None = None,
-               size: tuple[float, float] = (6.4, 3.2), xorder: list | None = None) -> str:
+def line_chart(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str | None = None,
+    title: str = "",
+    ylabel: str | None = None,
+    band: tuple[str, str] | None = None,
+    logy: bool = False,
+    style: str | None = None,
+    size: tuple[float, float] = (6.4, 3.2),
+    xorder: list | None = None,
+) -> str:
     fig, ax = plt.subplots(figsize=size)
     groups = df.groupby(hue, sort=False) if hue else [(None, df)]
-    for i, (key, g) in enumerate(groups):
+    for _i, (key, g) in enumerate(groups):
         g = g.copy()
         if xorder is not None:
             g[x] = pd.Categorical(g[x], categories=xorder, ordered=True)
@@ -59,8 +70,17 @@ def line_chart(df: pd.DataFrame, x: str, y: str, hue: str | None = None, title: 
     return fig_to_uri(fig)
 
 
-def bar_chart(df: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = "", ylabel: str | None = None,
-              logy: bool = False, size: tuple[float, float] = (6.4, 3.2), order: list | None = None) -> str:
+def bar_chart(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str | None = None,
+    title: str = "",
+    ylabel: str | None = None,
+    logy: bool = False,
+    size: tuple[float, float] = (6.4, 3.2),
+    order: list | None = None,
+) -> str:
     fig, ax = plt.subplots(figsize=size)
     sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax, order=order, errorbar=None)
     if logy:
@@ -74,13 +94,33 @@ def bar_chart(df: pd.DataFrame, x: str, y: str, hue: str | None = None, title: s
     return fig_to_uri(fig)
 
 
-def heatmap(mat: pd.DataFrame, title: str = "", vmin: float | None = None, vmax: float | None = None,
-            cmap: str = "magma", annot: bool = True, size: tuple[float, float] | None = None, fmt: str = ".2f",
-            xlabel: str = "", ylabel: str = "", center: float | None = None) -> str:
+def heatmap(
+    mat: pd.DataFrame,
+    title: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "magma",
+    annot: bool = True,
+    size: tuple[float, float] | None = None,
+    fmt: str = ".2f",
+    xlabel: str = "",
+    ylabel: str = "",
+    center: float | None = None,
+) -> str:
     h, w = mat.shape
     fig, ax = plt.subplots(figsize=size or (1.0 + 0.6 * w, 0.8 + 0.45 * h))
-    sns.heatmap(mat.astype(float), annot=annot, fmt=fmt, cmap=cmap, vmin=vmin, vmax=vmax, ax=ax, center=center,
-                annot_kws={"fontsize": 7}, cbar_kws={"shrink": 0.8})
+    sns.heatmap(
+        mat.astype(float),
+        annot=annot,
+        fmt=fmt,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        ax=ax,
+        center=center,
+        annot_kws={"fontsize": 7},
+        cbar_kws={"shrink": 0.8},
+    )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -98,9 +138,16 @@ def to_display(img: np.ndarray) -> np.ndarray:
     return a.squeeze()
 
 
-def image_grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str], title: str = "",
-               cmaps: list[str | None] | None = None, vranges: list[tuple[float, float] | None] | None = None,
-               contours: list[np.ndarray | None] | None = None, cell: float = 1.3) -> str:
+def image_grid(
+    rows: list[list[np.ndarray]],
+    row_labels: list[str],
+    col_labels: list[str],
+    title: str = "",
+    cmaps: list[str | None] | None = None,
+    vranges: list[tuple[float, float] | None] | None = None,
+    contours: list[np.ndarray | None] | None = None,
+    cell: float = 1.3,
+) -> str:
     """A grid of images; column j uses ``cmaps[j]`` / ``vranges[j]`` (a shared colour scale per column)."""
     nr, nc = len(rows), len(col_labels)
     fig, axes = plt.subplots(nr, nc, figsize=(cell * nc, cell * nr + 0.3), squeeze=False)

@@ -1,11 +1,12 @@
 """What a report section is made of: figures, tables and notes (no HTML here)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-__all__ = ["Figure", "Table", "Section"]
+__all__ = ["Figure", "Section", "Table"]
 
 
 @dataclass

@@ -6,8 +6,8 @@ user strings are escaped by jinja2's autoescape, and the report folder (HTML +
 the result tables as CSV) is written to a temporary sibling and swapped in only
 when complete.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import math
 import os
@@ -16,13 +16,13 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-
-from analysis.results import Results, write_folder_atomically
+from tunelens.core.files import write_folder_atomically
+from tunelens.core.results import Results
 
 from .model import Figure, Section, Table
 from .sections import SECTION_BUILDERS
 
-__all__ = ["render_report", "render_html"]
+__all__ = ["render_html", "render_report"]
 
 _TEMPLATES = Path(__file__).parent / "templates"
 
@@ -42,8 +42,11 @@ def _fmt(v) -> str:
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+    )
     env.filters["fmt"] = _fmt
     env.tests["figure"] = lambda b: isinstance(b, Figure)
     env.tests["table"] = lambda b: isinstance(b, Table)
@@ -68,15 +71,25 @@ def render_html(res: Results, title: str = "tunelens report") -> str:
         if f.get("evidence") not in anchors:
             f["evidence"] = None
         findings.append(f)
-    return _env().get_template("report.html.j2").render(
-        title=title, findings=findings, sections=sections, errors=errors, summary=res.summary,
-        skipped=res.summary.get("skipped", {}))
+    return (
+        _env()
+        .get_template("report.html.j2")
+        .render(
+            title=title,
+            findings=findings,
+            sections=sections,
+            errors=errors,
+            summary=res.summary,
+            skipped=res.summary.get("skipped", {}),
+        )
+    )
 
 
 def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str = "tunelens report") -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/tables/*.csv``; return the HTML path."""
     res = Results.load(results_dir)
     page = render_html(res, title=title)
+
     def fill(tmp: Path) -> None:
         (tmp / "tables").mkdir()
         for name, df in res.tables.items():
@@ -85,5 +98,3 @@ def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, ti
 
     out_dir = write_folder_atomically(out_dir, fill)
     return out_dir / "index.html"
-
-

@@ -1,4 +1,5 @@
 """Shared by the multi-process tests: run a function on 2 gloo ranks, or in one process on one thread."""
+
 from __future__ import annotations
 
 import pickle
@@ -16,8 +17,7 @@ WORLD = 2
 
 def _rank_main(rank: int, fn: Callable[[int], Any], init: str, out: str, timeout_s: float) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=timedelta(seconds=timeout_s))
     try:
         result = fn(rank)
         if rank == 0:

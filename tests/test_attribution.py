@@ -1,4 +1,5 @@
 """Attribution maps: exactness on a linear model, preparation, every method on two ResNets, seeds, batching."""
+
 from __future__ import annotations
 
 import warnings
@@ -8,18 +9,37 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from analysis.attribution import (DEFAULT_METHODS, CoarseLayerWarning, attribute, attribute_group, attribute_pair,
-                                  resolve_targets)
-from analysis.prepare import (LogitMismatchError, SplitReLUBasicBlock, SplitReLUBottleneck, cascade_stages,
-                              fit_probe_head, head_features, is_prepared, prepare_for_attribution,
-                              randomize_cascading, reused_modules)
-from finetune.models import build_model
+from tunelens.analysis.attribution import (
+    DEFAULT_METHODS,
+    CoarseLayerWarning,
+    attribute,
+    attribute_group,
+    attribute_pair,
+    resolve_targets,
+)
+from tunelens.analysis.prepare import (
+    LogitMismatchError,
+    SplitReLUBasicBlock,
+    SplitReLUBottleneck,
+    cascade_stages,
+    fit_probe_head,
+    head_features,
+    is_prepared,
+    prepare_for_attribution,
+    randomize_cascading,
+    reused_modules,
+)
+from tunelens.finetune.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-FAST = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"nt_samples": 2}, "gradient_shap": {"n_samples": 2},
-        "occlusion": {"window": 8, "stride": 8}}
+FAST = {
+    "integrated_gradients": {"n_steps": 4},
+    "smoothgrad": {"nt_samples": 2},
+    "gradient_shap": {"n_samples": 2},
+    "occlusion": {"window": 8, "stride": 8},
+}
 
 
 class LinearNet(nn.Module):
@@ -184,8 +204,15 @@ def test_pair_shares_noise_and_targets():
     other = build_model("tiny_resnet", 4, seed=1).eval()
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([0, 1, 2, 3])
-    pm = attribute_pair(model, model, x, y, methods=("smoothgrad", "gradient_shap"),
-                        options={k: FAST[k] for k in ("smoothgrad", "gradient_shap")}, seed=3)
+    pm = attribute_pair(
+        model,
+        model,
+        x,
+        y,
+        methods=("smoothgrad", "gradient_shap"),
+        options={k: FAST[k] for k in ("smoothgrad", "gradient_shap")},
+        seed=3,
+    )
     for m in pm:
         a, b = pm[m]
         assert torch.equal(a, b), m  # same model, same draws -> the same map
@@ -226,8 +253,9 @@ def test_out_of_memory_splits_the_batch():
     prepared = prepare_for_attribution(model, x)
     prepared.limit = 5
     with pytest.warns(UserWarning, match="out of memory"):
-        got = attribute_group([prepared], x, [torch.ones(6, dtype=torch.long)], "integrated_gradients",
-                              n_steps=8, eval_batch=64)[0]
+        got = attribute_group(
+            [prepared], x, [torch.ones(6, dtype=torch.long)], "integrated_gradients", n_steps=8, eval_batch=64
+        )[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -1,4 +1,5 @@
 """The attribution study sharded over 2 gloo processes equals the single-process study."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,14 +13,25 @@ METHODS = ("saliency", "integrated_gradients", "grad_cam")
 
 
 def _study():
-    from analysis.attribution_study import attribution_study
-    from finetune.data import ShapesSpec, make_shapes
-    from finetune.models import build_model
+    from tunelens.analysis.attribution_study import attribution_study
+    from tunelens.finetune.data import ShapesSpec, make_shapes
+    from tunelens.finetune.models import build_model
 
     data = make_shapes(ShapesSpec(task="target", train_per_class=2, val_per_class=1, test_per_class=2, seed=3))
     base, tuned = build_model("tiny_resnet", 6, seed=1), build_model("tiny_resnet", 6, seed=2)
-    st = attribution_study(base, tuned, data["test"], methods=METHODS, n_images=9, seed=0, device="cpu",
-                           n_boot=200, threads=1, faithfulness=True, faithfulness_steps=4)
+    st = attribution_study(
+        base,
+        tuned,
+        data["test"],
+        methods=METHODS,
+        n_images=9,
+        seed=0,
+        device="cpu",
+        n_boot=200,
+        threads=1,
+        faithfulness=True,
+        faithfulness_steps=4,
+    )
     return {"comparisons": st.comparisons, "summary": st.summary, "maps": st.maps}
 
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-import finetune.checkpoints as ck
-from finetune.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+import tunelens.finetune.checkpoints as ck
+from tunelens.finetune.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _sd():

@@ -1,4 +1,5 @@
 """Map comparison, localisation, faithfulness and the attribution study (small and on the CPU)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,12 +7,26 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.attribution_study import (AttributionStudy, bootstrap_ci, change_index, collect_images,
-                                        attribution_study)
-from analysis.compare import (SIMILARITIES, compare_maps, pointing_game, relevance_mass, relevance_rank_accuracy,
-                              shared_scale, spearman_rows, ssim, to_maps, topk_intersection)
-from analysis.faithfulness import deletion_insertion, gaussian_blur
-
+from tunelens.analysis.attribution_study import (
+    AttributionStudy,
+    attribution_study,
+    bootstrap_ci,
+    change_index,
+    collect_images,
+)
+from tunelens.analysis.compare import (
+    SIMILARITIES,
+    compare_maps,
+    pointing_game,
+    relevance_mass,
+    relevance_rank_accuracy,
+    shared_scale,
+    spearman_rows,
+    ssim,
+    to_maps,
+    topk_intersection,
+)
+from tunelens.analysis.faithfulness import deletion_insertion, gaussian_blur
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -64,13 +79,17 @@ def test_ssim_matches_skimage():
     xa, xb = shared_scale(a, b)
     assert max(np.abs(xa[i]).max() for i in range(4)) <= 1.0
     got = ssim(xa, xb, win_size=7, data_range=1.0)
-    want = [skm.structural_similarity(xa[i], xb[i], win_size=7, data_range=1.0, gaussian_weights=False,
-                                      use_sample_covariance=True) for i in range(4)]
+    want = [
+        skm.structural_similarity(
+            xa[i], xb[i], win_size=7, data_range=1.0, gaussian_weights=False, use_sample_covariance=True
+        )
+        for i in range(4)
+    ]
     np.testing.assert_allclose(got, want, atol=1e-10)
 
 
 def test_topk_known():
-    a = np.arange(10.0)[None]          # top 20%: pixels 9, 8
+    a = np.arange(10.0)[None]  # top 20%: pixels 9, 8
     b = np.array([[9.0, 8, 0, 0, 0, 0, 0, 0, 1, 0]])  # top 20%: pixels 0, 1 ... and 8 is third
     assert topk_intersection(a, a, 0.2)[0] == 1.0
     assert topk_intersection(a, b, 0.2)[0] == 0.0
@@ -79,10 +98,10 @@ def test_topk_known():
 
 def test_mask_metrics_known():
     m = np.zeros((2, 4, 4), dtype=bool)
-    m[:, :2, :2] = True                     # 4 pixels in the mask
+    m[:, :2, :2] = True  # 4 pixels in the mask
     r = np.zeros((2, 4, 4))
-    r[0, 0, 0], r[0, 3, 3], r[0, 2, 2] = 3.0, 1.0, -5.0   # positive mass 3 in, 1 out; negative ignored
-    r[1, 3, 3], r[1, 0, 1] = 2.0, 1.0       # argmax outside, 1 of the top-4 positive in the mask
+    r[0, 0, 0], r[0, 3, 3], r[0, 2, 2] = 3.0, 1.0, -5.0  # positive mass 3 in, 1 out; negative ignored
+    r[1, 3, 3], r[1, 0, 1] = 2.0, 1.0  # argmax outside, 1 of the top-4 positive in the mask
     np.testing.assert_allclose(relevance_mass(r, m), [0.75, 1 / 3])
     np.testing.assert_allclose(pointing_game(r, m), [1.0, 0.0])
     # top-4 of sample 0: (0,0)=3, (3,3)=1, then zeros in row-major order (0,1), (0,2) -> (0,0), (0,1) in mask
@@ -124,7 +143,7 @@ def test_deletion_insertion_prefers_the_true_map():
     w[0] = torch.randn(64).abs()
     model = _Linear(w).eval()
     x = torch.rand(6, 1, 8, 8) + 0.5
-    true_map = (x * w[0].view(1, 1, 8, 8))
+    true_map = x * w[0].view(1, 1, 8, 8)
     good = deletion_insertion(model, x, true_map, torch.zeros(6, dtype=torch.long), steps=8, blur_sigma=0.0)
     bad = deletion_insertion(model, x, -true_map, torch.zeros(6, dtype=torch.long), steps=8, blur_sigma=0.0)
     assert good["deletion_curve"].shape == (6, 9)
@@ -140,7 +159,7 @@ def test_gaussian_blur_keeps_constants():
 
 
 def _shapes(n_per_class: int = 2):
-    from finetune.data import ShapesSpec, make_shapes
+    from tunelens.finetune.data import ShapesSpec, make_shapes
 
     return make_shapes(ShapesSpec(task="target", train_per_class=6, val_per_class=1, test_per_class=n_per_class))
 
@@ -152,24 +171,34 @@ def test_collect_images_from_dataset_and_loader():
     x2, *_ = collect_images(ds, 5, seed=0)
     torch.testing.assert_close(x, x2)
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
-    x3, y3, m3, _ = collect_images(loader, 6)
+    x3, _y3, m3, _ = collect_images(loader, 6)
     assert x3.shape[0] == 6 and m3.shape == (6, 32, 32)
 
 
 def test_study_small_with_probe_head_and_masks():
-    from finetune.models import build_model
+    from tunelens.finetune.models import build_model
 
     data = _shapes(2)
-    base = build_model("tiny_resnet", 8, seed=0)   # another task's head: a probe head is fitted
+    base = build_model("tiny_resnet", 8, seed=0)  # another task's head: a probe head is fitted
     tuned = build_model("tiny_resnet", 6, seed=1)
-    res = attribution_study(base, tuned, data["test"], methods=("saliency", "smoothgrad", "grad_cam"), n_images=8,
-                            probe_data=data["train"], device="cpu", n_boot=50, faithfulness_steps=4,
-                            options={"smoothgrad": {"nt_samples": 2}})
+    res = attribution_study(
+        base,
+        tuned,
+        data["test"],
+        methods=("saliency", "smoothgrad", "grad_cam"),
+        n_images=8,
+        probe_data=data["train"],
+        device="cpu",
+        n_boot=50,
+        faithfulness_steps=4,
+        options={"smoothgrad": {"nt_samples": 2}},
+    )
     assert isinstance(res, AttributionStudy)
     assert res.probe is not None and any("linear-probe head" in n for n in res.notes)
     assert len(res.comparisons) == 3 * 8
     assert {"spearman_abs", "ceiling_spearman_abs", "floor_ssim", "mass_base", "deletion_tuned"} <= set(
-        res.comparisons.columns)
+        res.comparisons.columns
+    )
     s = res.summary.set_index("method")
     assert list(s.index) == ["saliency", "smoothgrad", "grad_cam"]
     for m in s.index:
@@ -191,15 +220,24 @@ def test_study_small_with_probe_head_and_masks():
 
 
 def test_study_without_masks_and_same_heads():
-    from finetune.models import build_model
+    from tunelens.finetune.models import build_model
 
     data = _shapes(2)["test"]
     x = data.images[:6]
     y = data.labels[:6]
     model = build_model("tiny_resnet", 6, seed=0)
     before = torch.get_num_threads()
-    res = attribution_study(model, model, [(x, y)], methods=("saliency",), n_images=6, device="cpu", n_boot=20,
-                            faithfulness=False, threads=2)
+    res = attribution_study(
+        model,
+        model,
+        [(x, y)],
+        methods=("saliency",),
+        n_images=6,
+        device="cpu",
+        n_boot=20,
+        faithfulness=False,
+        threads=2,
+    )
     assert res.settings["threads"] == 2 and torch.get_num_threads() == before  # restored
     assert res.localisation is None and res.localisation_note and res.masks is None
     assert res.probe is None
@@ -212,9 +250,15 @@ def test_study_without_masks_and_same_heads():
 
 
 def test_study_needs_probe_data_when_heads_differ():
-    from finetune.models import build_model
+    from tunelens.finetune.models import build_model
 
     data = _shapes(1)["test"]
     with pytest.raises(ValueError, match="probe_data"):
-        attribution_study(build_model("tiny_resnet", 8), build_model("tiny_resnet", 6), data,
-                          methods=("saliency",), n_images=4, device="cpu")
+        attribution_study(
+            build_model("tiny_resnet", 8),
+            build_model("tiny_resnet", 6),
+            data,
+            methods=("saliency",),
+            n_images=4,
+            device="cpu",
+        )

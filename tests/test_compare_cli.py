@@ -4,6 +4,7 @@ A resnet18 "base" (10 classes, random init) and a "tuned" copy with a 3-class he
 few SGD steps on a generated ImageFolder of PNGs, saved in the layouts people use; the report
 for each; a ``module:function`` factory; every bad input exits 2 with one line and writes nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,19 @@ from safetensors.torch import save_file
 
 from tunelens.cli import main
 
-FAST = ["--image-size", "32", "--limit", "12", "--no-progress", "--device", "cpu",
-        "--set", "analysis.attribution_images=4", "--set", "analysis.interpolation_steps=3"]
+FAST = [
+    "--image-size",
+    "32",
+    "--limit",
+    "12",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--set",
+    "analysis.attribution_images=4",
+    "--set",
+    "analysis.interpolation_steps=3",
+]
 
 
 def make_images(root: Path, classes=("circle", "square", "triangle"), per_class: int = 6, size: int = 32) -> Path:
@@ -44,8 +56,13 @@ def train_tuned(base: torch.nn.Module, data: Path, n_classes: int, steps: int = 
     """Plain torchvision fine-tuning: new head, a few SGD steps on the ImageFolder."""
     from torchvision import transforms
 
-    tf = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor(),
-                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((32, 32)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     ds = torchvision.datasets.ImageFolder(str(data), transform=tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     tuned = copy.deepcopy(base)
@@ -88,9 +105,18 @@ def pair(tmp_path_factory):
 
 
 def compare(pair, out: Path, *extra: str, base=None, tuned=None, data=None, arch="resnet18") -> int:
-    argv = ["compare", "--arch", arch, "--base", str(base or pair["base"]),
-            "--data", str(data or pair["data"]), "--out", str(out)]
-    for t in (tuned if tuned is not None else [pair["tuned"]["safetensors"]]):
+    argv = [
+        "compare",
+        "--arch",
+        arch,
+        "--base",
+        str(base or pair["base"]),
+        "--data",
+        str(data or pair["data"]),
+        "--out",
+        str(out),
+    ]
+    for t in tuned if tuned is not None else [pair["tuned"]["safetensors"]]:
         argv += ["--tuned", str(t)]
     return main(argv + FAST + list(extra))
 
@@ -98,8 +124,19 @@ def compare(pair, out: Path, *extra: str, base=None, tuned=None, data=None, arch
 @pytest.fixture(scope="module")
 def report(pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "out"
-    argv = ["compare", "--arch", "resnet18", "--base", str(pair["base"]), "--tuned", str(pair["tuned"]["safetensors"]),
-            "--data", str(pair["data"]), "--out", str(out)] + FAST
+    argv = [
+        "compare",
+        "--arch",
+        "resnet18",
+        "--base",
+        str(pair["base"]),
+        "--tuned",
+        str(pair["tuned"]["safetensors"]),
+        "--data",
+        str(pair["data"]),
+        "--out",
+        str(out),
+    ] + FAST
     assert main(argv) == 0
     return out
 
@@ -126,7 +163,7 @@ def test_compare_writes_the_report(report, capsys):
     assert "Not run" in html and "ground-truth masks" in html
     # mixed modes were converted, checkpoints are identified by their sha256
     assert any("converted to RGB" in n for n in summary["notes"])
-    from finetune.checkpoints import sha256_file
+    from tunelens.core.files import sha256_file
 
     assert summary["checkpoints"]["tuned"]["sha256"] == sha256_file(Path(str(summary["checkpoints"]["tuned"]["file"])))
     assert summary["data"]["classes"] == ["circle", "square", "triangle"]
@@ -142,12 +179,12 @@ def test_report_is_replaced_only_when_complete(report, pair, tmp_path, monkeypat
     # bad input: nothing touched
     assert compare(pair, out, tuned=[pair["root"] / "missing.pt"]) == 2
     # a crash in the middle of the analyses: the old results and report stay
-    import analysis.suite
+    import tunelens.analysis.suite as analysis_suite
 
     def boom(*a, **k):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(analysis.suite, "analyze_models", boom)
+    monkeypatch.setattr(analysis_suite, "analyze_models", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         compare(pair, out)
     assert (out / "report" / "index.html").read_bytes() == before
@@ -162,9 +199,22 @@ def test_every_layout_validates(pair, layout, tmp_path):
     from tunelens.compare import validate
 
     out = tmp_path / "out"
-    args = build_parser().parse_args(["compare", "--arch", "resnet18", "--base", str(pair["base"]),
-                                      "--tuned", str(pair["tuned"][layout]), "--data", str(pair["data"]),
-                                      "--out", str(out)] + FAST)
+    args = build_parser().parse_args(
+        [
+            "compare",
+            "--arch",
+            "resnet18",
+            "--base",
+            str(pair["base"]),
+            "--tuned",
+            str(pair["tuned"][layout]),
+            "--data",
+            str(pair["data"]),
+            "--out",
+            str(out),
+        ]
+        + FAST
+    )
     plan = validate(args, log=lambda *a: None)
     name = next(n for n in plan.models if n != "base")
     got = plan.models[name].state_dict()
@@ -190,7 +240,8 @@ def test_user_factory(tmp_path, monkeypatch, capsys):
         "    def forward(self, x):\n"
         "        return self.classifier(self.avgpool(self.features(x)).flatten(1))\n\n\n"
         "def small_net(num_classes=10):\n"
-        "    return SmallNet(num_classes)\n")
+        "    return SmallNet(num_classes)\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
@@ -210,8 +261,22 @@ def test_user_factory(tmp_path, monkeypatch, capsys):
         opt.step()
     torch.save({f"module.{k}": v for k, v in tuned.state_dict().items()}, tmp_path / "tuned.pt")
     out = tmp_path / "out"
-    rc = main(["compare", "--arch", "byo_cli_nets:small_net", "--base", "base.pt", "--tuned", "tuned.pt", "--data", "data",
-               "--out", str(out)] + FAST)
+    rc = main(
+        [
+            "compare",
+            "--arch",
+            "byo_cli_nets:small_net",
+            "--base",
+            "base.pt",
+            "--tuned",
+            "tuned.pt",
+            "--data",
+            "data",
+            "--out",
+            str(out),
+        ]
+        + FAST
+    )
     assert rc == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {(out / 'report' / 'index.html').resolve()}"
     deltas = (out / "results" / "weight_deltas.csv").read_text()
@@ -259,26 +324,48 @@ def _bad(tmp: Path, pair) -> dict:
         "truncated safetensors": (dict(tuned=[trunc_st]), [], ["truncated or corrupt"]),
         "not a checkpoint": (dict(tuned=[tmp / "notes.pt"]), [], ["not a checkpoint"]),
         "no tensors": (dict(tuned=[tmp / "no_tensors.pt"]), [], ["no tensors", "'epoch'"]),
-        "architecture mismatch": (dict(arch="resnet34"), [], ["does not fit architecture resnet34", "missing key",
-                                                               "layer1.2", "--arch resnet18"]),
+        "architecture mismatch": (
+            dict(arch="resnet34"),
+            [],
+            ["does not fit architecture resnet34", "missing key", "layer1.2", "--arch resnet18"],
+        ),
         "unknown arch": (dict(arch="resnet19"), [], ["--arch resnet19", "unknown architecture", "resnet18"]),
         "bad factory": (dict(arch="no_such_module:make"), [], ["cannot import module 'no_such_module'"]),
         "classes do not match the head": (dict(data=two), [], ["2 classes (a, b)", "3-class head"]),
         "empty data folder": (dict(data=tmp / "empty"), [], ["no class sub-folders"]),
         "missing data folder": (dict(data=tmp / "nodata"), [], ["data folder", "does not exist"]),
         "unreadable data folder": (dict(data=unreadable), [], ["no readable images", "x.png"]),
-        "torchvision weights not cached": (dict(base="torchvision:IMAGENET1K_V1"), ["TORCH_HOME"],
-                                           [str(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
-                                            "https://download.pytorch.org/models/resnet18-f37072fd.pth"]),
+        "torchvision weights not cached": (
+            dict(base="torchvision:IMAGENET1K_V1"),
+            ["TORCH_HOME"],
+            [
+                str(torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
+                "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+            ],
+        ),
         "bad image size": (dict(), ["--image-size", "4"], ["--image-size"]),
         "out is a file": (dict(), ["OUTFILE"], ["is a file"]),
     }
 
 
-BAD = ["missing file", "missing base", "truncated", "truncated safetensors", "not a checkpoint", "no tensors",
-       "architecture mismatch", "unknown arch", "bad factory", "classes do not match the head", "empty data folder",
-       "missing data folder", "unreadable data folder", "torchvision weights not cached", "bad image size",
-       "out is a file"]
+BAD = [
+    "missing file",
+    "missing base",
+    "truncated",
+    "truncated safetensors",
+    "not a checkpoint",
+    "no tensors",
+    "architecture mismatch",
+    "unknown arch",
+    "bad factory",
+    "classes do not match the head",
+    "empty data folder",
+    "missing data folder",
+    "unreadable data folder",
+    "torchvision weights not cached",
+    "bad image size",
+    "out is a file",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -316,10 +403,31 @@ def test_code_running_pickle_is_refused(pair, tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": pair["sd"], "callback": Payload()}, evil)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "tunelens", "compare", "--arch", "resnet18", "--base",
-                           str(pair["base"]), "--tuned", str(evil), "--data", str(pair["data"]), "--out", str(out),
-                           "--device", "cpu", "--no-progress"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelens",
+            "compare",
+            "--arch",
+            "resnet18",
+            "--base",
+            str(pair["base"]),
+            "--tuned",
+            str(evil),
+            "--data",
+            str(pair["data"]),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "refused" in err[0] and "system" in err[0], proc.stderr

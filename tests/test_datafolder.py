@@ -1,4 +1,5 @@
 """ImageFolder data for your own checkpoints (analysis.datafolder): modes, limits, masks and clear errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.datafolder import DataFolderError, IMAGENET_MEAN, IMAGENET_STD, image_folder, split_train_test
+from tunelens.analysis.datafolder import IMAGENET_MEAN, IMAGENET_STD, DataFolderError, image_folder, split_train_test
 
 
 def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 4, size=(40, 48)) -> Path:
@@ -25,7 +26,7 @@ def test_classes_modes_and_values(tmp_path):
     root = make_folder(tmp_path / "data")
     Image.fromarray(np.full((40, 48), 128, np.uint8), "L").save(root / "cat" / "gray.png")
     rgba = np.zeros((40, 48, 4), np.uint8)
-    rgba[..., 0] = 255            # red, half of it transparent (-> white)
+    rgba[..., 0] = 255  # red, half of it transparent (-> white)
     rgba[:, :24, 3] = 255
     Image.fromarray(rgba, "RGBA").save(root / "dog" / "rgba.png")
     Image.fromarray(np.zeros((40, 48, 3), np.uint8)).convert("P").save(root / "fox" / "palette.png")
@@ -39,8 +40,8 @@ def test_classes_modes_and_values(tmp_path):
     assert x.shape == (3, 16, 16) and y == 0
     torch.testing.assert_close(x, torch.full_like(x, 128 / 255))
     x, _ = ds[[p for p, _ in ds.samples].index(root / "dog" / "rgba.png")]
-    assert torch.allclose(x[:, :, :6], torch.tensor([1.0, 0, 0])[:, None, None])       # opaque red
-    assert torch.allclose(x[:, :, -6:], torch.ones(3, 16, 6))                          # transparent -> white
+    assert torch.allclose(x[:, :, :6], torch.tensor([1.0, 0, 0])[:, None, None])  # opaque red
+    assert torch.allclose(x[:, :, -6:], torch.ones(3, 16, 6))  # transparent -> white
     x, _ = ds[[p for p, _ in ds.samples].index(root / "fox" / "deep16.png")]
     assert abs(float(x.mean()) - 30000 / 65535) < 0.01
     # ImageNet normalisation and the torchvision ImageFolder class order
@@ -82,44 +83,46 @@ def test_unreadable_files(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(DataFolderError, match="does not exist"):
+    with pytest.raises(DataFolderError, match=r"does not exist"):
         image_folder(tmp_path / "nope")
     (tmp_path / "file.png").write_bytes(b"x")
-    with pytest.raises(DataFolderError, match="is a file"):
+    with pytest.raises(DataFolderError, match=r"is a file"):
         image_folder(tmp_path / "file.png")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataFolderError, match="no class sub-folders .*empty"):
+    with pytest.raises(DataFolderError, match=r"no class sub-folders .*empty"):
         image_folder(tmp_path / "empty")
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.new("RGB", (8, 8)).save(flat / "a.png")
-    with pytest.raises(DataFolderError, match="holds 1 image"):
+    with pytest.raises(DataFolderError, match=r"holds 1 image"):
         image_folder(flat)
     root = make_folder(tmp_path / "data", per_class=1)
     (root / "zebra").mkdir()
-    with pytest.raises(DataFolderError, match="class folder .*zebra has no images"):
+    with pytest.raises(DataFolderError, match=r"class folder .*zebra has no images"):
         image_folder(root)
     (root / "zebra").rmdir()
     (root / "cat" / "0.png").unlink()
     (root / "cat" / "readme.txt").write_text("no images here")
-    with pytest.raises(DataFolderError, match="cat has no images"):
+    with pytest.raises(DataFolderError, match=r"cat has no images"):
         image_folder(root)
 
 
 def test_masks_csv_boxes_and_pngs(tmp_path):
     root = make_folder(tmp_path / "data", classes=("a", "b"), per_class=2, size=(40, 80))
     m = np.zeros((40, 80), np.uint8)
-    m[:, 40:] = 255                                   # right half
+    m[:, 40:] = 255  # right half
     Image.fromarray(m).save(tmp_path / "m.png")
     csv = tmp_path / "masks.csv"
-    csv.write_text("path,mask,x0,y0,x1,y1\n"
-                   "a/0.png,m.png,,,,\n"
-                   "a/1.png,,0,0,40,20\n"          # top-left quarter
-                   "b/0.png,m.png,,,,\n"
-                   "b/1.png,,0,0,80,40\n")
+    csv.write_text(
+        "path,mask,x0,y0,x1,y1\n"
+        "a/0.png,m.png,,,,\n"
+        "a/1.png,,0,0,40,20\n"  # top-left quarter
+        "b/0.png,m.png,,,,\n"
+        "b/1.png,,0,0,80,40\n"
+    )
     ds = image_folder(root, image_size=16, masks_csv=csv)
     assert ds.has_masks
-    x, y, mask = ds[0]
+    _x, _y, mask = ds[0]
     assert mask.dtype == torch.bool and mask.shape == (16, 16)
     assert mask[:, 8:].all() and not mask[:, :8].any()
     _, _, box = ds[1]
@@ -128,19 +131,19 @@ def test_masks_csv_boxes_and_pngs(tmp_path):
     # a limit keeps only the selected images' rows
     assert len(image_folder(root, image_size=16, masks_csv=csv, limit=2)[0]) == 3
     csv.write_text("path,x0,y0,x1,y1\na/0.png,0,0,4,4\n")
-    with pytest.raises(DataFolderError, match="no row for a/1.png"):
+    with pytest.raises(DataFolderError, match=r"no row for a/1.png"):
         image_folder(root, masks_csv=csv)
     csv.write_text("path,x0,y0,x1,y1\na/0.png,0,0,4,4\nc/9.png,0,0,4,4\n")
-    with pytest.raises(DataFolderError, match="'c/9.png' is not an image"):
+    with pytest.raises(DataFolderError, match=r"'c/9.png' is not an image"):
         image_folder(root, masks_csv=csv)
     csv.write_text("path,box\na/0.png,1\n")
-    with pytest.raises(DataFolderError, match="needs the columns"):
+    with pytest.raises(DataFolderError, match=r"needs the columns"):
         image_folder(root, masks_csv=csv)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small.png")
     csv.write_text("path,mask\n" + "".join(f"{c}/{i}.png,small.png\n" for c in "ab" for i in range(2)))
-    with pytest.raises(DataFolderError, match="10x10 pixels but its image a/0.png is 80x40"):
+    with pytest.raises(DataFolderError, match=r"10x10 pixels but its image a/0.png is 80x40"):
         image_folder(root, masks_csv=csv)
-    with pytest.raises(DataFolderError, match="does not exist"):
+    with pytest.raises(DataFolderError, match=r"does not exist"):
         image_folder(root, masks_csv=tmp_path / "none.csv")
 
 
@@ -151,7 +154,7 @@ def test_torchvision_preset_transform_with_masks(tmp_path):
     csv = tmp_path / "boxes.csv"
     csv.write_text("path,x0,y0,x1,y1\na/0.png,0,0,40,40\nb/0.png,40,0,80,40\n")
     ds = image_folder(root, transform=ImageClassification(crop_size=16, resize_size=20), masks_csv=csv)
-    x, y, mask = ds[0]
+    x, _y, mask = ds[0]
     assert x.shape == (3, 16, 16) and mask.shape == (16, 16)
     # resize to 20x40, centre crop 16 (columns 12..27): the left half of the image covers columns 0..3 of it
     assert mask[:, :8].all() and not mask[:, 8:].any()

@@ -1,11 +1,12 @@
+import contextlib
 import hashlib
 
 import torch
 
-from finetune.checkpoints import save_checkpoint
-from finetune.data import ShapesSpec, make_shapes
-from finetune.models import build_model
-from finetune.train import TrainConfig, train
+from tunelens.finetune.checkpoints import save_checkpoint
+from tunelens.finetune.data import ShapesSpec, make_shapes
+from tunelens.finetune.models import build_model
+from tunelens.finetune.train import TrainConfig, train
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -27,14 +28,20 @@ def test_same_seed_same_checkpoint_hash(tmp_path):
     hashes = []
     for i in range(2):
         model = build_model("tiny_resnet", 8, seed=3)
-        res = train(model, data["train"], data["val"], TrainConfig(epochs=2, batch_size=16, seed=3, device="cpu"),
-                    progress=False)
+        res = train(
+            model,
+            data["train"],
+            data["val"],
+            TrainConfig(epochs=2, batch_size=16, seed=3, device="cpu"),
+            progress=False,
+        )
         man = save_checkpoint(tmp_path / f"m{i}.safetensors", res.model.state_dict(), {"seed": 3})
         hashes.append(man["sha256"])
     assert hashes[0] == hashes[1]
     model = build_model("tiny_resnet", 8, seed=4)
-    res = train(model, data["train"], data["val"], TrainConfig(epochs=2, batch_size=16, seed=4, device="cpu"),
-                progress=False)
+    res = train(
+        model, data["train"], data["val"], TrainConfig(epochs=2, batch_size=16, seed=4, device="cpu"), progress=False
+    )
     assert save_checkpoint(tmp_path / "m2.safetensors", res.model.state_dict(), {})["sha256"] != hashes[0]
 
 
@@ -44,7 +51,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
     ref = train(build_model("tiny_resnet", 8, seed=1), data["train"], data["val"], cfg, progress=False)
 
     resume = tmp_path / "run.resume.pt"
-    import finetune.train as tr
+    import tunelens.finetune.train as tr
 
     calls = {"n": 0}
     orig = tr.evaluate
@@ -57,18 +64,23 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
 
     tr.evaluate = interrupt_on_second_epoch
     try:
-        try:
-            train(build_model("tiny_resnet", 8, seed=1), data["train"], data["val"], cfg, resume_path=resume,
-                  progress=False)
-        except KeyboardInterrupt:
-            pass
+        with contextlib.suppress(KeyboardInterrupt):
+            train(
+                build_model("tiny_resnet", 8, seed=1),
+                data["train"],
+                data["val"],
+                cfg,
+                resume_path=resume,
+                progress=False,
+            )
     finally:
         tr.evaluate = orig
     assert resume.exists()
     st = torch.load(resume, weights_only=True)
     assert st["epoch"] == 1
-    res = train(build_model("tiny_resnet", 8, seed=1), data["train"], data["val"], cfg, resume_path=resume,
-                progress=False)
+    res = train(
+        build_model("tiny_resnet", 8, seed=1), data["train"], data["val"], cfg, resume_path=resume, progress=False
+    )
     assert not resume.exists()
     assert len(res.history) == 3
     for k, v in ref.model.state_dict().items():

@@ -3,6 +3,7 @@
 The 2-process tests run on CPU with the gloo backend: the analyses in processes spawned by the test,
 fine-tuning under ``python -m torch.distributed.run`` (torchrun) as a subprocess, which is how users run it.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,13 @@ import torch.distributed as dist
 from _distributed import WORLD, run_two_ranks, single_thread
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from analysis.sharding import ShardedBatchSampler, gather_rows, per_sample_batch_size, shard_loader
+from tunelens.analysis.sharding import ShardedBatchSampler, gather_rows, per_sample_batch_size, shard_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- sharded batches (no process group needed)
+
 
 def _dataset(n: int = 70, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
@@ -48,13 +50,15 @@ def test_single_process_shard_loader_is_a_plain_dataloader():
 @pytest.mark.parametrize("n,bs,world", [(70, 16, 2), (70, 16, 3), (64, 16, 4), (20, 16, 3), (5, 2, 2)])
 def test_sharded_batches_are_the_single_process_batches_in_rank_order(n, bs, world):
     whole = list(BatchSampler(SequentialSampler(range(n)), bs, drop_last=False))
-    parts = [ShardedBatchSampler(BatchSampler(SequentialSampler(range(n)), bs, drop_last=False), r, world)
-             for r in range(world)]
+    parts = [
+        ShardedBatchSampler(BatchSampler(SequentialSampler(range(n)), bs, drop_last=False), r, world)
+        for r in range(world)
+    ]
     got = [list(p) for p in parts]
     assert [b for p in got for b in p] == whole  # same batches, none repeated or padded, rank order = order
     assert [len(p) for p in parts] == [len(g) for g in got]
     assert max(map(len, got)) - min(map(len, got)) <= 1  # balanced
-    for p, g in zip(parts, got):  # offsets: where each batch starts in the single-process order
+    for p, g in zip(parts, got, strict=False):  # offsets: where each batch starts in the single-process order
         assert p.offsets() == [b[0] for b in g]
     with pytest.raises(ValueError):
         ShardedBatchSampler(BatchSampler(SequentialSampler(range(n)), bs, drop_last=False), world, world)
@@ -67,18 +71,19 @@ def test_gather_rows_single_process():
 
 # ---------------------------------------------------------------- 2 processes, spawned (gloo)
 
+
 def _models():
-    from finetune.models import build_model
+    from tunelens.finetune.models import build_model
 
     return build_model("tiny_resnet", 5, seed=0).eval(), build_model("tiny_resnet", 5, seed=1).eval()
 
 
 def _analyses(loader_for) -> dict:
     """Evaluation, CKA, predictions and probe features over ``loader_for(batch_size)`` (sharded or not)."""
-    from analysis.probes import layer_features
-    from analysis.similarity import cka_matrix
-    from analysis.suite import predictions_table
-    from finetune.train import evaluate
+    from tunelens.analysis.probes import layer_features
+    from tunelens.analysis.similarity import cka_matrix
+    from tunelens.analysis.suite import predictions_table
+    from tunelens.core.evaluation import evaluate
 
     a, b = _models()
     out = {"eval": evaluate(b, loader_for(16), "cpu"), "eval_a": evaluate(a, loader_for(32), "cpu")}
@@ -89,8 +94,9 @@ def _analyses(loader_for) -> dict:
     out["pred"] = predictions_table({"a": a, "b": b}, loader_for(16), torch.device("cpu"))
     feats, labels = layer_features(b, loader_for(16), ["layer1", "fc"], "cpu")
     out["feats"], out["labels"] = feats, labels
-    out["rows"] = gather_rows([{"index": i, "rank": int(dist.get_rank()) if dist.is_initialized() else 0}
-                               for i in range(3)], sort_by="index")
+    out["rows"] = gather_rows(
+        [{"index": i, "rank": int(dist.get_rank()) if dist.is_initialized() else 0} for i in range(3)], sort_by="index"
+    )
     return out
 
 
@@ -115,8 +121,12 @@ def test_two_process_analyses_equal_single_process(tmp_path):
     for key in ("ab", "aa", "bb"):
         assert dd[key].index.equals(single[key].index) and dd[key].columns.equals(single[key].columns)
         np.testing.assert_allclose(dd[key].to_numpy(), single[key].to_numpy(), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(dd["diag"][["cka", "ci_low", "ci_high"]].to_numpy(),
-                               single["diag"][["cka", "ci_low", "ci_high"]].to_numpy(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        dd["diag"][["cka", "ci_low", "ci_high"]].to_numpy(),
+        single["diag"][["cka", "ci_low", "ci_high"]].to_numpy(),
+        rtol=0,
+        atol=1e-9,
+    )
     assert dd["n_samples"] == single["n_samples"] == 68 and dd["skipped"] == single["skipped"] == 2
     pd.testing.assert_frame_equal(dd["pred"], single["pred"])  # per-sample rows gathered, in order
     np.testing.assert_array_equal(dd["labels"], single["labels"])
@@ -127,9 +137,22 @@ def test_two_process_analyses_equal_single_process(tmp_path):
 
 # ---------------------------------------------------------------- torchrun (subprocess)
 
-TINY = ["--quick", "--device", "cpu", "--no-progress", "--set", 'finetune.strategies=["full"]',
-        "--set", "pretrain.epochs=1", "--set", "finetune.common.epochs=1",
-        "--set", "data.source.train_per_class=8", "--set", "data.target.train_per_class=8"]
+TINY = [
+    "--quick",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--set",
+    'finetune.strategies=["full"]',
+    "--set",
+    "pretrain.epochs=1",
+    "--set",
+    "finetune.common.epochs=1",
+    "--set",
+    "data.source.train_per_class=8",
+    "--set",
+    "data.target.train_per_class=8",
+]
 
 
 def _torchrun(args: list[str], tmp_path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -142,7 +165,7 @@ def _torchrun(args: list[str], tmp_path: Path, env: dict | None = None) -> subpr
 
 @pytest.mark.slow
 def test_torchrun_finetune_writes_exactly_one_valid_checkpoint_per_model(tmp_path):
-    from finetune.checkpoints import load_checkpoint
+    from tunelens.finetune.checkpoints import load_checkpoint
 
     out = tmp_path / "run"
     p = _torchrun(["-m", "tunelens", "finetune", "--out", str(out), *TINY], tmp_path)
@@ -151,11 +174,12 @@ def test_torchrun_finetune_writes_exactly_one_valid_checkpoint_per_model(tmp_pat
     ck = out / "checkpoints"
     names = {"base", "full", "scratch"}
     assert sorted(x.name for x in ck.iterdir()) == sorted(
-        [f"{n}.safetensors" for n in names] + [f"{n}.json" for n in names] + ["manifest.json"])
+        [f"{n}.safetensors" for n in names] + [f"{n}.json" for n in names] + ["manifest.json"]
+    )
     index = json.loads((ck / "manifest.json").read_text())["checkpoints"]
     assert set(index) == names
     for name in names:
-        sd, man = load_checkpoint(ck / f"{name}.safetensors")  # sha256 verified
+        _sd, man = load_checkpoint(ck / f"{name}.safetensors")  # sha256 verified
         assert man["sha256"] == index[name]["sha256"] and man["world_size"] == WORLD
         assert man["device"] == "cpu" and len(man["history"]) == 1
         n_test = 10 * 8 if name == "base" else 16 * 6  # evaluation sharded by batch: no padded duplicates
@@ -189,9 +213,11 @@ def test_torchrun_a_failing_rank_fails_the_run_and_leaves_no_checkpoint(tmp_path
     p = _torchrun([str(script), "finetune", "--out", str(out), *TINY], tmp_path, env={"FAIL_WHERE": where})
     text = p.stdout + p.stderr
     assert p.returncode != 0, text[-3000:]
-    msg = "injected failure on rank 1 during training" if where == "train" else "injected failure on rank 0 while saving"
+    msg = (
+        "injected failure on rank 1 during training" if where == "train" else "injected failure on rank 0 while saving"
+    )
     assert msg in text
-    root = text[text.index("Root Cause"):]  # torchrun's summary names the failing rank and its error
+    root = text[text.index("Root Cause") :]  # torchrun's summary names the failing rank and its error
     assert f"rank      : {rank} (local_rank: {rank})" in root and msg in root
     ck = out / "checkpoints"
     left = sorted(x.name for x in ck.iterdir()) if ck.exists() else []
@@ -202,8 +228,8 @@ def test_torchrun_a_failing_rank_fails_the_run_and_leaves_no_checkpoint(tmp_path
 def test_sync_batchnorm_is_reverted_to_plain_batchnorm_with_the_same_state():
     from torch import nn
 
-    from finetune.models import build_model
-    from finetune.train import _revert_sync_batchnorm
+    from tunelens.finetune.models import build_model
+    from tunelens.finetune.train import _revert_sync_batchnorm
 
     m = build_model("tiny_resnet", 5, seed=0)
     m.layer1[0].bn1.weight.requires_grad_(False)
@@ -221,7 +247,7 @@ def test_sync_batchnorm_is_reverted_to_plain_batchnorm_with_the_same_state():
 
 def test_cuda_device_per_rank_without_a_gpu(monkeypatch):
     """Device choice under torchrun, with CUDA faked (nothing here touches a GPU)."""
-    from finetune import runtime
+    from tunelens.core import runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

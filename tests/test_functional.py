@@ -1,4 +1,5 @@
 """Rewinding, interpolation and linear probes (analysis.functional, analysis.probes)."""
+
 from __future__ import annotations
 
 import copy
@@ -10,13 +11,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import analysis.probes as probes
-from analysis.functional import (interpolate, interpolated_state, loss_barrier, recompute_bn, rewind, rewound_model,
-                                 shared_keys)
-from analysis.probes import probe_gain, probe_layers
-from finetune.data import ShapesSpec, make_shapes
-from finetune.models import build_model, replace_head
-from finetune.train import evaluate
+import tunelens.analysis.probes as probes
+from tunelens.analysis.functional import (
+    interpolate,
+    interpolated_state,
+    loss_barrier,
+    recompute_bn,
+    rewind,
+    rewound_model,
+    shared_keys,
+)
+from tunelens.analysis.probes import probe_gain, probe_layers
+from tunelens.core.evaluation import evaluate
+from tunelens.finetune.data import ShapesSpec, make_shapes
+from tunelens.finetune.models import build_model, replace_head
 
 STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
 
@@ -74,8 +82,17 @@ def test_rewind_none_and_all_but_head(pair, target):
     sb, st = copy.deepcopy(base.state_dict()), copy.deepcopy(tuned.state_dict())
     df = rewind(base, tuned, target[1])
     assert list(df["group"]) == ["none"] + STAGES + ["all_but_head"]
-    assert list(df.columns) == ["group", "n_tensors", "n_params", "rel_change", "acc", "loss", "acc_drop",
-                                "loss_increase", "n"]
+    assert list(df.columns) == [
+        "group",
+        "n_tensors",
+        "n_params",
+        "rel_change",
+        "acc",
+        "loss",
+        "acc_drop",
+        "loss_increase",
+        "n",
+    ]
     ref = evaluate(tuned, target[1])
     none = df.set_index("group").loc["none"]
     assert none["acc"] == ref["acc"] and none["loss"] == ref["loss"] and none["acc_drop"] == 0
@@ -106,8 +123,9 @@ def test_rewind_one_stage_takes_its_bn_statistics(pair, target):
     assert torch.equal(m.layer3[0].bn1.running_var, tuned.layer3[0].bn1.running_var)
     assert torch.equal(m.fc.weight, tuned.fc.weight)
     stem = rewound_model(base, tuned, "stem")
-    assert torch.equal(stem.conv1.weight, base.conv1.weight) and torch.equal(stem.bn1.running_mean,
-                                                                             base.bn1.running_mean)
+    assert torch.equal(stem.conv1.weight, base.conv1.weight) and torch.equal(
+        stem.bn1.running_mean, base.bn1.running_mean
+    )
 
 
 def test_rewind_refuses_the_head(pair, target):
@@ -192,16 +210,18 @@ def _toy_model(k: int) -> nn.Module:
 
 def test_probe_separable_features_reach_100_percent():
     df = probe_layers(_toy_model(4), _class_data(200, 4, 0), _class_data(400, 4, 1), layers=["0"], name="toy")
-    pd.testing.assert_frame_equal(df, probe_layers(_toy_model(4), _class_data(200, 4, 0), _class_data(400, 4, 1),
-                                                   layers=["0"], name="toy"))  # deterministic
+    pd.testing.assert_frame_equal(
+        df, probe_layers(_toy_model(4), _class_data(200, 4, 0), _class_data(400, 4, 1), layers=["0"], name="toy")
+    )  # deterministic
     row = df.iloc[0]
     assert row["test_acc"] == 1.0 and row["train_acc"] == 1.0 and row["chance"] == 0.25
     assert row["n_features"] == 4 and row["n_train"] == 200 and row["n_test"] == 400 and row["model"] == "toy"
 
 
 def test_probe_shuffled_labels_stay_near_chance():
-    df = probe_layers(_toy_model(4), _class_data(200, 4, 0, shuffle=True), _class_data(800, 4, 1, shuffle=True),
-                      layers=["0"])
+    df = probe_layers(
+        _toy_model(4), _class_data(200, 4, 0, shuffle=True), _class_data(800, 4, 1, shuffle=True), layers=["0"]
+    )
     assert abs(df["test_acc"].iloc[0] - 0.25) < 0.08
 
 

@@ -2,6 +2,7 @@
 
 Checkpoints are made with plain torch / torchvision code, never with tunelens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,17 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from analysis.loading import (CheckpointArchitectureError, CheckpointLoadError, ClassCountError, check_finite,
-                              infer_num_classes, load_model, load_state_dict, suggest_archs,
-                              torchvision_weights_file)
+from tunelens.analysis.loading import (
+    CheckpointArchitectureError,
+    CheckpointLoadError,
+    ClassCountError,
+    check_finite,
+    infer_num_classes,
+    load_model,
+    load_state_dict,
+    suggest_archs,
+    torchvision_weights_file,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +40,22 @@ def _same(a: dict, b: dict) -> bool:
 
 LAYOUTS = {
     "plain.pt": lambda sd: sd,
-    "lightning.ckpt": lambda sd: {"epoch": 3, "global_step": 12, "pytorch-lightning_version": "2.4.0",
-                                  "state_dict": {f"model.{k}": v for k, v in sd.items()},
-                                  "optimizer_states": [], "hyper_parameters": {"lr": 0.1}},
+    "lightning.ckpt": lambda sd: {
+        "epoch": 3,
+        "global_step": 12,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"model.{k}": v for k, v in sd.items()},
+        "optimizer_states": [],
+        "hyper_parameters": {"lr": 0.1},
+    },
     "nested_state_dict.pth": lambda sd: {"state_dict": sd, "epoch": 1},
-    "torchvision_reference.pth": lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": []},
-                                             "lr_scheduler": {}, "epoch": 9,
-                                             "args": argparse.Namespace(lr=0.1, model="resnet18")},
+    "torchvision_reference.pth": lambda sd: {
+        "model": sd,
+        "optimizer": {"state": {}, "param_groups": []},
+        "lr_scheduler": {},
+        "epoch": 9,
+        "args": argparse.Namespace(lr=0.1, model="resnet18"),
+    },
     "model_state_dict.pt": lambda sd: {"model_state_dict": sd, "loss": 0.5},
     "ddp.pt": lambda sd: {f"module.{k}": v for k, v in sd.items()},
     "compiled.pt": lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
@@ -61,8 +79,10 @@ def test_safetensors_and_legacy_format(tmp_path, sd):
     assert _same(load_state_dict(tmp_path / "legacy.pt"), sd)
     # a state dict is accepted as is, and num_batches_tracked may be absent
     light = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    assert _same({k: v for k, v in load_model("resnet18", light).state_dict().items()
-                  if not k.endswith("num_batches_tracked")}, light)
+    assert _same(
+        {k: v for k, v in load_model("resnet18", light).state_dict().items() if not k.endswith("num_batches_tracked")},
+        light,
+    )
 
 
 @pytest.mark.parametrize("how", ["os_system", "builtins_open", "plain_pickle", "legacy_torch"])
@@ -189,7 +209,8 @@ def test_user_factory(tmp_path, monkeypatch):
         "from torch import nn\n"
         "def small(num_classes=10):\n"
         "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
-        "                         nn.Linear(4, num_classes))\n")
+        "                         nn.Linear(4, num_classes))\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
@@ -213,8 +234,13 @@ def test_lightning_attribute_dict_hyperparameters(tmp_path, monkeypatch, sd):
     for name in ("lightning", "lightning.fabric", "lightning.fabric.utilities", "lightning.fabric.utilities.data"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     sys.modules["lightning.fabric.utilities.data"].AttributeDict = AttributeDict
-    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()},
-                "hyper_parameters": AttributeDict(lr=0.1, arch="resnet18")}, tmp_path / "pl.ckpt")
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "hyper_parameters": AttributeDict(lr=0.1, arch="resnet18"),
+        },
+        tmp_path / "pl.ckpt",
+    )
     for name in ("lightning", "lightning.fabric", "lightning.fabric.utilities", "lightning.fabric.utilities.data"):
         monkeypatch.delitem(sys.modules, name)
     assert _same(load_model("resnet18", tmp_path / "pl.ckpt").state_dict(), sd)

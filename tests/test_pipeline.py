@@ -1,4 +1,5 @@
 """End to end on the quick default: checkpoints, results, report, cache, CLI errors."""
+
 import json
 
 import pandas as pd
@@ -24,7 +25,9 @@ def test_run_writes_checkpoints_results_and_report(quick_run):
     res = quick_run / "results"
     wd = pd.read_csv(res / "weight_deltas.csv")
     assert set(wd["model"]) >= {"linear_probe", "full"}
-    assert (wd[(wd.model == "linear_probe") & (wd.status == "compared") & (wd.kind != "bn_stat")]["frobenius"] == 0).all()
+    assert (
+        wd[(wd.model == "linear_probe") & (wd.status == "compared") & (wd.kind != "bn_stat")]["frobenius"] == 0
+    ).all()
     assert (wd[wd.name == "fc.weight"]["status"] == "replaced").all()
     html = (quick_run / "report" / "index.html").read_text()
     assert 'id="findings"' in html and "Weight deltas" in html and "Methods and reproducibility" in html

@@ -1,4 +1,5 @@
 """The README's worked example for your own checkpoints runs as written."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ def python_block(markdown: str, heading: str = HEADING) -> str:
     start = markdown.find(heading + "\n")
     if start < 0:
         raise LookupError(f"no section {heading!r}")
-    body = markdown[start + len(heading):]
+    body = markdown[start + len(heading) :]
     nxt = re.search(r"^## ", body, flags=re.M)
     if nxt:
         body = body[: nxt.start()]
@@ -37,8 +38,9 @@ def test_readme_example_runs(tmp_path):
         pytest.fail(f"README.md: {e} (its text is in docs_compare_section.md)")
     (tmp_path / "example.py").write_text(code)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=540, env=env)
+    proc = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=540, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "['circle', 'square', 'triangle']" in out and "all_but_head" in out

@@ -1,4 +1,5 @@
 """The report renders in headless Chromium: no console errors, every image decoded, findings present."""
+
 import json
 import os
 import re
@@ -48,10 +49,23 @@ def test_report_in_headless_chromium(quick_run, tmp_path):
     page = html.replace("<head>", "<head>" + PROBE, 1).replace("</body>", CHECK + "</body>", 1)
     probe = tmp_path / "probe.html"
     probe.write_text(page)
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     for _attempt in range(3):  # a loaded machine can starve headless Chromium of its virtual time budget
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         m = re.search(r"id=\"probe-result\">PROBE(.*?)EBORP", out.stdout, re.S)

@@ -1,19 +1,40 @@
 """The renderer escapes user strings and keeps the page whole when a section fails."""
+
 import pandas as pd
 
-from analysis.results import Results
-from reports.render import render_html, render_report
+from tunelens.core.results import Results
+from tunelens.reports.render import render_html, render_report
 
 
 def _results():
     evil = '<script>alert("x")</script>'
     r = Results()
-    r.summary = {"findings": [{"id": "f1", "text": f"class {evil} changed", "evidence": "overview", "score": 1.0,
-                               "uncertainty": None, "kind": "result"}],
-                 "data": {"classes": [evil, "b&c"], "description": "d", "n_train": 1, "n_test": 1, "image_size": 8},
-                 "checkpoints": {"m": {"file": f"{evil}.safetensors", "sha256": "abc"}}, "timings": {"x": 1.0}}
-    r.tables["accuracy"] = pd.DataFrame({"model": [evil], "acc": [0.5], "loss": [1.0], "n": [2], "role": ["tuned"],
-                                         "strategy": ["full"], "train_seconds": [1.0]})
+    r.summary = {
+        "findings": [
+            {
+                "id": "f1",
+                "text": f"class {evil} changed",
+                "evidence": "overview",
+                "score": 1.0,
+                "uncertainty": None,
+                "kind": "result",
+            }
+        ],
+        "data": {"classes": [evil, "b&c"], "description": "d", "n_train": 1, "n_test": 1, "image_size": 8},
+        "checkpoints": {"m": {"file": f"{evil}.safetensors", "sha256": "abc"}},
+        "timings": {"x": 1.0},
+    }
+    r.tables["accuracy"] = pd.DataFrame(
+        {
+            "model": [evil],
+            "acc": [0.5],
+            "loss": [1.0],
+            "n": [2],
+            "role": ["tuned"],
+            "strategy": ["full"],
+            "train_seconds": [1.0],
+        }
+    )
     return r, evil
 
 

@@ -1,5 +1,6 @@
 """CKA against plain numpy float64 references (Kornblith 2019 feature-space formula, Song 2012 explicit
 unbiased HSIC), invariances, estimator bias, and the pitfalls of existing CKA packages."""
+
 from __future__ import annotations
 
 import warnings
@@ -9,10 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.layers import iterate_features, iterate_pair, resolve_layers
-from analysis.similarity import (CKAValue, StreamingCKA, cka_against_chance, cka_matrix, linear_cka,
-                                 randomly_initialised)
-from finetune.models import build_model
+from tunelens.analysis.layers import iterate_features, iterate_pair, resolve_layers
+from tunelens.analysis.similarity import (
+    CKAValue,
+    StreamingCKA,
+    cka_against_chance,
+    cka_matrix,
+    linear_cka,
+    randomly_initialised,
+)
+from tunelens.finetune.models import build_model
 
 # ---------------------------------------------------------------- references (plain numpy, float64)
 
@@ -33,8 +40,9 @@ def ref_hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
     np.fill_diagonal(K, 0.0)
     np.fill_diagonal(L, 0.0)
     one = np.ones(n)
-    return (np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (one @ K @ L @ one)) / (n * (n - 3))
+    return (
+        np.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (one @ K @ L @ one)
+    ) / (n * (n - 3))
 
 
 def ref_hsic_biased(K: np.ndarray, L: np.ndarray) -> float:
@@ -57,7 +65,7 @@ def ref_cka_unbiased(X: np.ndarray, Y: np.ndarray) -> float:
 def ref_minibatch(xs: list[np.ndarray], ys: list[np.ndarray], hsic=ref_hsic_unbiased) -> float:
     """Nguyen, Raghu and Kornblith 2021: sum_b HSIC(K_b, L_b) / sqrt(sum_b HSIC(K_b,K_b) sum_b HSIC(L_b,L_b))."""
     kl = kk = ll = 0.0
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=False):
         K, L = gram(x), gram(y)
         kl += hsic(K, L)
         kk += hsic(K, K)
@@ -70,11 +78,11 @@ def rand_feats(rng, n, *shape, relu=False):
     return np.maximum(x, 0) if relu else x
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ---------------------------------------------------------------- linear_cka
+
 
 @pytest.mark.parametrize("debiased", [False, True])
 def test_linear_cka_matches_reference(debiased):
@@ -83,8 +91,11 @@ def test_linear_cka_matches_reference(debiased):
         X = rand_feats(rng, n, p, relu=True)
         Y = X @ rng.standard_normal((p, q)) + 0.5 * rng.standard_normal((n, q))
         ref = ref_cka_unbiased(X, Y) if debiased else ref_cka_biased(X, Y)
-        for args, tol in (((X, Y), 1e-12), ((torch.from_numpy(X), torch.from_numpy(Y)), 1e-12),
-                          ((X.astype(np.float32), Y), 1e-6)):
+        for args, tol in (
+            ((X, Y), 1e-12),
+            ((torch.from_numpy(X), torch.from_numpy(Y)), 1e-12),
+            ((X.astype(np.float32), Y), 1e-6),
+        ):
             got = linear_cka(*args, debiased=debiased)
             assert got == pytest.approx(ref, abs=tol)
         assert isinstance(got, CKAValue) and ("unbiased" in got.estimator) == debiased
@@ -144,7 +155,7 @@ def _batches(seed=0, sizes=(16, 16, 9, 4)):
 def test_streaming_equals_reference_minibatch(debiased):
     fa, fb = _batches()
     m = StreamingCKA(debiased=debiased)
-    for a, b in zip(fa, fb):
+    for a, b in zip(fa, fb, strict=False):
         m.update({k: torch.from_numpy(v) for k, v in a.items()}, {k: torch.from_numpy(v) for k, v in b.items()})
     ab, aa, bb = m.compute_all()
     hsic = ref_hsic_unbiased if debiased else ref_hsic_biased
@@ -153,10 +164,10 @@ def test_streaming_equals_reference_minibatch(debiased):
         for kb in ("x", "y", "z"):
             ref = ref_minibatch([a[ka] for a in fa], [b[kb] for b in fb], hsic)
             assert ab.loc[ka, kb] == pytest.approx(ref, abs=1e-9)
-        assert aa.loc[ka, "conv"] == pytest.approx(ref_minibatch([a[ka] for a in fa], [a["conv"] for a in fa],
-                                                                 hsic), abs=1e-9)
-    assert bb.loc["y", "z"] == pytest.approx(ref_minibatch([b["y"] for b in fb], [b["z"] for b in fb], hsic),
-                                             abs=1e-9)
+        assert aa.loc[ka, "conv"] == pytest.approx(
+            ref_minibatch([a[ka] for a in fa], [a["conv"] for a in fa], hsic), abs=1e-9
+        )
+    assert bb.loc["y", "z"] == pytest.approx(ref_minibatch([b["y"] for b in fb], [b["z"] for b in fb], hsic), abs=1e-9)
     assert np.allclose(np.diag(aa), 1.0, atol=1e-12) and np.allclose(aa, aa.T, atol=1e-14)
     assert ab.attrs["estimator"] == m.estimator and ("unbiased" in m.estimator) == debiased
     assert ab.attrs["n_samples"] == 45 and ab.attrs["n_batches"] == 4
@@ -171,8 +182,9 @@ def test_streaming_single_batch_equals_linear_cka():
     fa, fb = _batches(sizes=(30,))
     m = StreamingCKA()
     m.update(fa[0], fb[0])  # numpy arrays are accepted too
-    assert m.compute().loc["conv", "x"] == pytest.approx(linear_cka(fa[0]["conv"], fb[0]["x"], debiased=True),
-                                                          abs=1e-12)
+    assert m.compute().loc["conv", "x"] == pytest.approx(
+        linear_cka(fa[0]["conv"], fb[0]["x"], debiased=True), abs=1e-12
+    )
 
 
 def test_independent_data_unbiased_near_zero_biased_not():
@@ -200,7 +212,7 @@ def test_negative_estimates_stay():
     else:
         pytest.fail("no negative reference found")
     m = StreamingCKA()
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=False):
         m.update({"x": x}, {"y": y})
     assert m.compute().iloc[0, 0] == pytest.approx(ref, abs=1e-12) and ref < 0
 
@@ -209,7 +221,7 @@ def test_small_batches_skipped_and_counted():
     fa, fb = _batches(sizes=(8, 3, 8))
     m = StreamingCKA()
     with pytest.warns(RuntimeWarning, match="n >= 4"):
-        for a, b in zip(fa, fb):
+        for a, b in zip(fa, fb, strict=False):
             m.update(a, b)
     ab = m.compute()
     assert ab.attrs["skipped_samples"] == 3 and ab.attrs["skipped_batches"] == 1 and ab.attrs["n_samples"] == 16
@@ -240,9 +252,9 @@ def test_bootstrap_ci_and_order_invariance():
     fa, fb = _batches(sizes=(10,) * 12)
     fb = [{"conv": b["x"], "fc": b["z"]} for b in fb]
     m, r = StreamingCKA(), StreamingCKA()
-    for a, b in zip(fa, fb):
+    for a, b in zip(fa, fb, strict=False):
         m.update(a, b)
-    for a, b in list(zip(fa, fb))[::-1]:
+    for a, b in list(zip(fa, fb, strict=False))[::-1]:
         r.update(a, b)
     d, dr = m.bootstrap_diagonal(n_boot=500, seed=3), r.bootstrap_diagonal(n_boot=500, seed=3)
     assert list(d.layer_a) == ["conv", "fc"] and (d.ci_low <= d.cka).all() and (d.cka <= d.ci_high).all()
@@ -296,21 +308,21 @@ def test_cka_matrix_equals_streaming_on_copied_features():
     assert st.loc[("A", "layer1"), "frac_zero"] > 0.1  # post-ReLU
     # feature maps of a few example images, strongest channels side by side
     ch, maps = res.maps_a.strongest("layer2", k=3)
-    chb, mapsb = res.maps_b.strongest("layer2", k=3, reference=res.maps_a)
+    chb, _mapsb = res.maps_b.strongest("layer2", k=3, reference=res.maps_a)
     assert maps.shape == (4, 3, 16, 16) and (chb == ch).all() and res.maps_a.images.shape == (4, 3, 32, 32)
     s = res.maps_a.strengths("layer2")
     assert (np.take_along_axis(s, ch, 1)[:, 0] == s.max(1)).all()
     fig = res.plot_feature_maps("layer2", k=2, path=None)
     assert len(fig.axes) == 4 * 5
     import matplotlib.pyplot as plt
+
     plt.close(fig)
 
 
 def test_same_model_diagonal_is_one_and_type_layers():
     a = build_model("tiny_resnet", 6, seed=0)
     b = build_model("tiny_resnet", 6, seed=0)
-    res = cka_matrix(a, b, _loader(n=32), layers_a=nn.BatchNorm2d, layers_b=nn.BatchNorm2d, device="cpu",
-                     n_examples=0)
+    res = cka_matrix(a, b, _loader(n=32), layers_a=nn.BatchNorm2d, layers_b=nn.BatchNorm2d, device="cpu", n_examples=0)
     assert np.allclose(np.diag(res.ab), 1.0, atol=1e-12) and "bn1" in res.ab.index
     self_res = cka_matrix(a, a, _loader(n=32), device="cpu", n_examples=0)  # one model, run once per batch
     assert np.allclose(self_res.ab, self_res.aa, atol=1e-12) and _no_hooks(a)
@@ -354,8 +366,15 @@ def test_double_firing_module_and_loose_names_refused():
 def test_cka_against_chance_table():
     base, tuned = build_model("tiny_resnet", 6, seed=0), build_model("tiny_resnet", 6, seed=1)
     t = cka_against_chance(base, tuned, _loader(n=64), device="cpu", n_boot=200, seed=4)
-    assert list(t.columns) == ["layer", "cka_base_tuned", "ci_low", "ci_high", "cka_base_random",
-                               "cka_tuned_scratch", "estimator"]
+    assert list(t.columns) == [
+        "layer",
+        "cka_base_tuned",
+        "ci_low",
+        "ci_high",
+        "cka_base_random",
+        "cka_tuned_scratch",
+        "estimator",
+    ]
     assert t.cka_tuned_scratch.isna().all() and t.cka_base_random.notna().all()
     assert (t.ci_low <= t.cka_base_tuned).all() and (t.cka_base_tuned <= t.ci_high).all()
     state = torch.random.get_rng_state()
@@ -364,8 +383,9 @@ def test_cka_against_chance_table():
     assert not torch.equal(rnd.conv1.weight, base.conv1.weight)
     assert torch.equal(rnd.conv1.weight, randomly_initialised(base, seed=4).conv1.weight)
     scratch = build_model("tiny_resnet", 6, seed=2)
-    t2 = cka_against_chance(base, tuned, _loader(n=64), random_model=rnd, scratch=scratch, device="cpu",
-                            n_boot=200, seed=4)
+    t2 = cka_against_chance(
+        base, tuned, _loader(n=64), random_model=rnd, scratch=scratch, device="cpu", n_boot=200, seed=4
+    )
     assert np.allclose(t2.cka_base_random, t.cka_base_random, atol=1e-12) and t2.cka_tuned_scratch.notna().all()
     direct = cka_matrix(tuned, scratch, _loader(n=64), device="cpu", n_examples=0, n_boot=10).ab
     assert np.allclose(t2.cka_tuned_scratch, np.diag(direct), atol=1e-12)
@@ -375,14 +395,16 @@ def test_cka_against_chance_table():
 def test_cuda_matches_cpu():
     fa, fb = _batches()
     cpu, gpu = StreamingCKA(), StreamingCKA()
-    for a, b in zip(fa, fb):
+    for a, b in zip(fa, fb, strict=False):
         cpu.update(a, b)
-        gpu.update({k: torch.from_numpy(v).cuda() for k, v in a.items()},
-                   {k: torch.from_numpy(v).cuda() for k, v in b.items()})
+        gpu.update(
+            {k: torch.from_numpy(v).cuda() for k, v in a.items()}, {k: torch.from_numpy(v).cuda() for k, v in b.items()}
+        )
     assert np.allclose(cpu.compute(), gpu.compute(), atol=1e-9)
     a, b = build_model("tiny_resnet", 6, seed=0), build_model("tiny_resnet", 6, seed=1)
     rc = cka_matrix(a, b, _loader(), device="cpu", n_boot=50)
     rg = cka_matrix(a, b, _loader(), device="cuda", n_boot=50)
     assert np.allclose(rc.ab, rg.ab, atol=1e-4) and np.allclose(rc.diagonal.cka, rg.diagonal.cka, atol=1e-4)
-    assert np.allclose(rc.activations[["mean", "std", "frac_zero"]], rg.activations[["mean", "std", "frac_zero"]],
-                       atol=1e-4)
+    assert np.allclose(
+        rc.activations[["mean", "std", "frac_zero"]], rg.activations[["mean", "std", "frac_zero"]], atol=1e-4
+    )

@@ -1,4 +1,5 @@
 """A 2-process gloo run, sharded by batch, equals the single-process CKA (and statistics) to 1e-9."""
+
 from __future__ import annotations
 
 import warnings
@@ -8,9 +9,8 @@ import pytest
 import torch
 from _distributed import WORLD, run_two_ranks, single_thread
 
-from analysis.similarity import StreamingCKA, cka_matrix
-from finetune.models import build_model
-
+from tunelens.analysis.similarity import StreamingCKA, cka_matrix
+from tunelens.finetune.models import build_model
 
 
 def _image_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -25,8 +25,12 @@ def _feature_batches() -> list[tuple[dict, dict]]:
     for n in [10, 7, 12, 9, 10, 5]:
         a = np.maximum(rng.standard_normal((n, 4, 3, 3)) + 0.2, 0)
         b = a.reshape(n, -1) @ rng.standard_normal((36, 6))
-        out.append(({"p": torch.from_numpy(a), "q": torch.from_numpy(rng.standard_normal((n, 5)))},
-                    {"r": torch.from_numpy(np.maximum(b, 0)), "s": torch.from_numpy(b[:, :2])}))
+        out.append(
+            (
+                {"p": torch.from_numpy(a), "q": torch.from_numpy(rng.standard_normal((n, 5)))},
+                {"r": torch.from_numpy(np.maximum(b, 0)), "s": torch.from_numpy(b[:, :2])},
+            )
+        )
     return out
 
 
@@ -43,9 +47,18 @@ def _run(batches_img, batches_feat) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = cka_matrix(a, b, batches_img, device="cpu", n_boot=300, seed=2)
-    return {"ab": ab, "aa": aa, "bb": bb, "diag": m.bootstrap_diagonal(n_boot=300, seed=1), "res_ab": res.ab,
-            "res_aa": res.aa, "res_bb": res.bb, "res_diag": res.diagonal, "acts": res.activations,
-            "attrs": dict(res.ab.attrs)}
+    return {
+        "ab": ab,
+        "aa": aa,
+        "bb": bb,
+        "diag": m.bootstrap_diagonal(n_boot=300, seed=1),
+        "res_ab": res.ab,
+        "res_aa": res.aa,
+        "res_bb": res.bb,
+        "res_diag": res.diagonal,
+        "acts": res.activations,
+        "attrs": dict(res.ab.attrs),
+    }
 
 
 def _run_on_rank(rank: int) -> dict:
@@ -66,5 +79,6 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     assert dd["attrs"]["n_samples"] == single["attrs"]["n_samples"] == 46
     assert dd["attrs"]["skipped_samples"] == single["attrs"]["skipped_samples"] == 3
     cols = ["mean", "std", "frac_zero", "n_values"]
-    np.testing.assert_allclose(dd["acts"][cols].to_numpy(float), single["acts"][cols].to_numpy(float),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        dd["acts"][cols].to_numpy(float), single["acts"][cols].to_numpy(float), rtol=1e-12, atol=1e-12
+    )

@@ -3,16 +3,17 @@
 Checked the hard way: run real optimizer steps with :func:`finetune.train.train` and
 compare every parameter and buffer before and after.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import finetune.train as ft
-from finetune.models import build_model
-from finetune.strategies import apply_freeze, set_train_mode, trainable_prefixes
-from finetune.train import TrainConfig, train
+import tunelens.finetune.train as ft
+from tunelens.finetune.models import build_model
+from tunelens.finetune.strategies import apply_freeze, set_train_mode, trainable_prefixes
+from tunelens.finetune.train import TrainConfig, train
 
 ALL = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
 
@@ -48,13 +49,16 @@ def _cfg(strategy: str, **kw) -> TrainConfig:
     return TrainConfig(strategy=strategy, epochs=1, batch_size=8, lr=0.1, augment=False, device="cpu", **kw)
 
 
-@pytest.mark.parametrize("strategy,k,trains", [
-    ("linear_probe", 1, ["fc"]),
-    ("last_k", 1, ["layer4", "fc"]),
-    ("last_k", 2, ["layer3", "layer4", "fc"]),
-    ("full", 1, ALL),
-    ("scratch", 1, ALL),
-])
+@pytest.mark.parametrize(
+    "strategy,k,trains",
+    [
+        ("linear_probe", 1, ["fc"]),
+        ("last_k", 1, ["layer4", "fc"]),
+        ("last_k", 2, ["layer3", "layer4", "fc"]),
+        ("full", 1, ALL),
+        ("scratch", 1, ALL),
+    ],
+)
 def test_strategy_changes_exactly_its_parameters(strategy, k, trains):
     model = build_model("tiny_resnet", 4, seed=0)
     before = _snapshot(model)
@@ -84,8 +88,10 @@ def test_lp_ft_probe_phase_then_full_phase(monkeypatch):
     _check(model, snaps[0], snaps[1], ALL)
 
 
-@pytest.mark.parametrize("strategy,k,trains", [("linear_probe", 1, ["fc"]), ("last_k", 2, ["layer3", "layer4", "fc"]),
-                                               ("lp_ft", 1, ["fc"]), ("full", 1, ALL)])
+@pytest.mark.parametrize(
+    "strategy,k,trains",
+    [("linear_probe", 1, ["fc"]), ("last_k", 2, ["layer3", "layer4", "fc"]), ("lp_ft", 1, ["fc"]), ("full", 1, ALL)],
+)
 def test_freeze_and_train_mode(strategy, k, trains):
     """requires_grad follows the prefixes; frozen modules (BatchNorm included) are in eval mode."""
     model = build_model("tiny_resnet", 4, seed=0)

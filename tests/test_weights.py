@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.weights import ArchitectureMismatch, aggregate_deltas, first_conv_filters, weight_deltas
+from tunelens.analysis.weights import ArchitectureMismatch, aggregate_deltas, first_conv_filters, weight_deltas
 
 
 def _pair():
@@ -92,7 +92,7 @@ def test_state_dicts_and_mismatch_error():
     df = weight_deltas(a.state_dict(), b.state_dict())
     assert (df[df.status == "compared"]["frobenius"] == 0).all()
     c = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3, 4))
-    with pytest.raises(ArchitectureMismatch, match="1.weight"):
+    with pytest.raises(ArchitectureMismatch, match=r"1.weight"):
         weight_deltas(a, c)
 
 
@@ -104,7 +104,7 @@ def test_aggregate_is_norm_ratio():
     df["stage"] = "all"
     st = aggregate_deltas(df).iloc[0]
     c = df[(df.status == "compared") & (df.kind != "bn_stat")]
-    assert st["relative"] == pytest.approx(np.sqrt((c.frobenius ** 2).sum()) / np.sqrt((c.norm_base ** 2).sum()))
+    assert st["relative"] == pytest.approx(np.sqrt((c.frobenius**2).sum()) / np.sqrt((c.norm_base**2).sum()))
 
 
 def test_first_conv_filters():

@@ -2,6 +2,7 @@
 
 Bad input exits with status 2 and one line that names the problem and the fix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 class UsageError(Exception):
@@ -18,10 +19,17 @@ class UsageError(Exception):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="artifacts", help="folder for checkpoints/, results/ and report/ (default: artifacts)")
+    p.add_argument(
+        "--out", default="artifacts", help="folder for checkpoints/, results/ and report/ (default: artifacts)"
+    )
     p.add_argument("--config", help="JSON file with configuration overrides (merged over the defaults)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set finetune.common.epochs=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set finetune.common.epochs=5 (repeatable)",
+    )
     p.add_argument("--quick", action="store_true", help="small data and few epochs (for tests and smoke runs)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -31,21 +39,24 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tunelens", description="What supervised fine-tuning did inside a vision model.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, hlp in (("run", "the whole default pipeline: pretrain, fine-tune, analyze, report"),
-                      ("finetune", "pretrain on the source task and fine-tune with each strategy -> checkpoints/"),
-                      ("analyze", "analyze the checkpoints in OUT/checkpoints -> OUT/results/"),
-                      ("report", "render OUT/results/ into OUT/report/index.html")):
+    for name, hlp in (
+        ("run", "the whole default pipeline: pretrain, fine-tune, analyze, report"),
+        ("finetune", "pretrain on the source task and fine-tune with each strategy -> checkpoints/"),
+        ("analyze", "analyze the checkpoints in OUT/checkpoints -> OUT/results/"),
+        ("report", "render OUT/results/ into OUT/report/index.html"),
+    ):
         p = sub.add_parser(name, help=hlp, description=hlp)
         _common(p)
         if name == "analyze":
             p.add_argument("--force", action="store_true", help="recompute even when inputs are unchanged")
-    from .compare import add_parser as add_compare_parser
+    from tunelens.compare import add_parser as add_compare_parser
+
     add_compare_parser(sub)
     return ap
 
 
 def _config(args) -> dict:
-    from .config import make_config
+    from tunelens.config import make_config
 
     over = None
     if args.config:
@@ -71,14 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        from finetune import runtime
+        from tunelens.core import runtime
 
         if args.cmd == "compare":
             import os
 
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise UsageError("tunelens compare runs in one process: launch it without torchrun")
-            from .compare import run as run_compare
+            from tunelens.compare import run as run_compare
+
             return run_compare(args)
         if args.cmd in ("run", "finetune", "analyze", "report"):
             cfg = _config(args)
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             log = print if runtime.is_main() else (lambda *a, **k: None)
             out = Path(args.out)
             progress = not args.no_progress
-            from . import pipeline
+            from tunelens import pipeline
 
             if args.cmd == "finetune":
                 pipeline.stage_finetune(cfg, out, progress=progress, log=log)

@@ -7,6 +7,7 @@ the tuned heads against the data folder's classes, a forward pass on the images)
 exits with status 2 and one line on stderr. The results folder and the report are each
 swapped into place only when complete, so an existing report is replaced only by a whole one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run", "CompareError", "Plan", "validate", "execute"]
+__all__ = ["CompareError", "Plan", "add_parser", "execute", "run", "validate"]
 
 
 class CompareError(Exception):
@@ -29,32 +30,65 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``compare`` sub-command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     hlp = "analyse and report on your own pretrained + fine-tuned checkpoints"
     p = subparsers.add_parser(
-        "compare", help=hlp, description=hlp + ". Nothing is written to --out until every input is validated.")
-    p.add_argument("--arch", required=True,
-                   help="torchvision classifier name (resnet50, convnext_tiny, ...) or module:function, a factory "
-                        "called as function(num_classes=N), imported from the working directory")
-    p.add_argument("--base", required=True,
-                   help="the pretrained checkpoint: .safetensors, a .pt/.pth state dict (plain, or under "
-                        "'state_dict'/'model'; 'module.' and '_orig_mod.' prefixes are removed), or "
-                        "torchvision:WEIGHTS (e.g. torchvision:IMAGENET1K_V1) from the local torch cache")
-    p.add_argument("--tuned", required=True, action="append", metavar="TUNED",
-                   help="a fine-tuned checkpoint (repeatable); its head must have one output per data class")
-    p.add_argument("--data", required=True,
-                   help="ImageFolder directory: one sub-folder of images per class, classes in sorted order")
+        "compare", help=hlp, description=hlp + ". Nothing is written to --out until every input is validated."
+    )
+    p.add_argument(
+        "--arch",
+        required=True,
+        help="torchvision classifier name (resnet50, convnext_tiny, ...) or module:function, a factory "
+        "called as function(num_classes=N), imported from the working directory",
+    )
+    p.add_argument(
+        "--base",
+        required=True,
+        help="the pretrained checkpoint: .safetensors, a .pt/.pth state dict (plain, or under "
+        "'state_dict'/'model'; 'module.' and '_orig_mod.' prefixes are removed), or "
+        "torchvision:WEIGHTS (e.g. torchvision:IMAGENET1K_V1) from the local torch cache",
+    )
+    p.add_argument(
+        "--tuned",
+        required=True,
+        action="append",
+        metavar="TUNED",
+        help="a fine-tuned checkpoint (repeatable); its head must have one output per data class",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="ImageFolder directory: one sub-folder of images per class, classes in sorted order",
+    )
     p.add_argument("--out", required=True, help="folder for results/ and report/")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize images to this square size (default 224, or the torchvision weights' own "
-                        "transform for --base torchvision:...)")
-    p.add_argument("--normalize", choices=("imagenet", "none"), default=None,
-                   help="input normalisation (default imagenet)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize images to this square size (default 224, or the torchvision weights' own "
+        "transform for --base torchvision:...)",
+    )
+    p.add_argument(
+        "--normalize", choices=("imagenet", "none"), default=None, help="input normalisation (default imagenet)"
+    )
     p.add_argument("--limit", type=int, default=None, help="use at most N images, spread over the classes")
-    p.add_argument("--masks", default=None, metavar="CSV",
-                   help="optional CSV of per-image ground-truth masks (path,mask) or boxes (path,x0,y0,x1,y1)")
-    p.add_argument("--test-fraction", type=float, default=0.5,
-                   help="share of the images held out as the test split (default 0.5; the rest fits probes)")
+    p.add_argument(
+        "--masks",
+        default=None,
+        metavar="CSV",
+        help="optional CSV of per-image ground-truth masks (path,mask) or boxes (path,x0,y0,x1,y1)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.5,
+        help="share of the images held out as the test split (default 0.5; the rest fits probes)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default 64)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an analysis setting, e.g. --set analysis.attribution_images=16 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an analysis setting, e.g. --set analysis.attribution_images=16 (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -64,6 +98,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 @dataclass
 class Plan:
     """Everything validated, ready to run: models, data, configuration and notes."""
+
     arch: str
     out: Path
     models: dict[str, Any]
@@ -115,7 +150,7 @@ def _check_out(out: Path) -> None:
 
 
 def _sha256(path: str) -> str:
-    from finetune.checkpoints import sha256_file
+    from tunelens.core.files import sha256_file
 
     return sha256_file(path)
 
@@ -124,13 +159,18 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     """Check every input and load models and data; raises :class:`CompareError` (nothing is written)."""
     import torch
 
-    from analysis.datafolder import DataFolderError, image_folder, split_train_test
-    from analysis.loading import (CheckpointLoadError, check_finite, is_torchvision_spec, load_model,
-                                  torchvision_weights, torchvision_weights_file)
-    from finetune import runtime
-    from finetune.models import head_name
-
-    from .config import DEFAULT_CONFIG, set_dotted
+    from tunelens.analysis.datafolder import DataFolderError, image_folder, split_train_test
+    from tunelens.analysis.loading import (
+        CheckpointLoadError,
+        check_finite,
+        is_torchvision_spec,
+        load_model,
+        torchvision_weights,
+        torchvision_weights_file,
+    )
+    from tunelens.config import DEFAULT_CONFIG, set_dotted
+    from tunelens.core import runtime
+    from tunelens.core.naming import head_name
 
     out = Path(args.out)
     _check_out(out)
@@ -154,7 +194,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
             raise CompareError(str(e)) from None
 
     # architecture
-    from analysis.loading import _skeleton
+    from tunelens.analysis.loading import _skeleton
 
     try:
         _skeleton(args.arch)
@@ -171,7 +211,9 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     models: dict[str, Any] = {}
     files: dict[str, str] = {}
     t = time.perf_counter()
-    for name, flag, spec in [("base", "--base", args.base)] + [(n, "--tuned", p) for n, p in zip(names, args.tuned)]:
+    for name, flag, spec in [("base", "--base", args.base)] + [
+        (n, "--tuned", p) for n, p in zip(names, args.tuned, strict=False)
+    ]:
         try:
             models[name] = load_model(args.arch, spec)
             files[name] = str(torchvision_weights_file(args.arch, spec)) if is_torchvision_spec(spec) else str(spec)
@@ -192,54 +234,75 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         weights = torchvision_weights(args.arch, args.base)
         transform = weights.transforms()
     try:
-        ds = image_folder(args.data, image_size=args.image_size or 224, normalize=args.normalize or "imagenet",
-                          limit=args.limit, masks_csv=args.masks, transform=transform, seed=args.seed)
+        ds = image_folder(
+            args.data,
+            image_size=args.image_size or 224,
+            normalize=args.normalize or "imagenet",
+            limit=args.limit,
+            masks_csv=args.masks,
+            transform=transform,
+            seed=args.seed,
+        )
     except DataFolderError as e:
         raise CompareError(f"--data {args.data}: {e}" if "data folder" not in str(e) else str(e)) from None
     n_cls = len(ds.classes)
     if n_cls < 2:
-        raise CompareError(f"--data {args.data} has one class ({ds.classes[0]}); a classifier comparison needs at "
-                           "least two class sub-folders")
-    for name, spec in zip(names, args.tuned):
+        raise CompareError(
+            f"--data {args.data} has one class ({ds.classes[0]}); a classifier comparison needs at "
+            "least two class sub-folders"
+        )
+    for name, spec in zip(names, args.tuned, strict=False):
         k = n_out(models[name])
         if k != n_cls:
             shown = ", ".join(ds.classes[:8]) + (" ..." if n_cls > 8 else "")
-            raise CompareError(f"--data {args.data} has {n_cls} classes ({shown}) but --tuned {spec} has a "
-                               f"{k}-class head ({head_name(models[name])}): the data folder needs one sub-folder per "
-                               "class the tuned model was trained on (sorted order = output order)")
+            raise CompareError(
+                f"--data {args.data} has {n_cls} classes ({shown}) but --tuned {spec} has a "
+                f"{k}-class head ({head_name(models[name])}): the data folder needs one sub-folder per "
+                "class the tuned model was trained on (sorted order = output order)"
+            )
     train, test = split_train_test(ds, args.test_fraction, args.seed)
     if len(set(train.targets)) < 2 or len(test) < 2:
-        raise CompareError(f"--data {args.data}: too few images ({len(ds)}) to split into a training part with two "
-                           f"classes and a test part: raise --limit or add images")
+        raise CompareError(
+            f"--data {args.data}: too few images ({len(ds)}) to split into a training part with two "
+            f"classes and a test part: raise --limit or add images"
+        )
 
     # a forward pass of every model on two images of the data
     x = torch.stack([test[i][0] for i in range(min(2, len(test)))])
-    for name, m in models.items():
+    for m in models.values():
         try:
             with torch.no_grad():
                 y = m(x)
         except Exception as e:
-            raise CompareError(f"--arch {args.arch} cannot run on the {x.shape[-2]}x{x.shape[-1]} images of --data "
-                               f"({type(e).__name__}: {_one_line(e)[:200]}); choose another --image-size") from None
+            raise CompareError(
+                f"--arch {args.arch} cannot run on the {x.shape[-2]}x{x.shape[-1]} images of --data "
+                f"({type(e).__name__}: {_one_line(e)[:200]}); choose another --image-size"
+            ) from None
         if not isinstance(y, torch.Tensor) or y.ndim != 2:
-            raise CompareError(f"--arch {args.arch}: the model returns {type(y).__name__} "
-                               f"{tuple(getattr(y, 'shape', ()))}, expected logits of shape (batch, classes)")
+            raise CompareError(
+                f"--arch {args.arch}: the model returns {type(y).__name__} "
+                f"{tuple(getattr(y, 'shape', ()))}, expected logits of shape (batch, classes)"
+            )
 
     # everything is valid: describe it
     notes: list[str] = []
     nonfinite = {n: bad for n, m in models.items() if (bad := check_finite(m.state_dict()))}
     base_k = n_out(models["base"])
     if base_k != n_cls:
-        notes.append(f"The base model's head ({head}, {base_k} outputs) answers another task than your {n_cls} "
-                     f"classes: weight deltas list it as replaced, CKA compares the backbones, rewind and "
-                     f"interpolation put the tuned head on the base backbone, and attribution runs the base model "
-                     f"through a linear-probe head fitted on your {len(train)} training images.")
+        notes.append(
+            f"The base model's head ({head}, {base_k} outputs) answers another task than your {n_cls} "
+            f"classes: weight deltas list it as replaced, CKA compares the backbones, rewind and "
+            f"interpolation put the tuned head on the base backbone, and attribution runs the base model "
+            f"through a linear-probe head fitted on your {len(train)} training images."
+        )
     if ds.modes and set(ds.modes) != {"RGB"}:
         conv = ", ".join(f"{c} {m}" for m, c in sorted(ds.modes.items()) if m != "RGB")
         notes.append(f"Images of other modes were converted to RGB ({conv}).")
     if ds.skipped:
-        notes.append(f"{len(ds.skipped)} file(s) of the data folder could not be decoded and were skipped "
-                     f"(first: {ds.skipped[0][0]}: {ds.skipped[0][1]}).")
+        notes.append(
+            f"{len(ds.skipped)} file(s) of the data folder could not be decoded and were skipped "
+            f"(first: {ds.skipped[0][0]}: {ds.skipped[0][1]})."
+        )
     if args.limit is not None:
         notes.append(f"--limit {args.limit}: {len(ds)} images used, spread over the classes.")
     if weights is not None:
@@ -257,9 +320,14 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         a["attribution_images"] = min(a["attribution_images"], len(test))
         if max(ds.image_size) >= 128:  # 8 methods x 5 sets of maps per image: keep large inputs affordable
             a["attribution_images"] = min(a["attribution_images"], 16)
-    cfg["data"] = {"folder": str(Path(args.data)), "image_size": list(ds.image_size), "limit": args.limit,
-                   "test_fraction": args.test_fraction, "masks": args.masks,
-                   "transform": ds.transform_description}
+    cfg["data"] = {
+        "folder": str(Path(args.data)),
+        "image_size": list(ds.image_size),
+        "limit": args.limit,
+        "test_fraction": args.test_fraction,
+        "masks": args.masks,
+        "transform": ds.transform_description,
+    }
     for k in ("pretrain", "finetune"):
         cfg.pop(k, None)
     cfg["compare"] = {"arch": args.arch, "base": args.base, "tuned": list(args.tuned)}
@@ -268,23 +336,44 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     for name, m in models.items():
         k = n_out(m)
         manifests[name] = {
-            "role": "base" if name == "base" else "tuned", "strategy": "external", "arch": args.arch,
-            "num_classes": k, "head": head_name(m),
-            "classes": list(ds.classes) if k == n_cls else [str(i) for i in range(k)], "seconds": None,
-            "seed": None, "file": files[name], "sha256": _sha256(files[name]), "external": True,
-            "source": args.base if name == "base" else files[name]}
+            "role": "base" if name == "base" else "tuned",
+            "strategy": "external",
+            "arch": args.arch,
+            "num_classes": k,
+            "head": head_name(m),
+            "classes": list(ds.classes) if k == n_cls else [str(i) for i in range(k)],
+            "seconds": None,
+            "seed": None,
+            "file": files[name],
+            "sha256": _sha256(files[name]),
+            "external": True,
+            "source": args.base if name == "base" else files[name],
+        }
     if weights is not None:
         desc = f"{args.arch} with torchvision's {weights} weights ({base_k} outputs), from {files['base']}."
     else:
         desc = f"{args.arch} from {files['base']} ({base_k}-output head{', ' + head if head else ''})."
-    return Plan(arch=args.arch, out=out, models=models, manifests=manifests, train=train, test=test, dataset=ds,
-                cfg=cfg, device=device, notes=notes, nonfinite=nonfinite, base_description=desc,
-                progress=not args.no_progress)
+    return Plan(
+        arch=args.arch,
+        out=out,
+        models=models,
+        manifests=manifests,
+        train=train,
+        test=test,
+        dataset=ds,
+        cfg=cfg,
+        device=device,
+        notes=notes,
+        nonfinite=nonfinite,
+        base_description=desc,
+        progress=not args.no_progress,
+    )
 
 
-def _finding(id: str, text: str, evidence: str, score: float, kind: str = "caveat",
-             uncertainty: str | None = None) -> dict:
-    from analysis.findings import Finding
+def _finding(
+    id: str, text: str, evidence: str, score: float, kind: str = "caveat", uncertainty: str | None = None
+) -> dict:
+    from tunelens.analysis.findings import Finding
 
     return Finding(id, text, evidence, score=score, uncertainty=uncertainty, kind=kind).to_dict()
 
@@ -294,21 +383,25 @@ def _minimal_results(plan: Plan, tuned_ok: list[str], why: str):
     import pandas as pd
     from torch.utils.data import DataLoader
 
-    from analysis.results import Results
-    from analysis.suite import predictions_table
+    from tunelens.analysis.suite import predictions_table
+    from tunelens.core.results import Results
 
     res = Results()
     res.summary.update(timings={}, skipped={}, findings=[], primary=plan.cfg["analysis"]["primary"], tuned=tuned_ok)
     if tuned_ok:
         loader = DataLoader(plan.test, batch_size=plan.cfg["analysis"]["batch_size"], shuffle=False)
         preds = predictions_table({n: plan.models[n] for n in tuned_ok}, loader, plan.device)
-        acc = preds.groupby("model", sort=False).agg(acc=("correct", "mean"), loss=("loss", "mean"),
-                                                      n=("correct", "size")).reset_index()
+        acc = (
+            preds.groupby("model", sort=False)
+            .agg(acc=("correct", "mean"), loss=("loss", "mean"), n=("correct", "size"))
+            .reset_index()
+        )
         acc["role"], acc["strategy"], acc["train_seconds"] = "tuned", "external", None
         res.tables["predictions"], res.tables["accuracy"] = preds, acc
     else:
-        res.tables["accuracy"] = pd.DataFrame(columns=["model", "acc", "loss", "n", "role", "strategy",
-                                                       "train_seconds"])
+        res.tables["accuracy"] = pd.DataFrame(
+            columns=["model", "acc", "loss", "n", "role", "strategy", "train_seconds"]
+        )
     for name in ("weights", "functional", "cka", "attribution"):
         res.summary["skipped"][name] = why
     return res
@@ -319,7 +412,7 @@ def _backbone_only_cka(res, head: str) -> None:
 
     Drops the head layer from the CKA tables and re-derives the CKA finding from the rest
     (a no-op when the analyses already left the head out)."""
-    from analysis import findings as F
+    from tunelens.analysis import findings as F
 
     t = res.tables
     for name in ("cka_diagonal", "cka_chance"):
@@ -342,12 +435,11 @@ def _backbone_only_cka(res, head: str) -> None:
 
 def execute(plan: Plan, log=print) -> Path:
     """Run the analyses and render the report of a validated :class:`Plan`; returns the report's path."""
-    from analysis.suite import analyze_models
-    from finetune import runtime
-    from finetune.checkpoints import versions
-    from reports.render import render_report
-
-    from .config import config_hash
+    from tunelens.analysis.suite import analyze_models
+    from tunelens.config import config_hash
+    from tunelens.core import runtime
+    from tunelens.core.files import versions
+    from tunelens.reports.render import render_report
 
     t0 = time.perf_counter()
     runtime.set_determinism(plan.cfg["seed"])
@@ -358,13 +450,23 @@ def execute(plan: Plan, log=print) -> Path:
     extra_findings: list[dict] = []
     for name, keys in bad.items():
         shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-        consequence = ("no analysis that compares it with a tuned model can run" if name == "base" else
-                       "it was left out of every analysis")
-        extra_findings.append(_finding(
-            f"nonfinite_{name}", f"The weights of {'the base model' if name == 'base' else name} contain NaN or "
-            f"infinite values in {len(keys)} tensor(s): {shown}. The model is broken ({consequence}); check the "
-            "training run that wrote it (a diverged loss, a bad learning rate, mixed precision overflow).",
-            "overview", score=50, kind="result", uncertainty="exact (read from the weights)"))
+        consequence = (
+            "no analysis that compares it with a tuned model can run"
+            if name == "base"
+            else "it was left out of every analysis"
+        )
+        extra_findings.append(
+            _finding(
+                f"nonfinite_{name}",
+                f"The weights of {'the base model' if name == 'base' else name} contain NaN or "
+                f"infinite values in {len(keys)} tensor(s): {shown}. The model is broken ({consequence}); check the "
+                "training run that wrote it (a diverged loss, a bad learning rate, mixed precision overflow).",
+                "overview",
+                score=50,
+                kind="result",
+                uncertainty="exact (read from the weights)",
+            )
+        )
     tuned_ok = [n for n in names if n not in bad]
     data = {"train": plan.train, "test": plan.test}
     skipped_extra: dict[str, str] = {}
@@ -379,8 +481,10 @@ def execute(plan: Plan, log=print) -> Path:
         for n in names:
             if n in bad:
                 skipped_extra[f"analyses of {n}"] = "its weights contain NaN or infinite values (see the findings)"
-        log(f"[compare] analysing base + {', '.join(tuned_ok)} on {len(plan.train)} training and "
-            f"{len(plan.test)} test images ({plan.device})")
+        log(
+            f"[compare] analysing base + {', '.join(tuned_ok)} on {len(plan.train)} training and "
+            f"{len(plan.test)} test images ({plan.device})"
+        )
         with runtime.no_tf32():
             res = analyze_models(models, mans, data, plan.cfg, device=plan.device, log=log, progress=plan.progress)
     t_an = time.perf_counter() - t0
@@ -391,11 +495,16 @@ def execute(plan: Plan, log=print) -> Path:
     s = res.summary
     skipped = s.setdefault("skipped", {})
     skipped.update(skipped_extra)
-    skipped.setdefault("training curves", "external checkpoints carry no training history (curves, per-stage "
-                                          "update ratios); models fine-tuned by tunelens have them")
+    skipped.setdefault(
+        "training curves",
+        "external checkpoints carry no training history (curves, per-stage "
+        "update ratios); models fine-tuned by tunelens have them",
+    )
     if not plan.dataset.has_masks and not any("mask" in k.lower() or "local" in k.lower() for k in skipped):
-        skipped["localisation"] = ("no ground-truth masks were given (--masks CSV with per-image masks or boxes), "
-                                   "so attributions are not scored against the objects")
+        skipped["localisation"] = (
+            "no ground-truth masks were given (--masks CSV with per-image masks or boxes), "
+            "so attributions are not scored against the objects"
+        )
     findings = list(s.get("findings", [])) + extra_findings
     for i, note in enumerate(plan.notes):
         findings.append(_finding(f"compare_note_{i}", note, "overview", score=0.5))
@@ -405,13 +514,30 @@ def execute(plan: Plan, log=print) -> Path:
     ds = plan.dataset
     s.update(
         key=config_hash("compare", plan.cfg, {n: m["sha256"] for n, m in sorted(plan.manifests.items())}),
-        config=plan.cfg, versions=versions(), external=True,
-        checkpoints={n: {"file": m["file"], "sha256": m["sha256"], "strategy": m["strategy"], "seed": None,
-                         "train_seconds": None} for n, m in plan.manifests.items()},
-        data={"description": f"your images ({ds.describe()}).", "classes": list(ds.classes),
-              "image_size": "x".join(map(str, ds.image_size)), "n_train": len(plan.train), "n_test": len(plan.test),
-              "folder": str(ds.root), "has_masks": ds.has_masks},
-        base_description=plan.base_description)
+        config=plan.cfg,
+        versions=versions(),
+        external=True,
+        checkpoints={
+            n: {
+                "file": m["file"],
+                "sha256": m["sha256"],
+                "strategy": m["strategy"],
+                "seed": None,
+                "train_seconds": None,
+            }
+            for n, m in plan.manifests.items()
+        },
+        data={
+            "description": f"your images ({ds.describe()}).",
+            "classes": list(ds.classes),
+            "image_size": "x".join(map(str, ds.image_size)),
+            "n_train": len(plan.train),
+            "n_test": len(plan.test),
+            "folder": str(ds.root),
+            "has_masks": ds.has_masks,
+        },
+        base_description=plan.base_description,
+    )
     s.setdefault("timings", {})
     s["timings"]["analyze_total"] = t_an
     for name in [n for n, df in res.tables.items() if len(df.columns) == 0]:

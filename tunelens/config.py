@@ -3,6 +3,7 @@
 Override with ``--config FILE.json`` (a partial dict merged over the defaults) or
 ``--set dotted.key=value``; ``--quick`` shrinks data and epochs for tests.
 """
+
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-__all__ = ["DEFAULT_CONFIG", "QUICK_OVERRIDES", "make_config", "config_hash", "merge", "set_dotted", "code_hash"]
+__all__ = ["DEFAULT_CONFIG", "QUICK_OVERRIDES", "code_hash", "config_hash", "make_config", "merge", "set_dotted"]
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -22,12 +23,30 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "source": {"train_per_class": 400, "val_per_class": 25, "test_per_class": 25},
         "target": {"train_per_class": 40, "val_per_class": 20, "test_per_class": 60},
     },
-    "pretrain": {"epochs": 30, "lr": 0.1, "batch_size": 64, "weight_decay": 5e-4, "warmup_epochs": 1,
-                 "schedule": "cosine", "augment": True, "patience": 0, "amp": False, "sync_bn": False},
+    "pretrain": {
+        "epochs": 30,
+        "lr": 0.1,
+        "batch_size": 64,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 1,
+        "schedule": "cosine",
+        "augment": True,
+        "patience": 0,
+        "amp": False,
+        "sync_bn": False,
+    },
     "finetune": {
         "strategies": ["linear_probe", "full", "lp_ft"],
-        "common": {"epochs": 30, "batch_size": 32, "weight_decay": 5e-4, "schedule": "cosine", "augment": True,
-                   "patience": 10, "amp": False, "sync_bn": False},
+        "common": {
+            "epochs": 30,
+            "batch_size": 32,
+            "weight_decay": 5e-4,
+            "schedule": "cosine",
+            "augment": True,
+            "patience": 10,
+            "amp": False,
+            "sync_bn": False,
+        },
         "linear_probe": {"lr": 0.1},
         "full": {"lr": 0.005},
         "last_k": {"lr": 0.005, "last_k": 2},
@@ -46,8 +65,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 QUICK_OVERRIDES: dict[str, Any] = {
-    "data": {"source": {"train_per_class": 60, "val_per_class": 10, "test_per_class": 10},
-             "target": {"train_per_class": 16, "val_per_class": 8, "test_per_class": 16}},
+    "data": {
+        "source": {"train_per_class": 60, "val_per_class": 10, "test_per_class": 10},
+        "target": {"train_per_class": 16, "val_per_class": 8, "test_per_class": 16},
+    },
     "pretrain": {"epochs": 3},
     "finetune": {"common": {"epochs": 3, "patience": 0}, "lp_ft": {"lp_epochs": 1}},
     "analysis": {"attribution_images": 12, "interpolation_steps": 5},

@@ -4,6 +4,7 @@ Each stage is skipped when its inputs and configuration are unchanged: checkpoin
 carry a configuration hash in their manifest, the results folder carries the hash
 of the analysis configuration and of every checkpoint it read.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,13 @@ from pathlib import Path
 
 import torch
 
-from finetune import runtime
-from finetune.checkpoints import versions
-from finetune.data import make_shapes
-from finetune.recipes import data_spec, load_run_models, run_finetune_stage
+from tunelens.config import code_hash, config_hash
+from tunelens.core import runtime
+from tunelens.core.files import versions
+from tunelens.finetune.data import make_shapes
+from tunelens.finetune.recipes import data_spec, load_run_models, run_finetune_stage
 
-from .config import code_hash, config_hash
-
-__all__ = ["stage_finetune", "stage_analyze", "stage_report", "run_all"]
+__all__ = ["run_all", "stage_analyze", "stage_finetune", "stage_report"]
 
 
 def stage_finetune(cfg: dict, out: Path, progress: bool = True, log=print) -> dict:
@@ -27,7 +27,7 @@ def stage_finetune(cfg: dict, out: Path, progress: bool = True, log=print) -> di
 
 
 def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force: bool = False) -> Path:
-    from analysis.suite import analyze_models
+    from tunelens.analysis.suite import analyze_models
 
     out = Path(out)
     res_dir = out / "results"
@@ -35,8 +35,13 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     if not ck_index.exists():
         raise FileNotFoundError(f"{ck_index} not found: run `tunelens finetune --out {out}` first")
     index = json.loads(ck_index.read_text())["checkpoints"]
-    key = config_hash("analysis", cfg["analysis"], cfg["seed"], {n: e["sha256"] for n, e in sorted(index.items())},
-                      code_hash("analysis"))
+    key = config_hash(
+        "analysis",
+        cfg["analysis"],
+        cfg["seed"],
+        {n: e["sha256"] for n, e in sorted(index.items())},
+        code_hash("tunelens.analysis"),
+    )
     if not force and (res_dir / "summary.json").exists():
         try:
             if json.loads((res_dir / "summary.json").read_text()).get("key") == key:
@@ -51,7 +56,8 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     tspec = data_spec(cfg, "target") if "target" in cfg.get("data", {}) else None
     tman = next(m for m in mans.values() if m["role"] == "tuned")
     if tspec is None or tspec.to_dict() != tman["data"]:
-        from finetune.data import ShapesSpec
+        from tunelens.finetune.data import ShapesSpec
+
         d = dict(tman["data"])
         d.pop("name", None)
         d["classes"] = tuple(d["classes"])
@@ -62,18 +68,34 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     with runtime.no_tf32():
         res = analyze_models(models, mans, data, cfg, device=device, log=log, progress=progress)
     res.summary.update(
-        key=key, config=cfg, versions=versions(),
-        checkpoints={n: {"file": m["file"], "sha256": m["sha256"], "strategy": m["strategy"], "seed": m["seed"],
-                         "train_seconds": m.get("seconds")} for n, m in mans.items()},
-        data={"description": "generated shapes on cluttered backgrounds (embedded default, seed "
-                             f"{tspec.seed}).", "classes": list(tspec.classes), "image_size": tspec.image_size,
-              "n_train": len(data["train"]), "n_test": len(data["test"]), "spec": tspec.to_dict()},
+        key=key,
+        config=cfg,
+        versions=versions(),
+        checkpoints={
+            n: {
+                "file": m["file"],
+                "sha256": m["sha256"],
+                "strategy": m["strategy"],
+                "seed": m["seed"],
+                "train_seconds": m.get("seconds"),
+            }
+            for n, m in mans.items()
+        },
+        data={
+            "description": f"generated shapes on cluttered backgrounds (embedded default, seed {tspec.seed}).",
+            "classes": list(tspec.classes),
+            "image_size": tspec.image_size,
+            "n_train": len(data["train"]),
+            "n_test": len(data["test"]),
+            "spec": tspec.to_dict(),
+        },
         base_description=f"{mans['base']['arch']} pretrained on {len(mans['base']['classes'])} source shapes "
-                         f"({', '.join(mans['base']['classes'])}), source test accuracy "
-                         f"{100 * mans['base']['metrics']['test_acc']:.1f}%.")
+        f"({', '.join(mans['base']['classes'])}), source test accuracy "
+        f"{100 * mans['base']['metrics']['test_acc']:.1f}%.",
+    )
     res.summary["world_size"] = runtime.world_size()
     if device.type == "cuda":
-        res.summary["analysis_peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        res.summary["analysis_peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     res.summary["timings"]["training"] = sum(m.get("seconds") or 0 for m in mans.values())
     res.summary["timings"]["analyze_total"] = time.perf_counter() - t0
     if runtime.is_main():
@@ -84,7 +106,7 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
 
 
 def stage_report(out: Path, log=print) -> Path:
-    from reports.render import render_report
+    from tunelens.reports.render import render_report
 
     out = Path(out)
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
 """Report sections, in page order. Each builder maps a Results to a Section, or None when it has nothing to show."""
+
 from . import attribution, functional, methods, overview, similarity, weights
 
 SECTION_BUILDERS = [

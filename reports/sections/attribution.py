@@ -1,10 +1,11 @@
 """Attributions: both models' maps on the same inputs, and how much they differ against a ceiling and a floor."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analysis.results import Results
+from tunelens.core.results import Results
 
 from .. import figures as fg
 from ..model import Figure, Section, Table
@@ -50,20 +51,45 @@ def build(res: Results) -> Section | None:
         return None
     info = res.summary.get("attribution", {})
     st = info.get("settings", {})
-    sec = Section("attribution", "Attributions: where each model finds its evidence",
-                  "Captum attributions of the target-class logit for both models on the same test images, with "
-                  "the same targets, baselines and noise seeds. Each method's base-vs-tuned agreement is read "
-                  f"between a ceiling ({st.get('ceiling', 'the base model against itself under a tiny perturbation')}) "
-                  f"and a floor ({st.get('floor', 'a randomized copy')}; Adebayo et al. 2018): change index = "
-                  "(ceiling - AB) / (ceiling - floor). A method whose ceiling and floor are close cannot tell the "
-                  "models apart and is flagged.")
+    sec = Section(
+        "attribution",
+        "Attributions: where each model finds its evidence",
+        "Captum attributions of the target-class logit for both models on the same test images, with "
+        "the same targets, baselines and noise seeds. Each method's base-vs-tuned agreement is read "
+        f"between a ceiling ({st.get('ceiling', 'the base model against itself under a tiny perturbation')}) "
+        f"and a floor ({st.get('floor', 'a randomized copy')}; Adebayo et al. 2018): change index = "
+        "(ceiling - AB) / (ceiling - floor). A method whose ceiling and floor are close cannot tell the "
+        "models apart and is flagged.",
+    )
     sec.notes.extend(info.get("notes", []))
-    cols = ["method", "informative", "ab", "ceiling", "floor", "floor_top", "gap", "gap_top", "change_index",
-            "change_index_lo", "change_index_hi", "ab_ssim", "ab_topk", "ab_spearman", "n", "seconds"]
-    sec.blocks.append(Table("tbl-attr-summary", "Agreement per method, with ceiling, floor and change index",
-                            summ[[c for c in cols if c in summ]], csv="attribution_summary",
-                            caption=f"ab/ceiling/floor: mean {summ['similarity'].iloc[0]} over images; floor_top "
-                                    "randomizes only the top stages."))
+    cols = [
+        "method",
+        "informative",
+        "ab",
+        "ceiling",
+        "floor",
+        "floor_top",
+        "gap",
+        "gap_top",
+        "change_index",
+        "change_index_lo",
+        "change_index_hi",
+        "ab_ssim",
+        "ab_topk",
+        "ab_spearman",
+        "n",
+        "seconds",
+    ]
+    sec.blocks.append(
+        Table(
+            "tbl-attr-summary",
+            "Agreement per method, with ceiling, floor and change index",
+            summ[[c for c in cols if c in summ]],
+            csv="attribution_summary",
+            caption=f"ab/ceiling/floor: mean {summ['similarity'].iloc[0]} over images; floor_top "
+            "randomizes only the top stages.",
+        )
+    )
     classes = info.get("classes") or res.summary.get("data", {}).get("classes", [])
     informative = set(summ.loc[summ["informative"].astype(bool), "method"])
     for m in _SHOW:
@@ -71,24 +97,43 @@ def build(res: Results) -> Section | None:
         if ex is None or not len(ex.get("kinds", [])):
             continue
         tag = "" if m in informative else " (flagged uninformative)"
-        sec.blocks.append(Figure(f"fig-attr-{m}", f"{m}{tag}: input, base map, tuned map, difference",
-                                 _grid(ex, classes, m),
-                                 "Rows: the image whose map changed most, least, one the fine-tuning fixed and one it "
-                                 "broke (when present). Base and tuned maps share one colour scale."))
+        sec.blocks.append(
+            Figure(
+                f"fig-attr-{m}",
+                f"{m}{tag}: input, base map, tuned map, difference",
+                _grid(ex, classes, m),
+                "Rows: the image whose map changed most, least, one the fine-tuning fixed and one it "
+                "broke (when present). Base and tuned maps share one colour scale.",
+            )
+        )
     loc = res.table("attribution_localisation")
     if loc is not None and len(loc):
         mass = loc[loc["metric"] == "mass"].copy()
         long = mass.melt(id_vars=["method"], value_vars=["base", "tuned"], var_name="model", value_name="mass")
-        sec.blocks.append(Figure("fig-attr-localisation", "Share of positive attribution inside the object",
-                                 fg.bar_chart(long, "method", "mass", hue="model", ylabel="relevance mass in mask"),
-                                 "Relevance mass (Arras et al. 2022) before and after fine-tuning."))
-        sec.blocks.append(Table("tbl-attr-localisation", "Localisation before vs after (bootstrap 95% CIs)", loc,
-                                csv="attribution_localisation"))
+        sec.blocks.append(
+            Figure(
+                "fig-attr-localisation",
+                "Share of positive attribution inside the object",
+                fg.bar_chart(long, "method", "mass", hue="model", ylabel="relevance mass in mask"),
+                "Relevance mass (Arras et al. 2022) before and after fine-tuning.",
+            )
+        )
+        sec.blocks.append(
+            Table(
+                "tbl-attr-localisation",
+                "Localisation before vs after (bootstrap 95% CIs)",
+                loc,
+                csv="attribution_localisation",
+            )
+        )
     pc = res.table("attribution_per_class")
     if pc is not None and len(pc):
         sec.blocks.append(Table("tbl-attr-class", "Per class (bootstrap 95% CIs)", pc, csv="attribution_per_class"))
     fa = res.table("attribution_faithfulness")
     if fa is not None and len(fa):
-        sec.blocks.append(Table("tbl-attr-faith", "Faithfulness: deletion and insertion AUC (RISE)", fa,
-                                csv="attribution_faithfulness"))
+        sec.blocks.append(
+            Table(
+                "tbl-attr-faith", "Faithfulness: deletion and insertion AUC (RISE)", fa, csv="attribution_faithfulness"
+            )
+        )
     return sec

@@ -1,32 +1,39 @@
 """Methods and reproducibility: configuration, seeds, versions, checkpoint hashes, timings."""
+
 from __future__ import annotations
 
 import json
 
 import pandas as pd
 
-from analysis.results import Results
+from tunelens.core.results import Results
 
 from ..model import Section, Table
 
 
 def build(res: Results) -> Section:
     s = res.summary
-    sec = Section("methods", "Methods and reproducibility",
-                  "Everything needed to reproduce these numbers: the configuration, seeds, library versions, the "
-                  "sha256 of every checkpoint, and how long each stage took.")
+    sec = Section(
+        "methods",
+        "Methods and reproducibility",
+        "Everything needed to reproduce these numbers: the configuration, seeds, library versions, the "
+        "sha256 of every checkpoint, and how long each stage took.",
+    )
     ck = s.get("checkpoints", {})
     if ck:
-        sec.blocks.append(Table("tbl-checkpoints", "Checkpoints",
-                                pd.DataFrame([{"model": k, **v} for k, v in ck.items()])))
+        sec.blocks.append(
+            Table("tbl-checkpoints", "Checkpoints", pd.DataFrame([{"model": k, **v} for k, v in ck.items()]))
+        )
     tm = s.get("timings", {})
     if tm:
-        sec.blocks.append(Table("tbl-timings", "Timings (seconds)",
-                                pd.DataFrame([{"stage": k, "seconds": v} for k, v in tm.items()])))
+        sec.blocks.append(
+            Table("tbl-timings", "Timings (seconds)", pd.DataFrame([{"stage": k, "seconds": v} for k, v in tm.items()]))
+        )
     ver = s.get("versions", {})
     if ver:
-        sec.blocks.append(Table("tbl-versions", "Versions", pd.DataFrame([{"package": k, "version": v}
-                                                                          for k, v in ver.items()])))
+        sec.blocks.append(
+            Table("tbl-versions", "Versions", pd.DataFrame([{"package": k, "version": v} for k, v in ver.items()]))
+        )
     if "config" in s:
         sec.code.append(("Configuration", json.dumps(s["config"], indent=2, sort_keys=True)))
     return sec

@@ -13,6 +13,7 @@ Environment: ``TUNELENS_DIST_TIMEOUT`` (seconds) bounds how long a collective wa
 for a rank that died (torch's default otherwise: 30 min for gloo, 10 min for nccl);
 torchrun itself stops the other workers as soon as one fails.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -26,9 +27,23 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
-__all__ = ["resolve_device", "device_name", "is_distributed", "rank", "world_size", "is_main", "barrier",
-           "init_distributed", "set_determinism", "all_reduce_sum", "broadcast_module", "all_gather_objects",
-           "ShardedBatchSampler", "shard_loader", "no_tf32"]
+__all__ = [
+    "ShardedBatchSampler",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_module",
+    "device_name",
+    "init_distributed",
+    "is_distributed",
+    "is_main",
+    "no_tf32",
+    "rank",
+    "resolve_device",
+    "set_determinism",
+    "shard_loader",
+    "world_size",
+]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -49,8 +64,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} was asked for but this machine has no usable CUDA GPU; "
-                             "use --device cpu or --device auto")
+            raise ValueError(
+                f"--device {device} was asked for but this machine has no usable CUDA GPU; "
+                "use --device cpu or --device auto"
+            )
         d = torch.device(device)
         if d.index is None:
             return _local_gpu()
@@ -157,9 +174,9 @@ def _report_errors_to_torchrun() -> None:
 
             try:  # record_exception formats the exception being handled: make this one the current one
                 raise value.with_traceback(tb)
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 ErrorHandler().record_exception(e)
-        except Exception:  # noqa: BLE001 - reporting must never hide the error itself
+        except Exception:
             pass
         previous(tp, value, tb)
 
@@ -175,10 +192,15 @@ def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> 
     """
     dev = resolve_device(device)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_distributed():
-        if (dev.type == "cuda" and device_name(device) != "cuda"
-                and int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])) > 1):
-            raise ValueError(f"--device {device} puts every process of this node on the same GPU; under torchrun "
-                             "use --device cuda (or auto): process r of a node then uses GPU r")
+        if (
+            dev.type == "cuda"
+            and device_name(device) != "cuda"
+            and int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])) > 1
+        ):
+            raise ValueError(
+                f"--device {device} puts every process of this node on the same GPU; under torchrun "
+                "use --device cuda (or auto): process r of a node then uses GPU r"
+            )
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -235,8 +257,16 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return [i * bs for i in range(start, end)]
 
 
-def shard_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, *, seed: int = 0,
-                 device: str | torch.device | None = None, drop_last: bool = False, **kw: Any) -> DataLoader:
+def shard_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    drop_last: bool = False,
+    **kw: Any,
+) -> DataLoader:
     """A DataLoader over this rank's block of the batches a single-process loader forms.
 
     In a single process it is ``DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, **kw)``
@@ -263,7 +293,7 @@ def set_determinism(seed: int) -> None:
     import numpy as np
 
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -4,19 +4,19 @@ This is the hand-off between analysis and reports: analysis writes it, reports
 only read it. The folder is written to a temporary sibling and swapped into
 place, so a reader never sees half of it.
 """
+
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .files import write_folder_atomically
 
 __all__ = ["Results", "write_folder_atomically"]
 
@@ -29,32 +29,6 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return str(o)
-
-
-def write_folder_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build a folder with ``fill(tmp)`` in a temporary sibling, then swap it in for ``folder``.
-
-    A reader sees the old folder or the complete new one, never a half-written one; when ``fill``
-    fails, the old folder stays as it was and the temporary one is removed.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        fill(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
 
 
 @dataclass
@@ -79,10 +53,12 @@ class Results:
         return write_folder_atomically(folder, fill)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "Results":
+    def load(cls, folder: str | os.PathLike) -> Results:
         folder = Path(folder)
         if not (folder / "summary.json").exists():
-            raise FileNotFoundError(f"{folder} holds no analysis results (no summary.json): run `tunelens analyze` first")
+            raise FileNotFoundError(
+                f"{folder} holds no analysis results (no summary.json): run `tunelens analyze` first"
+            )
         r = cls(summary=json.loads((folder / "summary.json").read_text()))
         for p in sorted(folder.glob("*.csv")):
             r.tables[p.stem] = pd.read_csv(p)
