@@ -10,11 +10,11 @@ from tunelens.core.results import Results
 
 from .attribution import attribute, attribute_pair
 from .attribution_study import AttributionStudy, attribution_study
-from .compare import compare_maps
 from .datafolder import image_folder, split_train_test
-from .functional import interpolate, loss_barrier, rewind, rewound_model
+from .interventions import InterpolationResult, RewindResult, interpolate, loss_barrier, rewind, rewound_model
 from .layers import iterate_features, iterate_pair, resolve_layers
 from .loading import CheckpointLoadError, check_finite, load_model, load_state_dict
+from .map_metrics import compare_maps
 from .prepare import prepare_for_attribution
 from .probes import probe_gain, probe_layers
 from .similarity import CKAResult, StreamingCKA, cka_against_chance, cka_matrix, linear_cka, randomly_initialised
@@ -26,7 +26,9 @@ __all__ = [
     "AttributionStudy",
     "CKAResult",
     "CheckpointLoadError",
+    "InterpolationResult",
     "Results",
+    "RewindResult",
     "StreamingCKA",
     "aggregate_deltas",
     "attribute",

@@ -6,8 +6,8 @@ Two accumulators fed by :func:`analysis.similarity.cka_matrix` (one per model):
   the fraction of exact zeros (for post-ReLU outputs: the fraction of units switched off). Batch moments
   are merged with Chan, Golub and LeVeque's (1979) parallel update in float64, so nothing grows with the
   number of samples and per-rank results merge exactly under ``torch.distributed``.
-* :class:`ExampleMaps` -- the full feature maps of a few example images (first images of the first
-  batch), from which :meth:`ExampleMaps.strongest` picks each image's strongest channels;
+* :class:`FeatureMapExamples` -- the full feature maps of a few example images (first images of the first
+  batch), from which :meth:`FeatureMapExamples.strongest` picks each image's strongest channels;
   :func:`plot_feature_maps` shows two models side by side.
 
 :func:`gram_pass` runs the data once through several models and, inside each forward hook, forms the
@@ -33,7 +33,7 @@ from tunelens.core.evaluation import unpack_batch
 from tunelens.core.hooks import ActivationCapture
 from tunelens.core.runtime import no_tf32
 
-__all__ = ["ActivationStats", "ExampleMaps", "gram_pass", "plot_feature_maps"]
+__all__ = ["ActivationStats", "FeatureMapExamples", "gram_pass", "plot_feature_maps"]
 
 
 class ActivationStats:
@@ -115,7 +115,7 @@ class ActivationStats:
 
 
 @dataclass
-class ExampleMaps:
+class FeatureMapExamples:
     """Feature maps of the first ``n_examples`` images, for every captured 4-D (N, C, H, W) layer output.
 
     Filled from the first batch only (copies, float32, on the CPU); non-spatial layers are ignored.
@@ -138,7 +138,9 @@ class ExampleMaps:
         """Mean activation of each channel per image, ``(n_examples, C)``."""
         return self.maps[layer].mean(axis=(2, 3))
 
-    def strongest(self, layer: str, k: int = 4, reference: ExampleMaps | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def strongest(
+        self, layer: str, k: int = 4, reference: FeatureMapExamples | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(channels (n, k), maps (n, k, H, W))``: each image's ``k`` channels of largest mean activation.
 
         With ``reference`` (the other model) holding the same layer with the same channel count, its
@@ -158,8 +160,8 @@ class ExampleMaps:
 
 
 def plot_feature_maps(
-    maps_a: ExampleMaps,
-    maps_b: ExampleMaps,
+    maps_a: FeatureMapExamples,
+    maps_b: FeatureMapExamples,
     layer: str,
     layer_b: str | None = None,
     k: int = 4,
@@ -231,14 +233,14 @@ def gram_pass(
     device: torch.device,
     sink: Callable[[list[dict[str, torch.Tensor]]], None],
     n_examples: int = 0,
-) -> tuple[list[ActivationStats], list[ExampleMaps]]:
+) -> tuple[list[ActivationStats], list[FeatureMapExamples]]:
     """Run every batch of ``loader`` once through each *distinct* model (eval mode, no grad, TF32 off, hooks
     always removed, training flags restored; models are moved to ``device``).
 
     Inside each forward hook (:class:`analysis.layers.ActivationCapture`, so an in-place op after the layer
     cannot change what is seen) the layer's output is flattened to ``(n, d)``, copied to float64 on
     ``device`` and its Gram ``X X^T`` formed; the same copy updates the layer's :class:`ActivationStats`
-    and the first batch fills :class:`ExampleMaps`. After each batch ``sink`` receives, per entry of
+    and the first batch fills :class:`FeatureMapExamples`. After each batch ``sink`` receives, per entry of
     ``models``, ``{layer: Gram}``. Returns per entry of ``models`` its statistics and example maps.
     """
     slot_of: list[int] = []
@@ -254,7 +256,7 @@ def gram_pass(
         slot_of.append(s)
     grams: list[dict[str, torch.Tensor]] = [{} for _ in slots]
     stats = [ActivationStats() for _ in slots]
-    maps = [ExampleMaps(n_examples) for _ in slots]
+    maps = [FeatureMapExamples(n_examples) for _ in slots]
 
     buffers: dict[tuple[int, str], torch.Tensor] = {}
 

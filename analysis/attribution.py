@@ -485,7 +485,7 @@ def attribute_pair(
     base: nn.Module,
     tuned: nn.Module,
     inputs: torch.Tensor,
-    targets: Any,
+    target: Any = None,
     methods: Sequence[str] = ("integrated_gradients",),
     *,
     seed: int = 0,
@@ -493,15 +493,23 @@ def attribute_pair(
     eval_batch: int | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
+    targets: Any = None,
 ) -> PairMaps:
     """Both models' maps on the same inputs, targets, baselines and random draws.
 
-    ``targets``: true labels (used for both models), ``"pred"`` (each model its own
-    prediction), or a ``(base_targets, tuned_targets)`` pair. ``options[method]`` are the
+    ``target``: true labels (used for both models), ``"pred"`` (each model its own
+    prediction), or a ``(base_target, tuned_target)`` pair (``targets=`` is the deprecated
+    spelling of the same argument). ``options[method]`` are the
     per-method options of :func:`attribute`. Both models use one batch plan (the smaller
     of the two models' memory-derived batch sizes), so SmoothGrad's noise and GradientShap's
     baselines and path points are drawn identically for the two.
     """
+    if targets is not None:
+        warnings.warn("attribute_pair(targets=...) is deprecated: use target=", DeprecationWarning, stacklevel=2)
+        target = targets
+    if target is None:
+        raise TypeError("attribute_pair needs target: the class indices to attribute, or 'pred'")
+    targets = target
     dev = torch.device(device) if device is not None else _model_device(tuned)
     pb = prepare_for_attribution(base, inputs, device=dev)
     pt = prepare_for_attribution(tuned, inputs, device=dev)

@@ -2,7 +2,7 @@
 
 :func:`attribution_study` computes, for each attribution method, the maps of the base
 and the fine-tuned model on the same images (same targets, baselines and random
-draws), compares them per image (:func:`analysis.compare.compare_maps`), checks them
+draws), compares them per image (:func:`analysis.map_metrics.compare_maps`), checks them
 against object masks and for faithfulness (deletion/insertion), and calibrates each
 method's base-vs-tuned agreement between
 
@@ -54,14 +54,14 @@ from .attribution import (
     auto_eval_batch,
     predictions,
 )
-from .compare import LOCALISATION, SIMILARITIES, compare_maps, to_maps
 from .faithfulness import deletion_insertion
+from .map_metrics import LOCALISATION, SIMILARITIES, compare_maps, to_maps
 from .prepare import cascade_stages, fit_probe_head, output_dim, prepare_for_attribution, randomize_cascading
 
 __all__ = [
     "STUDY_OPTIONS",
+    "AttributionExamples",
     "AttributionStudy",
-    "ExampleMaps",
     "attribution_study",
     "bootstrap_ci",
     "change_index",
@@ -81,7 +81,7 @@ EXAMPLE_KINDS = ("largest_change", "smallest_change", "fixed", "broken")
 
 
 @dataclass
-class ExampleMaps:
+class AttributionExamples:
     """Images chosen for a grid, with both models' maps (signed: channel sum, ``(k, H, W)``)."""
 
     kinds: list[str]
@@ -101,7 +101,7 @@ class AttributionStudy:
     """Everything :func:`attribution_study` measured.
 
     ``comparisons``: one row per image and method -- base-vs-tuned similarities
-    (:data:`analysis.compare.SIMILARITIES`), ``ceiling_<sim>``, ``floor_<sim>``, ``floor_top_<sim>``, mask
+    (:data:`analysis.map_metrics.SIMILARITIES`), ``ceiling_<sim>``, ``floor_<sim>``, ``floor_top_<sim>``, mask
     metrics ``mass_base``/``mass_tuned``/``rank_acc_*``/``pointing_*`` (with masks),
     ``deletion_base``/``insertion_base``/``deletion_tuned``/``insertion_tuned`` (with
     faithfulness), labels, predictions and targets.
@@ -124,7 +124,7 @@ class AttributionStudy:
     localisation: pd.DataFrame | None
     per_class: pd.DataFrame
     faithfulness: pd.DataFrame | None
-    examples: dict[str, ExampleMaps]
+    examples: dict[str, AttributionExamples]
     maps: dict[str, dict[str, np.ndarray]]
     inputs: np.ndarray
     labels: np.ndarray
@@ -267,7 +267,7 @@ def attribution_study(
     floor use the base model's). ``probe_data``: labelled training images for the
     linear-probe head, needed when the models' heads differ in size. ``options``:
     per-method options on top of :data:`STUDY_OPTIONS`. ``similarity``: the similarity
-    of the change index (one of :data:`analysis.compare.SIMILARITIES`); ``threshold``: the
+    of the change index (one of :data:`analysis.map_metrics.SIMILARITIES`); ``threshold``: the
     least ``ceiling - floor`` (and ``ceiling - floor_top``) of an informative method; ``top_stages``:
     how many stages from the top ``floor_top`` randomizes. GradientShap's baseline
     distribution is ``shap_baselines`` other images of ``data`` (the same for every model).
@@ -704,7 +704,7 @@ def _per_class(
 
 def _examples(
     d: pd.DataFrame, maps: Mapping[str, np.ndarray], x: torch.Tensor, masks: torch.Tensor | None, similarity: str
-) -> ExampleMaps:
+) -> AttributionExamples:
     sim = d[similarity].to_numpy(float)
     order = np.argsort(np.where(np.isnan(sim), np.inf, sim), kind="stable")  # most changed first
     correct_b = (d["base_pred"] == d["label"]).to_numpy()
@@ -719,7 +719,7 @@ def _examples(
             if cand:
                 chosen.append((kind, int(cand[0])))
     pos = np.array([i for _, i in chosen], dtype=np.int64)
-    return ExampleMaps(
+    return AttributionExamples(
         kinds=[k for k, _ in chosen],
         indices=d["index"].to_numpy()[pos],
         inputs=x.numpy()[pos],

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compare import to_maps
+from .map_metrics import to_maps
 from .prepare import _model_device
 
 __all__ = ["deletion_insertion", "gaussian_blur"]

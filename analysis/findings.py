@@ -1,8 +1,8 @@
 """Plain-language findings from result tables, each with its numbers, its uncertainty and its evidence.
 
 Findings are generated, never written by hand: every sentence is formatted from
-the tables it cites. Each carries ``evidence`` (the report section / figure anchor
-it links to), ``score`` (how much it should lead the list) and, where one is
+the tables it cites. Each carries ``evidence`` (the name of the result table it is
+read from; the report links it to the figure or table that shows it), ``score`` (how much it should lead the list) and, where one is
 known, ``uncertainty`` (a confidence interval or the reason there is none).
 """
 
@@ -16,7 +16,7 @@ import pandas as pd
 __all__ = ["Finding", "paired_bootstrap_diff", "rank_findings", "transfer_findings", "weight_findings"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Finding:
     id: str
     text: str
@@ -68,7 +68,7 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
                 f"{verdict}: fine-tuning from the pretrained weights ({primary}) reaches "
                 f"{pct(acc[primary])} target test accuracy against {pct(acc[control])} for the same network trained "
                 f"from scratch with the same budget ({100 * d:+.1f} points).",
-                "overview",
+                "accuracy",
                 score=10 + abs(d) * 10,
                 uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points "
                 f"(paired bootstrap over {len(a)} test images)",
@@ -86,7 +86,7 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
                 "best_strategy",
                 f"Of the fine-tuning strategies, {best} scores best ({pct(acc[best])}) and {worst} "
                 f"worst ({pct(acc[worst])}), a gap of {100 * d:.1f} points.",
-                "tbl-strategies",
+                "strategies",
                 score=6 + d * 5,
                 uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap)",
             )
@@ -108,7 +108,7 @@ def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding
                     f"weights_frozen_{model}",
                     f"{model}: the backbone did not move at all (every "
                     "shared weight is bit-identical to the pretrained one); only the new head was trained.",
-                    "weights",
+                    "weight_stages",
                     score=3,
                 )
             )
@@ -131,7 +131,7 @@ def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding
                 f"{pct(top['relative'], 2)} of their norm (relative Frobenius)"
                 + (", " + "; ".join(parts) if parts else "")
                 + ".",
-                "weights",
+                "weight_stages",
                 score=(8 if model == primary else 4),
                 uncertainty="exact (computed on the weights, no sampling)",
             )
@@ -186,7 +186,7 @@ def functional_findings(
                 Finding(
                     "rewind",
                     text,
-                    "fig-rewind",
+                    "rewind",
                     score=9,
                     uncertainty=f"{int(ref['n'])} test images; differences under about {noise:.1f} "
                     "points are within sampling noise (2 s.e.)",
@@ -210,7 +210,7 @@ def functional_findings(
                 f"{verdict} between the pretrained and the fine-tuned weights ({primary}): the largest excess "
                 f"loss over the straight line is {barrier:.3f} (at alpha = {a:.2f}); the two solutions "
                 f"{'lie in one basin' if barrier < 0.05 else 'are separated by a ridge'}.",
-                "fig-interpolation",
+                "interpolation",
                 score=6,
                 uncertainty=f"{int(interp['n'].iloc[0])} test images, {len(interp)} points along the path; "
                 f"BatchNorm statistics: {interp['bn'].iloc[0]}",
@@ -225,7 +225,7 @@ def functional_findings(
                     "probe_gain",
                     f"Linear-probe accuracy on the target task rises most at {top['layer']} after "
                     f"fine-tuning ({top['gain']:+.1f} points: {pct(top['base_test_acc'])} -> {pct(top['tuned_test_acc'])}).",
-                    "fig-probes",
+                    "probes",
                     score=7,
                     uncertainty="one probe per layer on the target test split; "
                     f"{_noise_pts(top['tuned_test_acc'], 100):.0f}-point noise scale per 100 test images",
@@ -260,7 +260,7 @@ def functional_findings(
                 "literature",
                 f"Transfer-learning expectations ({held} of {len(checks)} hold for "
                 f"{primary}): " + "; ".join(checks) + ".",
-                "functional",
+                "rewind",
                 score=5,
                 kind="result" if held == len(checks) else "caveat",
             )
@@ -303,9 +303,7 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     if np.isfinite(sc):
         txt += f". The scratch control's {low['layer']} has CKA {sc:.2f} with the tuned model"
     out.append(
-        Finding(
-            "cka", txt + ".", "fig-cka-diagonal", score=8.5, uncertainty=f"estimator: {est}; CI: bootstrap over batches"
-        )
+        Finding("cka", txt + ".", "cka_chance", score=8.5, uncertainty=f"estimator: {est}; CI: bootstrap over batches")
     )
     return out
 
@@ -343,7 +341,7 @@ def attribution_findings(
                 f"{'far' if r['change_index'] > 0.5 else 'part of the way'} from the base model's: change index "
                 f"{r['change_index']:.2f} on a scale where 0 is as close as the base model to itself under a one-pixel "
                 f"shift or new noise ({r['ceiling']:.2f}) and 1 is as far as a randomized network ({r['floor']:.2f}).",
-                "attribution",
+                "attribution_summary",
                 score=7.5,
                 uncertainty=f"95% CI {r['change_index_lo']:.2f} to {r['change_index_hi']:.2f} (bootstrap over {int(r['n'])} "
                 f"images; similarity: {r['similarity']})",
@@ -363,7 +361,7 @@ def attribution_findings(
                     f"{rose} from {pct(r['base'])} to {pct(r['tuned'])}"
                     + ("" if sig else " (not distinguishable from no change)")
                     + ".",
-                    "attribution",
+                    "attribution_localisation",
                     score=8 if sig else 4,
                     uncertainty=f"95% CI of the change {100 * r['delta_lo']:+.1f} to {100 * r['delta_hi']:+.1f} points "
                     f"(paired bootstrap over {int(r['n'])} images)",
@@ -379,7 +377,7 @@ def attribution_findings(
                     "attr_class",
                     f"{_cap(_METHOD_NAMES.get(m, m))} maps changed most for class {r['class']} "
                     f"(change index {r['change_index']:.2f}; base-vs-tuned similarity {r['ab']:.2f}).",
-                    "attribution",
+                    "attribution_per_class",
                     score=4,
                     uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images",
                 )
@@ -392,7 +390,7 @@ def attribution_findings(
                 + ", ".join(_METHOD_NAMES.get(f, f) for f in flagged)
                 + " (their maps barely change even when the "
                 "network's top layers are randomized, or their ceiling and floor are too close).",
-                "attribution",
+                "attribution_summary",
                 score=2,
                 kind="caveat",
             )

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelens.finetune.checkpoints import CheckpointError
+from tunelens.core.files import CheckpointError
 
 from .weights import ArchitectureMismatch
 
@@ -407,7 +407,7 @@ def torchvision_weights_file(arch: str, spec: str) -> Path:
 
 
 def _build(arch: str, num_classes: int, meta: bool = False) -> nn.Module:
-    from tunelens.finetune.models import build_model
+    from tunelens.core.architectures import build_model
 
     if meta:
         with torch.device("meta"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,7 +50,7 @@ __all__ = [
     "reused_modules",
 ]
 
-_PREPARED = "_tunelens_prepared"
+_PREPARED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the copies this module made
 
 
 class LogitMismatchError(RuntimeError):
@@ -101,7 +102,7 @@ def _split_block(block: nn.Module) -> None:
 
 def is_prepared(model: nn.Module) -> bool:
     """True for a model returned by :func:`prepare_for_attribution`."""
-    return bool(getattr(model, _PREPARED, False))
+    return model in _PREPARED
 
 
 def assert_eval(model: nn.Module) -> None:
@@ -214,13 +215,17 @@ def prepare_for_attribution(
     The copy's logits on up to ``n_check`` of ``inputs`` must match the original's (eval
     mode) within ``rtol``/``atol`` times the logit scale, else :class:`LogitMismatchError`.
     A model whose outputs look like probabilities is refused: attribute logits, not softmax.
-    Activation modules still used twice (custom blocks) are reported with a warning and
-    listed in the copy's ``_tunelens_reused`` attribute.
+    Activation modules still used twice (custom blocks) are reported with a warning
+    (:func:`reused_modules` lists them).
 
-    An already prepared model is returned as is (moved to ``device`` when given).
+    An already prepared model is returned as is (a copy moved to ``device`` when it lives elsewhere).
     """
     if is_prepared(model):
-        return model.to(device) if device is not None else model
+        if device is None or torch.device(device) == _model_device(model):
+            return model
+        moved = copy.deepcopy(model).to(device)
+        _PREPARED.add(moved)
+        return moved
     dev = torch.device(device) if device is not None else _model_device(model)
     x = inputs[:n_check].detach()
     ref = _logits(model, x)
@@ -253,8 +258,7 @@ def prepare_for_attribution(
             "methods (guided backprop, DeepLift) treat their uses as one",
             stacklevel=2,
         )
-    prepared._tunelens_reused = sorted(reused)
-    setattr(prepared, _PREPARED, True)
+    _PREPARED.add(prepared)
     return prepared
 
 
@@ -413,9 +417,10 @@ def fit_probe_head(
     parent_name, _, child = name.rpartition(".")
     setattr(out.get_submodule(parent_name) if parent_name else out, child, lin)
     lin.train(old.training)
-    if is_prepared(out):
+    if is_prepared(model):
         lin.weight.requires_grad_(False)
         lin.bias.requires_grad_(False)
+        _PREPARED.add(out)
     info = {
         "train_acc": float(clf.score((feats - mu) / sd, y)),
         "n_train": int(len(y)),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tunelens.analysis.activations import ExampleMaps, gram_pass, plot_feature_maps
+from tunelens.analysis.activations import FeatureMapExamples, gram_pass, plot_feature_maps
 from tunelens.analysis.layers import LayerSpec, resolve_layers
+from tunelens.core.models import borrowed, model_device
 from tunelens.core.runtime import resolve_device
 
 __all__ = [
     "MIN_BATCH",
     "CKAResult",
-    "CKAValue",
     "StreamingCKA",
     "cka_against_chance",
     "cka_matrix",
@@ -60,24 +61,6 @@ def estimator_name(debiased: bool, minibatch: bool = False) -> str:
     """The label attached to every CKA number: which HSIC estimator, and whether summed over minibatches."""
     est = "unbiased HSIC_1 (Song 2012, U-centred)" if debiased else "biased HSIC_0 (Gretton 2005)"
     return f"{'minibatch ' if minibatch else ''}linear CKA, {est}"
-
-
-class CKAValue(float):
-    """A float that carries the estimator that produced it (and why it is NaN, when it is)."""
-
-    estimator: str
-    reason: str
-
-    def __new__(cls, value: float, estimator: str, reason: str = "") -> CKAValue:
-        obj = super().__new__(cls, value)
-        obj.estimator, obj.reason = estimator, reason
-        return obj
-
-    def __reduce__(self):
-        return (CKAValue, (float(self), self.estimator, self.reason))
-
-    def __repr__(self) -> str:
-        return f"{float(self)!r} [{self.estimator}]" + (f" ({self.reason})" if self.reason else "")
 
 
 def _features64(a: Any) -> torch.Tensor:
@@ -106,14 +89,14 @@ def _centre_gram_(k: torch.Tensor, debiased: bool) -> torch.Tensor:
     return k
 
 
-def linear_cka(x: Any, y: Any, debiased: bool = False) -> CKAValue:
+def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
     """Linear CKA of two feature sets held in memory (torch tensors or numpy arrays; conv features flattened).
 
     ``debiased=False``: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` (Kornblith et al. 2019), in
     feature space or Gram space, whichever is cheaper. ``debiased=True``: the unbiased HSIC_1 (Song et al.
     2012) in U-centred form, which needs the n x n Gram matrices (use :class:`StreamingCKA` for large n).
-    Float64 throughout. Returns a :class:`CKAValue` (a float labelled with its estimator); NaN with a
-    reason (also warned) when a self-similarity is zero.
+    Float64 throughout; :func:`estimator_name` ``(debiased)`` names the estimator. NaN, with a
+    ``RuntimeWarning`` that gives the reason, when a self-similarity is zero.
     """
     X, Y = _features64(x), _features64(y)
     if Y.device != X.device:
@@ -124,7 +107,6 @@ def linear_cka(x: Any, y: Any, debiased: bool = False) -> CKAValue:
     need = MIN_BATCH if debiased else 2
     if n < need:
         raise ValueError(f"linear_cka needs at least {need} samples with debiased={debiased}, got {n}")
-    est = estimator_name(debiased)
     if debiased:
         K, L = X @ X.T, Y @ Y.T
         scale = [float(torch.linalg.matrix_norm(g - torch.diag(torch.diagonal(g)))) for g in (K, L)]
@@ -148,8 +130,8 @@ def linear_cka(x: Any, y: Any, debiased: bool = False) -> CKAValue:
             "CKA is undefined"
         )
         warnings.warn(f"linear_cka: NaN: {reason}", RuntimeWarning, stacklevel=2)
-        return CKAValue(float("nan"), est, reason)
-    return CKAValue(num / (sx * sy), est)
+        return float("nan")
+    return num / (sx * sy)
 
 
 class StreamingCKA:
@@ -192,6 +174,7 @@ class StreamingCKA:
         self._scale: torch.Tensor | None = None  # (L,) same normalisation, uncentred Grams (degeneracy test)
         self._records: list[torch.Tensor] = []  # per batch: diagonal pairs' HSIC, then every self-HSIC
         self.n_samples = self.n_batches = self.skipped_samples = self.skipped_batches = 0
+        self._summary: dict[str, Any] | None = None
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -326,13 +309,19 @@ class StreamingCKA:
             (C[:A, :A], la, la, "layer_a", "layer_a"),
             (C[A:, A:], lb, lb, "layer_b", "layer_b"),
         ):
-            df = pd.DataFrame(block.copy(), index=pd.Index(rows, name=rn), columns=pd.Index(cols, name=cn))
-            df.attrs = copy.deepcopy(attrs)
-            out.append(df)
+            out.append(pd.DataFrame(block.copy(), index=pd.Index(rows, name=rn), columns=pd.Index(cols, name=cn)))
+        self._summary = copy.deepcopy(attrs)
         return out[0], out[1], out[2], info, recs
 
+    def summary(self) -> dict[str, Any]:
+        """What the last :meth:`compute` rests on: ``estimator``, ``n_samples``, ``n_batches``,
+        ``skipped_samples``, ``skipped_batches`` and ``nan_reasons`` (why a layer's CKA is NaN)."""
+        if self._summary is None:
+            self._frames()
+        return copy.deepcopy(self._summary)
+
     def compute(self) -> pd.DataFrame:
-        """A x B CKA: index = A's layers, columns = B's; ``.attrs`` has ``estimator``, counts, ``nan_reasons``."""
+        """A x B CKA: index = A's layers, columns = B's (counts and the estimator: :meth:`summary`)."""
         return self._frames()[0]
 
     def compute_all(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -374,7 +363,6 @@ class StreamingCKA:
                 "estimator": self.estimator,
             }
         )
-        df.attrs = dict(ab.attrs, ci=ci, n_boot=n_boot, seed=seed)
         return df
 
 
@@ -387,8 +375,8 @@ class CKAResult:
     bb: pd.DataFrame
     diagonal: pd.DataFrame  # diagonal pairs with bootstrap CI over batches
     activations: pd.DataFrame  # model, layer, mean, std, frac_zero, n_values
-    maps_a: ExampleMaps = field(repr=False)
-    maps_b: ExampleMaps = field(repr=False)
+    maps_a: FeatureMapExamples = field(repr=False)
+    maps_b: FeatureMapExamples = field(repr=False)
     estimator: str = ""
     n_samples: int = 0
     skipped_samples: int = 0
@@ -406,40 +394,45 @@ class CKAResult:
 
 
 def cka_matrix(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    loader: Iterable,
-    layers_a: LayerSpec = "auto",
-    layers_b: LayerSpec = "auto",
+    base: nn.Module,
+    tuned: nn.Module,
+    data: Iterable,
     *,
+    layers: LayerSpec = "auto",
+    layers_tuned: LayerSpec | None = None,
     debiased: bool = True,
-    device: str | torch.device = "auto",
+    device: str | torch.device | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
     n_examples: int = 4,
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-    labels: tuple[str, str] = ("A", "B"),
+    names: tuple[str, str] = ("base", "tuned"),
 ) -> CKAResult:
     """A x B, A x A and B x B minibatch CKA, activation statistics and example feature maps, in one pass.
 
-    Each batch runs once through each model (eval mode, no grad; models are moved to ``device``; hooks
-    removed and training flags restored afterwards). ``layers_*``: ``"auto"`` (stage outputs, see
-    :func:`analysis.layers.resolve_layers`), exact module names, or module types. Under
+    Each batch of ``data`` (a loader of ``(inputs, labels[, masks])``) runs once through each model (eval
+    mode, no grad; hooks removed and training flags restored afterwards; the caller's models are never moved:
+    with ``device`` other than theirs, copies run there; ``None``: the models' own device). ``layers``:
+    ``"auto"`` (stage outputs, see :func:`tunelens.analysis.layers.resolve_layers`), exact module names, or
+    module types, resolved on both models (``layers_tuned`` for different names in ``tuned``). Under
     ``torch.distributed`` give each rank its own *batches* and call on every rank: the result equals the
     single-process run over all batches. The bootstrap CI of the diagonal resamples batches.
     """
-    dev = resolve_device(device)
-    la, lb = resolve_layers(model_a, layers_a), resolve_layers(model_b, layers_b)
+    dev = model_device(base) if device is None else resolve_device(device)
+    la = resolve_layers(base, layers)
+    lb = resolve_layers(tuned, layers if layers_tuned is None else layers_tuned)
     metric = StreamingCKA(la, lb, debiased=debiased, pairs=pairs)
-    stats, maps = gram_pass(
-        [model_a, model_b], [la, lb], loader, dev, lambda g: metric.update_grams(g[0], g[1]), n_examples=n_examples
-    )
+    with borrowed(base, dev) as model_a, borrowed(tuned, dev) as model_b:
+        stats, maps = gram_pass(
+            [model_a, model_b], [la, lb], data, dev, lambda g: metric.update_grams(g[0], g[1]), n_examples=n_examples
+        )
     ab, aa, bb = metric.compute_all()
+    info = metric.summary()
     diag = metric.bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed)
-    acts = pd.concat([stats[0].table(labels[0]), stats[1].table(labels[1])], ignore_index=True)
+    acts = pd.concat([stats[0].table(names[0]), stats[1].table(names[1])], ignore_index=True)
     return CKAResult(
-        ab, aa, bb, diag, acts, maps[0], maps[1], metric.estimator, ab.attrs["n_samples"], ab.attrs["skipped_samples"]
+        ab, aa, bb, diag, acts, maps[0], maps[1], metric.estimator, info["n_samples"], info["skipped_samples"]
     )
 
 
@@ -461,13 +454,13 @@ def randomly_initialised(model: nn.Module, seed: int = 0) -> nn.Module:
 def cka_against_chance(
     base: nn.Module,
     tuned: nn.Module,
-    loader: Iterable,
+    data: Iterable,
+    *,
     random_model: nn.Module | None = None,
     scratch: nn.Module | None = None,
     layers: LayerSpec = "auto",
-    *,
     debiased: bool = True,
-    device: str | torch.device = "auto",
+    device: str | torch.device | None = None,
     seed: int = 0,
     n_boot: int = 1000,
     ci: float = 0.95,
@@ -480,7 +473,7 @@ def cka_against_chance(
     to :func:`randomly_initialised` ``(base, seed)``. Layers are resolved on ``base`` and matched by name.
     Columns: ``layer, cka_base_tuned, ci_low, ci_high, cka_base_random, cka_tuned_scratch, estimator``.
     """
-    dev = resolve_device(device)
+    dev = model_device(base) if device is None else resolve_device(device)
     names = resolve_layers(base, layers)
     rand = random_model if random_model is not None else randomly_initialised(base, seed)
     models = [base, tuned, rand] + ([scratch] if scratch is not None else [])
@@ -492,7 +485,9 @@ def cka_against_chance(
         for metric, (i, j) in zip(metrics, jobs, strict=False):
             metric.update_grams(g[i], g[j])
 
-    gram_pass(models, lists, loader, dev, sink)
+    with ExitStack() as stack:
+        used = [stack.enter_context(borrowed(m, dev)) for m in models]
+        gram_pass(used, lists, data, dev, sink)
     d_bt = metrics[0].bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed).set_index("layer_a")
     ab_br = metrics[1].compute()
     ab_ts = metrics[2].compute() if scratch is not None else None
@@ -507,5 +502,4 @@ def cka_against_chance(
             "estimator": metrics[0].estimator,
         }
     )
-    df.attrs = dict(d_bt.attrs, random_seed=seed, scratch=scratch is not None)
     return df

@@ -229,7 +229,7 @@ def bench_pair(
             torch.utils.data.TensorDataset(torch.cat([x for x, _ in sub]), torch.cat([y for _, y in sub])),
             batch_size=bs,
         )
-        ours_in = cka_matrix(a, b, sub, inplace, inplace, device=device, n_examples=0).ab
+        ours_in = cka_matrix(a, b, sub, layers=inplace, device=device, n_examples=0).ab
         theirs_in, na, nb = _torch_cka(a, b, inplace, inplace, sub_loader, device)
         diag = {
             f"{x}": {"tunelens": float(ours_in.loc[x, x]), "torch_cka": float(theirs_in[na.index(x), nb.index(x)])}
@@ -325,7 +325,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     threads = set_threads(args.threads or None)
     try:
-
         cka_ok = True
     except Exception as e:
         print(f"torch-cka not importable ({e}); skipping that comparison (pip install torch-cka)")

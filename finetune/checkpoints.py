@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelens.core.files import atomic_replace, atomic_write_bytes, atomic_write_text, sha256_file, versions
+from tunelens.core.files import (
+    CheckpointError,
+    atomic_replace,
+    atomic_write_bytes,
+    atomic_write_text,
+    sha256_file,
+    versions,
+)
 
 __all__ = [
     "CheckpointError",
@@ -29,10 +36,6 @@ __all__ = [
     "sha256_file",
     "versions",
 ]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, corrupt, incomplete or not what was expected."""
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict:

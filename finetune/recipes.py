@@ -96,7 +96,7 @@ def _train_and_save(
 
 def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=print) -> dict[str, dict]:
     """Pretrain + fine-tune per the configuration; return ``{name: manifest}``."""
-    from tunelens.config import code_hash, config_hash
+    from tunelens.core.hashing import code_hash, config_hash
 
     from .strategies import STRATEGIES
 
@@ -112,7 +112,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     )
     manifests: dict[str, dict] = {}
 
-    code = code_hash("tunelens.finetune")
+    code = code_hash("tunelens.finetune") + code_hash("tunelens.core")
     base_key = config_hash("base", arch, seed, src_spec.to_dict(), cfg["pretrain"], code, device)
     base_path = ckdir / "base.safetensors"
     man = _cached(base_path, base_key)

@@ -15,6 +15,7 @@ class Figure:
     title: str
     uri: str  # data: URI
     caption: str = ""
+    source: str | None = None  # the result table it is drawn from (findings citing that table link here)
 
 
 @dataclass

@@ -53,6 +53,22 @@ def _env() -> jinja2.Environment:
     return env
 
 
+def evidence_anchors(sections: list[Section]) -> dict[str, str]:
+    """Where a finding's evidence is on the page. A finding names a result table; it links to the first
+    figure drawn from that table, else the table itself, else a section of that id."""
+    out: dict[str, str] = {}
+    for s in sections:
+        for b in s.blocks:
+            if isinstance(b, Figure) and b.source:
+                out.setdefault(b.source, b.id)
+    for s in sections:
+        for b in s.blocks:
+            if isinstance(b, Table) and b.csv:
+                out.setdefault(b.csv, b.id)
+        out.setdefault(s.id, s.id)
+    return out
+
+
 def render_html(res: Results, title: str = "tunelens report") -> str:
     sections: list[Section] = []
     errors: list[str] = []
@@ -64,12 +80,11 @@ def render_html(res: Results, title: str = "tunelens report") -> str:
             continue
         if sec is not None:
             sections.append(sec)
-    anchors = {s.id for s in sections} | {b.id for s in sections for b in s.blocks}
+    anchors = evidence_anchors(sections)
     findings = []
     for f in res.summary.get("findings", []):
         f = dict(f)
-        if f.get("evidence") not in anchors:
-            f["evidence"] = None
+        f["evidence"] = anchors.get(f.get("evidence") or "")
         findings.append(f)
     return (
         _env()

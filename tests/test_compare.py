@@ -14,7 +14,8 @@ from tunelens.analysis.attribution_study import (
     change_index,
     collect_images,
 )
-from tunelens.analysis.compare import (
+from tunelens.analysis.faithfulness import deletion_insertion, gaussian_blur
+from tunelens.analysis.map_metrics import (
     SIMILARITIES,
     compare_maps,
     pointing_game,
@@ -26,7 +27,6 @@ from tunelens.analysis.compare import (
     to_maps,
     topk_intersection,
 )
-from tunelens.analysis.faithfulness import deletion_insertion, gaussian_blur
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

@@ -57,7 +57,7 @@ def _run(batches_img, batches_feat) -> dict:
         "res_bb": res.bb,
         "res_diag": res.diagonal,
         "acts": res.activations,
-        "attrs": dict(res.ab.attrs),
+        "attrs": {"n_samples": res.n_samples, "skipped_samples": res.skipped_samples},
     }
 
 

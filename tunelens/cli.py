@@ -78,6 +78,22 @@ def _config(args) -> dict:
     return cfg
 
 
+def _failed_status(out: Path) -> int:
+    """1 when an analysis step failed (the report lists it; everything else was written), else 0."""
+    try:
+        failed = json.loads((out / "results" / "summary.json").read_text()).get("failed", {})
+    except (OSError, ValueError):
+        return 0
+    if failed:
+        print(
+            f"tunelens: {len(failed)} analysis step(s) failed ({', '.join(failed)}); the report lists them with "
+            "their errors and holds everything that succeeded",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
@@ -107,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 pipeline.stage_finetune(cfg, out, progress=progress, log=log)
             elif args.cmd == "analyze":
                 pipeline.stage_analyze(cfg, out, progress=progress, log=log, force=args.force)
+                return _failed_status(out)
             elif args.cmd == "report":
                 if runtime.is_main():
                     path = pipeline.stage_report(out, log=log)
@@ -116,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 if runtime.is_main():
                     print(f"[run] finished in {time.perf_counter() - t0:.1f}s")
                     print(f"report: {path.resolve()}")
+                return _failed_status(out)
         return 0
     except UsageError as e:
         print(f"tunelens: error: {e}", file=sys.stderr)

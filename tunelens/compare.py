@@ -112,6 +112,7 @@ class Plan:
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
     base_description: str = ""
     progress: bool = True
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def _one_line(e: BaseException | str) -> str:
@@ -402,35 +403,12 @@ def _minimal_results(plan: Plan, tuned_ok: list[str], why: str):
         res.tables["accuracy"] = pd.DataFrame(
             columns=["model", "acc", "loss", "n", "role", "strategy", "train_seconds"]
         )
-    for name in ("weights", "functional", "cka", "attribution"):
-        res.summary["skipped"][name] = why
+    from tunelens.analysis.registry import registered
+
+    for a in registered():
+        if a.compares_models:
+            res.summary["skipped"][a.name] = why
     return res
-
-
-def _backbone_only_cka(res, head: str) -> None:
-    """Heads of different tasks (1000 ImageNet logits vs your classes): CKA compares the backbones only.
-
-    Drops the head layer from the CKA tables and re-derives the CKA finding from the rest
-    (a no-op when the analyses already left the head out)."""
-    from tunelens.analysis import findings as F
-
-    t = res.tables
-    for name in ("cka_diagonal", "cka_chance"):
-        df = t.get(name)
-        if df is not None and "layer" in df:
-            t[name] = df[df["layer"] != head].reset_index(drop=True)
-    for name in ("cka_base_tuned", "cka_base_base", "cka_tuned_tuned"):
-        df = t.get(name)
-        if df is not None and "layer" in df:
-            t[name] = df[df["layer"] != head].drop(columns=[head], errors="ignore").reset_index(drop=True)
-    if t.get("strategies") is not None:
-        t["strategies"] = t["strategies"].drop(columns=[f"cka_{head}"], errors="ignore")
-    chance = t.get("cka_chance")
-    found = res.summary.get("findings", [])
-    if chance is not None and len(chance) and any(f.get("id") == "cka" for f in found):
-        primary = str(chance["model"].iloc[0]) if "model" in chance else res.summary.get("primary")
-        new = [f.to_dict() for f in F.similarity_findings(chance, primary)]
-        res.summary["findings"] = [f for f in found if f.get("id") != "cka"] + new
 
 
 def execute(plan: Plan, log=print) -> Path:
@@ -439,6 +417,7 @@ def execute(plan: Plan, log=print) -> Path:
     from tunelens.config import config_hash
     from tunelens.core import runtime
     from tunelens.core.files import versions
+    from tunelens.pipeline import random_like
     from tunelens.reports.render import render_report
 
     t0 = time.perf_counter()
@@ -461,7 +440,7 @@ def execute(plan: Plan, log=print) -> Path:
                 f"The weights of {'the base model' if name == 'base' else name} contain NaN or "
                 f"infinite values in {len(keys)} tensor(s): {shown}. The model is broken ({consequence}); check the "
                 "training run that wrote it (a diverged loss, a bad learning rate, mixed precision overflow).",
-                "overview",
+                "accuracy",
                 score=50,
                 kind="result",
                 uncertainty="exact (read from the weights)",
@@ -486,13 +465,21 @@ def execute(plan: Plan, log=print) -> Path:
             f"{len(plan.test)} test images ({plan.device})"
         )
         with runtime.no_tf32():
-            res = analyze_models(models, mans, data, plan.cfg, device=plan.device, log=log, progress=plan.progress)
+            res = analyze_models(
+                models,
+                mans,
+                data,
+                plan.cfg["analysis"],
+                device=plan.device,
+                seed=plan.cfg["seed"],
+                log=log,
+                progress=plan.progress,
+                random_like=random_like(plan.manifests["base"]),
+            )
     t_an = time.perf_counter() - t0
-    head = plan.manifests["base"].get("head")
-    if head and any(plan.manifests[n]["num_classes"] != plan.manifests["base"]["num_classes"] for n in tuned_ok):
-        _backbone_only_cka(res, head)
 
     s = res.summary
+    plan.failed = dict(s.get("failed", {}))
     skipped = s.setdefault("skipped", {})
     skipped.update(skipped_extra)
     skipped.setdefault(
@@ -507,7 +494,7 @@ def execute(plan: Plan, log=print) -> Path:
         )
     findings = list(s.get("findings", [])) + extra_findings
     for i, note in enumerate(plan.notes):
-        findings.append(_finding(f"compare_note_{i}", note, "overview", score=0.5))
+        findings.append(_finding(f"compare_note_{i}", note, "accuracy", score=0.5))
     s["findings"] = sorted(findings, key=lambda f: -(f.get("score") or 0))
     s["notes"] = list(plan.notes)
     s["nonfinite"] = {n: k for n, k in bad.items()}
@@ -559,6 +546,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     path = execute(plan)
     print(f"report: {path.resolve()}")
+    if plan.failed:
+        print(
+            f"tunelens: {len(plan.failed)} analysis step(s) failed ({', '.join(plan.failed)}); the report lists "
+            "them with their errors and holds everything that succeeded",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

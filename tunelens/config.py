@@ -7,9 +7,11 @@ Override with ``--config FILE.json`` (a partial dict merged over the defaults) o
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from typing import Any
+
+from tunelens.analysis.registry import analysis_defaults
+from tunelens.core.hashing import code_hash, config_hash
 
 __all__ = ["DEFAULT_CONFIG", "QUICK_OVERRIDES", "code_hash", "config_hash", "make_config", "merge", "set_dotted"]
 
@@ -53,15 +55,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "lp_ft": {"lr": 0.005, "lp_epochs": 10, "lp_lr": 0.1},
         "scratch": {"lr": 0.05, "warmup_epochs": 1},
     },
-    "analysis": {
-        "primary": "full",
-        "batch_size": 64,
-        "cka": True,
-        "attribution": True,
-        "attribution_images": 48,
-        "functional": True,
-        "interpolation_steps": 11,
-    },
+    # the analysis section: shared keys, one switch per optional analysis and each analysis's own
+    # settings, from the registry (tunelens.analysis.registry.analysis_defaults)
+    "analysis": analysis_defaults(),
 }
 
 QUICK_OVERRIDES: dict[str, Any] = {
@@ -114,22 +110,3 @@ def make_config(overrides: dict | None = None, quick: bool = False, sets: list[s
     for s in sets or []:
         set_dotted(cfg, s)
     return cfg
-
-
-def config_hash(*parts: Any) -> str:
-    """A short, stable hash of JSON-serialisable parts (the stage cache key)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def code_hash(package: str) -> str:
-    """Hash of a package's Python sources: a code change invalidates the cached stage that ran it."""
-    import importlib
-    from pathlib import Path
-
-    root = Path(importlib.import_module(package).__file__).parent
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")) + sorted(root.rglob("*.j2")):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]

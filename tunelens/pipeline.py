@@ -19,6 +19,21 @@ from tunelens.core.files import versions
 from tunelens.finetune.data import make_shapes
 from tunelens.finetune.recipes import data_spec, load_run_models, run_finetune_stage
 
+
+def random_like(manifest: dict):
+    """A builder of the base architecture with fresh random weights, initialised the way the architecture
+    initialises itself (the random-weights baseline of CKA); None when tunelens cannot build it."""
+    from tunelens.finetune.models import build_model
+
+    def build(seed: int):
+        try:
+            return build_model(manifest["arch"], int(manifest["num_classes"]), seed=seed)
+        except Exception:  # a factory that cannot be rebuilt: the analysis resets the parameters instead
+            return None
+
+    return build
+
+
 __all__ = ["run_all", "stage_analyze", "stage_finetune", "stage_report"]
 
 
@@ -40,7 +55,7 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
         cfg["analysis"],
         cfg["seed"],
         {n: e["sha256"] for n, e in sorted(index.items())},
-        code_hash("tunelens.analysis"),
+        code_hash("tunelens.analysis") + code_hash("tunelens.core"),
     )
     if not force and (res_dir / "summary.json").exists():
         try:
@@ -66,7 +81,17 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with runtime.no_tf32():
-        res = analyze_models(models, mans, data, cfg, device=device, log=log, progress=progress)
+        res = analyze_models(
+            models,
+            mans,
+            data,
+            cfg["analysis"],
+            device=device,
+            seed=cfg["seed"],
+            log=log,
+            progress=progress,
+            random_like=random_like(mans["base"]),
+        )
     res.summary.update(
         key=key,
         config=cfg,

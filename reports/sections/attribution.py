@@ -45,6 +45,9 @@ def _grid(ex: dict, classes: list[str], method: str) -> str:
     return fg.fig_to_uri(fig, "png")
 
 
+ORDER = 30
+
+
 def build(res: Results) -> Section | None:
     summ = res.table("attribution_summary")
     if summ is None or summ.empty:
@@ -116,6 +119,7 @@ def build(res: Results) -> Section | None:
                 "Share of positive attribution inside the object",
                 fg.bar_chart(long, "method", "mass", hue="model", ylabel="relevance mass in mask"),
                 "Relevance mass (Arras et al. 2022) before and after fine-tuning.",
+                source="attribution_localisation",
             )
         )
         sec.blocks.append(

@@ -9,6 +9,8 @@ from tunelens.core.results import Results
 from .. import figures as fg
 from ..model import Figure, Section, Table
 
+ORDER = 40
+
 
 def build(res: Results) -> Section | None:
     rw = res.table("rewind")
@@ -48,6 +50,7 @@ def build(res: Results) -> Section | None:
                 "Rewind: accuracy lost when one stage returns to its pretrained weights",
                 fg.bar_chart(d, "group", "acc_drop_points", hue="model", order=order, ylabel="accuracy drop (points)"),
                 "all_but_head = the pretrained backbone under the tuned head.",
+                source="rewind",
             )
         )
         sec.blocks.append(Table("tbl-rewind", "Rewind results", rw, csv="rewind"))
@@ -75,6 +78,7 @@ def build(res: Results) -> Section | None:
                 "Loss and accuracy between the pretrained and tuned weights",
                 fg.fig_to_uri(fig),
                 cap,
+                source="interpolation",
             )
         )
         sec.blocks.append(Table("tbl-interpolation", "Interpolation path", it, csv="interpolation"))
@@ -87,6 +91,7 @@ def build(res: Results) -> Section | None:
                 fg.line_chart(pr, "layer", "test_acc", hue="model", xorder=order, ylabel="probe test accuracy"),
                 "Each point is a logistic-regression probe on that layer's globally pooled, "
                 "standardised features; chance is " + f"{pr['chance'].iloc[0]:.3f}.",
+                source="probes",
             )
         )
         sec.blocks.append(Table("tbl-probes", "Probe accuracy per layer", pr, csv="probes"))

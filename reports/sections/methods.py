@@ -10,6 +10,8 @@ from tunelens.core.results import Results
 
 from ..model import Section, Table
 
+ORDER = 100
+
 
 def build(res: Results) -> Section:
     s = res.summary

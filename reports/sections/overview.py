@@ -9,6 +9,8 @@ from tunelens.core.results import Results
 from .. import figures as fg
 from ..model import Figure, Section, Table
 
+ORDER = 0
+
 
 def build(res: Results) -> Section | None:
     s = res.summary

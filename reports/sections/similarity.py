@@ -15,6 +15,9 @@ def _matrix(df):
     return df.set_index("layer").drop(columns=["estimator"], errors="ignore")
 
 
+ORDER = 20
+
+
 def build(res: Results) -> Section | None:
     ab = res.table("cka_base_tuned")
     if ab is None:
@@ -74,6 +77,7 @@ def build(res: Results) -> Section | None:
                 fg.fig_to_uri(fig),
                 "CKA between untrained networks is already high at the stem and falls with depth, so "
                 "the tuned model is read against the same architecture with random weights.",
+                source="cka_chance",
             )
         )
         sec.blocks.append(Table("tbl-cka-chance", "Per-layer CKA with baselines", ch, csv="cka_chance"))
@@ -108,9 +112,7 @@ def build(res: Results) -> Section | None:
         sec.blocks.append(Table("tbl-activations", "Activation statistics", act, csv="activations"))
     fm = res.arrays.get("feature_maps")
     if fm is not None and "images" in fm:
-        for layer in ("layer1", "layer4"):
-            if f"{layer}_base" not in fm:
-                continue
+        for layer in [k[: -len("_base")] for k in fm if k.endswith("_base")]:
             a, b, chs = fm[f"{layer}_base"], fm[f"{layer}_tuned"], fm[f"{layer}_channels"]
             n, k = a.shape[0], a.shape[1]
             rows, labels = [], []

@@ -7,6 +7,8 @@ from tunelens.core.results import Results
 from .. import figures as fg
 from ..model import Figure, Section, Table
 
+ORDER = 10
+
 
 def build(res: Results) -> Section | None:
     wd = res.table("weight_deltas")
@@ -61,6 +63,7 @@ def build(res: Results) -> Section | None:
                 ),
                 "Stage aggregate: the norm of all of a stage's weight changes over the norm of its pretrained weights "
                 "(BatchNorm running statistics excluded).",
+                source="weight_stages",
             )
         )
         sec.blocks.append(Table("tbl-weight-stages", "Per-stage aggregate", st, csv="weight_stages"))

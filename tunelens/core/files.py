@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "CheckpointError",
     "atomic_replace",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -19,6 +20,10 @@ __all__ = [
     "versions",
     "write_folder_atomically",
 ]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt, incomplete or not what was expected."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:

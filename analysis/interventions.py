@@ -1,6 +1,6 @@
-"""Do the changes matter? Rewinding parts of a fine-tuned model, and the straight path from base to tuned.
+"""Weight-space interventions: rewinding parts of a fine-tuned model, and the straight path from base to tuned.
 
-Both tests edit *weights* and measure the target task with :func:`finetune.train.evaluate`
+Both tests edit *weights* and measure the target task with :func:`tunelens.core.evaluation.evaluate`
 (correct counts and summed losses, all-reduced across ranks, so the numbers are right
 under ``torch.distributed``). They work on copies: the caller's models never change.
 
@@ -19,7 +19,7 @@ under ``torch.distributed``). They work on copies: the caller's models never cha
 
 "Shared" entries are the state-dict entries (parameters *and* buffers, so BatchNorm
 running statistics go with their layer) present in both models with equal shapes,
-outside the tuned model's head (:func:`finetune.models.head_name`). The replaced head is
+outside the tuned model's head (:func:`tunelens.core.naming.head_name`). The replaced head is
 never rewound or interpolated: ``theta_base`` means the base backbone with the *tuned*
 head.
 """
@@ -30,6 +30,8 @@ import copy
 import itertools
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +45,8 @@ from tunelens.core.runtime import all_reduce_sum, no_tf32, resolve_device, world
 from .layers import stage_of
 
 __all__ = [
+    "InterpolationResult",
+    "RewindResult",
     "interpolate",
     "interpolated_state",
     "loss_barrier",
@@ -53,6 +57,42 @@ __all__ = [
 ]
 
 GroupSpec = str | Sequence[str] | Mapping[str, str | Sequence[str]]
+
+
+@dataclass(frozen=True)
+class RewindResult:
+    """:func:`rewind`'s answer: the ``table`` (one row per group), the state entries outside the head that
+    could not be rewound because their shapes differ (``skipped``), and the device it ran on."""
+
+    table: pd.DataFrame
+    skipped: tuple[str, ...] = ()
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class InterpolationResult:
+    """:func:`interpolate`'s answer: the ``table`` (one row per alpha) and what was measured along the path.
+
+    ``barrier``: max excess loss (:func:`loss_barrier`); ``barrier_alpha``: where it is reached (an endpoint
+    when it is 0); ``bn``, ``bn_batches``, ``bn_samples``, ``bn_source``: how BatchNorm statistics were
+    handled; ``n_shared``: state entries interpolated; ``endpoints``: ``{"base": {acc, loss}, "tuned": ...}``
+    with the models' own statistics."""
+
+    table: pd.DataFrame
+    barrier: float
+    barrier_alpha: float
+    bn: str
+    bn_batches: int
+    bn_samples: int
+    bn_source: str | None
+    n_shared: int
+    endpoints: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the table, as plain values (for a JSON summary)."""
+        d = asdict(self)
+        d.pop("table")
+        return d
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -130,7 +170,7 @@ def rewind(
     loader: Iterable,
     groups: GroupSpec = "stages",
     device: torch.device | str | None = None,
-) -> pd.DataFrame:
+) -> RewindResult:
     """Target accuracy and loss of ``tuned`` with each parameter group set back to ``base``.
 
     ``groups``: ``"stages"`` (the stem ``conv1``+``bn1``, ``layer1`` .. ``layer4`` for ResNets,
@@ -143,8 +183,7 @@ def rewind(
     (parameter scalars rewound), ``rel_change`` (``||theta_t - theta_b|| / ||theta_b||`` over
     the group's parameters), ``acc``, ``loss``, ``acc_drop = acc(tuned) - acc(rewound)`` and
     ``loss_increase = loss(rewound) - loss(tuned)`` (accuracies are fractions in [0, 1], so
-    drops are fractions too), ``n`` (target samples evaluated). ``attrs``: ``skipped``
-    (entries outside the head not rewound because their shapes differ), ``device``.
+    drops are fractions too), ``n`` (target samples evaluated), in :attr:`RewindResult.table`.
     """
     base, tuned = _unwrap(base), _unwrap(tuned)
     dev = _device_of(tuned, device)
@@ -186,9 +225,8 @@ def rewind(
     df["loss_increase"] = df["loss"] - ref["loss"]
     df = df[["group", "n_tensors", "n_params", "rel_change", "acc", "loss", "acc_drop", "loss_increase", "n"]]
     shared = set(keys)
-    df.attrs["skipped"] = [k for k in tuned.state_dict() if not _under(k, head) and k not in shared]
-    df.attrs["device"] = str(dev)
-    return df
+    skipped = tuple(k for k in tuned.state_dict() if not _under(k, head) and k not in shared)
+    return RewindResult(df.reset_index(drop=True), skipped, str(dev))
 
 
 @torch.no_grad()
@@ -283,7 +321,7 @@ def interpolate(
     train_loader: Iterable | None = None,
     bn_batches: int = 4,
     device: torch.device | str | None = None,
-) -> pd.DataFrame:
+) -> InterpolationResult:
     """Target loss and accuracy along ``theta(alpha) = (1 - alpha) theta_base + alpha theta_tuned``.
 
     ``alpha`` runs over ``steps`` evenly spaced values in [0, 1] (or ``alphas``; 0 and 1 are
@@ -294,12 +332,13 @@ def interpolate(
       :func:`recompute_bn`; interpolated running statistics of a network with interpolated
       weights describe neither. Without ``train_loader`` the evaluation ``loader`` is used
       (with a warning). The endpoints are re-estimated too, so they differ slightly from the
-      models as saved; those values are in ``attrs["endpoints"]``.
+      models as saved; those values are in ``endpoints``.
     * ``"interpolate"``: running statistics are interpolated like the weights; alpha 0 and 1
       reproduce the base backbone (with the tuned head) and the tuned model exactly.
 
     Columns: ``alpha``, ``acc``, ``loss``, ``linear_loss = (1-alpha) L(0) + alpha L(1)``,
-    ``excess_loss = loss - linear_loss``, ``n``, ``bn``. ``attrs``: ``barrier`` (max excess
+    ``excess_loss = loss - linear_loss``, ``n``, ``bn`` (:attr:`InterpolationResult.table`); the result also
+    holds ``barrier`` (max excess
     loss, :func:`loss_barrier`), ``barrier_alpha`` (where it is reached; an endpoint when
     ``B = 0``), ``bn``, ``bn_batches``, ``bn_samples``,
     ``bn_source``, ``endpoints`` (``{"base": {acc, loss}, "tuned": {...}}`` with the models'
@@ -353,14 +392,14 @@ def interpolate(
     df["excess_loss"] = df["loss"] - df["linear_loss"]
     df["bn"] = bn
     df = df[["alpha", "acc", "loss", "linear_loss", "excess_loss", "n", "bn"]]
-    df.attrs.update(
+    return InterpolationResult(
+        table=df,
         barrier=loss_barrier(df),
         barrier_alpha=float(df["alpha"].iloc[int(df["excess_loss"].argmax())]),
         bn=bn,
         bn_batches=len(bn_inputs),
-        bn_samples=n_bn,
+        bn_samples=int(n_bn),
         bn_source=source,
         n_shared=len(keys),
-        endpoints={k: {"acc": v["acc"], "loss": v["loss"]} for k, v in ends.items()},
+        endpoints={k: {"acc": float(v["acc"]), "loss": float(v["loss"])} for k, v in ends.items()},
     )
-    return df

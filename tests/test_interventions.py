@@ -1,4 +1,4 @@
-"""Rewinding, interpolation and linear probes (analysis.functional, analysis.probes)."""
+"""Rewinding, interpolation and linear probes (analysis.interventions, analysis.probes)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tunelens.analysis.probes as probes
-from tunelens.analysis.functional import (
+from tunelens.analysis.interventions import (
     interpolate,
     interpolated_state,
     loss_barrier,
@@ -80,7 +80,7 @@ def test_shared_keys_exclude_head_and_include_bn_buffers(pair):
 def test_rewind_none_and_all_but_head(pair, target):
     base, tuned = pair
     sb, st = copy.deepcopy(base.state_dict()), copy.deepcopy(tuned.state_dict())
-    df = rewind(base, tuned, target[1])
+    df = rewind(base, tuned, target[1]).table
     assert list(df["group"]) == ["none"] + STAGES + ["all_but_head"]
     assert list(df.columns) == [
         "group",
@@ -108,7 +108,7 @@ def test_rewind_none_and_all_but_head(pair, target):
 
 def test_rewind_one_stage_takes_its_bn_statistics(pair, target):
     base, tuned = pair
-    df = rewind(base, tuned, target[1], groups=["layer2", "stem"]).set_index("group")
+    df = rewind(base, tuned, target[1], groups=["layer2", "stem"]).table.set_index("group")
     assert list(df.index) == ["none", "layer2", "stem", "all_but_head"]
     manual = copy.deepcopy(tuned)
     sd = manual.state_dict()
@@ -149,28 +149,30 @@ def test_interpolated_state_endpoints_are_exact(pair):
 def test_interpolate_endpoints_reproduce_both_models(pair, target):
     base, tuned = pair
     st = copy.deepcopy(tuned.state_dict())
-    df = interpolate(base, tuned, target[1], steps=3, bn="interpolate")
+    res = interpolate(base, tuned, target[1], steps=3, bn="interpolate")
+    df = res.table
     assert list(df["alpha"]) == [0.0, 0.5, 1.0]
     assert list(df.columns) == ["alpha", "acc", "loss", "linear_loss", "excess_loss", "n", "bn"]
     e0, e1 = evaluate(_backbone_with_head(base, tuned), target[1]), evaluate(tuned, target[1])
     assert df["acc"].iloc[0] == e0["acc"] and df["loss"].iloc[0] == e0["loss"]
     assert df["acc"].iloc[-1] == e1["acc"] and df["loss"].iloc[-1] == e1["loss"]
     assert df["excess_loss"].iloc[0] == 0 and df["excess_loss"].iloc[-1] == 0
-    assert df.attrs["bn"] == "interpolate" and (df["bn"] == "interpolate").all()
-    assert df.attrs["barrier"] == loss_barrier(df) == df["excess_loss"].max() >= 0
+    assert res.bn == "interpolate" and (df["bn"] == "interpolate").all()
+    assert res.barrier == loss_barrier(df) == df["excess_loss"].max() >= 0
     assert _states_equal(st, tuned.state_dict())
 
 
 def test_interpolate_recompute_bn(pair, target):
     base, tuned = pair
-    df = interpolate(base, tuned, target[1], steps=3, bn="recompute", train_loader=target[0], bn_batches=2)
+    res = interpolate(base, tuned, target[1], steps=3, bn="recompute", train_loader=target[0], bn_batches=2)
     again = interpolate(base, tuned, target[1], steps=3, bn="recompute", train_loader=target[0], bn_batches=2)
-    pd.testing.assert_frame_equal(df, again)
-    assert df.attrs["bn_batches"] == 2 and df.attrs["bn_samples"] == 24 and df.attrs["bn_source"] == "train_loader"
-    ends = df.attrs["endpoints"]
+    df = res.table
+    pd.testing.assert_frame_equal(df, again.table)
+    assert res.bn_batches == 2 and res.bn_samples == 24 and res.bn_source == "train_loader"
+    ends = res.endpoints
     assert ends["tuned"]["loss"] == evaluate(tuned, target[1])["loss"]
     assert ends["base"]["loss"] == evaluate(_backbone_with_head(base, tuned), target[1])["loss"]
-    assert df.attrs["barrier"] == pytest.approx(loss_barrier(df)) and df.attrs["barrier"] >= 0
+    assert res.barrier == pytest.approx(loss_barrier(df)) and res.barrier >= 0
     with pytest.warns(UserWarning, match="train_loader"):
         interpolate(base, tuned, target[1], steps=2, bn="recompute", bn_batches=1)
 

@@ -1,0 +1,143 @@
+"""Evaluation: per-image predictions of every model, accuracy per model, training curves; transfer findings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tunelens.core.evaluation import unpack_batch
+from tunelens.core.results import Results
+
+from .. import findings as F
+from ..registry import Analysis, Context, Output, register
+from ..sharding import batch_offsets, gather_rows
+
+PREDICTIONS = "predictions"
+ACCURACY = "accuracy"
+TRAINING = "training"
+TRAINING_STAGES = "training_stages"
+SAMPLES = "samples"  # array: a few test images (and masks) for the report
+
+
+@torch.inference_mode()
+def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: torch.device) -> pd.DataFrame:
+    """Per model and test image: label, prediction, correctness and the loss (for paired comparisons).
+
+    Under ``torch.distributed`` with a :func:`tunelens.analysis.sharding.shard_loader` loader each rank predicts
+    its batches and the rows of all ranks are gathered (a collective), in single-process order."""
+    frames = []
+    offsets = batch_offsets(loader)
+    for name, model in models.items():
+        was = model.training
+        model.eval()
+        rows = []
+        idx = 0
+        try:
+            for b, batch in enumerate(loader):
+                if offsets is not None:
+                    idx = offsets[b]
+                x, y, _ = unpack_batch(batch)
+                out = model(x.to(device, non_blocking=True)).float()
+                loss = torch.nn.functional.cross_entropy(out, y.to(device, non_blocking=True), reduction="none").cpu()
+                pred = out.argmax(1).cpu()
+                for i in range(len(y)):
+                    rows.append(
+                        {
+                            "model": name,
+                            "index": idx,
+                            "label": int(y[i]),
+                            "pred": int(pred[i]),
+                            "correct": int(pred[i] == y[i]),
+                            "loss": float(loss[i]),
+                        }
+                    )
+                    idx += 1
+        finally:
+            model.train(was)
+        frames.append(gather_rows(rows, sort_by="index"))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def accuracy_table(preds: pd.DataFrame, manifests: dict) -> pd.DataFrame:
+    """Accuracy, mean loss and count per model, with its role, strategy and training time."""
+    acc = (
+        preds.groupby("model", sort=False)
+        .agg(acc=("correct", "mean"), loss=("loss", "mean"), n=("correct", "size"))
+        .reset_index()
+    )
+    acc["role"] = acc["model"].map(lambda n: manifests[n].get("role"))
+    acc["strategy"] = acc["model"].map(lambda n: manifests[n].get("strategy"))
+    acc["train_seconds"] = acc["model"].map(lambda n: manifests[n].get("seconds"))
+    return acc
+
+
+def training_tables(manifests: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training curves (per model, epoch) and per-stage gradient norm / update ratio (long format)."""
+    curves, stages = [], []
+    for name, man in manifests.items():
+        order = man.get("stage_order", [])
+        for rec in man.get("history", []):
+            curves.append({"model": name, **{k: v for k, v in rec.items() if not isinstance(v, dict)}})
+            for s, g in rec.get("grad_norm", {}).items():
+                stages.append(
+                    {
+                        "model": name,
+                        "epoch": rec["epoch"],
+                        "stage": s,
+                        "depth": order.index(s) if s in order else len(order),
+                        "grad_norm": g,
+                        "update_ratio": rec.get("update_ratio", {}).get(s),
+                    }
+                )
+    st = pd.DataFrame(stages)
+    if len(st):
+        st = st.sort_values(["model", "epoch", "depth"], kind="stable").reset_index(drop=True)
+    return pd.DataFrame(curves), st
+
+
+def run(ctx: Context) -> Output:
+    test = ctx.data["test"]
+    sample = [test[i] for i in range(min(8, len(test)))]
+    samples = {
+        "images": torch.stack([b[0] for b in sample]).numpy(),
+        "labels": np.asarray([int(b[1]) for b in sample]),
+    }
+    if sample and len(sample[0]) > 2:
+        samples["masks"] = torch.stack([torch.as_tensor(b[2]) for b in sample]).numpy()
+    models = {n: m for n, m in ctx.models.items() if n != "base"}
+    preds = predictions_table(models, ctx.test_loader, ctx.device)
+    curves, stages = training_tables(dict(ctx.manifests))
+    return Output(
+        tables={
+            PREDICTIONS: preds,
+            ACCURACY: accuracy_table(preds, dict(ctx.manifests)),
+            TRAINING: curves,
+            TRAINING_STAGES: stages,
+        },
+        arrays={SAMPLES: samples},
+    )
+
+
+def findings(res: Results) -> list[F.Finding]:
+    preds = res.table(PREDICTIONS)
+    if preds is None or preds.empty:
+        return []
+    return F.transfer_findings(preds, primary=res.summary.get("primary", "full"))
+
+
+ANALYSIS = register(
+    Analysis(
+        name="evaluation",
+        title="Target accuracy",
+        order=0,
+        tables=(PREDICTIONS, ACCURACY, TRAINING, TRAINING_STAGES),
+        run=run,
+        findings=findings,
+        optional=False,
+        compares_models=False,
+    )
+)

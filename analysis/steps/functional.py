@@ -1,0 +1,82 @@
+"""Which changes matter: rewind each stage to its pretrained weights, interpolate from the pretrained to the
+tuned weights, and fit linear probes per layer on both models (and the scratch control)."""
+
+from __future__ import annotations
+
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from tunelens.core.results import Results
+
+from .. import findings as F
+from ..interventions import interpolate, rewind
+from ..probes import probe_gain, probe_layers
+from ..registry import Analysis, Context, Output, register
+from ..sharding import per_sample_batch_size, shard_loader
+from .weights import WEIGHT_STAGES
+
+REWIND = "rewind"
+INTERPOLATION = "interpolation"
+PROBES = "probes"
+PROBE_GAIN = "probe_gain"
+
+
+def run(ctx: Context) -> Output:
+    data = ctx.data
+    # each rank its block of the batches (smaller batches when there are fewer than ranks: per-sample results)
+    test_loader = shard_loader(data["test"], per_sample_batch_size(len(data["test"]), 256), device=ctx.device)
+    train_loader = shard_loader(data["train"], per_sample_batch_size(len(data["train"]), 64), device=ctx.device)
+    # BatchNorm re-estimation along the interpolation: every rank the same first batches, as one process
+    bn_loader = DataLoader(data["train"], batch_size=64, shuffle=False)
+    rws = []
+    for name in ctx.tuned:
+        r = rewind(ctx.base, ctx.models[name], test_loader, device=ctx.device)
+        r.table.insert(0, "model", name)
+        rws.append(r.table)
+    it = interpolate(
+        ctx.base,
+        ctx.models[ctx.primary],
+        test_loader,
+        steps=int(ctx.settings["interpolation_steps"]),
+        train_loader=bn_loader,
+        device=ctx.device,
+    )
+    table = it.table.copy()
+    table.insert(0, "model", ctx.primary)
+    names = ["base", ctx.primary] + (["scratch"] if "scratch" in ctx.models else [])
+    probes = [probe_layers(ctx.models[n], train_loader, test_loader, name=n, device=ctx.device) for n in names]
+    return Output(
+        tables={
+            REWIND: pd.concat(rws, ignore_index=True),
+            INTERPOLATION: table,
+            PROBES: pd.concat(probes, ignore_index=True),
+            PROBE_GAIN: probe_gain(probes[0], probes[1]),
+        },
+        summary={"interpolation": it.summary()},
+    )
+
+
+def findings(res: Results) -> list[F.Finding]:
+    it = res.table(INTERPOLATION)
+    barrier = res.summary.get("interpolation", {}).get("barrier")
+    return F.functional_findings(
+        res.table(REWIND),
+        it,
+        barrier,
+        res.table(PROBE_GAIN),
+        res.table(WEIGHT_STAGES),
+        res.summary.get("primary", "full"),
+    )
+
+
+ANALYSIS = register(
+    Analysis(
+        name="functional",
+        title="Which changes matter",
+        order=40,
+        tables=(REWIND, INTERPOLATION, PROBES, PROBE_GAIN),
+        run=run,
+        findings=findings,
+        defaults={"interpolation_steps": 11},
+    )
+)

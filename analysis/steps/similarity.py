@@ -1,0 +1,128 @@
+"""CKA between the base and every tuned model (all layer pairs for the primary model), read against a
+random-weights baseline and the from-scratch control; activation statistics and example feature maps."""
+
+from __future__ import annotations
+
+import pandas as pd
+from torch import nn
+
+from tunelens.core.naming import head_name
+from tunelens.core.results import Results
+
+from .. import findings as F
+from ..layers import resolve_layers
+from ..registry import Analysis, Context, Output, register
+from ..similarity import cka_against_chance, cka_matrix, randomly_initialised
+
+CKA_BASE_TUNED = "cka_base_tuned"
+CKA_BASE_BASE = "cka_base_base"
+CKA_TUNED_TUNED = "cka_tuned_tuned"
+CKA_DIAGONAL = "cka_diagonal"
+CKA_CHANCE = "cka_chance"
+ACTIVATIONS = "activations"
+FEATURE_MAPS = "feature_maps"  # array: strongest channels of two stages, both models
+
+
+def _head_shape(model: nn.Module) -> tuple[int, ...] | None:
+    w = getattr(model.get_submodule(head_name(model)), "weight", None)
+    return tuple(w.shape) if w is not None else None
+
+
+def backbone_layers(base: nn.Module, tuned: nn.Module) -> list[str]:
+    """``auto`` layers, without the head when the two heads have different shapes."""
+    layers = resolve_layers(base, "auto")
+    if _head_shape(base) != _head_shape(tuned):
+        hb = head_name(base)
+        layers = [n for n in layers if n != hb and not n.startswith(hb + ".")]
+    return layers
+
+
+def run(ctx: Context) -> Output:
+    base, primary = ctx.base, ctx.primary
+    layers = backbone_layers(base, ctx.models[primary])
+    notes: tuple[str, ...] = ()
+    if layers != resolve_layers(base, "auto"):
+        notes = (
+            "The base and tuned heads differ in shape, so CKA compares the backbones (up to the pooled features); "
+            "the logits layer is left out.",
+        )
+    tables: dict[str, pd.DataFrame] = {}
+    arrays: dict = {}
+    summary: dict = {}
+    diag = []
+    for name in ctx.tuned:
+        r = cka_matrix(
+            base,
+            ctx.models[name],
+            ctx.test_loader,
+            layers=layers,
+            device=ctx.device,
+            seed=ctx.seed,
+            names=("base", name),
+            n_examples=4 if name == primary else 0,
+        )
+        d = r.diagonal.copy()
+        d.insert(0, "model", name)
+        d.insert(1, "layer", d["layer_a"])
+        diag.append(d)
+        if name != primary:
+            continue
+        tables[CKA_BASE_TUNED] = r.ab.reset_index(names="layer")
+        tables[CKA_BASE_BASE] = r.aa.reset_index(names="layer")
+        tables[CKA_TUNED_TUNED] = r.bb.reset_index(names="layer")
+        tables[ACTIVATIONS] = r.activations
+        summary["cka"] = {
+            "estimator": r.estimator,
+            "n_samples": r.n_samples,
+            "skipped_samples": r.skipped_samples,
+            "primary": name,
+        }
+        maps = {}
+        stages = [n for n in layers if n in r.maps_a.maps and n in r.maps_b.maps]
+        if {"layer1", "layer4"} <= set(stages):  # ResNets: an early and the last stage
+            pick = ["layer1", "layer4"]
+        else:
+            pick = [stages[1], stages[-1]] if len(stages) > 2 else stages
+        for layer in pick:
+            ch_a, ma = r.maps_a.strongest(layer, 4)
+            _, mb = r.maps_b.strongest(layer, 4, reference=r.maps_a)
+            maps.update({f"{layer}_base": ma, f"{layer}_tuned": mb, f"{layer}_channels": ch_a})
+        if maps and r.maps_a.images is not None:
+            maps["images"] = r.maps_a.images
+            arrays[FEATURE_MAPS] = maps
+    tables[CKA_DIAGONAL] = pd.concat(diag, ignore_index=True)
+    rand = ctx.random_like(ctx.seed + 7) if ctx.random_like is not None else None
+    if rand is None or set(rand.state_dict()) != set(base.state_dict()):
+        rand = randomly_initialised(base, seed=ctx.seed + 7)
+    chance = cka_against_chance(
+        base,
+        ctx.models[primary],
+        ctx.test_loader,
+        layers=layers,
+        random_model=rand,
+        scratch=ctx.models.get("scratch"),
+        device=ctx.device,
+        seed=ctx.seed,
+    )
+    chance.insert(0, "model", primary)
+    tables[CKA_CHANCE] = chance
+    return Output(tables=tables, arrays=arrays, summary=summary, notes=notes)
+
+
+def findings(res: Results) -> list[F.Finding]:
+    chance = res.table(CKA_CHANCE)
+    if chance is None or chance.empty:
+        return []
+    return F.similarity_findings(chance, res.summary.get("primary", "full"))
+
+
+ANALYSIS = register(
+    Analysis(
+        name="cka",
+        title="Representations (CKA)",
+        order=20,
+        tables=(CKA_BASE_TUNED, CKA_BASE_BASE, CKA_TUNED_TUNED, CKA_DIAGONAL, CKA_CHANCE, ACTIVATIONS),
+        run=run,
+        findings=findings,
+    )
+)

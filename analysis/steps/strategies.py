@@ -1,0 +1,63 @@
+"""The strategies side by side: accuracy, how far each stage moved, CKA per stage, training time."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tunelens.core.results import Results
+
+from .. import findings as F
+from ..registry import Analysis, Context, Output, register
+from .evaluation import ACCURACY
+from .similarity import CKA_DIAGONAL
+from .weights import WEIGHT_STAGES
+
+STRATEGIES = "strategies"
+
+
+def strategies_table(res: Results) -> pd.DataFrame:
+    """One row per fine-tuned model (and the scratch control): accuracy, how far each stage moved, time."""
+    acc = res.tables[ACCURACY].set_index("model")
+    rows = []
+    st = res.table(WEIGHT_STAGES)
+    cka = res.table(CKA_DIAGONAL)
+    for name in acc.index:
+        row = {
+            "model": name,
+            "strategy": acc.loc[name, "strategy"],
+            "test_acc": acc.loc[name, "acc"],
+            "train_seconds": acc.loc[name, "train_seconds"],
+        }
+        if st is not None:
+            for _, r in st[st["model"] == name].iterrows():
+                if r["stage"] != "head":
+                    row[f"rel_change_{r['stage']}"] = r["relative"]
+        if cka is not None and "model" in cka:
+            for _, r in cka[cka["model"] == name].iterrows():
+                row[f"cka_{r['layer']}"] = r["cka"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run(ctx: Context) -> Output:
+    if ctx.results.table(ACCURACY) is None:
+        return Output()
+    return Output(tables={STRATEGIES: strategies_table(ctx.results)})
+
+
+def findings(res: Results) -> list[F.Finding]:
+    return []
+
+
+ANALYSIS = register(
+    Analysis(
+        name="strategies",
+        title="Strategies side by side",
+        order=90,
+        tables=(STRATEGIES,),
+        run=run,
+        findings=findings,
+        optional=False,
+        compares_models=False,
+    )
+)

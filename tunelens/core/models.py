@@ -1,0 +1,48 @@
+"""Using the caller's models without changing them: where a model lives, and borrowing it on a device."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["borrowed", "model_device", "same_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model without either)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` (the current GPU) are the same device; otherwise type and index must match."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    cur = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else cur) == (b.index if b.index is not None else cur)
+
+
+@contextmanager
+def borrowed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The caller's ``model`` for use on ``device``, given back unchanged.
+
+    When it already lives on ``device`` it is used as is and the ``training`` flag of every module is
+    restored on exit (an analysis may switch it to eval mode); otherwise a copy is moved to ``device``,
+    so the caller's model is never moved."""
+    if same_device(model_device(model), device):
+        flags = [m.training for m in model.modules()]
+        try:
+            yield model
+        finally:
+            for m, f in zip(model.modules(), flags, strict=True):
+                m.training = f
+    else:
+        yield copy.deepcopy(model).to(device)
