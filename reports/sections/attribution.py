@@ -72,6 +72,7 @@ def build(res: Results) -> Section | None:
             "Agreement per method, with ceiling, floor and change index",
             summ[[c for c in cols if c in summ]],
             csv="attribution_summary",
+            collapsed=False,
             caption=f"ab/ceiling/floor: mean {summ['similarity'].iloc[0]} over images; floor_top "
             "randomizes only the top stages.",
         )
@@ -114,7 +115,9 @@ def build(res: Results) -> Section | None:
         )
     pc = res.table("attribution_per_class")
     if pc is not None and len(pc):
-        sec.blocks.append(Table("tbl-attr-class", "Per class (bootstrap 95% CIs)", pc, csv="attribution_per_class"))
+        sec.blocks.append(
+            Table("tbl-attr-class", "Per class (bootstrap 95% CIs)", pc, csv="attribution_per_class", collapsed=True)
+        )
     fa = res.table("attribution_faithfulness")
     if fa is not None and len(fa):
         sec.blocks.append(
