@@ -15,11 +15,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.backends.backend_agg import RendererAgg
+from matplotlib.font_manager import FontProperties
 
 plt.rcParams.update({"svg.hashsalt": "tunelens", "figure.dpi": 100, "font.size": 9, "axes.titlesize": 10})
 sns.set_theme(style="whitegrid", context="paper")
 
-__all__ = ["bar_chart", "fig_to_uri", "filter_grid", "heatmap", "image_grid", "line_chart", "to_display"]
+__all__ = [
+    "attribution_grid",
+    "bar_chart",
+    "fig_to_uri",
+    "filter_grid",
+    "heatmap",
+    "image_grid",
+    "line_chart",
+    "to_display",
+]
 
 
 def fig_to_uri(fig: plt.Figure, fmt: str = "svg") -> str:
@@ -193,3 +204,90 @@ def filter_grid(base: np.ndarray, tuned: np.ndarray, delta: np.ndarray, max_filt
                 ax.set_ylabel(lbl, fontsize=7)
     fig.tight_layout()
     return fig_to_uri(fig, "png")
+
+
+def _text_width_in(lines: list[str], fontsize: float, dpi: float = 100.0) -> float:
+    """Width in inches of the widest of ``lines`` at ``fontsize`` (measured with the Agg renderer)."""
+    r = RendererAgg(10, 10, dpi)
+    prop = FontProperties(size=fontsize)
+    return max((r.get_text_width_height_descent(s, prop, ismath=False)[0] for s in lines if s), default=0.0) / dpi
+
+
+def attribution_grid(
+    inputs: list[np.ndarray],
+    base: np.ndarray,
+    tuned: np.ndarray,
+    row_labels: list[str],
+    title: str = "",
+    masks: list[np.ndarray | None] | None = None,
+    col_titles: tuple[str, str, str, str] = ("input", "base", "tuned", "tuned - base"),
+    cell: float = 1.35,
+    fontsize: float = 7.0,
+) -> plt.Figure:
+    """Input, base map, tuned map and their difference per row, on a fixed grid that nothing overlaps.
+
+    Every image panel has the same size; row labels sit in a left margin sized to the widest label;
+    column titles appear once, above the top row; the two colour bars (one shared by the base and tuned
+    maps, symmetric about 0; one for the difference, symmetric about 0) have their own axes below
+    the grid, each under the columns it describes. Positions are computed in inches, so the layout is
+    the same for 1 row or 20.
+    """
+    base, tuned = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
+    n = len(inputs)
+    if n == 0:
+        raise ValueError("attribution_grid needs at least one row")
+    lim = float(max(np.abs(base).max(), np.abs(tuned).max())) or 1.0
+    diff = tuned - base
+    dlim = float(np.abs(diff).max()) or 1.0
+    h, w = np.asarray(inputs[0]).shape[:2]
+    cw, ch = cell, cell * h / w if w else cell
+    gap, rgap = 0.08, 0.1  # between columns, between rows (inches)
+    line = fontsize * 1.25 / 72  # one line of text, inches
+    label_w = _text_width_in([s for lbl in row_labels for s in str(lbl).split("\n")], fontsize) + 0.15
+    left, right = max(0.6, label_w + 0.1), 0.5
+    top = 0.12 + (line * 1.6 + 0.05 if title else 0) + line + 0.06
+    cbar_h, bottom = 0.12, 0.12 + 0.12 + 2 * line + 0.1  # colour bar, then tick labels and the bar's label
+    W = left + 4 * cw + 3 * gap + right
+    H = top + n * ch + (n - 1) * rgap + bottom
+    fig = plt.figure(figsize=(W, H))
+
+    def box(x: float, y_top: float, bw: float, bh: float) -> list[float]:
+        """[left, bottom, width, height] in figure fractions from inches measured from the top left."""
+        return [x / W, 1 - (y_top + bh) / H, bw / W, bh / H]
+
+    grid_bottom = top + n * ch + (n - 1) * rgap
+    im_map = im_diff = None
+    for i in range(n):
+        y = top + i * (ch + rgap)
+        axes = [fig.add_axes(box(left + j * (cw + gap), y, cw, ch)) for j in range(4)]
+        axes[0].imshow(inputs[i], interpolation="nearest", aspect="auto")
+        if masks is not None and masks[i] is not None and np.asarray(masks[i]).any():
+            axes[0].contour(np.asarray(masks[i], dtype=float), levels=[0.5], colors="yellow", linewidths=0.8)
+        kw = {"interpolation": "nearest", "aspect": "auto"}
+        im_map = axes[1].imshow(base[i], cmap="RdBu_r", vmin=-lim, vmax=lim, **kw)
+        axes[2].imshow(tuned[i], cmap="RdBu_r", vmin=-lim, vmax=lim, **kw)
+        im_diff = axes[3].imshow(diff[i], cmap="PuOr_r", vmin=-dlim, vmax=dlim, **kw)
+        for j, ax in enumerate(axes):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col_titles[j], fontsize=fontsize + 1, pad=3)
+        axes[0].text(
+            -0.1 / cw, 0.5, row_labels[i], transform=axes[0].transAxes, ha="right", va="center", fontsize=fontsize
+        )
+    if title:
+        fig.text(left / W, 1 - 0.12 / H, title, ha="left", va="top", fontsize=fontsize + 3, fontweight="bold")
+    y = grid_bottom + 0.12
+    inset = 0.2
+    cax1 = fig.add_axes(box(left + cw + gap + inset, y, 2 * cw + gap - 2 * inset, cbar_h))
+    cax2 = fig.add_axes(box(left + 3 * (cw + gap) + inset, y, cw - 2 * inset, cbar_h))
+    for cax, im, v, label in (
+        (cax1, im_map, lim, "attribution, base and tuned (one shared scale)"),
+        (cax2, im_diff, dlim, "tuned - base"),
+    ):
+        cb = fig.colorbar(im, cax=cax, orientation="horizontal")
+        cb.set_ticks([-v, 0.0, v])
+        cb.set_ticklabels([f"{-v:.2g}", "0", f"{v:.2g}"])
+        cb.ax.tick_params(labelsize=fontsize, length=2, pad=1)
+        cb.set_label(label, fontsize=fontsize, labelpad=2)
+    return fig

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-__all__ = ["Figure", "Section", "Table"]
+__all__ = ["COLLAPSE_ROWS", "Figure", "Section", "Table"]
+
+COLLAPSE_ROWS = 15  # tables longer than this start collapsed unless marked otherwise
 
 
 @dataclass
@@ -26,6 +28,11 @@ class Table:
     csv: str | None = None  # name of the CSV written beside the report
     caption: str = ""
     max_rows: int = 400
+    collapsed: bool | None = None  # None: collapsed when longer than COLLAPSE_ROWS; False for a primary table
+
+    @property
+    def is_collapsed(self) -> bool:
+        return len(self.df) > COLLAPSE_ROWS if self.collapsed is None else self.collapsed
 
 
 @dataclass

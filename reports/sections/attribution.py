@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
-import numpy as np
-
 from tunelens.core.results import Results
 
 from .. import figures as fg
@@ -14,34 +11,23 @@ _SHOW = ("integrated_gradients", "grad_cam", "saliency", "occlusion")
 
 
 def _grid(ex: dict, classes: list[str], method: str) -> str:
-    n = len(ex["kinds"])
-    fig, axes = plt.subplots(n, 4, figsize=(6.4, 1.65 * n), squeeze=False)
-    lim = float(max(np.abs(ex["base"]).max(), np.abs(ex["tuned"]).max())) or 1.0
-    diff = ex["tuned"] - ex["base"]
-    dlim = float(np.abs(diff).max()) or 1.0
-
-    def name(c):
+    def name(c) -> str:
         c = int(c)
         return classes[c] if 0 <= c < len(classes) else str(c)
 
-    for i in range(n):
-        img = fg.to_display(ex["inputs"][i])
-        axes[i][0].imshow(img, interpolation="nearest")
-        if "masks" in ex and np.asarray(ex["masks"][i]).any():
-            axes[i][0].contour(np.asarray(ex["masks"][i], float), levels=[0.5], colors="yellow", linewidths=0.8)
-        axes[i][0].set_ylabel(f"{ex['kinds'][i].replace('_', ' ')}\n{name(ex['labels'][i])}", fontsize=7)
-        im1 = axes[i][1].imshow(ex["base"][i], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        axes[i][2].imshow(ex["tuned"][i], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        im3 = axes[i][3].imshow(diff[i], cmap="PuOr_r", vmin=-dlim, vmax=dlim, interpolation="nearest")
-        axes[i][1].set_title(f"base: pred {name(ex['base_pred'][i])}", fontsize=7)
-        axes[i][2].set_title(f"tuned: pred {name(ex['tuned_pred'][i])}", fontsize=7)
-        axes[i][3].set_title(f"tuned - base (sim {ex['similarity'][i]:.2f})", fontsize=7)
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.colorbar(im1, ax=[axes[j][2] for j in range(n)], shrink=0.6, label="attribution (shared scale)")
-    fig.colorbar(im3, ax=[axes[j][3] for j in range(n)], shrink=0.6, label="difference")
-    fig.suptitle(method, fontsize=9)
+    n = len(ex["kinds"])
+    labels = [
+        f"{ex['kinds'][i].replace('_', ' ')}\n"
+        f"true: {name(ex['labels'][i])}\n"
+        f"base: {name(ex['base_pred'][i])}\n"
+        f"tuned: {name(ex['tuned_pred'][i])}\n"
+        f"similarity {ex['similarity'][i]:.2f}"
+        for i in range(n)
+    ]
+    masks = [ex["masks"][i] for i in range(n)] if "masks" in ex else None
+    fig = fg.attribution_grid(
+        [fg.to_display(ex["inputs"][i]) for i in range(n)], ex["base"], ex["tuned"], labels, title=method, masks=masks
+    )
     return fg.fig_to_uri(fig, "png")
 
 
@@ -89,6 +75,7 @@ def build(res: Results) -> Section | None:
             "Agreement per method, with ceiling, floor and change index",
             summ[[c for c in cols if c in summ]],
             csv="attribution_summary",
+            collapsed=False,
             caption=f"ab/ceiling/floor: mean {summ['similarity'].iloc[0]} over images; floor_top "
             "randomizes only the top stages.",
         )
@@ -132,7 +119,9 @@ def build(res: Results) -> Section | None:
         )
     pc = res.table("attribution_per_class")
     if pc is not None and len(pc):
-        sec.blocks.append(Table("tbl-attr-class", "Per class (bootstrap 95% CIs)", pc, csv="attribution_per_class"))
+        sec.blocks.append(
+            Table("tbl-attr-class", "Per class (bootstrap 95% CIs)", pc, csv="attribution_per_class", collapsed=True)
+        )
     fa = res.table("attribution_faithfulness")
     if fa is not None and len(fa):
         sec.blocks.append(

@@ -36,6 +36,7 @@ def build(res: Results) -> Section | None:
                 "Fine-tuning strategies side by side",
                 stg,
                 csv="strategies",
+                collapsed=False,
                 caption="Target test accuracy, relative weight change per stage (rel_change_*), "
                 "linear CKA to the base per stage (cka_*, when computed) and training time.",
             )

@@ -24,17 +24,32 @@ def build(res: Results) -> Section:
     ck = s.get("checkpoints", {})
     if ck:
         sec.blocks.append(
-            Table("tbl-checkpoints", "Checkpoints", pd.DataFrame([{"model": k, **v} for k, v in ck.items()]))
+            Table(
+                "tbl-checkpoints",
+                "Checkpoints",
+                pd.DataFrame([{"model": k, **v} for k, v in ck.items()]),
+                collapsed=True,
+            )
         )
     tm = s.get("timings", {})
     if tm:
         sec.blocks.append(
-            Table("tbl-timings", "Timings (seconds)", pd.DataFrame([{"stage": k, "seconds": v} for k, v in tm.items()]))
+            Table(
+                "tbl-timings",
+                "Timings (seconds)",
+                pd.DataFrame([{"stage": k, "seconds": v} for k, v in tm.items()]),
+                collapsed=True,
+            )
         )
     ver = s.get("versions", {})
     if ver:
         sec.blocks.append(
-            Table("tbl-versions", "Versions", pd.DataFrame([{"package": k, "version": v} for k, v in ver.items()]))
+            Table(
+                "tbl-versions",
+                "Versions",
+                pd.DataFrame([{"package": k, "version": v} for k, v in ver.items()]),
+                collapsed=True,
+            )
         )
     if "config" in s:
         sec.code.append(("Configuration", json.dumps(s["config"], indent=2, sort_keys=True)))

@@ -48,6 +48,7 @@ def build(res: Results) -> Section | None:
                 "Target test accuracy per model",
                 acc,
                 csv="accuracy",
+                collapsed=False,
                 caption="base is the pretrained model (source task); each tuned model starts from it "
                 "with the named strategy; scratch is the same network trained from random "
                 "initialisation with the fine-tuning budget.",
@@ -130,6 +131,7 @@ def build(res: Results) -> Section | None:
                     "Gradient norm and update ratio per stage and epoch",
                     ts,
                     csv="training_stages",
+                    collapsed=True,
                 )
             )
     return sec

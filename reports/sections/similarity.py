@@ -109,7 +109,7 @@ def build(res: Results) -> Section | None:
                 "Share of exactly-zero values (after ReLU) in each captured output.",
             )
         )
-        sec.blocks.append(Table("tbl-activations", "Activation statistics", act, csv="activations"))
+        sec.blocks.append(Table("tbl-activations", "Activation statistics", act, csv="activations", collapsed=True))
     fm = res.arrays.get("feature_maps")
     if fm is not None and "images" in fm:
         for layer in [k[: -len("_base")] for k in fm if k.endswith("_base")]:

@@ -80,6 +80,13 @@ def build(res: Results) -> Section | None:
             )
         )
     sec.blocks.append(
-        Table("tbl-weight-deltas", "Every tensor", wd, csv="weight_deltas", caption="Click a column header to sort.")
+        Table(
+            "tbl-weight-deltas",
+            "Every tensor",
+            wd,
+            csv="weight_deltas",
+            caption="Click a column header to sort.",
+            collapsed=True,
+        )
     )
     return sec
