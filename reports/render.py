@@ -86,7 +86,8 @@ def render_html(res: Results, title: str = "tunelens report") -> str:
 
 
 def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str = "tunelens report") -> Path:
-    """Write ``out_dir/index.html`` and ``out_dir/tables/*.csv``; return the HTML path."""
+    """Write ``out_dir/index.html`` and ``out_dir/tables/*.csv``; return the HTML path (absolute, through the
+    ``out_dir`` link: the path stays valid when the report is rendered again)."""
     res = Results.load(results_dir)
     page = render_html(res, title=title)
 
@@ -97,4 +98,4 @@ def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, ti
         (tmp / "index.html").write_text(page, encoding="utf-8")
 
     out_dir = write_folder_atomically(out_dir, fill)
-    return out_dir / "index.html"
+    return out_dir.parent.resolve() / out_dir.name / "index.html"

@@ -110,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             elif args.cmd == "report":
                 if runtime.is_main():
                     path = pipeline.stage_report(out, log=log)
-                    print(f"report: {path.resolve()}")
+                    print(f"report: {path}")
             else:
                 path = pipeline.run_all(cfg, out, progress=progress, log=log)
                 if runtime.is_main():
                     print(f"[run] finished in {time.perf_counter() - t0:.1f}s")
-                    print(f"report: {path.resolve()}")
+                    print(f"report: {path}")
         return 0
     except UsageError as e:
         print(f"tunelens: error: {e}", file=sys.stderr)

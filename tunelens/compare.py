@@ -558,7 +558,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
         return 2
     path = execute(plan)
-    print(f"report: {path.resolve()}")
+    print(f"report: {path}")
     return 0
 
 
