@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"tunelens: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        from tunelens.finetune.checkpoints import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"tunelens: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

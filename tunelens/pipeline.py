@@ -17,7 +17,7 @@ from tunelens.config import code_hash, config_hash
 from tunelens.core import runtime
 from tunelens.core.files import versions
 from tunelens.finetune.data import make_shapes
-from tunelens.finetune.recipes import data_spec, load_run_models, run_finetune_stage
+from tunelens.finetune.recipes import data_spec, load_run_models, read_run_index, run_finetune_stage
 
 __all__ = ["run_all", "stage_analyze", "stage_finetune", "stage_report"]
 
@@ -34,7 +34,7 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     ck_index = out / "checkpoints" / "manifest.json"
     if not ck_index.exists():
         raise FileNotFoundError(f"{ck_index} not found: run `tunelens finetune --out {out}` first")
-    index = json.loads(ck_index.read_text())["checkpoints"]
+    index = read_run_index(out / "checkpoints")
     key = config_hash(
         "analysis",
         cfg["analysis"],
