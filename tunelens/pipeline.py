@@ -105,12 +105,34 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     return res_dir
 
 
+REPORT_STAMP = ".tunelens-report.json"
+
+
 def stage_report(out: Path, log=print) -> Path:
+    """Render OUT/results into OUT/report, unless the report already shows these results with this code.
+
+    The report folder records the results' key (summary.json "key") and the code hash of
+    ``tunelens.reports`` in ``.tunelens-report.json``; when both match, the report is kept.
+    """
     from tunelens.reports.render import render_report
 
     out = Path(out)
     t0 = time.perf_counter()
-    path = render_report(out / "results", out / "report")
+    stamp = None
+    try:
+        key = json.loads((out / "results" / "summary.json").read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        key = None  # rendering reports the problem
+    if key:
+        stamp = {"results_key": key, "code": code_hash("tunelens.reports")}
+        report = out / "report"
+        try:
+            if (report / "index.html").is_file() and json.loads((report / REPORT_STAMP).read_text()) == stamp:
+                log("[report] unchanged, kept")
+                return out.resolve() / "report" / "index.html"
+        except (OSError, ValueError):
+            pass
+    path = render_report(out / "results", out / "report", stamp={REPORT_STAMP: stamp} if stamp else None)
     log(f"[report] rendered in {time.perf_counter() - t0:.1f}s")
     return path
 
