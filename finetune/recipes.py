@@ -25,7 +25,7 @@ from .data import ShapesSpec, make_shapes
 from .models import build_model, replace_head
 from .train import TrainConfig, train
 
-__all__ = ["data_spec", "load_run_models", "run_finetune_stage"]
+__all__ = ["data_spec", "load_run_models", "read_run_index", "run_finetune_stage"]
 
 
 def data_spec(cfg: dict, task: str) -> ShapesSpec:
@@ -44,8 +44,17 @@ def _cached(path: Path, key: str) -> dict | None:
 
 
 def _train_and_save(
-    name: str, model: torch.nn.Module, data: dict, tcfg: TrainConfig, path: Path, meta: dict, progress: bool
+    name: str,
+    model: torch.nn.Module,
+    data: dict,
+    tcfg: TrainConfig,
+    path: Path,
+    meta: dict,
+    progress: bool,
+    log=print,
 ) -> dict:
+    # a resume file continues only the training it was written for: the same configuration, the same parent
+    parent = meta.get("parent") or {}
     res = train(
         model,
         data["train"],
@@ -54,6 +63,8 @@ def _train_and_save(
         resume_path=path.with_suffix(".resume.pt"),
         desc=f"{name:>12}",
         progress=progress,
+        resume_key={"config_hash": meta["config_hash"], "parent_sha256": parent.get("sha256")},
+        log=log,
     )
     device = runtime.resolve_device(tcfg.device)
     metrics = {}
@@ -130,7 +141,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
             "seed": seed,
             "config_hash": base_key,
         }
-        man = _train_and_save("pretrain", model, src, tcfg, base_path, meta, progress)
+        man = _train_and_save("pretrain", model, src, tcfg, base_path, meta, progress, log=log)
         log(f"[finetune] pretrained base in {man['seconds']:.1f}s: source test acc {man['metrics']['test_acc']:.3f}")
     else:
         log("[finetune] base unchanged, kept")
@@ -167,7 +178,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
                 "config_hash": key,
                 "parent": None if strat == "scratch" else {"name": "base", "sha256": man["sha256"]},
             }
-            got = _train_and_save(strat, model, tgt, tcfg, path, meta, progress)
+            got = _train_and_save(strat, model, tgt, tcfg, path, meta, progress, log=log)
             log(f"[finetune] {strat} in {got['seconds']:.1f}s: target test acc {got['metrics']['test_acc']:.3f}")
         else:
             log(f"[finetune] {strat} unchanged, kept")
@@ -196,12 +207,48 @@ def load_run_models(
     idx_path = ckdir / "manifest.json"
     if not idx_path.exists():
         raise FileNotFoundError(f"{idx_path} not found: run `tunelens finetune` first (or `tunelens run`)")
-    index = json.loads(idx_path.read_text())["checkpoints"]
+    index = read_run_index(ckdir)
+    rerun = f"rerun `tunelens finetune --out {ckdir.parent}`"
     models, mans = {}, {}
     for name, entry in index.items():
         sd, man = load_checkpoint(ckdir / entry["file"])
+        if man.get("sha256") != entry.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint {ckdir / entry['file']} is not the one the run index {idx_path} lists (a later run "
+                f"replaced it and was interrupted): {rerun}"
+            )
         model = build_model(man["arch"], man["num_classes"])
         model.load_state_dict(sd)
         models[name] = model.to(device).eval()
         mans[name] = man
+    for name, man in mans.items():
+        parent = man.get("parent")
+        if not parent:
+            continue
+        base = mans.get(parent.get("name"))
+        if base is None or base.get("sha256") != parent.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint {name} was tuned from a different {parent.get('name')!r} (sha256 "
+                f"{str(parent.get('sha256'))[:12]}) than the one in {ckdir} "
+                f"({str(base.get('sha256') if base else None)[:12]}): comparing them would mix runs; {rerun}"
+            )
     return models, mans
+
+
+def read_run_index(ckdir: str | Path) -> dict[str, dict]:
+    """The run index ``ckdir/manifest.json`` as ``{name: entry}``; CheckpointError when it is unreadable."""
+    idx_path = Path(ckdir) / "manifest.json"
+    if not idx_path.exists():
+        raise FileNotFoundError(f"{idx_path} not found: run `tunelens finetune` first (or `tunelens run`)")
+    try:
+        index = json.loads(idx_path.read_text())["checkpoints"]
+        if not isinstance(index, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and "sha256" in e for e in index.values()
+        ):
+            raise TypeError("entries without file and sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"the run index {idx_path} is corrupt ({type(e).__name__}: {e}); "
+            f"rerun `tunelens finetune --out {Path(ckdir).parent}` to rewrite it"
+        ) from None
+    return index

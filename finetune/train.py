@@ -145,6 +145,25 @@ def _phases(cfg: TrainConfig) -> list[tuple[str, int, float]]:
     return [(cfg.strategy, cfg.epochs, cfg.lr)]
 
 
+def _read_resume(path: Path, key: dict, name: str, log) -> dict | None:
+    """The resume state in ``path`` when it was written for ``key``; else None (and the file is deleted)."""
+    log = log or (print if runtime.is_main() else (lambda *a, **k: None))
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        why = (
+            None if st.get("key") == key else "the configuration or the parent checkpoint changed since it was written"
+        )
+    except Exception as e:  # a torn or foreign file: not a state to continue from
+        st, why = None, f"it cannot be read ({type(e).__name__})"
+    if why is None:
+        return st
+    log(f"[{name}] ignoring the resume file {path.name}: {why}; training from scratch")
+    runtime.barrier()  # every rank has read it before rank 0 deletes it
+    if runtime.is_main():
+        path.unlink(missing_ok=True)
+    return None
+
+
 def train(
     model: nn.Module,
     train_set: Dataset,
@@ -153,12 +172,18 @@ def train(
     resume_path: str | os.PathLike | None = None,
     desc: str = "train",
     progress: bool = True,
+    resume_key: dict | None = None,
+    log=None,
 ) -> TrainResult:
     """Train ``model`` under ``cfg.strategy``. Returns the model with the best validation weights.
 
     ``resume_path``: a file where the state after each finished epoch is kept; when it
     exists at start, training continues from there (it is deleted on success). It holds
     only tensors and plain values and is read with ``torch.load(weights_only=True)``.
+    ``resume_key`` (e.g. the configuration hash and the parent checkpoint's sha256) is stored in
+    it; a resume file whose key differs (the configuration or the parent changed), or that cannot
+    be read, is deleted with a log line and training starts from scratch. The early-stopping
+    counter is part of the resumed state.
     Under ``torch.distributed`` the model is wrapped in DistributedDataParallel (with
     SyncBatchNorm when ``cfg.sync_bn``, CUDA only) and the data in a DistributedSampler
     (``cfg.batch_size`` per rank); validation is sharded by batch and its sums reduced, the
@@ -222,13 +247,17 @@ def train(
     start_epoch = 0
     resume_path = Path(resume_path) if resume_path else None
     opt_state = None
+    stale = 0
+    key = {"train_config": cfg.to_dict(), **(resume_key or {})}
     if resume_path and resume_path.exists():
-        st = torch.load(resume_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        history, start_epoch, opt_state = st["history"], st["epoch"], st["optimizer"]
-        best = {"acc": st["best_acc"], "state": st["best_state"], "epoch": st["best_epoch"]}
-        gen.set_state(st["gen"])
-        torch.set_rng_state(st["rng"])
+        st = _read_resume(resume_path, key, desc.strip(), log)
+        if st is not None:
+            model.load_state_dict(st["model"])
+            history, start_epoch, opt_state = st["history"], st["epoch"], st["optimizer"]
+            best = {"acc": st["best_acc"], "state": st["best_state"], "epoch": st["best_epoch"]}
+            stale = int(st.get("stale", 0))
+            gen.set_state(st["gen"])
+            torch.set_rng_state(st["rng"])
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -241,9 +270,10 @@ def train(
         leave=False,
     )
     epoch0 = 0
-    stale = 0
     for phase_strategy, phase_epochs, lr in phases:
-        if start_epoch >= epoch0 + phase_epochs:
+        if start_epoch >= epoch0 + phase_epochs or (
+            start_epoch > epoch0 and cfg.patience and stale >= cfg.patience  # stopped early before the kill
+        ):
             epoch0 += phase_epochs
             continue
         prefixes = trainable_prefixes(model, phase_strategy, cfg.last_k)
@@ -343,6 +373,8 @@ def train(
                     "best_epoch": best["epoch"],
                     "gen": gen.get_state(),
                     "rng": torch.get_rng_state(),
+                    "stale": stale,
+                    "key": key,
                 }
                 atomic_replace(resume_path, lambda tmp, st=st: torch.save(st, tmp))
             if cfg.patience and stale >= cfg.patience:

@@ -9,6 +9,7 @@ when complete.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -100,8 +101,14 @@ def render_html(res: Results, title: str = "tunelens report") -> str:
     )
 
 
-def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str = "tunelens report") -> Path:
-    """Write ``out_dir/index.html`` and ``out_dir/tables/*.csv``; return the HTML path."""
+def render_report(
+    results_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    title: str = "tunelens report",
+    stamp: dict[str, dict] | None = None,
+) -> Path:
+    """Write ``out_dir/index.html``, ``out_dir/tables/*.csv`` (and ``stamp``: file name -> JSON); return the HTML path (absolute, through the
+    ``out_dir`` link: the path stays valid when the report is rendered again)."""
     res = Results.load(results_dir)
     page = render_html(res, title=title)
 
@@ -110,6 +117,8 @@ def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, ti
         for name, df in res.tables.items():
             df.to_csv(tmp / "tables" / f"{name}.csv", index=False)
         (tmp / "index.html").write_text(page, encoding="utf-8")
+        for name, data in (stamp or {}).items():  # files that say what the report was rendered from
+            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True))
 
     out_dir = write_folder_atomically(out_dir, fill)
-    return out_dir / "index.html"
+    return out_dir.parent.resolve() / out_dir.name / "index.html"

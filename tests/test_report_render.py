@@ -58,4 +58,8 @@ def test_report_written_atomically(tmp_path):
     r.save(tmp_path / "results")
     out = render_report(tmp_path / "results", tmp_path / "report")
     assert out.exists() and (tmp_path / "report" / "tables" / "accuracy.csv").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # only the current version of each folder (its link's target) is left beside it, nothing temporary
+    import os
+
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert hidden == sorted(os.readlink(tmp_path / n) for n in ("results", "report"))

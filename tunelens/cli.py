@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,10 @@ __all__ = ["build_parser", "main"]
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -95,14 +100,53 @@ def _failed_status(out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input exits 2, Ctrl-C 130, an internal error 1 (each with one line on stderr)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        kept = (
+            f"finished checkpoints, results and report in {out} are kept, and so is the interrupted training's "
+            "resume file"
+            if args.cmd != "compare"
+            else f"an existing report in {out} is kept as it was"
+        )
+        print(f"tunelens: interrupted; {kept}. Rerun the same command to resume.", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("TUNELENS_DEBUG", "") not in ("", "0"):
+            raise
+        _record_for_torchrun(e)
+        msg = " ".join(str(e).split())
+        print(
+            f"tunelens: internal error: {type(e).__name__}: {msg} (run with TUNELENS_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _record_for_torchrun(e: BaseException) -> None:
+    """Under torchrun, write the error to the agent's error file: its summary names the failing rank and error."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        try:  # record_exception formats the exception being handled: make this one the current one
+            raise e
+        except BaseException as cur:
+            ErrorHandler().record_exception(cur)
+    except Exception:
+        pass
+
+
+def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         from tunelens.core import runtime
 
         if args.cmd == "compare":
-            import os
-
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise UsageError("tunelens compare runs in one process: launch it without torchrun")
             from tunelens.compare import run as run_compare
@@ -127,19 +171,26 @@ def main(argv: list[str] | None = None) -> int:
             elif args.cmd == "report":
                 if runtime.is_main():
                     path = pipeline.stage_report(out, log=log)
-                    print(f"report: {path.resolve()}")
+                    print(f"report: {path}")
             else:
                 path = pipeline.run_all(cfg, out, progress=progress, log=log)
                 if runtime.is_main():
                     print(f"[run] finished in {time.perf_counter() - t0:.1f}s")
-                    print(f"report: {path.resolve()}")
+                    print(f"report: {path}")
                 return _failed_status(out)
         return 0
     except UsageError as e:
-        print(f"tunelens: error: {e}", file=sys.stderr)
+        print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
-        print(f"tunelens: error: {e}", file=sys.stderr)
+        print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from tunelens.finetune.checkpoints import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -170,6 +170,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         torchvision_weights_file,
     )
     from tunelens.config import DEFAULT_CONFIG, set_dotted
+    from tunelens.config_validation import validate_config
     from tunelens.core import runtime
     from tunelens.core.naming import head_name
 
@@ -188,11 +189,12 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     except ValueError as e:
         raise CompareError(str(e)) from None
     cfg = copy.deepcopy(DEFAULT_CONFIG)
-    for s in args.set:
-        try:
+    try:
+        for s in args.set:
             set_dotted(cfg, s)
-        except ValueError as e:
-            raise CompareError(str(e)) from None
+        validate_config(cfg, DEFAULT_CONFIG)
+    except ValueError as e:
+        raise CompareError(str(e)) from None
 
     # architecture
     from tunelens.analysis.loading import _skeleton
@@ -545,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
         return 2
     path = execute(plan)
-    print(f"report: {path.resolve()}")
+    print(f"report: {path}")
     if plan.failed:
         print(
             f"tunelens: {len(plan.failed)} analysis step(s) failed ({', '.join(plan.failed)}); the report lists "

@@ -104,9 +104,18 @@ def set_dotted(cfg: dict, assignment: str) -> dict:
 
 
 def make_config(overrides: dict | None = None, quick: bool = False, sets: list[str] | None = None) -> dict:
+    """The defaults, ``--quick``'s overrides, ``overrides`` (``--config``) and ``sets`` (``--set``) merged, then
+    validated as a whole (unknown keys, types, ranges, strategy names): a ``ValueError`` with one line."""
+    from tunelens.config_validation import ConfigError, validate_config
+
     cfg = merge(DEFAULT_CONFIG, QUICK_OVERRIDES) if quick else copy.deepcopy(DEFAULT_CONFIG)
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(
+            f'the --config file must hold a JSON object of sections (like {{"pretrain": {{"epochs": 5}}}}), '
+            f"got {type(overrides).__name__}"
+        )
     if overrides:
         cfg = merge(cfg, overrides)
     for s in sets or []:
         set_dotted(cfg, s)
-    return cfg
+    return validate_config(cfg, DEFAULT_CONFIG)

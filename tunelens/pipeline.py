@@ -17,7 +17,7 @@ from tunelens.config import code_hash, config_hash
 from tunelens.core import runtime
 from tunelens.core.files import versions
 from tunelens.finetune.data import make_shapes
-from tunelens.finetune.recipes import data_spec, load_run_models, run_finetune_stage
+from tunelens.finetune.recipes import data_spec, load_run_models, read_run_index, run_finetune_stage
 
 
 def random_like(manifest: dict):
@@ -49,7 +49,7 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     ck_index = out / "checkpoints" / "manifest.json"
     if not ck_index.exists():
         raise FileNotFoundError(f"{ck_index} not found: run `tunelens finetune --out {out}` first")
-    index = json.loads(ck_index.read_text())["checkpoints"]
+    index = read_run_index(out / "checkpoints")
     key = config_hash(
         "analysis",
         cfg["analysis"],
@@ -130,12 +130,34 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     return res_dir
 
 
+REPORT_STAMP = ".tunelens-report.json"
+
+
 def stage_report(out: Path, log=print) -> Path:
+    """Render OUT/results into OUT/report, unless the report already shows these results with this code.
+
+    The report folder records the results' key (summary.json "key") and the code hash of
+    ``tunelens.reports`` in ``.tunelens-report.json``; when both match, the report is kept.
+    """
     from tunelens.reports.render import render_report
 
     out = Path(out)
     t0 = time.perf_counter()
-    path = render_report(out / "results", out / "report")
+    stamp = None
+    try:
+        key = json.loads((out / "results" / "summary.json").read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        key = None  # rendering reports the problem
+    if key:
+        stamp = {"results_key": key, "code": code_hash("tunelens.reports")}
+        report = out / "report"
+        try:
+            if (report / "index.html").is_file() and json.loads((report / REPORT_STAMP).read_text()) == stamp:
+                log("[report] unchanged, kept")
+                return out.resolve() / "report" / "index.html"
+        except (OSError, ValueError):
+            pass
+    path = render_report(out / "results", out / "report", stamp={REPORT_STAMP: stamp} if stamp else None)
     log(f"[report] rendered in {time.perf_counter() - t0:.1f}s")
     return path
 

@@ -9,6 +9,7 @@ the default model and torchvision's ResNets alike.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from collections.abc import Callable
@@ -78,8 +79,10 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
         raise ValueError(f"architecture factory {spec!r} must look like 'module:function'")
+    # the working directory is on sys.path for this import only (``python -m tunelens`` removes it at start)
     cwd = str(Path.cwd())
-    if cwd not in sys.path:
+    added = cwd not in sys.path
+    if added:
         sys.path.insert(0, cwd)
     try:
         mod = importlib.import_module(mod_name)
@@ -88,6 +91,10 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
             f"cannot import module {mod_name!r} for architecture {spec!r}: {e}. "
             "Run from the folder that holds it, or put it on PYTHONPATH."
         ) from e
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"module {mod_name!r} has no callable {fn_name!r} (from architecture {spec!r})")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import platform
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +19,9 @@ __all__ = [
     "atomic_replace",
     "atomic_write_bytes",
     "atomic_write_text",
+    "chmod_like_new",
     "sha256_file",
+    "umask",
     "versions",
     "write_folder_atomically",
 ]
@@ -34,6 +39,24 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_UMASK: int | None = None
+
+
+def umask() -> int:
+    """The process umask (read once: ``os.umask`` can only be read by setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        old = os.umask(0)
+        os.umask(old)
+        _UMASK = old
+    return _UMASK
+
+
+def chmod_like_new(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have (mkstemp and mkdtemp make it 0600/0700)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
 def atomic_replace(path: Path, write) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +64,7 @@ def atomic_replace(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        chmod_like_new(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,30 +88,106 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_folder_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build a folder with ``fill(tmp)`` in a temporary sibling, then swap it in for ``folder``.
+def _versions_of(folder: Path) -> re.Pattern:
+    """Names of the hidden siblings :func:`write_folder_atomically` makes for ``folder`` (and only those)."""
+    return re.compile(rf"\.{re.escape(folder.name)}\.(link-)?[a-z0-9_]{{8}}(-old)?")
 
-    A reader sees the old folder or the complete new one, never a half-written one; when ``fill``
-    fails, the old folder stays as it was and the temporary one is removed.
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_folder_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with ``fill(tmp)`` in a versioned sibling, then switch ``folder`` to it in one step.
+
+    ``folder`` is a symbolic link to a hidden sibling ``.NAME.<id>`` that holds the contents.
+    The new version is filled beside it and the link is replaced atomically (``os.replace`` of a
+    new link), so at every instant, killed or not, ``folder`` is the complete old or the complete
+    new folder; then the old version is removed. When ``fill`` (or anything) fails, ``folder``
+    stays as it was and the new version is removed. Readers use ``folder/...`` paths as usual.
+    A ``folder`` that is a real directory (written by an older tunelens) is exchanged with the link
+    in one step (Linux ``renameat2``); where that is unavailable it is moved aside first and moved
+    back on failure (or, after a kill in between, by the next call).
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    ours = _versions_of(folder)
+    prefix = f".{folder.name}."
+    if not folder.exists() and not folder.is_symlink():  # a migration killed between its two steps
+        for p in parent.glob(f"{glob.escape(prefix)}*-old"):
+            if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                os.rename(p, folder)
+                break
+    new = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    vid = new.name[len(prefix) :]
+    link = parent / f"{prefix}link-{vid}"
+    old: Path | None = None
+    moved: Path | None = None  # a real directory moved aside, moved back on failure
     try:
-        fill(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        chmod_like_new(new, folder=True)
+        fill(new)
+        if folder.is_symlink():
+            target = os.readlink(folder)
+            if os.sep not in target and ours.fullmatch(target):
+                old = parent / target  # a version of ours: removed after the switch
+            os.symlink(new.name, link)
+            os.replace(link, folder)
+        elif folder.exists():
+            os.symlink(new.name, link)
+            if _exchange(link, folder):  # one step: ``folder`` is the link, ``link`` the old directory
+                old = link
+            else:
+                moved = parent / f"{prefix}{vid}-old"
+                os.rename(folder, moved)
+                old = moved
+                os.replace(link, folder)
+        else:
+            os.symlink(new.name, link)
+            os.replace(link, folder)
+        moved = None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            link.unlink(missing_ok=True)
+        if moved is not None and not folder.exists() and not folder.is_symlink():
+            os.rename(moved, folder)
+        shutil.rmtree(new, ignore_errors=True)
         raise
+    # switched: remove the old version, and versions and links left behind by killed runs
+    if old is not None:
+        _remove(old)
+    for p in parent.glob(f"{glob.escape(prefix)}*"):
+        if p.name != new.name and ours.fullmatch(p.name) and (p.is_symlink() or _age(p) > 600):
+            _remove(p)
     return folder
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _age(p: Path) -> float:
+    try:
+        return time.time() - p.lstat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def versions() -> dict[str, str]:
