@@ -7,7 +7,7 @@ OUT ?= artifacts
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelens-installed
 
-.PHONY: report test test-fast bench venv clean
+.PHONY: report test test-fast lint bench venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ venv: $(STAMP)
 
 report: $(STAMP)
 	@$(BIN)/tunelens run --out $(OUT)
+
+# ruff (lint + format check) over the repository, mypy over the installed layout of the package
+# (analysis/, finetune/ and reports/ install as tunelens.*: mypy reads a copy laid out that way).
+lint: $(STAMP)
+	$(BIN)/ruff check analysis finetune reports tunelens tests bench
+	$(BIN)/ruff format --check analysis finetune reports tunelens tests bench
+	@rm -rf build/typecheck && mkdir -p build/typecheck
+	@cp -r tunelens build/typecheck/ && cp -r analysis finetune reports build/typecheck/tunelens/
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p tunelens
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

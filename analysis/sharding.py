@@ -57,16 +57,15 @@ def gather_rows(
     ``rows``: this rank's rows (a list of dicts or a DataFrame). The parts are concatenated in rank
     order, which for a :func:`shard_loader` loader is already the single-process order; ``sort_by``
     (e.g. the sample index) additionally sorts them, stably, to restore that order whatever the
-    sharding. In a single process the rows come back as they are (``sort_by`` is not applied).
+    sharding; it is applied in a single process too, so the order never depends on the number of ranks.
     """
     frame = rows.reset_index(drop=True) if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     if world_size() <= 1:
-        return frame
-    parts = [p for p in all_gather_objects(frame) if len(p)]
-    if not parts:
-        return frame
-    out = pd.concat(parts, ignore_index=True)
-    if sort_by is not None:
+        out = frame
+    else:
+        parts = [p for p in all_gather_objects(frame) if len(p)]
+        out = pd.concat(parts, ignore_index=True) if parts else frame
+    if sort_by is not None and len(out):
         out = out.sort_values(list([sort_by] if isinstance(sort_by, str) else sort_by), kind="stable")
         out = out.reset_index(drop=True)
     return out

@@ -40,7 +40,7 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.05
-    head_lr: float | None = None  # defaults to lr
+    head_lr: float | None = None  # the head's rate when the backbone trains too; None: lr
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | step | none
@@ -109,11 +109,28 @@ def _revert_sync_batchnorm(model: nn.Module, classes: dict[str, type]) -> nn.Mod
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, head: str) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; no weight decay on biases and norms. ``cfg.head_lr`` gives the head its own
+    learning rate when the backbone trains too (in a head-only phase the phase's rate is the head's)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim > 1]
-    no_decay = [p for n, p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+
+    def in_head(n: str) -> bool:
+        return n == head or n.startswith(head + ".")
+
+    backbone_trains = any(not in_head(n) for n, _ in params)
+    groups = []
+    for is_head in (False, True):
+        group_lr = cfg.head_lr if (is_head and backbone_trains and cfg.head_lr) else lr
+        for decay in (True, False):
+            ps = [p for n, p in params if in_head(n) == is_head and (p.ndim > 1) == decay]
+            if ps:
+                groups.append(
+                    {
+                        "params": ps,
+                        "weight_decay": cfg.weight_decay if decay else 0.0,
+                        "lr": group_lr,
+                        "base_lr": group_lr,
+                    }
+                )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adamw":
@@ -298,7 +315,7 @@ def train(
             nsteps = 0
             for step, batch in enumerate(loader):
                 for g in opt.param_groups:
-                    g["lr"] = lr * _lr_factor(cfg, epoch - epoch0, step, len(loader), phase_epochs)
+                    g["lr"] = g["base_lr"] * _lr_factor(cfg, epoch - epoch0, step, len(loader), phase_epochs)
                 x = batch[0].to(device, non_blocking=True)
                 y = batch[1].to(device, non_blocking=True)
                 if cfg.augment:
