@@ -19,6 +19,7 @@ numbers. BatchNorm running statistics get rows of ``kind == "bn_stat"``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -66,14 +67,56 @@ def _check_keys(a: dict, b: dict) -> None:
         )
 
 
-def _matrix_stats(d: torch.Tensor) -> dict[str, float]:
-    m = d.reshape(d.shape[0], -1).double()
-    if not bool(torch.isfinite(m).all()):
-        nan = float("nan")
-        return {"spectral": nan, "stable_rank": nan, "effective_rank": nan, "top1_energy": nan}
-    if m.shape[1] > m.shape[0]:
-        m = m.T  # same singular values; LAPACK is far faster on tall matrices than on wide ones
-    s = torch.linalg.svdvals(m)
+_SPECTRAL = ("spectral", "stable_rank", "effective_rank", "top1_energy")
+# The squared singular values come from the Gram matrix M^T M of the short side (M tall, m >= n),
+# computed first in float32. A symmetric eigensolver is backward stable: each eigenvalue has an absolute
+# error of about n * eps * lambda_1, so a relative one of n * eps * lambda_1 / lambda_i. float32 is kept
+# only where lambda_min >= _F32_MIN * lambda_1 (the tail is shallow, as for the dense updates of full
+# fine-tuning) and n >= _F32_MIN_N (below that float64 costs nothing); float64 Gram where
+# lambda_min >= _F64_MIN * lambda_1; otherwise (low-rank or rank-deficient deltas, whose tiny singular values
+# squaring would lose) a float64 SVD, the reference computation.
+_F32_MIN = 1e-2
+_F32_MIN_N = 64
+_F64_MIN = 1e-5
+_PENDING_BYTES = 512 * 2**20  # deltas held for batching at most; a group is decomposed when it reaches this
+
+
+def _gram_eigvals(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Eigenvalues (descending, clamped at 0) of ``m^T m`` for a batch ``B x rows x cols`` of tall matrices."""
+    x = m.to(dtype)
+    lam = torch.linalg.eigvalsh(x.mT @ x).flip(-1).double()
+    return lam.clamp_min(0.0)
+
+
+def _shallow(lam: torch.Tensor, floor: float) -> torch.Tensor:
+    """Which rows of a batch of descending eigenvalues have lambda_min >= floor * lambda_1 > 0."""
+    return (lam[:, -1] >= floor * lam[:, 0]) & (lam[:, 0] > 0)
+
+
+def _singular_values(mats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Singular values (float64, descending) of same-shape tall float64 matrices, batched.
+
+    Equal to ``torch.linalg.svdvals`` in float64 to about 1e-6 relative (see the tolerances above)."""
+    n = mats[0].shape[1]
+    batch = torch.stack(mats)
+    out = torch.empty(batch.shape[0], n, dtype=torch.float64)
+    todo = torch.arange(batch.shape[0])
+    if n >= _F32_MIN_N:
+        lam = _gram_eigvals(batch, torch.float32)
+        ok = _shallow(lam, _F32_MIN)
+        out[ok] = lam[ok].sqrt()
+        todo = todo[~ok]
+    if len(todo):
+        lam = _gram_eigvals(batch[todo], torch.float64)
+        ok = _shallow(lam, _F64_MIN)
+        out[todo[ok]] = lam[ok].sqrt()
+        for i in todo[~ok].tolist():
+            out[i] = torch.linalg.svdvals(batch[i])
+    return list(out)
+
+
+def _spectral_stats(s: torch.Tensor) -> dict[str, float]:
+    """The matrix quantities of the module docstring from singular values ``s`` (descending)."""
     tot2 = float((s**2).sum())
     if tot2 == 0.0:
         return {
@@ -82,14 +125,26 @@ def _matrix_stats(d: torch.Tensor) -> dict[str, float]:
             "effective_rank": float("nan"),
             "top1_energy": float("nan"),
         }
+    s1 = float(s[0])
     p = s / s.sum()
     p = p[p > 0]
     return {
-        "spectral": float(s[0]),
-        "stable_rank": tot2 / float(s[0]) ** 2,
+        "spectral": s1,
+        "stable_rank": tot2 / s1**2,
         "effective_rank": float(torch.exp(-(p * p.log()).sum())),
-        "top1_energy": float(s[0]) ** 2 / tot2,
+        "top1_energy": s1**2 / tot2,
     }
+
+
+def _tall(d: torch.Tensor) -> torch.Tensor:
+    """``d`` as a matrix (conv kernels ``out x in*k*k``), transposed to have at least as many rows as columns."""
+    m = d.reshape(d.shape[0], -1)
+    return m.T if m.shape[1] > m.shape[0] else m
+
+
+def _flush(group: list[tuple[dict, torch.Tensor]]) -> None:
+    for (row, _), s in zip(group, _singular_values([m for _, m in group]), strict=True):
+        row.update(_spectral_stats(s))
 
 
 def weight_deltas(
@@ -103,12 +158,17 @@ def weight_deltas(
     (``weight``, ``bias``, ``vector``, ``bn_stat``), ``shape``, ``numel``, ``status`` (``compared`` or
     ``replaced``), ``norm_base``, ``frobenius``, ``relative``, ``cosine``, ``max_abs``, ``spectral``,
     ``stable_rank``, ``effective_rank``, ``top1_energy``. See the module docstring for the formulas.
+
+    Norms and cosines are computed in float64. The singular values of all deltas of one shape are computed
+    together, from the eigenvalues of their Gram matrices (float32 where that is accurate, else float64, else
+    a float64 SVD); they match a float64 SVD to about 1e-6 relative.
     """
     a, b = as_state_dict(base), as_state_dict(tuned)
     _check_keys(a, b)
     param_names = {n for n, _ in base.named_parameters()} if isinstance(base, nn.Module) else None
     rows = []
-    stages: list[str] = []
+    stages: dict[str, int] = {}
+    pending: dict[tuple[int, ...], list[tuple[dict, torch.Tensor]]] = {}
     for name, w0 in a.items():
         if name.endswith("num_batches_tracked"):
             continue
@@ -119,26 +179,23 @@ def weight_deltas(
         if param_names is not None and name not in param_names and not is_stat:
             continue  # other buffers
         w1 = b[name]
-        module = name.rsplit(".", 1)[0] if "." in name else ""
-        stage = stage_of(name)
-        if stage not in stages:
-            stages.append(stage)
+        stage = stages.setdefault(stage_of(name), len(stages))
         kind = "bn_stat" if is_stat else ("weight" if w0.ndim >= 2 else ("bias" if leaf == "bias" else "vector"))
         row = {
             "name": name,
-            "module": module,
-            "stage": stage,
-            "depth": stages.index(stage),
+            "module": name.rsplit(".", 1)[0] if "." in name else "",
+            "stage": stage_of(name),
+            "depth": stage,
             "kind": kind,
             "shape": "x".join(map(str, w0.shape))
             + (" -> " + "x".join(map(str, w1.shape)) if w0.shape != w1.shape else ""),
             "numel": int(w0.numel()),
         }
+        rows.append(row)
         if w0.shape != w1.shape:
             row["status"] = "replaced"
-            rows.append(row)
             continue
-        w0d, w1d = w0.detach().double().cpu(), w1.detach().double().cpu()
+        w0d, w1d = w0.detach().cpu().double(), w1.detach().cpu().double()
         d = w1d - w0d
         n0, n1, nd = float(w0d.norm()), float(w1d.norm()), float(d.norm())
         row.update(
@@ -146,12 +203,25 @@ def weight_deltas(
             norm_base=n0,
             frobenius=nd,
             relative=nd / n0 if n0 > 0 else (0.0 if nd == 0 else float("inf")),
-            cosine=float((w0d * w1d).sum()) / (n0 * n1) if n0 > 0 and n1 > 0 else float("nan"),
+            cosine=float(torch.dot(w0d.reshape(-1), w1d.reshape(-1))) / (n0 * n1)
+            if n0 > 0 and n1 > 0
+            else float("nan"),
             max_abs=float(d.abs().max()) if d.numel() else 0.0,
         )
-        if kind == "weight":
-            row.update(_matrix_stats(d))
-        rows.append(row)
+        if kind != "weight":
+            continue
+        if not math.isfinite(nd):  # a NaN or inf anywhere in the delta
+            row.update(dict.fromkeys(_SPECTRAL, float("nan")))
+        elif nd == 0.0:
+            row.update(_spectral_stats(torch.zeros(1, dtype=torch.float64)))
+        else:
+            m = _tall(d)
+            group = pending.setdefault(tuple(m.shape), [])
+            group.append((row, m))
+            if len(group) * m.numel() * m.element_size() >= _PENDING_BYTES:
+                _flush(pending.pop(tuple(m.shape)))
+    for group in pending.values():
+        _flush(group)
     cols = [
         "name",
         "module",
@@ -166,10 +236,7 @@ def weight_deltas(
         "relative",
         "cosine",
         "max_abs",
-        "spectral",
-        "stable_rank",
-        "effective_rank",
-        "top1_energy",
+        *_SPECTRAL,
     ]
     return pd.DataFrame(rows).reindex(columns=cols)
 
