@@ -13,6 +13,7 @@ from .attribution_study import AttributionStudy, attribution_study
 from .compare import compare_maps
 from .datafolder import image_folder, split_train_test
 from .functional import interpolate, loss_barrier, rewind, rewound_model
+from .intruders import aggregate_intruders, intruder_control, intruder_dimensions
 from .layers import iterate_features, iterate_pair, resolve_layers
 from .loading import CheckpointLoadError, check_finite, load_model, load_state_dict
 from .prepare import prepare_for_attribution
@@ -29,6 +30,7 @@ __all__ = [
     "Results",
     "StreamingCKA",
     "aggregate_deltas",
+    "aggregate_intruders",
     "attribute",
     "attribute_pair",
     "attribution_study",
@@ -39,6 +41,8 @@ __all__ = [
     "first_conv_filters",
     "image_folder",
     "interpolate",
+    "intruder_control",
+    "intruder_dimensions",
     "iterate_features",
     "iterate_pair",
     "linear_cka",
