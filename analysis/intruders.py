@@ -58,7 +58,7 @@ def _select(names: list[str], layers: Iterable[str] | None) -> list[str]:
         return names
     if isinstance(layers, str):
         layers = [layers]
-    chosen = []
+    chosen: list[str] = []
     for spec in layers:
         hit = [n for n in names if n in (spec, f"{spec}.weight")]
         if not hit:

@@ -15,6 +15,13 @@ Matrix quantities use conv kernels reshaped to ``out x (in*k*k)``; for vectors
 (biases, norm scales) they are NaN. A zero delta has NaN ranks (0/0). Parameters
 whose shape differs (a replaced head) are rows with ``status == "replaced"`` and no
 numbers. BatchNorm running statistics get rows of ``kind == "bn_stat"``.
+
+Computation: norms in float64 (``<W0, W1> = (||W0||^2 + ||W1||^2 - ||dW||^2) / 2``). Singular values of
+``dW`` (tall side first, ``m >= n``) are the square roots of the eigenvalues of the ``n x n`` Gram matrix
+``dW^T dW``, all deltas of one shape in one batch: float32 where the spectrum is shallow enough for it,
+float64 otherwise, and a float64 SVD for deltas with a deep tail (low rank), where squaring would lose the
+small singular values. ``bench/weights.py`` checks the result against one float64 SVD per matrix (the
+previous implementation): differences ~1e-6 relative, at 20x less time on convnext_tiny.
 """
 
 from __future__ import annotations
@@ -116,9 +123,10 @@ def _singular_values(mats: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(out)
 
 
-def _spectral_stats(s: torch.Tensor) -> dict[str, float]:
-    """The matrix quantities of the module docstring from singular values ``s`` (descending)."""
-    tot2 = float((s**2).sum())
+def _spectral_stats(s: torch.Tensor, fro2: float | None = None) -> dict[str, float]:
+    """The matrix quantities of the module docstring from singular values ``s`` (descending) and
+    ``fro2 = ||dW||_F^2 = sum_i s_i^2`` when known exactly (the sum of computed ``s_i^2`` otherwise)."""
+    tot2 = float((s**2).sum()) if fro2 is None else fro2
     if tot2 == 0.0:
         return {
             "spectral": 0.0,
@@ -160,7 +168,7 @@ def _threads(n: int | None) -> Iterator[None]:
 def _flush(group: list[tuple[dict, torch.Tensor]]) -> None:
     spectra = _singular_values([m for _, m in group])
     for (row, _), s in zip(group, spectra, strict=True):
-        row.update(_spectral_stats(s))
+        row.update(_spectral_stats(s, row["frobenius"] ** 2))
 
 
 def _delta_rows(
