@@ -12,6 +12,7 @@ from .attribution import attribute, attribute_pair
 from .attribution_study import AttributionStudy, attribution_study
 from .datafolder import image_folder, split_train_test
 from .interventions import InterpolationResult, RewindResult, interpolate, loss_barrier, rewind, rewound_model
+from .intruders import aggregate_intruders, intruder_control, intruder_dimensions
 from .layers import iterate_features, iterate_pair, resolve_layers
 from .loading import CheckpointLoadError, check_finite, load_model, load_state_dict
 from .map_metrics import compare_maps
@@ -31,6 +32,7 @@ __all__ = [
     "RewindResult",
     "StreamingCKA",
     "aggregate_deltas",
+    "aggregate_intruders",
     "attribute",
     "attribute_pair",
     "attribution_study",
@@ -41,6 +43,8 @@ __all__ = [
     "first_conv_filters",
     "image_folder",
     "interpolate",
+    "intruder_control",
+    "intruder_dimensions",
     "iterate_features",
     "iterate_pair",
     "linear_cka",

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -114,3 +115,136 @@ def test_first_conv_filters():
     f = first_conv_filters(a, b)
     assert f["name"] == "0.weight"
     np.testing.assert_allclose(f["delta"], a[0].weight.detach().numpy(), rtol=1e-6)
+
+
+# ---- against a plain float64 SVD, and invariants ----
+
+
+def _reference_row(w0: torch.Tensor, w1: torch.Tensor) -> dict[str, float]:
+    """The module docstring's formulas, computed the straightforward way in float64."""
+    a, b = w0.double(), w1.double()
+    d = b - a
+    m = d.reshape(d.shape[0], -1)
+    s = torch.linalg.svd(m, full_matrices=False).S
+    p = s / s.sum()
+    p = p[p > 0]
+    return {
+        "norm_base": float(a.norm()),
+        "frobenius": float(d.norm()),
+        "relative": float(d.norm() / a.norm()),
+        "cosine": float((a * b).sum() / (a.norm() * b.norm())),
+        "max_abs": float(d.abs().max()),
+        "spectral": float(s[0]),
+        "stable_rank": float((s**2).sum() / s[0] ** 2),
+        "effective_rank": float(torch.exp(-(p * p.log()).sum())),
+        "top1_energy": float(s[0] ** 2 / (s**2).sum()),
+    }
+
+
+def _random_layers(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    a = nn.Sequential(
+        nn.Conv2d(3, 16, 3),  # 16 x 27
+        nn.Conv2d(16, 32, 3),  # 32 x 144
+        nn.Conv2d(32, 32, 1),  # square 32 x 32
+        nn.Flatten(),
+        nn.Linear(256, 96),  # 96 x 256, wide: float32 Gram path (n >= 64)
+        nn.Linear(96, 200),  # 200 x 96, tall
+        nn.Linear(200, 200),  # square: deep tail, float64 path
+    )
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.05 * torch.randn_like(p) * p.std())
+    return a, b
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_float64_svd_reference(seed):
+    a, b = _random_layers(seed)
+    df = weight_deltas(a, b).set_index("name")
+    sa, sb = a.state_dict(), b.state_dict()
+    for name in sa:
+        got = df.loc[name]
+        ref = _reference_row(sa[name], sb[name])
+        for col in ("norm_base", "frobenius", "relative", "cosine", "max_abs"):
+            assert got[col] == pytest.approx(ref[col], rel=1e-6, abs=1e-12), (name, col)
+        if sa[name].ndim >= 2:
+            for col in ("spectral", "stable_rank", "effective_rank", "top1_energy"):
+                assert got[col] == pytest.approx(ref[col], rel=1e-4), (name, col)
+        else:
+            assert math.isnan(got["spectral"])
+
+
+def test_low_rank_delta_matches_reference():
+    """A rank-3 update of a 300 x 128 weight: the deep tail takes the float64 SVD path."""
+    torch.manual_seed(3)
+    a = nn.Linear(128, 300, bias=False)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.weight.add_(torch.randn(300, 3) @ torch.randn(3, 128) * 1e-2)
+    got = weight_deltas(a, b).iloc[0]
+    ref = _reference_row(a.weight.detach(), b.weight.detach())
+    for col in ("spectral", "stable_rank", "top1_energy"):
+        assert got[col] == pytest.approx(ref[col], rel=1e-6)
+    assert got["effective_rank"] == pytest.approx(ref["effective_rank"], rel=1e-4)
+    assert got["effective_rank"] < 3.01
+
+
+def test_identical_random_layers_zero_deltas():
+    a, _ = _random_layers()
+    df = weight_deltas(a, copy.deepcopy(a))
+    assert (df["frobenius"] == 0).all() and (df["relative"] == 0).all() and (df["max_abs"] == 0).all()
+    np.testing.assert_allclose(df["cosine"], 1.0, rtol=0, atol=1e-12)
+    w = df[df["kind"] == "weight"]
+    assert (w["spectral"] == 0).all() and w["effective_rank"].isna().all()
+
+
+def test_doubled_weights_relative_one_cosine_one():
+    a, _ = _random_layers()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(2)
+    df = weight_deltas(a, b)
+    np.testing.assert_allclose(df["relative"], 1.0, rtol=1e-12)
+    np.testing.assert_allclose(df["cosine"], 1.0, rtol=0, atol=1e-12)
+    # dW = W0: the delta's spectrum is the base's own
+    sa = a.state_dict()
+    for _, row in df[df["kind"] == "weight"].iterrows():
+        s = torch.linalg.svdvals(sa[row["name"]].double().reshape(sa[row["name"]].shape[0], -1))
+        assert row["spectral"] == pytest.approx(float(s[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (300, 100), (100, 300)])
+def test_rank_one_update_stable_and_effective_rank_one(shape):
+    torch.manual_seed(0)
+    u = torch.randn(shape[0], dtype=torch.float64)
+    v = torch.randn(int(np.prod(shape[1:])), dtype=torch.float64)
+    upd = (u[:, None] * v[None, :]).reshape(shape) * 1e-2
+    # float64: dW is rank one up to ~1e-16 (in float32, W1 - W0 carries rounding noise of rank > 1)
+    w0 = torch.randn(shape, dtype=torch.float64)
+    row = weight_deltas({"w": w0}, {"w": w0 + upd}).iloc[0]
+    assert row["stable_rank"] == pytest.approx(1.0, abs=1e-6)
+    assert row["top1_energy"] == pytest.approx(1.0, abs=1e-6)
+    assert row["effective_rank"] == pytest.approx(1.0, abs=1e-6)
+    assert row["spectral"] == pytest.approx(float(u.norm() * v.norm()) * 1e-2, rel=1e-6)
+    # float32: same numbers as a float64 SVD of the rounded delta, effective rank ~1
+    w0, w1 = w0.float(), w0.float() + upd.float()
+    row = weight_deltas({"w": w0}, {"w": w1}).iloc[0]
+    ref = _reference_row(w0, w1)
+    for col in ("spectral", "stable_rank", "effective_rank", "top1_energy"):
+        assert row[col] == pytest.approx(ref[col], rel=1e-6), col
+    assert row["effective_rank"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_threads_restored_and_inputs_untouched():
+    a, b = _random_layers()
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    sd64 = {k: v.double() for k, v in b.state_dict().items()}
+    n = torch.get_num_threads()
+    weight_deltas(a.state_dict(), sd64, num_threads=1)
+    assert torch.get_num_threads() == n
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k])
+        assert torch.equal(sd64[k], before[k].double())
