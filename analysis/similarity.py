@@ -160,7 +160,7 @@ class StreamingCKA:
         self.debiased = debiased
         self.estimator = estimator_name(debiased, minibatch=True)
         self.keep_batches = keep_batches
-        self._init = (
+        self._init: tuple[list[str] | None, list[str] | None, list[tuple[str, str]] | None] = (
             list(layers_a) if layers_a is not None else None,
             list(layers_b) if layers_b is not None else None,
             list(pairs) if pairs is not None else None,
@@ -169,7 +169,10 @@ class StreamingCKA:
 
     def reset(self) -> None:
         """Forget every batch seen."""
-        self.layers_a, self.layers_b, self._pairs = (copy.copy(v) for v in self._init)
+        la, lb, pairs = self._init
+        self.layers_a: list[str] | None = copy.copy(la)
+        self.layers_b: list[str] | None = copy.copy(lb)
+        self._pairs: list[tuple[str, str]] | None = copy.copy(pairs)
         self._ip: torch.Tensor | None = None  # (L, L) sum over batches of HSIC(K_i, K_j)
         self._scale: torch.Tensor | None = None  # (L,) same normalisation, uncentred Grams (degeneracy test)
         self._records: list[torch.Tensor] = []  # per batch: diagonal pairs' HSIC, then every self-HSIC
@@ -240,14 +243,14 @@ class StreamingCKA:
         norm = 1.0 / (n * (n - 3)) if self.debiased else 1.0 / (n - 1) ** 2
         ip = (U @ U.T) * norm
         scale *= norm
-        if self._ip is None:
+        if self._ip is None or self._scale is None:
             self._ip, self._scale = ip, scale
         else:
             self._ip += ip
             self._scale += scale
         if self.keep_batches:
-            ia = {k: i for i, k in enumerate(self.layers_a)}
-            ib = {k: len(ia) + i for i, k in enumerate(self.layers_b)}
+            ia = {k: i for i, k in enumerate(self._layers()[0])}
+            ib = {k: len(ia) + i for i, k in enumerate(self._layers()[1])}
             cross = ip[[ia[a] for a, _ in self.pairs], [ib[b] for _, b in self.pairs]]
             self._records.append(torch.cat([cross, torch.diagonal(ip)]))
         self.n_samples += n
@@ -285,9 +288,14 @@ class StreamingCKA:
         recs = recs[np.lexsort(recs.T[::-1])] if len(recs) else recs
         return ip.cpu(), scale.cpu(), info, recs
 
+    def _layers(self) -> tuple[list[str], list[str]]:
+        if self.layers_a is None or self.layers_b is None:
+            raise ValueError("StreamingCKA.compute() called before any update()")
+        return self.layers_a, self.layers_b
+
     def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, int], np.ndarray]:
         ip, scale, info, recs = self._synced()
-        la, lb = self.layers_a, self.layers_b
+        la, lb = self._layers()
         d = torch.diagonal(ip).clone()
         names = [f"A:{k}" for k in la] + [f"B:{k}" for k in lb]
         reasons = {}
@@ -318,7 +326,7 @@ class StreamingCKA:
         ``skipped_samples``, ``skipped_batches`` and ``nan_reasons`` (why a layer's CKA is NaN)."""
         if self._summary is None:
             self._frames()
-        return copy.deepcopy(self._summary)
+        return copy.deepcopy(self._summary or {})
 
     def compute(self) -> pd.DataFrame:
         """A x B CKA: index = A's layers, columns = B's (counts and the estimator: :meth:`summary`)."""
@@ -334,9 +342,10 @@ class StreamingCKA:
         ratio of sums recomputed), seeded. Columns ``layer_a, layer_b, cka, ci_low, ci_high, n_batches,
         estimator``. The CI is NaN with fewer than 2 batches (or without ``keep_batches``)."""
         ab, _, _, info, recs = self._frames()
-        pairs, A = self.pairs, len(self.layers_a)
-        ia = {k: i for i, k in enumerate(self.layers_a)}
-        ib = {k: i for i, k in enumerate(self.layers_b)}
+        la, lb = self._layers()
+        pairs, A = self.pairs, len(la)
+        ia = {k: i for i, k in enumerate(la)}
+        ib = {k: i for i, k in enumerate(lb)}
         P = len(pairs)
         lo = np.full(P, np.nan)
         hi = np.full(P, np.nan)
