@@ -303,6 +303,12 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
             f"{len(ds.skipped)} file(s) of the data folder could not be decoded and were skipped "
             f"(first: {ds.skipped[0][0]}: {ds.skipped[0][1]})."
         )
+    if getattr(ds, "masks_dropped", 0):
+        first, why = ds.masks_dropped_files[0]
+        notes.append(
+            f"{ds.masks_dropped} image(s) were left out because their ground-truth mask is empty in the "
+            f"analysed image (first: {first}, {why}): localisation is scored on the {len(ds)} others."
+        )
     if args.limit is not None:
         notes.append(f"--limit {args.limit}: {len(ds)} images used, spread over the classes.")
     if weights is not None:
