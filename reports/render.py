@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from tunelens.core.files import write_folder_atomically
+from tunelens.core.files import check_owned_folder, write_owned_folder
 from tunelens.core.results import Results
 
 from .model import Figure, Section, Table
@@ -87,6 +87,7 @@ def render_html(res: Results, title: str = "tunelens report") -> str:
 
 def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str = "tunelens report") -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/tables/*.csv``; return the HTML path."""
+    check_owned_folder(out_dir)  # before the work: a folder tunelens did not write is never replaced
     res = Results.load(results_dir)
     page = render_html(res, title=title)
 
@@ -96,5 +97,5 @@ def render_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, ti
             df.to_csv(tmp / "tables" / f"{name}.csv", index=False)
         (tmp / "index.html").write_text(page, encoding="utf-8")
 
-    out_dir = write_folder_atomically(out_dir, fill)
+    out_dir = write_owned_folder(out_dir, fill)
     return out_dir / "index.html"

@@ -433,3 +433,75 @@ def test_code_running_pickle_is_refused(pair, tmp_path):
     assert len(err) == 1 and "refused" in err[0] and "system" in err[0], proc.stderr
     assert "torch.save(model.state_dict()" in err[0]
     assert not marker.exists() and not out.exists()
+
+
+def test_out_holding_the_users_checkpoints_is_refused(pair, tmp_path, monkeypatch, capsys):
+    """The user's base.pt and ft.pt in p/results/, --out .: exit 2, the files stay, the message names results/."""
+    import shutil
+
+    p = tmp_path / "p"
+    (p / "results").mkdir(parents=True)
+    shutil.copy(pair["base"], p / "results" / "base.pt")
+    shutil.copy(pair["tuned"]["plain"], p / "results" / "ft.pt")
+    shutil.copytree(pair["data"], p / "images")
+    before = {f: (p / "results" / f).read_bytes() for f in ("base.pt", "ft.pt")}
+    monkeypatch.chdir(p)
+    capsys.readouterr()
+    argv = ["compare", "--arch", "resnet18", "--base", "results/base.pt", "--tuned", "results/ft.pt"]
+    rc = main(argv + ["--data", "images", "--out", ".", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "results" in err[0] and "did not write" in err[0] and "another --out" in err[0], err
+    assert {f: (p / "results" / f).read_bytes() for f in before} == before
+    assert sorted(x.name for x in p.iterdir()) == ["images", "results"]
+    # a report/ folder of the user's is protected the same way
+    (p / "results" / "base.pt").rename(p / "base.pt")
+    (p / "results" / "ft.pt").rename(p / "ft.pt")
+    (p / "report").mkdir()
+    (p / "report" / "notes.txt").write_text("mine")
+    rc = main(
+        ["compare", "--arch", "resnet18", "--base", "base.pt", "--tuned", "ft.pt"]
+        + ["--data", "images"]
+        + ["--out", ".", *FAST]
+    )
+    assert rc == 2 and "report" in capsys.readouterr().err
+    assert (p / "report" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_second_run_replaces_its_own_output(report, pair, tmp_path, capsys):
+    """Folders tunelens wrote carry the marker and are replaced by the next run; the user's file beside them stays."""
+    import shutil
+
+    from tunelens.core.files import OWNER_MARKER
+
+    out = tmp_path / "out"
+    shutil.copytree(report, out)
+    (out / "my_notes.txt").write_text("mine")
+    for sub in ("results", "report"):
+        marker = json.loads((out / sub / OWNER_MARKER).read_text())
+        assert marker["tool"] == "tunelens" and marker["run_id"] and marker["kind"] == sub
+    old_id = json.loads((out / "report" / OWNER_MARKER).read_text())["run_id"]
+    (out / "report" / "index.html").write_text("old")
+    assert compare(pair, out) == 0
+    assert "Weight deltas" in (out / "report" / "index.html").read_text()
+    assert json.loads((out / "report" / OWNER_MARKER).read_text())["run_id"] != old_id
+    assert (out / "my_notes.txt").read_text() == "mine"
+
+
+def test_pipeline_never_replaces_folders_it_did_not_write(tmp_path, capsys):
+    """`tunelens report` into a report/ of the user's, `tunelens finetune` into a checkpoints/ of the user's: exit 2."""
+    out = tmp_path / "art"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "slides.html").write_text("mine")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "base.safetensors").write_text("mine")
+    assert main(["report", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "report" in err and "did not write" in err
+    assert main(["finetune", "--quick", "--no-progress", "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints" in err and "did not write" in err
+    assert (out / "report" / "slides.html").read_text() == "mine"
+    assert (out / "checkpoints" / "base.safetensors").read_text() == "mine"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["base.safetensors"]

@@ -79,6 +79,8 @@ def _config(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tunelens.core.files import ForeignFolderError
+
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"tunelens: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ForeignFolderError) as e:
         print(f"tunelens: error: {e}", file=sys.stderr)
         return 2
 

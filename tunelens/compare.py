@@ -22,6 +22,10 @@ from typing import Any
 __all__ = ["CompareError", "Plan", "add_parser", "execute", "run", "validate"]
 
 
+#: The largest --image-size: one 3x4096x4096 float32 image is 200 MB, and the analyses hold batches of them.
+MAX_IMAGE_SIZE = 4096
+
+
 class CompareError(Exception):
     """Bad input for ``tunelens compare``: printed as one line, exit status 2."""
 
@@ -137,16 +141,50 @@ def _tuned_names(paths: list[str]) -> list[str]:
 
 
 def _check_out(out: Path) -> None:
+    from tunelens.core.files import ForeignFolderError, check_owned_folder
+
+    if out.is_symlink() and not out.exists():
+        raise CompareError(
+            f"--out {out} is a dangling symbolic link (to {os.readlink(out)}); create its target or give another --out"
+        )
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {out} is a file; give a folder (it gets results/ and report/)")
     for sub in ("results", "report"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise CompareError(f"--out {out}: {out / sub} is a file, not a folder; move it away")
+        try:
+            check_owned_folder(out / sub)
+        except ForeignFolderError as e:
+            raise CompareError(f"--out {out}: {e}") from None
     anc = out
     while not anc.exists():
+        if anc.is_symlink():
+            raise CompareError(
+                f"--out {out}: {anc} is a dangling symbolic link; create its target or give another --out"
+            )
         anc = anc.parent
+    if not anc.is_dir():
+        raise CompareError(f"--out {out} lies below {anc}, which is a file; give a folder")
     if not os.access(anc, os.W_OK):
         raise CompareError(f"--out {out}: cannot write in {anc}")
+
+
+def _check_out_and_data(out: Path, data: str) -> None:
+    """--out must not be --data or inside it (its folders would become classes), nor --data inside
+    the folders compare replaces; symbolic links are resolved first."""
+    real_out, real_data = out.resolve(), Path(data).resolve()
+    if real_out == real_data or real_out.is_relative_to(real_data):
+        raise CompareError(
+            f"--out {out} is {'--data' if real_out == real_data else 'inside --data'} {data}: its results/ and "
+            "report/ folders would become classes of the data; give an --out outside the data folder"
+        )
+    for sub in ("results", "report"):
+        managed = real_out / sub
+        if real_data == managed or real_data.is_relative_to(managed):
+            raise CompareError(
+                f"--data {data} lies in {out / sub}, which compare replaces with its own output; move the "
+                "images elsewhere or give another --out"
+            )
 
 
 def _sha256(path: str) -> str:
@@ -174,8 +212,14 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
 
     out = Path(args.out)
     _check_out(out)
+    _check_out_and_data(out, args.data)
     if args.image_size is not None and args.image_size < 8:
         raise CompareError(f"--image-size must be at least 8 pixels, got {args.image_size}")
+    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
+        raise CompareError(
+            f"--image-size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}: every image is "
+            f"held as a {args.image_size}x{args.image_size} float tensor and the analyses run on them"
+        )
     if args.limit is not None and args.limit < 2:
         raise CompareError(f"--limit must be at least 2 (a train and a test image), got {args.limit}")
     if not 0.0 < args.test_fraction < 1.0:
