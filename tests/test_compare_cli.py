@@ -505,3 +505,39 @@ def test_pipeline_never_replaces_folders_it_did_not_write(tmp_path, capsys):
     assert (out / "report" / "slides.html").read_text() == "mine"
     assert (out / "checkpoints" / "base.safetensors").read_text() == "mine"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["base.safetensors"]
+
+
+def test_out_and_data_must_not_overlap_and_out_must_be_a_folder(pair, tmp_path, capsys):
+    """--out inside --data (or equal, or via a symlink), --data inside --out/results, --out below a file or
+    a dangling symlink, a huge --image-size: exit 2, one line, nothing written."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(pair["data"], data)
+    (tmp_path / "link_to_data").symlink_to(data)
+    (tmp_path / "o" / "results").mkdir(parents=True)
+    shutil.copytree(pair["data"], tmp_path / "o" / "results" / "imgs")
+    from tunelens.core.files import OWNER_MARKER
+
+    (tmp_path / "o" / "results" / OWNER_MARKER).write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cases = [
+        (dict(data=data), data, ["is --data"]),
+        (dict(data=data), data / "out", ["inside --data"]),
+        (dict(data=data), tmp_path / "link_to_data" / "out", ["inside --data"]),
+        (dict(data=tmp_path / "o" / "results" / "imgs"), tmp_path / "o", ["lies in", "results"]),
+        (dict(), tmp_path / "afile" / "out", ["below", "which is a file"]),
+        (dict(), tmp_path / "dangling", ["dangling symbolic link"]),
+        (dict(), tmp_path / "dangling" / "sub", ["dangling symbolic link"]),
+    ]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for kwargs, out, words in cases:
+        capsys.readouterr()
+        assert compare(pair, out, **kwargs) == 2, (out, capsys.readouterr())
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), (words, err)
+    assert compare(pair, tmp_path / "out", "--image-size", "100000") == 2
+    err = capsys.readouterr().err
+    assert "at most 4096" in err and "float tensor" in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
