@@ -127,20 +127,40 @@ def _refused(path: Path, err: Exception) -> CheckpointLoadError:
     )
 
 
-def _torch_load(path: Path) -> Any:
+def _check_zip(path: Path) -> None:
+    """A torch.save zip archive, whole: a ``data.pkl``, no TorchScript code, and every member's CRC right.
+
+    torch itself reads the members without checking their CRCs, so a flipped block would load as
+    garbage weights."""
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
             if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
                 raise CheckpointLoadError(
                     f"{path} is a TorchScript archive (torch.jit.save), not a state dict: load it in your own code "
                     "with torch.jit.load and save model.state_dict() with torch.save or safetensors"
                 )
-    except (zipfile.BadZipFile, OSError) as e:
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else "no files"
+                raise CheckpointLoadError(
+                    f"{path} is not a checkpoint: it is a zip archive without a torch data.pkl ({shown}), so "
+                    "torch.save did not write it; unpack it if the checkpoint is inside"
+                )
+            bad = z.testzip()
+    except CheckpointLoadError:
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, OSError ... from a damaged archive
         raise CheckpointLoadError(
-            f"{path} is truncated or corrupt (cannot read it as a torch.save zip archive: {e}); copy or save it again"
-        ) from e
+            f"{path} is truncated or corrupt (cannot read it as a torch.save zip archive: {_first_line(e)}); "
+            "re-save or re-download it"
+        ) from None
+    if bad is not None:
+        raise CheckpointLoadError(f"{path} is corrupt: CRC check failed for member {bad}; re-save or re-download it")
+
+
+def _torch_load(path: Path) -> Any:
+    if zipfile.is_zipfile(path):
+        _check_zip(path)
     try:
         with torch.serialization.safe_globals(_SAFE_EXTRA), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal says enough
@@ -151,7 +171,7 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointLoadError(f"{path} is truncated or corrupt ({_first_line(e)}); copy or save it again") from None
     except CheckpointLoadError:
         raise
-    except (EOFError, RuntimeError, KeyError, ValueError, OSError, AttributeError, TypeError, IndexError) as e:
+    except Exception as e:  # EOFError, RuntimeError, struct.error, KeyError ... from a damaged file
         if _unsafe_globals(path):
             raise _refused(path, e) from None
         raise CheckpointLoadError(

@@ -309,6 +309,14 @@ def _bad(tmp: Path, pair) -> dict:
     raw = pair["tuned"]["safetensors"].read_bytes()
     trunc_st.write_bytes(raw[: len(raw) - 100])
     (tmp / "notes.pt").write_text("not weights at all")
+    flipped = bytearray(pair["tuned"]["plain"].read_bytes())
+    mid = len(flipped) // 2
+    flipped[mid : mid + 4096] = bytes(b ^ 0xFF for b in flipped[mid : mid + 4096])
+    (tmp / "flipped.pt").write_bytes(bytes(flipped))
+    import zipfile
+
+    with zipfile.ZipFile(tmp / "photos.pt", "w") as z:
+        z.writestr("holiday.txt", "not a checkpoint")
     torch.save({"epoch": 4, "acc": 0.5}, tmp / "no_tensors.pt")
     two = make_images(tmp / "two_classes", classes=("a", "b"), per_class=3)
     (tmp / "empty").mkdir()
@@ -323,6 +331,12 @@ def _bad(tmp: Path, pair) -> dict:
         "truncated": (dict(tuned=[trunc]), [], ["trunc.pt", "truncated or corrupt"]),
         "truncated safetensors": (dict(tuned=[trunc_st]), [], ["truncated or corrupt"]),
         "not a checkpoint": (dict(tuned=[tmp / "notes.pt"]), [], ["not a checkpoint"]),
+        "corrupt zip": (
+            dict(tuned=[tmp / "flipped.pt"]),
+            [],
+            ["flipped.pt is corrupt: CRC check failed for member", "re-save or re-download"],
+        ),
+        "plain zip": (dict(tuned=[tmp / "photos.pt"]), [], ["zip archive without a torch data.pkl", "holiday.txt"]),
         "no tensors": (dict(tuned=[tmp / "no_tensors.pt"]), [], ["no tensors", "'epoch'"]),
         "architecture mismatch": (
             dict(arch="resnet34"),
@@ -354,6 +368,8 @@ BAD = [
     "truncated",
     "truncated safetensors",
     "not a checkpoint",
+    "corrupt zip",
+    "plain zip",
     "no tensors",
     "architecture mismatch",
     "unknown arch",
