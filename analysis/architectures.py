@@ -194,17 +194,17 @@ def _mismatch(
             + (f" (+{len(shaped) - 3} more)" if len(shaped) > 3 else "")
         )
     sugg = suggest_archs(sd, arch)
-    if sugg and sugg[0][1] >= 0.999:
+    own_fit = (len(sd) - len(unexpected) - len(shaped)) / max(len(sd) + len(missing), 1)
+    if sugg and sugg[0][1] >= 0.999:  # only an architecture that takes every tensor is worth suggesting
         hint = f" It fits {sugg[0][0]} exactly: try --arch {sugg[0][0]}."
-    elif sugg:
+    elif own_fit >= 0.9:
         hint = (
-            " Closest torchvision architectures: "
-            + ", ".join(f"{n} ({100 * s:.0f}% of tensors fit)" for n, s in sugg)
-            + "."
+            f" Every other tensor fits {arch}: the file lacks or adds the tensors named (a modified model, "
+            "or one saved incompletely)."
         )
     else:
         hint = (
-            " No torchvision architecture of the same family fits; if you trained your own model class, "
+            " No torchvision architecture takes all of its tensors; if you trained your own model class, "
             "pass --arch module:function."
         )
     return CheckpointArchitectureError(f"{what} does not fit architecture {arch}: " + "; ".join(parts) + "." + hint)
