@@ -18,7 +18,7 @@ import torch
 
 from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
-from tunelens.core.files import atomic_write_text, check_owned_folder, claim_folder
+from tunelens.core.files import atomic_write_text, check_owned_folder, claim_folder, read_json
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ShapesSpec, make_shapes
@@ -201,7 +201,7 @@ def load_run_models(
     idx_path = ckdir / "manifest.json"
     if not idx_path.exists():
         raise FileNotFoundError(f"{idx_path} not found: run `tunelens finetune` first (or `tunelens run`)")
-    index = json.loads(idx_path.read_text())["checkpoints"]
+    index = read_json(idx_path, "run `tunelens finetune` again", key="checkpoints")
     models, mans = {}, {}
     for name, entry in index.items():
         sd, man = load_checkpoint(ckdir / entry["file"])

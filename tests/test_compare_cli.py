@@ -557,3 +557,45 @@ def test_out_and_data_must_not_overlap_and_out_must_be_a_folder(pair, tmp_path, 
     err = capsys.readouterr().err
     assert "at most 4096" in err and "float tensor" in err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_damaged_run_files_are_one_line_errors(tmp_path, capsys):
+    """`analyze --force` on a truncated checkpoint, a damaged checkpoints/manifest.json or results/summary.json:
+    exit 2 and one line naming the file, no traceback."""
+    from tunelens.core.files import OWNER_MARKER
+    from tunelens.finetune.checkpoints import save_checkpoint
+
+    out = tmp_path / "art"
+    ck = out / "checkpoints"
+    man = save_checkpoint(ck / "base.safetensors", {"w": torch.zeros(64, 64)}, {"arch": "resnet18", "num_classes": 2})
+    (ck / "manifest.json").write_text(
+        json.dumps({"checkpoints": {"base": {"file": man["file"], "sha256": man["sha256"]}}})
+    )
+    raw = (ck / "base.safetensors").read_bytes()
+    (ck / "base.safetensors").write_bytes(raw[: len(raw) // 2])
+    argv = ["--quick", "--no-progress", "--device", "cpu", "--out", str(out)]
+    cases = [
+        (["analyze", "--force", *argv], None, ["base.safetensors", "sha256"]),
+        (
+            ["analyze", *argv],
+            lambda: (ck / "manifest.json").write_text('{"checkpoints": {'),
+            ["manifest.json", "not valid JSON"],
+        ),
+        (["analyze", *argv], lambda: (ck / "manifest.json").write_text("[]"), ["manifest.json", "no 'checkpoints'"]),
+        (["report", "--out", str(out)], lambda: _results(out), ["summary.json", "not valid JSON", "tunelens analyze"]),
+    ]
+
+    def _results(out):
+        (out / "results").mkdir()
+        (out / "results" / OWNER_MARKER).write_text("{}")
+        (out / "results" / "summary.json").write_text('{"key": ')
+
+    for argv_, prepare, words in cases:
+        if prepare is not None:
+            prepare()
+        capsys.readouterr()
+        assert main(argv_) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tunelens: error: "), err
+        assert all(w in err[0] for w in words), (words, err)
+    assert not (out / "report").exists()

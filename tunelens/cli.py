@@ -79,7 +79,8 @@ def _config(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tunelens.core.files import ForeignFolderError
+    from tunelens.core.files import CorruptFileError, ForeignFolderError
+    from tunelens.finetune.checkpoints import CheckpointError
 
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
@@ -122,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"tunelens: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ForeignFolderError) as e:
-        print(f"tunelens: error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ForeignFolderError, CorruptFileError, CheckpointError) as e:
+        print(f"tunelens: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

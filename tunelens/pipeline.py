@@ -15,7 +15,7 @@ import torch
 
 from tunelens.config import code_hash, config_hash
 from tunelens.core import runtime
-from tunelens.core.files import check_owned_folder, versions
+from tunelens.core.files import check_owned_folder, read_json, versions
 from tunelens.finetune.data import make_shapes
 from tunelens.finetune.recipes import data_spec, load_run_models, run_finetune_stage
 
@@ -35,7 +35,7 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     ck_index = out / "checkpoints" / "manifest.json"
     if not ck_index.exists():
         raise FileNotFoundError(f"{ck_index} not found: run `tunelens finetune --out {out}` first")
-    index = json.loads(ck_index.read_text())["checkpoints"]
+    index = read_json(ck_index, f"run `tunelens finetune --out {out}` again", key="checkpoints")
     key = config_hash(
         "analysis",
         cfg["analysis"],

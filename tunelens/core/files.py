@@ -13,12 +13,14 @@ from pathlib import Path
 
 __all__ = [
     "OWNER_MARKER",
+    "CorruptFileError",
     "ForeignFolderError",
     "atomic_replace",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_owned_folder",
     "claim_folder",
+    "read_json",
     "sha256_file",
     "versions",
     "write_folder_atomically",
@@ -32,6 +34,26 @@ OWNER_MARKER = ".tunelens-output"
 
 class ForeignFolderError(FileExistsError):
     """A folder tunelens would replace or write into, but did not create (no :data:`OWNER_MARKER`)."""
+
+
+class CorruptFileError(ValueError):
+    """A file tunelens wrote that cannot be read back (not JSON, or without the expected entries)."""
+
+
+def read_json(path: str | os.PathLike, fix: str, key: str | None = None):
+    """The JSON in ``path`` (its ``key`` entry when given); :class:`CorruptFileError` naming the file and ``fix``."""
+    import json
+
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}): it is damaged; {fix}") from None
+    if key is None:
+        return obj
+    if not isinstance(obj, dict) or key not in obj:
+        raise CorruptFileError(f"{path} has no {key!r} entry: it is damaged or not tunelens's; {fix}")
+    return obj[key]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
