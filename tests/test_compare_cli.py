@@ -599,3 +599,25 @@ def test_damaged_run_files_are_one_line_errors(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("tunelens: error: "), err
         assert all(w in err[0] for w in words), (words, err)
     assert not (out / "report").exists()
+
+
+def test_tuned_identical_to_base_is_said_first(pair, tmp_path, capsys):
+    """The same file as --base and --tuned (and a copy of it): a top caveat says nothing changed; the analyses run."""
+    import shutil
+
+    same = pair["tuned"]["plain"]
+    copy_ = shutil.copy(same, tmp_path / "copy_of_base.pt")
+    changed = {k: v.clone() for k, v in pair["sd"].items()}
+    changed["fc.bias"] += 0.1
+    torch.save(changed, tmp_path / "changed.pt")
+    out = tmp_path / "out"
+    assert compare(pair, out, base=same, tuned=[same, copy_, tmp_path / "changed.pt"]) == 0
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    top = summary["findings"][:2]
+    assert {f["id"] for f in top} == {"identical_tuned_plain", "identical_copy_of_base"}, top
+    assert all(f["kind"] == "caveat" and "exactly the base model's weights: nothing changed" in f["text"] for f in top)
+    assert str(same) in top[0]["text"] or str(same) in top[1]["text"]
+    assert not any(f["id"] == "identical_changed" for f in summary["findings"])
+    assert sum("nothing changed" in n for n in summary["notes"]) == 2
+    assert summary["config"]["analysis"]["primary"] == "changed"  # a model that did change
+    assert "nothing changed" in (out / "report" / "index.html").read_text()

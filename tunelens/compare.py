@@ -114,6 +114,7 @@ class Plan:
     device: Any
     notes: list[str] = field(default_factory=list)
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
+    findings: list[dict] = field(default_factory=list)  # found while validating, e.g. weights equal to the base's
     base_description: str = ""
     progress: bool = True
 
@@ -185,6 +186,34 @@ def _check_out_and_data(out: Path, data: str) -> None:
                 f"--data {data} lies in {out / sub}, which compare replaces with its own output; move the "
                 "images elsewhere or give another --out"
             )
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    """Whether two state dicts hold the same tensors: names, shapes, dtypes and every value."""
+    import torch
+
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
+    )
+
+
+def _unchanged_findings(models: dict, specs: dict[str, str]) -> tuple[list[str], list[dict]]:
+    """Notes and top findings for the tuned models whose weights are exactly the base model's."""
+    base = models["base"].state_dict()
+    notes, found = [], []
+    for name, spec in specs.items():
+        if not _same_weights(models[name].state_dict(), base):
+            continue
+        text = (
+            f"{spec} has exactly the base model's weights: nothing changed. Every tensor equals the base "
+            "model's, so the weight deltas are zero and any difference below is noise of the method; check "
+            "that you passed the fine-tuned file (and that the fine-tuning run saved its result)."
+        )
+        notes.append(text)
+        found.append(
+            _finding(f"identical_{name}", text, "overview", score=100, uncertainty="exact (read from the weights)")
+        )
+    return notes, found
 
 
 def _sha256(path: str) -> str:
@@ -328,8 +357,10 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
                 f"{tuple(getattr(y, 'shape', ()))}, expected logits of shape (batch, classes)"
             )
 
-    # everything is valid: describe it
-    notes: list[str] = []
+    # everything is valid: describe it (first: tuned files that changed nothing)
+    notes, found = _unchanged_findings(models, dict(zip(names, args.tuned, strict=False)))
+    if notes:
+        log(f"[compare] {len(notes)} tuned checkpoint(s) hold exactly the base model's weights")
     nonfinite = {n: bad for n, m in models.items() if (bad := check_finite(m.state_dict()))}
     base_k = n_out(models["base"])
     if base_k != n_cls:
@@ -361,7 +392,8 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     cfg["seed"] = args.seed
     cfg["device"] = args.device
     cfg["arch"] = args.arch
-    tuned_ok = [n for n in names if n not in nonfinite]
+    unchanged = {f["id"].removeprefix("identical_") for f in found}
+    tuned_ok = sorted((n for n in names if n not in nonfinite), key=lambda n: n in unchanged)
     a = cfg["analysis"]
     a["primary"] = tuned_ok[0] if tuned_ok else names[0]
     if args.batch_size:
@@ -415,6 +447,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         device=device,
         notes=notes,
         nonfinite=nonfinite,
+        findings=found,
         base_description=desc,
         progress=not args.no_progress,
     )
@@ -555,7 +588,7 @@ def execute(plan: Plan, log=print) -> Path:
             "no ground-truth masks were given (--masks CSV with per-image masks or boxes), "
             "so attributions are not scored against the objects"
         )
-    findings = list(s.get("findings", [])) + extra_findings
+    findings = list(s.get("findings", [])) + extra_findings + plan.findings
     for i, note in enumerate(plan.notes):
         findings.append(_finding(f"compare_note_{i}", note, "overview", score=0.5))
     s["findings"] = sorted(findings, key=lambda f: -(f.get("score") or 0))
