@@ -621,3 +621,37 @@ def test_tuned_identical_to_base_is_said_first(pair, tmp_path, capsys):
     assert sum("nothing changed" in n for n in summary["notes"]) == 2
     assert summary["config"]["analysis"]["primary"] == "changed"  # a model that did change
     assert "nothing changed" in (out / "report" / "index.html").read_text()
+
+
+def _validate(pair, out: Path, *extra: str):
+    from tunelens.cli import build_parser
+    from tunelens.compare import validate
+
+    argv = ["compare", "--arch", "resnet18", "--base", str(pair["base"]), "--tuned", str(pair["tuned"]["plain"])]
+    args = build_parser().parse_args(argv + ["--data", str(pair["data"]), "--out", str(out), *FAST, *extra])
+    return validate(args, log=lambda *a: None)
+
+
+def test_mask_rows_are_named_and_empty_ones_noted(pair, tmp_path, capsys):
+    """An inf box in a later row: exit 2 naming the CSV line (not "the image transform"); empty boxes are
+    left out, counted, and noted."""
+    from tunelens.analysis.datafolder import image_folder
+
+    ds = image_folder(pair["data"], image_size=32, limit=12)
+    rows = [str(p.relative_to(pair["data"])) for p, _ in ds.samples]
+    csv = tmp_path / "boxes.csv"
+    boxes = ["8,8,24,24"] * len(rows)
+    boxes[-1] = "8,8,1e400,24"
+    csv.write_text("path,x0,y0,x1,y1\n" + "".join(f"{r},{b}\n" for r, b in zip(rows, boxes, strict=True)))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert compare(pair, out, "--masks", str(csv), tuned=[pair["tuned"]["plain"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"line {len(rows) + 1}" in err[0] and "not a finite number" in err[0], err
+    assert "transform" not in err[0] and not out.exists()
+    boxes[-1] = "40,40,50,50"  # outside the 32x32 image
+    csv.write_text("path,x0,y0,x1,y1\n" + "".join(f"{r},{b}\n" for r, b in zip(rows, boxes, strict=True)))
+    plan = _validate(pair, out, "--masks", str(csv))
+    assert plan.dataset.masks_dropped == 1 and len(plan.dataset) == len(rows) - 1
+    assert any("1 image(s) were left out because their ground-truth mask is empty" in n for n in plan.notes)
+    assert not out.exists()
