@@ -171,7 +171,9 @@ def test_every_mask_row_is_checked_up_front(tmp_path):
     ok = {f"{c}/{i}.png": "0,0,40,20" for c in "ab" for i in range(2)}
     for bad in ("1e400", "inf", "nan"):
         csv = _box_csv(tmp_path / "m.csv", dict(ok, **{"b/1.png": f"0,0,{bad},20"}))
-        with pytest.raises(DataFolderError, match=r"line 5: the box of 'b/1.png' has a coordinate that is not a finite"):
+        with pytest.raises(
+            DataFolderError, match=r"line 5: the box of 'b/1.png' has a coordinate that is not a finite"
+        ):
             image_folder(root, image_size=16, masks_csv=csv)
     # a row for an image that --limit leaves out is checked too
     csv = _box_csv(tmp_path / "m.csv", dict(ok, **{"b/1.png": "0,0,inf,20"}))
