@@ -103,6 +103,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     ckdir = Path(out) / "checkpoints"
     # tunelens overwrites (and, after a failed save, removes) files here: only in a folder it created
     check_owned_folder(ckdir)
+    runtime.barrier()  # every rank checked before rank 0 creates the folder and its marker
     if runtime.is_main():
         claim_folder(ckdir)
     runtime.barrier()
