@@ -17,12 +17,18 @@ Masks CSV (optional): a header row with ``path`` (the image's path relative to t
 folder, e.g. ``cat/001.png``) and either ``mask`` (a mask image, relative to the CSV's folder
 or absolute; nonzero pixels are the object) or ``x0,y0,x1,y1`` (a bounding box in the
 original image's pixel coordinates, corners inclusive-exclusive). Masks are resized and
-cropped exactly like their image. Every selected image needs a row.
+cropped exactly like their image. Every selected image needs a row; every row is checked up
+front (see :mod:`.masks`), and images whose object is empty in the analysed image are left out
+and counted in ``dataset.masks_dropped``.
+
+Folders and files are found exactly as ``torchvision.datasets.ImageFolder`` finds them: every
+sub-folder is a class, including one whose name starts with ``.`` (``torchvision``'s
+``find_classes`` lists every directory), and hidden files and sub-folders inside a class are
+read too (an undecodable one, such as a macOS ``._x.jpg``, is skipped and listed).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
+
+from .masks import DataFolderError, _mask_geometry, load_masks
+from .splits import split_train_test
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -50,10 +59,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Decoded images are kept in memory up to this many bytes (float32 tensors); beyond it they are
 #: decoded again on every access.
 CACHE_BYTES = 2 * 1024**3
-
-
-class DataFolderError(ValueError):
-    """A data folder (or masks CSV) that cannot be used, with what to do about it."""
 
 
 def _to_rgb(img) -> tuple[Any, str]:
@@ -99,23 +104,6 @@ def _resize_square(size: int):
     return image, mask
 
 
-def _mask_geometry(transform: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The geometric part of a torchvision ``ImageClassification`` preset (resize shorter side, centre crop)
-    applied to a mask, or None for transforms whose geometry is unknown."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    resize, crop = getattr(transform, "resize_size", None), getattr(transform, "crop_size", None)
-    if resize is None or crop is None:
-        return None
-
-    def mask(m: torch.Tensor) -> torch.Tensor:
-        t = TF.resize(m[None].float(), list(resize), interpolation=InterpolationMode.NEAREST)
-        return TF.center_crop(t, list(crop))[0] > 0.5
-
-    return mask
-
-
 class ImageFolderData(Dataset):
     """Images of a class-per-sub-folder tree. Items ``(x, y)`` or ``(x, y, mask)``.
 
@@ -143,6 +131,8 @@ class ImageFolderData(Dataset):
         self.transform_description = description
         self.skipped = list(skipped)
         self.has_masks = masks is not None
+        self.masks_dropped = 0  # images left out because their ground truth is empty (see image_folder)
+        self.masks_dropped_files: list[tuple[Path, str]] = []
         self.modes: Counter = Counter()
         self._cache: dict[int, tuple] = {}
         self._use_cache = cache is True
@@ -169,10 +159,16 @@ class ImageFolderData(Dataset):
             raise DataFolderError(f"the transform returned {type(x).__name__} for {path}, expected a tensor")
         if self._masks is None:
             return x, y
-        m = self._masks[path]
-        if callable(m):
-            m = m(w, h)
-        return x, y, self._mask_fn(m)
+        make = self._masks[path]
+        try:
+            return x, y, self._mask_fn(make(w, h) if callable(make) else make)
+        except DataFolderError:
+            raise
+        except Exception as e:
+            where = getattr(make, "where", "the masks CSV")
+            raise DataFolderError(
+                f"the ground-truth mask of {path} ({where}) cannot be built: {type(e).__name__}: {e}"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -194,119 +190,27 @@ class ImageFolderData(Dataset):
         s = f"{len(self)} images of {len(self.classes)} classes from {self.root}; {self.transform_description}"
         if conv:
             s += "; converted to RGB: " + ", ".join(f"{n} {m}" for m, n in sorted(conv.items()))
+        if self.masks_dropped:
+            s += f"; {self.masks_dropped} image(s) with an empty ground-truth mask left out"
         if self.skipped:
             s += f"; {len(self.skipped)} unreadable file(s) skipped (first: {self.skipped[0][0]})"
         return s
 
 
-class _Split(Subset):
-    """A Subset that keeps the parent's ``classes`` (attribution reports name classes)."""
-
-    @property
-    def classes(self) -> list[str]:
-        return self.dataset.classes
-
-    @property
-    def targets(self) -> list[int]:
-        t = self.dataset.targets
-        return [t[i] for i in self.indices]
-
-
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    """Every sub-folder, dot folders included, sorted by name: ``torchvision.datasets.folder.find_classes``."""
+    with os.scandir(root) as it:
+        names = sorted(e.name for e in it if e.is_dir())
+    return [root / n for n in names]
 
 
 def _images_in(d: Path) -> list[Path]:
     out = []
-    for dirpath, dirnames, filenames in os.walk(d):
-        dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+    for dirpath, _, filenames in sorted(os.walk(d, followlinks=True)):  # as torchvision's make_dataset
         for f in sorted(filenames):
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
                 out.append(Path(dirpath) / f)
     return out
-
-
-def _read_masks(csv_path: Path, root: Path, wanted: list[Path]) -> dict[Path, Any]:
-    """``{image path: bool mask tensor (H, W) in original pixels, or a callable (w, h) -> mask}``."""
-    from PIL import Image
-
-    if not csv_path.is_file():
-        raise DataFolderError(f"masks CSV {csv_path} does not exist")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataFolderError(f"masks CSV {csv_path} cannot be read: {e}") from None
-    if not rows:
-        raise DataFolderError(f"masks CSV {csv_path} has no rows (expected a header path,mask or path,x0,y0,x1,y1)")
-    cols = set(rows[0])
-    box_cols = ("x0", "y0", "x1", "y1")
-    if "path" not in cols or not ("mask" in cols or all(c in cols for c in box_cols)):
-        raise DataFolderError(
-            f"masks CSV {csv_path} needs the columns path and mask, or path,x0,y0,x1,y1; it has "
-            f"{', '.join(sorted(c for c in cols if c)) or 'none'}"
-        )
-    wanted_set = {p.resolve() for p in wanted}
-    out: dict[Path, Any] = {}
-    for i, row in enumerate(rows, start=2):
-        rel = (row.get("path") or "").strip()
-        if not rel:
-            raise DataFolderError(f"masks CSV {csv_path} line {i}: empty path")
-        img_path = (root / rel).resolve()
-        if not img_path.is_file():
-            raise DataFolderError(f"masks CSV {csv_path} line {i}: {rel!r} is not an image of the data folder {root}")
-        if img_path not in wanted_set:
-            continue  # not selected (--limit) or unreadable
-        mval = (row.get("mask") or "").strip() if "mask" in cols else ""
-        if mval:
-            mp = Path(mval) if Path(mval).is_absolute() else csv_path.parent / mval
-            if not mp.is_file() and (root / mval).is_file():
-                mp = root / mval
-            try:
-                with Image.open(mp) as im:
-                    arr = np.asarray(im.convert("L")) > 0
-            except Exception as e:
-                raise DataFolderError(
-                    f"masks CSV {csv_path} line {i}: mask {mval!r} cannot be read ({type(e).__name__}: {e})"
-                ) from None
-            out[img_path] = (arr, mval)
-        else:
-            try:
-                x0, y0, x1, y1 = (float(row[c]) for c in box_cols)
-            except (TypeError, ValueError, KeyError):
-                raise DataFolderError(
-                    f"masks CSV {csv_path} line {i}: the box x0,y0,x1,y1 of {rel!r} must be four "
-                    "numbers (pixels of the original image)"
-                ) from None
-            if not (x1 > x0 and y1 > y0):
-                raise DataFolderError(
-                    f"masks CSV {csv_path} line {i}: box of {rel!r} is empty (need x1 > x0 and "
-                    f"y1 > y0, got {x0:g},{y0:g},{x1:g},{y1:g})"
-                )
-            out[img_path] = ((x0, y0, x1, y1), None)
-    return out
-
-
-def _mask_maker(entry: tuple, path: Path, csv_path: Path):
-    val, name = entry
-    if isinstance(val, tuple):
-        x0, y0, x1, y1 = val
-
-        def box(w: int, h: int) -> torch.Tensor:
-            m = torch.zeros(h, w, dtype=torch.bool)
-            m[max(0, int(round(y0))) : min(h, int(round(y1))), max(0, int(round(x0))) : min(w, int(round(x1)))] = True
-            return m
-
-        return box
-
-    def mask(w: int, h: int) -> torch.Tensor:
-        if val.shape != (h, w):
-            raise DataFolderError(
-                f"mask {name!r} (from {csv_path}) is {val.shape[1]}x{val.shape[0]} but its image {path} is {w}x{h}"
-            )
-        return torch.from_numpy(val.copy())
-
-    return mask
 
 
 def image_folder(
@@ -361,6 +265,11 @@ def image_folder(
             f"class folder {root / empty[0]} has no images"
             + (f" (nor {', '.join(empty[1:4])})" if len(empty) > 1 else "")
             + "; remove it or add images: every sub-folder is a class"
+            + (
+                " (as in torchvision's ImageFolder, folders whose names start with '.' are classes too)"
+                if empty[0].startswith(".")
+                else ""
+            )
         )
     if limit is not None:
         if int(limit) < 1:
@@ -435,6 +344,7 @@ def image_folder(
             "normalised with the ImageNet mean and std" if normalize == "imagenet" else "values in [0, 1]"
         )
     masks = None
+    masks_dropped: list[tuple[Path, str]] = []
     if masks_csv is not None:
         if geo is None:
             raise DataFolderError(
@@ -442,30 +352,29 @@ def image_folder(
                 "transform) or a torchvision weights' transforms(), not a custom transform"
             )
         csv_path = Path(masks_csv)
-        entries = _read_masks(csv_path, root, [p for p, _ in kept])
-        lacking = [p for p, _ in kept if p.resolve() not in entries]
-        if lacking:
-            raise DataFolderError(
-                f"masks CSV {csv_path} has no row for {lacking[0].relative_to(root)} ({len(lacking)} of "
-                f"{len(kept)} selected images lack one): give every image a mask or a box, or "
-                "leave the masks out"
-            )
-        from PIL import Image
-
-        for p, _ in kept:
-            val, name = entries[p.resolve()]
-            if not isinstance(val, tuple):
-                with Image.open(p) as im:
-                    w, h = im.size
-                if val.shape != (h, w):
-                    raise DataFolderError(
-                        f"mask {name!r} (from {csv_path}) is {val.shape[1]}x{val.shape[0]} pixels "
-                        f"but its image {p.relative_to(root)} is {w}x{h}"
-                    )
-        masks = {p: _mask_maker(entries[p.resolve()], p, csv_path) for p, _ in kept}
+        found = load_masks(csv_path, root, [p for p, _ in kept], geo)
+        if found.dropped:
+            gone = {p for p, _ in found.dropped}
+            kept = [(p, c) for p, c in kept if p not in gone]
+            first, why = found.dropped[0]
+            if not kept:
+                raise DataFolderError(
+                    f"masks CSV {csv_path}: the ground truth of every selected image is empty (first: "
+                    f"{first.relative_to(root)}, {why}); fix the boxes or masks, or leave the masks out"
+                )
+            lost = [name for c, name in enumerate(classes) if not any(k == c for _, k in kept)]
+            if lost:
+                raise DataFolderError(
+                    f"masks CSV {csv_path}: every image of class {lost[0]} has an empty ground truth (first: "
+                    f"{first.relative_to(root)}, {why}); fix its boxes or masks, or leave the masks out"
+                )
+        masks = found.makers
+        masks_dropped = found.dropped
         desc += "; ground-truth masks from " + str(csv_path)
     ds = ImageFolderData(root, classes, kept, image_fn, geo, masks, desc, skipped, cache=cache)
     ds.modes = Counter(mode_of[p] for p, _ in kept)
+    ds.masks_dropped = len(masks_dropped)
+    ds.masks_dropped_files = masks_dropped
     return ds
 
 
@@ -490,26 +399,3 @@ def _select_order(per_class: list[list[Path]], seed: int) -> list[tuple[Path, in
 def _describe_transform(t: Any) -> str:
     s = repr(t).replace("\n", " ")
     return " ".join(s.split())[:300]
-
-
-def split_train_test(dataset: Dataset, test_fraction: float = 0.5, seed: int = 0) -> tuple[Subset, Subset]:
-    """A deterministic split stratified by class: ``(train, test)`` subsets keeping ``classes``.
-
-    Each class with at least two images puts at least one in each part; a class with one
-    image goes to the test part. Subsets are in the dataset's order.
-    """
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
-    targets = list(getattr(dataset, "targets", None) or [int(dataset[i][1]) for i in range(len(dataset))])
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in sorted(set(targets)):
-        idx = [i for i, t in enumerate(targets) if t == c]
-        idx = [idx[j] for j in rng.permutation(len(idx))]
-        if len(idx) == 1:
-            test += idx
-            continue
-        n_test = min(max(1, int(round(len(idx) * float(test_fraction)))), len(idx) - 1)
-        test += idx[:n_test]
-        train += idx[n_test:]
-    return _Split(dataset, sorted(train)), _Split(dataset, sorted(test))

@@ -18,7 +18,7 @@ import torch
 
 from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
-from tunelens.core.files import atomic_write_text
+from tunelens.core.files import atomic_write_text, check_owned_folder, claim_folder
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ShapesSpec, make_shapes
@@ -112,6 +112,12 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     from .strategies import STRATEGIES
 
     ckdir = Path(out) / "checkpoints"
+    # tunelens overwrites (and, after a failed save, removes) files here: only in a folder it created
+    check_owned_folder(ckdir)
+    runtime.barrier()  # every rank checked before rank 0 creates the folder and its marker
+    if runtime.is_main():
+        claim_folder(ckdir)
+    runtime.barrier()
     seed, arch = cfg["seed"], cfg["arch"]
     device = runtime.device_name(cfg.get("device", "auto"))  # the same on every rank: cache keys agree
     src_spec, tgt_spec = data_spec(cfg, "source"), data_spec(cfg, "target")

@@ -17,7 +17,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from tunelens.core.files import write_folder_atomically
+from tunelens.core.files import check_owned_folder, write_owned_folder
 from tunelens.core.results import Results
 
 from .model import Figure, Section, Table
@@ -109,6 +109,7 @@ def render_report(
 ) -> Path:
     """Write ``out_dir/index.html``, ``out_dir/tables/*.csv`` (and ``stamp``: file name -> JSON); return the HTML path (absolute, through the
     ``out_dir`` link: the path stays valid when the report is rendered again)."""
+    check_owned_folder(out_dir)  # before the work: a folder tunelens did not write is never replaced
     res = Results.load(results_dir)
     page = render_html(res, title=title)
 
@@ -120,5 +121,5 @@ def render_report(
         for name, data in (stamp or {}).items():  # files that say what the report was rendered from
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True))
 
-    out_dir = write_folder_atomically(out_dir, fill)
+    out_dir = write_owned_folder(out_dir, fill)
     return out_dir.parent.resolve() / out_dir.name / "index.html"

@@ -310,6 +310,14 @@ def _bad(tmp: Path, pair) -> dict:
     raw = pair["tuned"]["safetensors"].read_bytes()
     trunc_st.write_bytes(raw[: len(raw) - 100])
     (tmp / "notes.pt").write_text("not weights at all")
+    flipped = bytearray(pair["tuned"]["plain"].read_bytes())
+    mid = len(flipped) // 2
+    flipped[mid : mid + 4096] = bytes(b ^ 0xFF for b in flipped[mid : mid + 4096])
+    (tmp / "flipped.pt").write_bytes(bytes(flipped))
+    import zipfile
+
+    with zipfile.ZipFile(tmp / "photos.pt", "w") as z:
+        z.writestr("holiday.txt", "not a checkpoint")
     torch.save({"epoch": 4, "acc": 0.5}, tmp / "no_tensors.pt")
     two = make_images(tmp / "two_classes", classes=("a", "b"), per_class=3)
     (tmp / "empty").mkdir()
@@ -324,6 +332,12 @@ def _bad(tmp: Path, pair) -> dict:
         "truncated": (dict(tuned=[trunc]), [], ["trunc.pt", "truncated or corrupt"]),
         "truncated safetensors": (dict(tuned=[trunc_st]), [], ["truncated or corrupt"]),
         "not a checkpoint": (dict(tuned=[tmp / "notes.pt"]), [], ["not a checkpoint"]),
+        "corrupt zip": (
+            dict(tuned=[tmp / "flipped.pt"]),
+            [],
+            ["flipped.pt is corrupt: CRC check failed for member", "re-save or re-download"],
+        ),
+        "plain zip": (dict(tuned=[tmp / "photos.pt"]), [], ["zip archive without a torch data.pkl", "holiday.txt"]),
         "no tensors": (dict(tuned=[tmp / "no_tensors.pt"]), [], ["no tensors", "'epoch'"]),
         "architecture mismatch": (
             dict(arch="resnet34"),
@@ -355,6 +369,8 @@ BAD = [
     "truncated",
     "truncated safetensors",
     "not a checkpoint",
+    "corrupt zip",
+    "plain zip",
     "no tensors",
     "architecture mismatch",
     "unknown arch",
@@ -434,3 +450,209 @@ def test_code_running_pickle_is_refused(pair, tmp_path):
     assert len(err) == 1 and "refused" in err[0] and "system" in err[0], proc.stderr
     assert "torch.save(model.state_dict()" in err[0]
     assert not marker.exists() and not out.exists()
+
+
+def test_out_holding_the_users_checkpoints_is_refused(pair, tmp_path, monkeypatch, capsys):
+    """The user's base.pt and ft.pt in p/results/, --out .: exit 2, the files stay, the message names results/."""
+    import shutil
+
+    p = tmp_path / "p"
+    (p / "results").mkdir(parents=True)
+    shutil.copy(pair["base"], p / "results" / "base.pt")
+    shutil.copy(pair["tuned"]["plain"], p / "results" / "ft.pt")
+    shutil.copytree(pair["data"], p / "images")
+    before = {f: (p / "results" / f).read_bytes() for f in ("base.pt", "ft.pt")}
+    monkeypatch.chdir(p)
+    capsys.readouterr()
+    argv = ["compare", "--arch", "resnet18", "--base", "results/base.pt", "--tuned", "results/ft.pt"]
+    rc = main(argv + ["--data", "images", "--out", ".", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "results" in err[0] and "did not write" in err[0] and "another --out" in err[0], err
+    assert {f: (p / "results" / f).read_bytes() for f in before} == before
+    assert sorted(x.name for x in p.iterdir()) == ["images", "results"]
+    # a report/ folder of the user's is protected the same way
+    (p / "results" / "base.pt").rename(p / "base.pt")
+    (p / "results" / "ft.pt").rename(p / "ft.pt")
+    (p / "report").mkdir()
+    (p / "report" / "notes.txt").write_text("mine")
+    rc = main(
+        ["compare", "--arch", "resnet18", "--base", "base.pt", "--tuned", "ft.pt"]
+        + ["--data", "images"]
+        + ["--out", ".", *FAST]
+    )
+    assert rc == 2 and "report" in capsys.readouterr().err
+    assert (p / "report" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_second_run_replaces_its_own_output(report, pair, tmp_path, capsys):
+    """Folders tunelens wrote carry the marker and are replaced by the next run; the user's file beside them stays."""
+    import shutil
+
+    from tunelens.core.files import OWNER_MARKER
+
+    out = tmp_path / "out"
+    shutil.copytree(report, out)
+    (out / "my_notes.txt").write_text("mine")
+    for sub in ("results", "report"):
+        marker = json.loads((out / sub / OWNER_MARKER).read_text())
+        assert marker["tool"] == "tunelens" and marker["run_id"] and marker["kind"] == sub
+    old_id = json.loads((out / "report" / OWNER_MARKER).read_text())["run_id"]
+    (out / "report" / "index.html").write_text("old")
+    assert compare(pair, out) == 0
+    assert "Weight deltas" in (out / "report" / "index.html").read_text()
+    assert json.loads((out / "report" / OWNER_MARKER).read_text())["run_id"] != old_id
+    assert (out / "my_notes.txt").read_text() == "mine"
+
+
+def test_pipeline_never_replaces_folders_it_did_not_write(tmp_path, capsys):
+    """`tunelens report` into a report/ of the user's, `tunelens finetune` into a checkpoints/ of the user's: exit 2."""
+    out = tmp_path / "art"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "slides.html").write_text("mine")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "base.safetensors").write_text("mine")
+    assert main(["report", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "report" in err and "did not write" in err
+    assert main(["finetune", "--quick", "--no-progress", "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints" in err and "did not write" in err
+    assert (out / "report" / "slides.html").read_text() == "mine"
+    assert (out / "checkpoints" / "base.safetensors").read_text() == "mine"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["base.safetensors"]
+
+
+def test_out_and_data_must_not_overlap_and_out_must_be_a_folder(pair, tmp_path, capsys):
+    """--out inside --data (or equal, or via a symlink), --data inside --out/results, --out below a file or
+    a dangling symlink, a huge --image-size: exit 2, one line, nothing written."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(pair["data"], data)
+    (tmp_path / "link_to_data").symlink_to(data)
+    (tmp_path / "o" / "results").mkdir(parents=True)
+    shutil.copytree(pair["data"], tmp_path / "o" / "results" / "imgs")
+    from tunelens.core.files import OWNER_MARKER
+
+    (tmp_path / "o" / "results" / OWNER_MARKER).write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cases = [
+        (dict(data=data), data, ["is --data"]),
+        (dict(data=data), data / "out", ["inside --data"]),
+        (dict(data=data), tmp_path / "link_to_data" / "out", ["inside --data"]),
+        (dict(data=tmp_path / "o" / "results" / "imgs"), tmp_path / "o", ["lies in", "results"]),
+        (dict(), tmp_path / "afile" / "out", ["below", "which is a file"]),
+        (dict(), tmp_path / "dangling", ["dangling symbolic link"]),
+        (dict(), tmp_path / "dangling" / "sub", ["dangling symbolic link"]),
+    ]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for kwargs, out, words in cases:
+        capsys.readouterr()
+        assert compare(pair, out, **kwargs) == 2, (out, capsys.readouterr())
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), (words, err)
+    assert compare(pair, tmp_path / "out", "--image-size", "100000") == 2
+    err = capsys.readouterr().err
+    assert "at most 4096" in err and "float tensor" in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_damaged_run_files_are_one_line_errors(tmp_path, capsys):
+    """`analyze --force` on a truncated checkpoint, a damaged checkpoints/manifest.json or results/summary.json:
+    exit 2 and one line naming the file, no traceback."""
+    from tunelens.core.files import OWNER_MARKER
+    from tunelens.finetune.checkpoints import save_checkpoint
+
+    out = tmp_path / "art"
+    ck = out / "checkpoints"
+    man = save_checkpoint(ck / "base.safetensors", {"w": torch.zeros(64, 64)}, {"arch": "resnet18", "num_classes": 2})
+    (ck / "manifest.json").write_text(
+        json.dumps({"checkpoints": {"base": {"file": man["file"], "sha256": man["sha256"]}}})
+    )
+    raw = (ck / "base.safetensors").read_bytes()
+    (ck / "base.safetensors").write_bytes(raw[: len(raw) // 2])
+    argv = ["--quick", "--no-progress", "--device", "cpu", "--out", str(out)]
+    cases = [
+        (["analyze", "--force", *argv], None, ["base.safetensors", "sha256"]),
+        (
+            ["analyze", *argv],
+            lambda: (ck / "manifest.json").write_text('{"checkpoints": {'),
+            ["manifest.json", "not valid JSON"],
+        ),
+        (["analyze", *argv], lambda: (ck / "manifest.json").write_text("[]"), ["manifest.json", "no 'checkpoints'"]),
+        (["report", "--out", str(out)], lambda: _results(out), ["summary.json", "not valid JSON", "tunelens analyze"]),
+    ]
+
+    def _results(out):
+        (out / "results").mkdir()
+        (out / "results" / OWNER_MARKER).write_text("{}")
+        (out / "results" / "summary.json").write_text('{"key": ')
+
+    for argv_, prepare, words in cases:
+        if prepare is not None:
+            prepare()
+        capsys.readouterr()
+        assert main(argv_) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tunelens: error: "), err
+        assert all(w in err[0] for w in words), (words, err)
+    assert not (out / "report").exists()
+
+
+def test_tuned_identical_to_base_is_said_first(pair, tmp_path, capsys):
+    """The same file as --base and --tuned (and a copy of it): a top caveat says nothing changed; the analyses run."""
+    import shutil
+
+    same = pair["tuned"]["plain"]
+    copy_ = shutil.copy(same, tmp_path / "copy_of_base.pt")
+    changed = {k: v.clone() for k, v in pair["sd"].items()}
+    changed["fc.bias"] += 0.1
+    torch.save(changed, tmp_path / "changed.pt")
+    out = tmp_path / "out"
+    assert compare(pair, out, base=same, tuned=[same, copy_, tmp_path / "changed.pt"]) == 0
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    top = summary["findings"][:2]
+    assert {f["id"] for f in top} == {"identical_tuned_plain", "identical_copy_of_base"}, top
+    assert all(f["kind"] == "caveat" and "exactly the base model's weights: nothing changed" in f["text"] for f in top)
+    assert str(same) in top[0]["text"] or str(same) in top[1]["text"]
+    assert not any(f["id"] == "identical_changed" for f in summary["findings"])
+    assert sum("nothing changed" in n for n in summary["notes"]) == 2
+    assert summary["config"]["analysis"]["primary"] == "changed"  # a model that did change
+    assert "nothing changed" in (out / "report" / "index.html").read_text()
+
+
+def _validate(pair, out: Path, *extra: str):
+    from tunelens.cli import build_parser
+    from tunelens.compare import validate
+
+    argv = ["compare", "--arch", "resnet18", "--base", str(pair["base"]), "--tuned", str(pair["tuned"]["plain"])]
+    args = build_parser().parse_args(argv + ["--data", str(pair["data"]), "--out", str(out), *FAST, *extra])
+    return validate(args, log=lambda *a: None)
+
+
+def test_mask_rows_are_named_and_empty_ones_noted(pair, tmp_path, capsys):
+    """An inf box in a later row: exit 2 naming the CSV line (not "the image transform"); empty boxes are
+    left out, counted, and noted."""
+    from tunelens.analysis.datafolder import image_folder
+
+    ds = image_folder(pair["data"], image_size=32, limit=12)
+    rows = [str(p.relative_to(pair["data"])) for p, _ in ds.samples]
+    csv = tmp_path / "boxes.csv"
+    boxes = ["8,8,24,24"] * len(rows)
+    boxes[-1] = "8,8,1e400,24"
+    csv.write_text("path,x0,y0,x1,y1\n" + "".join(f"{r},{b}\n" for r, b in zip(rows, boxes, strict=True)))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert compare(pair, out, "--masks", str(csv), tuned=[pair["tuned"]["plain"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"line {len(rows) + 1}" in err[0] and "not a finite number" in err[0], err
+    assert "transform" not in err[0] and not out.exists()
+    boxes[-1] = "40,40,50,50"  # outside the 32x32 image
+    csv.write_text("path,x0,y0,x1,y1\n" + "".join(f"{r},{b}\n" for r, b in zip(rows, boxes, strict=True)))
+    plan = _validate(pair, out, "--masks", str(csv))
+    assert plan.dataset.masks_dropped == 1 and len(plan.dataset) == len(rows) - 1
+    assert any("1 image(s) were left out because their ground-truth mask is empty" in n for n in plan.notes)
+    assert not out.exists()

@@ -158,3 +158,62 @@ def test_torchvision_preset_transform_with_masks(tmp_path):
     assert x.shape == (3, 16, 16) and mask.shape == (16, 16)
     # resize to 20x40, centre crop 16 (columns 12..27): the left half of the image covers columns 0..3 of it
     assert mask[:, :8].all() and not mask[:, 8:].any()
+
+
+def _box_csv(path: Path, rows: dict[str, str]) -> Path:
+    path.write_text("path,x0,y0,x1,y1\n" + "".join(f"{k},{v}\n" for k, v in rows.items()))
+    return path
+
+
+def test_every_mask_row_is_checked_up_front(tmp_path):
+    """A non-finite box in a later row, or a row pointing outside the data folder: an error naming the CSV line."""
+    root = make_folder(tmp_path / "data", classes=("a", "b"), per_class=2, size=(40, 80))
+    ok = {f"{c}/{i}.png": "0,0,40,20" for c in "ab" for i in range(2)}
+    for bad in ("1e400", "inf", "nan"):
+        csv = _box_csv(tmp_path / "m.csv", dict(ok, **{"b/1.png": f"0,0,{bad},20"}))
+        with pytest.raises(
+            DataFolderError, match=r"line 5: the box of 'b/1.png' has a coordinate that is not a finite"
+        ):
+            image_folder(root, image_size=16, masks_csv=csv)
+    # a row for an image that --limit leaves out is checked too
+    csv = _box_csv(tmp_path / "m.csv", dict(ok, **{"b/1.png": "0,0,inf,20"}))
+    with pytest.raises(DataFolderError, match=r"line 5"):
+        image_folder(root, image_size=16, masks_csv=csv, limit=2)
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    csv = _box_csv(tmp_path / "m.csv", dict(ok, **{"../outside.png": "0,0,4,4"}))
+    with pytest.raises(DataFolderError, match=r"line 6: '../outside.png' lies outside the data folder"):
+        image_folder(root, image_size=16, masks_csv=csv)
+
+
+def test_empty_ground_truth_is_left_out_and_counted(tmp_path):
+    root = make_folder(tmp_path / "data", classes=("a", "b"), per_class=3, size=(40, 80))
+    Image.fromarray(np.zeros((40, 80), np.uint8)).save(tmp_path / "zero.png")
+    rows = {f"{c}/{i}.png": "0,0,40,20" for c in "ab" for i in range(3)}
+    rows["a/1.png"] = "100,100,120,120"  # outside the 80x40 image
+    rows["b/2.png"] = "3.1,3.1,3.3,3.3"  # rounds to no pixel
+    csv = _box_csv(tmp_path / "m.csv", rows)
+    ds = image_folder(root, image_size=16, masks_csv=csv)
+    assert ds.masks_dropped == 2 and len(ds) == 4
+    assert {p.name for p, _ in ds.masks_dropped_files} == {"1.png", "2.png"}
+    assert all(bool(ds[i][2].any()) for i in range(len(ds)))
+    assert "empty ground-truth mask left out" in ds.describe()
+    # an all-zero mask image
+    csv.write_text("path,mask\n" + "".join(f"{c}/{i}.png,zero.png\n" for c in "ab" for i in range(3)))
+    with pytest.raises(DataFolderError, match=r"ground truth of every selected image is empty .*all zero"):
+        image_folder(root, image_size=16, masks_csv=csv)
+    # a class left without a single usable mask
+    rows = {f"{c}/{i}.png": ("0,0,40,20" if c == "a" else "200,200,300,300") for c in "ab" for i in range(3)}
+    with pytest.raises(DataFolderError, match=r"every image of class b has an empty ground truth"):
+        image_folder(root, image_size=16, masks_csv=_box_csv(tmp_path / "m.csv", rows))
+
+
+def test_dot_folders_are_classes_as_in_torchvision(tmp_path):
+    """torchvision's find_classes lists every directory, '.' names included: so does image_folder."""
+    from torchvision.datasets.folder import find_classes
+
+    root = make_folder(tmp_path / "data", classes=(".hidden", "a", "b"), per_class=2)
+    ds = image_folder(root, image_size=16)
+    assert ds.classes == find_classes(str(root))[0] == [".hidden", "a", "b"]
+    (root / ".ipynb_checkpoints").mkdir()
+    with pytest.raises(DataFolderError, match=r"ipynb_checkpoints has no images.*'\.' are classes too"):
+        image_folder(root, image_size=16)

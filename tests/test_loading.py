@@ -160,6 +160,13 @@ def test_architecture_mismatch_names_keys_and_suggests_arch(tmp_path, sd):
     msg = str(e.value)
     assert "mis-shaped" in msg and "layer1.0.conv1.weight" in msg and "resnet18" in msg
     assert suggest_archs(sd, "resnet50")[0] == ("resnet18", 1.0)
+    # one key missing: named, and no other architecture offered (none fits better)
+    torch.save({k: v for k, v in sd.items() if k != "layer2.0.bn1.running_var"}, tmp_path / "r18_less.pt")
+    with pytest.raises(CheckpointArchitectureError) as e:
+        load_model("resnet18", tmp_path / "r18_less.pt")
+    msg = str(e.value)
+    assert "1 missing key(s): layer2.0.bn1.running_var" in msg and "Every other tensor fits resnet18" in msg
+    assert "resnet34" not in msg and "try" not in msg and "%" not in msg
     # a non-strict load keeps what fits
     m = load_model("resnet34", tmp_path / "r18.pt", strict=False)
     assert "layer1.2.conv1.weight" in m.load_report["missing"]

@@ -142,6 +142,8 @@ def _record_for_torchrun(e: BaseException) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from tunelens.core.files import CheckpointError, CorruptFileError, ForeignFolderError
+
     t0 = time.perf_counter()
     try:
         from tunelens.core import runtime
@@ -182,14 +184,7 @@ def _main(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        from tunelens.finetune.checkpoints import CheckpointError
-
-        if not isinstance(e, CheckpointError):
-            raise
+    except (FileNotFoundError, ForeignFolderError, CorruptFileError, CheckpointError) as e:
         print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
         return 2
 

@@ -22,6 +22,10 @@ from typing import Any
 __all__ = ["CompareError", "Plan", "add_parser", "execute", "run", "validate"]
 
 
+#: The largest --image-size: one 3x4096x4096 float32 image is 200 MB, and the analyses hold batches of them.
+MAX_IMAGE_SIZE = 4096
+
+
 class CompareError(Exception):
     """Bad input for ``tunelens compare``: printed as one line, exit status 2."""
 
@@ -110,6 +114,7 @@ class Plan:
     device: Any
     notes: list[str] = field(default_factory=list)
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
+    findings: list[dict] = field(default_factory=list)  # found while validating, e.g. weights equal to the base's
     base_description: str = ""
     progress: bool = True
     failed: dict[str, str] = field(default_factory=dict)
@@ -138,16 +143,78 @@ def _tuned_names(paths: list[str]) -> list[str]:
 
 
 def _check_out(out: Path) -> None:
+    from tunelens.core.files import ForeignFolderError, check_owned_folder
+
+    if out.is_symlink() and not out.exists():
+        raise CompareError(
+            f"--out {out} is a dangling symbolic link (to {os.readlink(out)}); create its target or give another --out"
+        )
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {out} is a file; give a folder (it gets results/ and report/)")
     for sub in ("results", "report"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise CompareError(f"--out {out}: {out / sub} is a file, not a folder; move it away")
+        try:
+            check_owned_folder(out / sub)
+        except ForeignFolderError as e:
+            raise CompareError(f"--out {out}: {e}") from None
     anc = out
     while not anc.exists():
+        if anc.is_symlink():
+            raise CompareError(
+                f"--out {out}: {anc} is a dangling symbolic link; create its target or give another --out"
+            )
         anc = anc.parent
+    if not anc.is_dir():
+        raise CompareError(f"--out {out} lies below {anc}, which is a file; give a folder")
     if not os.access(anc, os.W_OK):
         raise CompareError(f"--out {out}: cannot write in {anc}")
+
+
+def _check_out_and_data(out: Path, data: str) -> None:
+    """--out must not be --data or inside it (its folders would become classes), nor --data inside
+    the folders compare replaces; symbolic links are resolved first."""
+    real_out, real_data = out.resolve(), Path(data).resolve()
+    if real_out == real_data or real_out.is_relative_to(real_data):
+        raise CompareError(
+            f"--out {out} is {'--data' if real_out == real_data else 'inside --data'} {data}: its results/ and "
+            "report/ folders would become classes of the data; give an --out outside the data folder"
+        )
+    for sub in ("results", "report"):
+        managed = real_out / sub
+        if real_data == managed or real_data.is_relative_to(managed):
+            raise CompareError(
+                f"--data {data} lies in {out / sub}, which compare replaces with its own output; move the "
+                "images elsewhere or give another --out"
+            )
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    """Whether two state dicts hold the same tensors: names, shapes, dtypes and every value."""
+    import torch
+
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
+    )
+
+
+def _unchanged_findings(models: dict, specs: dict[str, str]) -> tuple[list[str], list[dict]]:
+    """Notes and top findings for the tuned models whose weights are exactly the base model's."""
+    base = models["base"].state_dict()
+    notes, found = [], []
+    for name, spec in specs.items():
+        if not _same_weights(models[name].state_dict(), base):
+            continue
+        text = (
+            f"{spec} has exactly the base model's weights: nothing changed. Every tensor equals the base "
+            "model's, so the weight deltas are zero and any difference below is noise of the method; check "
+            "that you passed the fine-tuned file (and that the fine-tuning run saved its result)."
+        )
+        notes.append(text)
+        found.append(
+            _finding(f"identical_{name}", text, "overview", score=100, uncertainty="exact (read from the weights)")
+        )
+    return notes, found
 
 
 def _sha256(path: str) -> str:
@@ -176,8 +243,14 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
 
     out = Path(args.out)
     _check_out(out)
+    _check_out_and_data(out, args.data)
     if args.image_size is not None and args.image_size < 8:
         raise CompareError(f"--image-size must be at least 8 pixels, got {args.image_size}")
+    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
+        raise CompareError(
+            f"--image-size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}: every image is "
+            f"held as a {args.image_size}x{args.image_size} float tensor and the analyses run on them"
+        )
     if args.limit is not None and args.limit < 2:
         raise CompareError(f"--limit must be at least 2 (a train and a test image), got {args.limit}")
     if not 0.0 < args.test_fraction < 1.0:
@@ -287,8 +360,10 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
                 f"{tuple(getattr(y, 'shape', ()))}, expected logits of shape (batch, classes)"
             )
 
-    # everything is valid: describe it
-    notes: list[str] = []
+    # everything is valid: describe it (first: tuned files that changed nothing)
+    notes, found = _unchanged_findings(models, dict(zip(names, args.tuned, strict=False)))
+    if notes:
+        log(f"[compare] {len(notes)} tuned checkpoint(s) hold exactly the base model's weights")
     nonfinite = {n: bad for n, m in models.items() if (bad := check_finite(m.state_dict()))}
     base_k = n_out(models["base"])
     if base_k != n_cls:
@@ -306,6 +381,12 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
             f"{len(ds.skipped)} file(s) of the data folder could not be decoded and were skipped "
             f"(first: {ds.skipped[0][0]}: {ds.skipped[0][1]})."
         )
+    if getattr(ds, "masks_dropped", 0):
+        first, why = ds.masks_dropped_files[0]
+        notes.append(
+            f"{ds.masks_dropped} image(s) were left out because their ground-truth mask is empty in the "
+            f"analysed image (first: {first}, {why}): localisation is scored on the {len(ds)} others."
+        )
     if args.limit is not None:
         notes.append(f"--limit {args.limit}: {len(ds)} images used, spread over the classes.")
     if weights is not None:
@@ -314,7 +395,8 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     cfg["seed"] = args.seed
     cfg["device"] = args.device
     cfg["arch"] = args.arch
-    tuned_ok = [n for n in names if n not in nonfinite]
+    unchanged = {f["id"].removeprefix("identical_") for f in found}
+    tuned_ok = sorted((n for n in names if n not in nonfinite), key=lambda n: n in unchanged)
     a = cfg["analysis"]
     a["primary"] = tuned_ok[0] if tuned_ok else names[0]
     if args.batch_size:
@@ -368,6 +450,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         device=device,
         notes=notes,
         nonfinite=nonfinite,
+        findings=found,
         base_description=desc,
         progress=not args.no_progress,
     )
@@ -494,7 +577,7 @@ def execute(plan: Plan, log=print) -> Path:
             "no ground-truth masks were given (--masks CSV with per-image masks or boxes), "
             "so attributions are not scored against the objects"
         )
-    findings = list(s.get("findings", [])) + extra_findings
+    findings = list(s.get("findings", [])) + extra_findings + plan.findings
     for i, note in enumerate(plan.notes):
         findings.append(_finding(f"compare_note_{i}", note, "accuracy", score=0.5))
     s["findings"] = sorted(findings, key=lambda f: -(f.get("score") or 0))

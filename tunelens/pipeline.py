@@ -15,7 +15,7 @@ import torch
 
 from tunelens.config import code_hash, config_hash
 from tunelens.core import runtime
-from tunelens.core.files import versions
+from tunelens.core.files import check_owned_folder, versions
 from tunelens.finetune.data import make_shapes
 from tunelens.finetune.recipes import data_spec, load_run_models, read_run_index, run_finetune_stage
 
@@ -46,6 +46,7 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
 
     out = Path(out)
     res_dir = out / "results"
+    check_owned_folder(res_dir)  # before the work: a folder tunelens did not write is never replaced
     ck_index = out / "checkpoints" / "manifest.json"
     if not ck_index.exists():
         raise FileNotFoundError(f"{ck_index} not found: run `tunelens finetune --out {out}` first")
@@ -163,6 +164,8 @@ def stage_report(out: Path, log=print) -> Path:
 
 
 def run_all(cfg: dict, out: Path, progress: bool = True, log=print) -> Path:
+    for sub in ("checkpoints", "results", "report"):  # before any work
+        check_owned_folder(Path(out) / sub)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     stage_finetune(cfg, out, progress=progress, log=log)
     stage_analyze(cfg, out, progress=progress, log=log)

@@ -15,16 +15,51 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "OWNER_MARKER",
     "CheckpointError",
+    "CorruptFileError",
+    "ForeignFolderError",
     "atomic_replace",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_owned_folder",
     "chmod_like_new",
+    "claim_folder",
+    "read_json",
     "sha256_file",
     "umask",
     "versions",
     "write_folder_atomically",
+    "write_owned_folder",
 ]
+
+#: The file tunelens writes into every folder it owns (results/, report/, checkpoints/): JSON with the
+#: tool's name and a run id. Only a folder holding it is ever replaced or written into.
+OWNER_MARKER = ".tunelens-output"
+
+
+class ForeignFolderError(FileExistsError):
+    """A folder tunelens would replace or write into, but did not create (no :data:`OWNER_MARKER`)."""
+
+
+class CorruptFileError(ValueError):
+    """A file tunelens wrote that cannot be read back (not JSON, or without the expected entries)."""
+
+
+def read_json(path: str | os.PathLike, fix: str, key: str | None = None):
+    """The JSON in ``path`` (its ``key`` entry when given); :class:`CorruptFileError` naming the file and ``fix``."""
+    import json
+
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}): it is damaged; {fix}") from None
+    if key is None:
+        return obj
+    if not isinstance(obj, dict) or key not in obj:
+        raise CorruptFileError(f"{path} has no {key!r} entry: it is damaged or not tunelens's; {fix}")
+    return obj[key]
 
 
 class CheckpointError(ValueError):
@@ -188,6 +223,75 @@ def _age(p: Path) -> float:
         return time.time() - p.lstat().st_mtime
     except OSError:
         return 0.0
+
+
+def check_owned_folder(folder: str | os.PathLike, flag: str = "--out") -> None:
+    """Raise :class:`ForeignFolderError` when ``folder`` exists but tunelens did not create it.
+
+    An absent folder, an empty one, and one holding :data:`OWNER_MARKER` pass; anything else would
+    lose someone's files when tunelens replaced it.
+    """
+    folder = Path(folder)
+    if not os.path.lexists(folder):
+        return
+    if not folder.is_dir():
+        raise ForeignFolderError(f"{folder} exists and is not a folder; move it away or give another {flag}")
+    if (folder / OWNER_MARKER).is_file():
+        return
+    try:
+        empty = not any(folder.iterdir())
+    except OSError as e:
+        raise ForeignFolderError(f"{folder} cannot be read ({e.strerror}); give another {flag}") from None
+    if not empty:
+        raise ForeignFolderError(
+            f"{folder} holds files tunelens did not write (it has no {OWNER_MARKER} marker) and would be "
+            f"replaced: give another {flag}, or move the folder away"
+        )
+
+
+def _marker_text(kind: str, run_id: str | None) -> str:
+    import datetime
+    import json
+    import uuid
+
+    return json.dumps(
+        {
+            "tool": "tunelens",
+            "kind": kind,
+            "run_id": run_id or uuid.uuid4().hex,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        indent=2,
+    )
+
+
+def claim_folder(folder: str | os.PathLike, run_id: str | None = None, flag: str = "--out") -> Path:
+    """Create ``folder`` (or take an empty one) and mark it as tunelens's; an owned one is kept as it is.
+
+    :class:`ForeignFolderError` when it holds files tunelens did not write (see :func:`check_owned_folder`).
+    """
+    folder = Path(folder)
+    check_owned_folder(folder, flag)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OWNER_MARKER
+    if not marker.is_file():
+        atomic_write_text(marker, _marker_text(folder.name, run_id))
+    return folder
+
+
+def write_owned_folder(
+    folder: str | os.PathLike, fill: Callable[[Path], None], run_id: str | None = None, flag: str = "--out"
+) -> Path:
+    """:func:`write_folder_atomically`, for a folder tunelens owns: the new folder gets :data:`OWNER_MARKER`,
+    and an existing folder without it is never replaced (:class:`ForeignFolderError`, nothing written)."""
+    folder = Path(folder)
+    check_owned_folder(folder, flag)
+
+    def fill_and_mark(tmp: Path) -> None:
+        fill(tmp)
+        (tmp / OWNER_MARKER).write_text(_marker_text(folder.name, run_id))
+
+    return write_folder_atomically(folder, fill_and_mark)
 
 
 def versions() -> dict[str, str]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .files import write_folder_atomically
+from .files import read_json, write_folder_atomically, write_owned_folder
 
 __all__ = ["Results", "write_folder_atomically"]
 
@@ -50,7 +50,7 @@ class Results:
                 np.savez_compressed(tmp / f"{name}.npz", **arrs)
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2, sort_keys=True, default=_jsonable))
 
-        return write_folder_atomically(folder, fill)
+        return write_owned_folder(folder, fill)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Results:
@@ -59,7 +59,8 @@ class Results:
             raise FileNotFoundError(
                 f"{folder} holds no analysis results (no summary.json): run `tunelens analyze` first"
             )
-        r = cls(summary=json.loads((folder / "summary.json").read_text()))
+        fix = "run `tunelens analyze` (or `tunelens compare`) again"
+        r = cls(summary=read_json(folder / "summary.json", fix))
         for p in sorted(folder.glob("*.csv")):
             r.tables[p.stem] = pd.read_csv(p)
         for p in sorted(folder.glob("*.npz")):
