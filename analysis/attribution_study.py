@@ -220,8 +220,8 @@ def collect_images(
         if seen >= n_images:
             break
     x = torch.cat(xs)[:n_images]
-    y = torch.cat(ys)[:n_images] if all(v is not None for v in ys) else None
-    m = torch.cat(ms)[:n_images].bool() if all(v is not None for v in ms) else None
+    y = torch.cat([v for v in ys if v is not None])[:n_images] if all(v is not None for v in ys) else None
+    m = torch.cat([v for v in ms if v is not None])[:n_images].bool() if all(v is not None for v in ms) else None
     return x, y, m, np.arange(len(x))
 
 
@@ -395,6 +395,8 @@ def _study(
         eval_batch = min(auto_eval_batch(m, x, dev) for m in (pb, pt))
     base_pred, tuned_pred = predictions(pb, x), predictions(pt, x)
     if target == "label":
+        if y is None:
+            raise ValueError("target='label' needs labelled data (inputs, labels[, masks]); use target='pred'")
         tb = tt = y.long()
     else:
         tb, tt = base_pred, tuned_pred
@@ -408,7 +410,7 @@ def _study(
     if "gradient_shap" in methods and shap_baselines > 0 and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
         # baselines from images outside the study; when the study uses every image, from the images themselves
         others = len(data) > len(idx)
-        bx, _, _, _ = collect_images(data, shap_baselines, seed + 1, exclude=idx if others else ())
+        bx, _, _, _ = collect_images(data, shap_baselines, seed + 1, exclude=list(idx) if others else [])
         shap_bl = bx if len(bx) else None
 
     # under torch.distributed each rank attributes its own contiguous block of the images; rows and maps are

@@ -160,8 +160,9 @@ class ImageFolderData(Dataset):
         if self._masks is None:
             return x, y
         make = self._masks[path]
+        mask_fn = self._mask_fn if self._mask_fn is not None else (lambda m: m)
         try:
-            return x, y, self._mask_fn(make(w, h) if callable(make) else make)
+            return x, y, mask_fn(make(w, h) if callable(make) else make)
         except DataFolderError:
             raise
         except Exception as e:
@@ -352,11 +353,11 @@ def image_folder(
                 "transform) or a torchvision weights' transforms(), not a custom transform"
             )
         csv_path = Path(masks_csv)
-        found = load_masks(csv_path, root, [p for p, _ in kept], geo)
-        if found.dropped:
-            gone = {p for p, _ in found.dropped}
+        mask_set = load_masks(csv_path, root, [p for p, _ in kept], geo)
+        if mask_set.dropped:
+            gone = {p for p, _ in mask_set.dropped}
             kept = [(p, c) for p, c in kept if p not in gone]
-            first, why = found.dropped[0]
+            first, why = mask_set.dropped[0]
             if not kept:
                 raise DataFolderError(
                     f"masks CSV {csv_path}: the ground truth of every selected image is empty (first: "
@@ -368,8 +369,8 @@ def image_folder(
                     f"masks CSV {csv_path}: every image of class {lost[0]} has an empty ground truth (first: "
                     f"{first.relative_to(root)}, {why}); fix its boxes or masks, or leave the masks out"
                 )
-        masks = found.makers
-        masks_dropped = found.dropped
+        masks = mask_set.makers
+        masks_dropped = mask_set.dropped
         desc += "; ground-truth masks from " + str(csv_path)
     ds = ImageFolderData(root, classes, kept, image_fn, geo, masks, desc, skipped, cache=cache)
     ds.modes = Counter(mode_of[p] for p, _ in kept)

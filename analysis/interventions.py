@@ -289,13 +289,14 @@ def recompute_bn(model: nn.Module, inputs: Iterable[torch.Tensor], device: torch
     finally:
         for m in bns:
             m.momentum = moms[m]
-        for m, mode in modes.items():
-            m.training = mode
+        for mod, mode in modes.items():
+            mod.training = mode
     ws = world_size()
     if ws > 1:
         for m in bns:
-            all_reduce_sum(m.running_mean).div_(ws)
-            all_reduce_sum(m.running_var).div_(ws)
+            if m.running_mean is not None and m.running_var is not None:
+                all_reduce_sum(m.running_mean).div_(ws)
+                all_reduce_sum(m.running_var).div_(ws)
     return n
 
 

@@ -29,7 +29,9 @@ re-exports their public names.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,10 +61,12 @@ __all__ = [
     "CheckpointArchitectureError",
     "CheckpointLoadError",
     "ClassCountError",
+    "LoadReport",
     "check_finite",
     "infer_num_classes",
     "is_torchvision_spec",
     "load_model",
+    "load_report",
     "load_state_dict",
     "suggest_archs",
     "torchvision_weights",
@@ -105,7 +109,8 @@ def load_model(
     ``path``: a checkpoint file (see :func:`load_state_dict`), ``torchvision:WEIGHTS`` (from the local
     torch cache, never downloaded) or a state dict. ``num_classes``: None reads it from the head's
     weight; given, it must match (:class:`ClassCountError` otherwise). ``strict=False`` loads what
-    fits and ignores the rest (missing, unexpected and mis-shaped entries are in ``model.load_report``).
+    fits and ignores the rest, with a ``UserWarning`` that counts and names the missing, unexpected and
+    mis-shaped entries (:func:`load_report` lists them).
 
     Raises :class:`CheckpointLoadError` (file problems), :class:`ClassCountError`,
     :class:`CheckpointArchitectureError` (names the first missing, unexpected and mis-shaped
@@ -133,7 +138,7 @@ def load_model(
     elif found is not None and found != num_classes:
         raise ClassCountError(
             f"{what} has a {found}-class head ({head}.weight is "
-            f"{'x'.join(map(str, hw.shape))}) but {num_classes} classes were asked for: pass "
+            f"{'x'.join(map(str, hw.shape if hw is not None else ()))}) but {num_classes} classes were asked for: pass "
             f"num_classes={found}, or the checkpoint trained for your {num_classes} classes"
         )
     model = _skeleton(arch, num_classes)
@@ -156,5 +161,38 @@ def load_model(
         model.load_state_dict(fit, strict=False)
     except RuntimeError as e:  # e.g. dtype problems
         raise CheckpointLoadError(f"{what} cannot be loaded into {arch}: {_first_line(e)}") from None
-    model.load_report = {"missing": missing, "unexpected": unexpected, "mis_shaped": [k for k, _, _ in shaped]}
+    if missing or unexpected or shaped:
+        report = LoadReport(tuple(missing), tuple(unexpected), tuple(k for k, _, _ in shaped))
+        warnings.warn(f"{what} loaded into {arch} non-strictly: {report.describe()}", UserWarning, stacklevel=2)
     return model.to(device).eval()
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a non-strict load left out: state entries the model has but the file lacks (``missing``), entries
+    of the file the model lacks (``unexpected``), and entries whose shapes differ (``mis_shaped``)."""
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mis_shaped: tuple[str, ...] = ()
+
+    def describe(self, show: int = 3) -> str:
+        parts = []
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mis-shaped", self.mis_shaped),
+        ):
+            if keys:
+                parts.append(f"{len(keys)} {label} ({', '.join(keys[:show])}{', ...' if len(keys) > show else ''})")
+        return "; ".join(parts) or "everything fits"
+
+
+def load_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    """What loading ``state_dict`` into ``model`` non-strictly leaves out (the model is not changed)."""
+    ref = model.state_dict()
+    return LoadReport(
+        tuple(k for k in ref if k not in state_dict),
+        tuple(k for k in state_dict if k not in ref),
+        tuple(k for k in ref if k in state_dict and tuple(ref[k].shape) != tuple(state_dict[k].shape)),
+    )

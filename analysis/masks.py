@@ -129,7 +129,7 @@ def _mask_maker(entry: tuple, path: Path, csv_path: Path) -> Callable[[int, int]
             m[max(0, int(round(y0))) : min(h, int(round(y1))), max(0, int(round(x0))) : min(w, int(round(x1)))] = True
             return m
 
-        box.where = f"masks CSV {csv_path} line {line}"
+        box.where = f"masks CSV {csv_path} line {line}"  # type: ignore[attr-defined]
         return box
 
     def mask(w: int, h: int) -> torch.Tensor:
@@ -139,7 +139,7 @@ def _mask_maker(entry: tuple, path: Path, csv_path: Path) -> Callable[[int, int]
             )
         return torch.from_numpy(val.copy())
 
-    mask.where = f"masks CSV {csv_path} line {line}"
+    mask.where = f"masks CSV {csv_path} line {line}"  # type: ignore[attr-defined]
     return mask
 
 

@@ -145,7 +145,7 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def reused_modules(
     model: nn.Module,
     inputs: torch.Tensor,
-    types: tuple[type, ...] = (
+    types: tuple[type[nn.Module], ...] = (
         nn.ReLU,
         nn.ReLU6,
         nn.LeakyReLU,
@@ -169,9 +169,9 @@ def reused_modules(
         return f
 
     try:
-        for n, m in model.named_modules():
-            if isinstance(m, types):
-                handles.append(m.register_forward_hook(hook(n)))
+        for n, mod in model.named_modules():
+            if isinstance(mod, types):
+                handles.append(mod.register_forward_hook(hook(n)))
         _logits(model, inputs[:1])
     finally:
         for h in handles:
@@ -290,9 +290,10 @@ def _reinit(module: nn.Module, gen: torch.Generator) -> None:
                 m.weight.fill_(1.0)
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
-            if getattr(m, "running_mean", None) is not None:
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0)
+            rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+            if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
+                rm.zero_()
+                rv.fill_(1.0)
         else:
             for p in m.parameters(recurse=False):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
@@ -362,10 +363,10 @@ def head_features(
                     break
     finally:
         h.remove()
-    f, y = torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    fa, ya = torch.cat(feats).numpy(), torch.cat(labels).numpy()
     if max_samples is not None:
-        f, y = f[:max_samples], y[:max_samples]
-    return f, y
+        fa, ya = fa[:max_samples], ya[:max_samples]
+    return fa, ya
 
 
 def fit_probe_head(

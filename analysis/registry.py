@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from tunelens.core.results import Results
 
@@ -44,7 +44,7 @@ class Context:
 
     models: Mapping[str, nn.Module]
     manifests: Mapping[str, Mapping[str, Any]]
-    data: Mapping[str, Dataset]
+    data: Mapping[str, Any]  # map-style datasets (len, getitem)
     settings: Mapping[str, Any]
     device: torch.device
     seed: int = 0

@@ -26,7 +26,7 @@ __all__ = ["CheckpointArchitectureError", "CheckpointLoadError", "ClassCountErro
 
 #: Non-tensor classes that training scripts store beside the weights and that are safe to read as data:
 #: ``argparse.Namespace`` itself, and Lightning's ``AttributeDict`` (a dict subclass) read as a plain dict.
-_SAFE_EXTRA = [
+_SAFE_EXTRA: list[Any] = [
     argparse.Namespace,
     (dict, "lightning.fabric.utilities.data.AttributeDict"),
     (dict, "lightning.pytorch.utilities.parsing.AttributeDict"),

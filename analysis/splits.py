@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 __all__ = ["split_train_test"]
 
@@ -13,15 +15,17 @@ class _Split(Subset):
 
     @property
     def classes(self) -> list[str]:
-        return self.dataset.classes
+        return list(getattr(self.dataset, "classes", []))
 
     @property
     def targets(self) -> list[int]:
-        t = self.dataset.targets
+        t = getattr(self.dataset, "targets", None)
+        if t is None:
+            raise AttributeError(f"{type(self.dataset).__name__} has no targets")
         return [t[i] for i in self.indices]
 
 
-def split_train_test(dataset: Dataset, test_fraction: float = 0.5, seed: int = 0) -> tuple[Subset, Subset]:
+def split_train_test(dataset: Any, test_fraction: float = 0.5, seed: int = 0) -> tuple[Subset, Subset]:
     """A deterministic split stratified by class: ``(train, test)`` subsets keeping ``classes``.
 
     Each class with at least two images puts at least one in each part; a class with one

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from tunelens.core.results import Results
 
@@ -37,7 +36,7 @@ def one_line_error(e: BaseException) -> str:
 def analyze_models(
     models: Mapping[str, nn.Module],
     manifests: Mapping[str, Mapping[str, Any]],
-    data: Mapping[str, Dataset],
+    data: Mapping[str, Any],
     settings: Mapping[str, Any],
     *,
     device: torch.device,

@@ -247,14 +247,23 @@ def read_run_index(ckdir: str | Path) -> dict[str, dict]:
     if not idx_path.exists():
         raise FileNotFoundError(f"{idx_path} not found: run `tunelens finetune` first (or `tunelens run`)")
     try:
-        index = json.loads(idx_path.read_text())["checkpoints"]
+        obj = json.loads(idx_path.read_text())
+        if not isinstance(obj, dict) or "checkpoints" not in obj:
+            raise KeyError("no 'checkpoints' entry")
+        index = obj["checkpoints"]
         if not isinstance(index, dict) or not all(
             isinstance(e, dict) and isinstance(e.get("file"), str) and "sha256" in e for e in index.values()
         ):
             raise TypeError("entries without file and sha256")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(
-            f"the run index {idx_path} is corrupt ({type(e).__name__}: {e}); "
+            f"the run index {idx_path} is not valid JSON ({e}): it is damaged; "
+            f"rerun `tunelens finetune --out {Path(ckdir).parent}` to rewrite it"
+        ) from None
+    except (KeyError, TypeError) as e:
+        what = str(e).strip("'\"")
+        raise CheckpointError(
+            f"the run index {idx_path} is corrupt ({what}); "
             f"rerun `tunelens finetune --out {Path(ckdir).parent}` to rewrite it"
         ) from None
     return index

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tunelens.core import runtime
@@ -183,8 +183,8 @@ def _read_resume(path: Path, key: dict, name: str, log) -> dict | None:
 
 def train(
     model: nn.Module,
-    train_set: Dataset,
-    val_set: Dataset | None,
+    train_set: Any,
+    val_set: Any | None,
     cfg: TrainConfig,
     resume_path: str | os.PathLike | None = None,
     desc: str = "train",
@@ -232,7 +232,7 @@ def train(
     stages = stage_order(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = gen if not distributed else torch.Generator().manual_seed(cfg.seed + 1_000_003 * runtime.rank())
-    sampler = None
+    sampler: Any = None
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -260,7 +260,7 @@ def train(
     phases = _phases(cfg)
     total_epochs = sum(e for _, e, _ in phases)
     history: list[dict] = []
-    best = {"acc": -1.0, "state": None, "epoch": -1}
+    best: dict[str, Any] = {"acc": -1.0, "state": None, "epoch": -1}
     start_epoch = 0
     resume_path = Path(resume_path) if resume_path else None
     opt_state = None

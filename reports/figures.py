@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import matplotlib
 
@@ -169,8 +170,9 @@ def image_grid(
             vr = vranges[j] if vranges else None
             kw = {"vmin": vr[0], "vmax": vr[1]} if vr else {}
             ax.imshow(im, cmap=cm, interpolation="nearest", **kw)
-            if contours and contours[i] is not None and j == 0:
-                ax.contour(contours[i].astype(float), levels=[0.5], colors="yellow", linewidths=0.8)
+            c = contours[i] if contours else None
+            if c is not None and j == 0:
+                ax.contour(c.astype(float), levels=[0.5], colors="yellow", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -251,9 +253,9 @@ def attribution_grid(
     H = top + n * ch + (n - 1) * rgap + bottom
     fig = plt.figure(figsize=(W, H))
 
-    def box(x: float, y_top: float, bw: float, bh: float) -> list[float]:
-        """[left, bottom, width, height] in figure fractions from inches measured from the top left."""
-        return [x / W, 1 - (y_top + bh) / H, bw / W, bh / H]
+    def box(x: float, y_top: float, bw: float, bh: float) -> tuple[float, float, float, float]:
+        """(left, bottom, width, height) in figure fractions from inches measured from the top left."""
+        return (x / W, 1 - (y_top + bh) / H, bw / W, bh / H)
 
     grid_bottom = top + n * ch + (n - 1) * rgap
     im_map = im_diff = None
@@ -263,7 +265,7 @@ def attribution_grid(
         axes[0].imshow(inputs[i], interpolation="nearest", aspect="auto")
         if masks is not None and masks[i] is not None and np.asarray(masks[i]).any():
             axes[0].contour(np.asarray(masks[i], dtype=float), levels=[0.5], colors="yellow", linewidths=0.8)
-        kw = {"interpolation": "nearest", "aspect": "auto"}
+        kw: dict[str, Any] = {"interpolation": "nearest", "aspect": "auto"}
         im_map = axes[1].imshow(base[i], cmap="RdBu_r", vmin=-lim, vmax=lim, **kw)
         axes[2].imshow(tuned[i], cmap="RdBu_r", vmin=-lim, vmax=lim, **kw)
         im_diff = axes[3].imshow(diff[i], cmap="PuOr_r", vmin=-dlim, vmax=dlim, **kw)
@@ -285,6 +287,8 @@ def attribution_grid(
         (cax1, im_map, lim, "attribution, base and tuned (one shared scale)"),
         (cax2, im_diff, dlim, "tuned - base"),
     ):
+        if im is None:  # no rows: nothing to scale
+            continue
         cb = fig.colorbar(im, cax=cax, orientation="horizontal")
         cb.set_ticks([-v, 0.0, v])
         cb.set_ticklabels([f"{-v:.2g}", "0", f"{v:.2g}"])

@@ -28,10 +28,11 @@ __all__ = ["render_html", "render_report"]
 _TEMPLATES = Path(__file__).parent / "templates"
 
 
-def _fmt(v) -> str:
+def _fmt(v: object) -> str:
     if v is None:
         return ""
     if isinstance(v, (float, np.floating)):
+        v = float(v)
         if math.isnan(v):
             return "NaN"
         if math.isinf(v):

@@ -75,8 +75,9 @@ def test_validation_is_generic_over_the_defaults():
     [("analysis.interpolation_steps=0", "at least 2"), ("analysis.attribution_images=abc", "expected an integer")],
 )
 def test_compare_set_is_validated(tmp_path, capsys, assignment, msg):
+    (tmp_path / "data").mkdir()
     out = tmp_path / "out"
-    argv = ["compare", "--arch", "resnet18", "--base", "b.pt", "--tuned", "t.pt", "--data", str(tmp_path)]
+    argv = ["compare", "--arch", "resnet18", "--base", "b.pt", "--tuned", "t.pt", "--data", str(tmp_path / "data")]
     assert main([*argv, "--out", str(out), "--device", "cpu", "--set", assignment]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1

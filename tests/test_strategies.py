@@ -120,7 +120,7 @@ def test_head_lr_applies_to_the_head_only_when_the_backbone_trains():
     by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert by_param[id(model.fc.weight)] == by_param[id(model.fc.bias)] == 0.1
     assert by_param[id(model.conv1.weight)] == by_param[id(model.layer4[0].bn2.bias)] == 0.01
-    assert {g["weight_decay"] for g in opt.param_groups if model.fc.bias in g["params"]} == {0.0}
+    assert {g["weight_decay"] for g in opt.param_groups if any(p is model.fc.bias for p in g["params"])} == {0.0}
     for n, p in model.named_parameters():  # a head-only phase: the phase's rate is the head's
         p.requires_grad_(n.startswith("fc."))
     opt = _make_optimizer(model, TrainConfig(lr=0.01, head_lr=0.1), 0.5, "fc")

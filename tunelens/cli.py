@@ -175,10 +175,10 @@ def _main(args: argparse.Namespace) -> int:
                     path = pipeline.stage_report(out, log=log)
                     print(f"report: {path}")
             else:
-                path = pipeline.run_all(cfg, out, progress=progress, log=log)
+                done = pipeline.run_all(cfg, out, progress=progress, log=log)
                 if runtime.is_main():
                     print(f"[run] finished in {time.perf_counter() - t0:.1f}s")
-                    print(f"report: {path}")
+                    print(f"report: {done}")
                 return _failed_status(out)
         return 0
     except UsageError as e:

@@ -337,7 +337,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
                 "class the tuned model was trained on (sorted order = output order)"
             )
     train, test = split_train_test(ds, args.test_fraction, args.seed)
-    if len(set(train.targets)) < 2 or len(test) < 2:
+    if len(set(getattr(train, "targets", []))) < 2 or len(test) < 2:
         raise CompareError(
             f"--data {args.data}: too few images ({len(ds)}) to split into a training part with two "
             f"classes and a test part: raise --limit or add images"
@@ -413,8 +413,8 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         "masks": args.masks,
         "transform": ds.transform_description,
     }
-    for k in ("pretrain", "finetune"):
-        cfg.pop(k, None)
+    for section in ("pretrain", "finetune"):
+        cfg.pop(section, None)
     cfg["compare"] = {"arch": args.arch, "base": args.base, "tuned": list(args.tuned)}
 
     manifests: dict[str, dict] = {}

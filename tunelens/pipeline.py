@@ -163,7 +163,7 @@ def stage_report(out: Path, log=print) -> Path:
     return path
 
 
-def run_all(cfg: dict, out: Path, progress: bool = True, log=print) -> Path:
+def run_all(cfg: dict, out: Path, progress: bool = True, log=print) -> Path | None:
     for sub in ("checkpoints", "results", "report"):  # before any work
         check_owned_folder(Path(out) / sub)
     torch.set_num_threads(max(torch.get_num_threads(), 1))

@@ -40,6 +40,8 @@ def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: 
                 if offsets is not None:
                     idx = offsets[b]
                 x, y, _ = unpack_batch(batch)
+                if y is None:
+                    raise ValueError("evaluation needs labelled batches (inputs, labels[, masks])")
                 out = model(x.to(device, non_blocking=True)).float()
                 loss = torch.nn.functional.cross_entropy(out, y.to(device, non_blocking=True), reduction="none").cpu()
                 pred = out.argmax(1).cpu()
@@ -110,11 +112,11 @@ def run(ctx: Context) -> Output:
         samples["masks"] = torch.stack([torch.as_tensor(b[2]) for b in sample]).numpy()
     models = {n: m for n, m in ctx.models.items() if n != "base"}
     preds = predictions_table(models, ctx.test_loader, ctx.device)
-    curves, stages = training_tables(dict(ctx.manifests))
+    curves, stages = training_tables({k: dict(v) for k, v in ctx.manifests.items()})
     return Output(
         tables={
             PREDICTIONS: preds,
-            ACCURACY: accuracy_table(preds, dict(ctx.manifests)),
+            ACCURACY: accuracy_table(preds, {k: dict(v) for k, v in ctx.manifests.items()}),
             TRAINING: curves,
             TRAINING_STAGES: stages,
         },

@@ -111,7 +111,7 @@ def replace_head(model: nn.Module, num_classes: int, seed: int | None = None) ->
     if isinstance(old, nn.Linear):
         new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     elif isinstance(old, nn.Conv2d):  # squeezenet-style conv classifier
-        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)  # type: ignore[arg-type]
     else:
         raise ValueError(f"cannot replace head {name!r} of type {type(old).__name__}")
     if seed is not None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import runtime
 
@@ -32,7 +31,7 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu") -> dict[str, float]:
     """Accuracy and mean cross-entropy over a loader; sums are reduced across ranks when distributed."""
     device = runtime.resolve_device(device)
     was = model.training

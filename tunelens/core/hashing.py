@@ -20,7 +20,7 @@ def code_hash(package: str) -> str:
     import importlib
     from pathlib import Path
 
-    root = Path(importlib.import_module(package).__file__).parent
+    root = Path(str(importlib.import_module(package).__file__)).parent
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")) + sorted(root.rglob("*.j2")):
         h.update(p.relative_to(root).as_posix().encode())

@@ -47,7 +47,7 @@ class Results:
                     continue  # nothing to write (an empty table reads back as an error)
                 df.to_csv(tmp / f"{name}.csv", index=False)
             for name, arrs in self.arrays.items():
-                np.savez_compressed(tmp / f"{name}.npz", **arrs)
+                np.savez_compressed(tmp / f"{name}.npz", allow_pickle=False, **arrs)
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2, sort_keys=True, default=_jsonable))
 
         return write_owned_folder(folder, fill)

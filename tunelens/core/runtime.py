@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 __all__ = [
     "ShardedBatchSampler",
@@ -258,7 +258,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 def shard_loader(
-    dataset: Dataset,
+    dataset: Any,
     batch_size: int,
     shuffle: bool = False,
     *,
