@@ -31,6 +31,7 @@ from torch import nn
 
 from tunelens.core.evaluation import unpack_batch
 from tunelens.core.hooks import ActivationCapture
+from tunelens.core.models import eval_mode
 from tunelens.core.runtime import no_tf32
 
 __all__ = ["ActivationStats", "FeatureMapExamples", "gram_pass", "plot_feature_maps"]
@@ -274,21 +275,16 @@ def gram_pass(
 
         return fn
 
-    was = [m.training for m, _ in slots]
-    try:
-        with ExitStack() as stack, torch.no_grad(), no_tf32():
-            stack.enter_context(_blas_threads(torch.get_num_threads()))
-            for s, (m, names) in enumerate(slots):
-                m.eval().to(device)
-                stack.enter_context(ActivationCapture(m, names, fn=hook_fn(s)))
-            for batch in loader:
-                x = unpack_batch(batch)[0].to(device, non_blocking=True)
-                for s, (m, _) in enumerate(slots):
-                    grams[s].clear()
-                    maps[s].add_images(x)
-                    m(x)
-                sink([{k: grams[slot_of[i]][k] for k in names} for i, names in enumerate(layer_lists)])
-    finally:
-        for (m, _), w in zip(slots, was, strict=False):
-            m.train(w)
+    with ExitStack() as stack, torch.no_grad(), no_tf32():
+        stack.enter_context(_blas_threads(torch.get_num_threads()))
+        stack.enter_context(eval_mode(*[m for m, _ in slots]))
+        for s, (m, names) in enumerate(slots):
+            stack.enter_context(ActivationCapture(m.to(device), names, fn=hook_fn(s)))
+        for batch in loader:
+            x = unpack_batch(batch)[0].to(device, non_blocking=True)
+            for s, (m, _) in enumerate(slots):
+                grams[s].clear()
+                maps[s].add_images(x)
+                m(x)
+            sink([{k: grams[slot_of[i]][k] for k in names} for i, names in enumerate(layer_lists)])
     return [stats[s] for s in slot_of], [maps[s] for s in slot_of]

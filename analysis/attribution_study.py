@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from tunelens.core.evaluation import unpack_batch
+from tunelens.core.models import model_device
 from tunelens.core.runtime import resolve_device
 
 from .attribution import (
@@ -189,7 +190,7 @@ def attribution_study(
     *,
     n_images: int = 64,
     seed: int = 0,
-    device: str | torch.device = "auto",
+    device: str | torch.device | None = None,
     target: str = "label",
     probe_data: Any = None,
     classes: Sequence[str] | None = None,
@@ -304,7 +305,7 @@ def _study(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     notes: list[str] = []
-    dev = resolve_device(device)
+    dev = model_device(tuned) if device is None else resolve_device(device)
     x, y, masks, idx = collect_images(data, n_images, seed)
     n = len(x)
     if y is None and target == "label":

@@ -68,6 +68,13 @@ class RewindResult:
     skipped: tuple[str, ...] = ()
     device: str = "cpu"
 
+    def __getitem__(self, key: Any) -> Any:
+        """Deprecated: ``rewind(...)[cols]`` as README 0.1 showed; use ``rewind(...).table[cols]``."""
+        warnings.warn(
+            "indexing rewind()'s result is deprecated: use rewind(...).table", DeprecationWarning, stacklevel=2
+        )
+        return self.table[key]
+
 
 @dataclass(frozen=True)
 class InterpolationResult:
@@ -167,7 +174,8 @@ def rewound_model(base: nn.Module, tuned: nn.Module, group: str | Sequence[str] 
 def rewind(
     base: nn.Module,
     tuned: nn.Module,
-    loader: Iterable,
+    data: Iterable,
+    *,
     groups: GroupSpec = "stages",
     device: torch.device | str | None = None,
 ) -> RewindResult:
@@ -198,7 +206,7 @@ def rewind(
     params = {n for n, _ in model.named_parameters()}
     rows = []
     with no_tf32():
-        ref = evaluate(model, loader, dev)
+        ref = evaluate(model, data, dev)
         rows.append({"group": "none", "n_tensors": 0, "n_params": 0, "rel_change": 0.0, **ref})
         for name, sel in resolved:
             num = den = 0.0
@@ -208,7 +216,7 @@ def rewind(
                     den += float(base_sd[k].double().pow(2).sum())
             _assign(state, base_sd, sel)
             try:
-                r = evaluate(model, loader, dev)
+                r = evaluate(model, data, dev)
             finally:
                 _assign(state, tuned_sd, sel)
             rows.append(
@@ -314,9 +322,9 @@ def loss_barrier(df: pd.DataFrame) -> float:
 def interpolate(
     base: nn.Module,
     tuned: nn.Module,
-    loader: Iterable,
-    steps: int = 11,
+    data: Iterable,
     *,
+    steps: int = 11,
     alphas: Sequence[float] | None = None,
     bn: str = "recompute",
     train_loader: Iterable | None = None,
@@ -331,7 +339,7 @@ def interpolate(
     * ``"recompute"`` (default): at every alpha, reset and re-estimate them on the *same*
       first ``bn_batches`` batches of ``train_loader`` (collected once), see
       :func:`recompute_bn`; interpolated running statistics of a network with interpolated
-      weights describe neither. Without ``train_loader`` the evaluation ``loader`` is used
+      weights describe neither. Without ``train_loader`` the evaluation ``data`` is used
       (with a warning). The endpoints are re-estimated too, so they differ slightly from the
       models as saved; those values are in ``endpoints``.
     * ``"interpolate"``: running statistics are interpolated like the weights; alpha 0 and 1
@@ -370,7 +378,7 @@ def interpolate(
                 "re-estimated on the evaluation loader",
                 stacklevel=2,
             )
-            train_loader, source = loader, "loader"
+            train_loader, source = data, "data"
         bn_inputs = [unpack_batch(b)[0] for b in itertools.islice(train_loader, bn_batches)]
         if not bn_inputs:
             raise ValueError("the loader for BatchNorm re-estimation yielded no batch")
@@ -380,11 +388,11 @@ def interpolate(
             _assign(state, interpolated_state(base, tuned, a, keys), state.keys())
             if bn_inputs:
                 n_bn = recompute_bn(model, bn_inputs, dev)
-            rows.append({"alpha": a, **evaluate(model, loader, dev)})
+            rows.append({"alpha": a, **evaluate(model, data, dev)})
         if bn_inputs:
-            ends = {"base": evaluate(rewound_model(base, tuned).to(dev), loader, dev)}
+            ends = {"base": evaluate(rewound_model(base, tuned).to(dev), data, dev)}
             _assign(state, tuned.state_dict(), state.keys())
-            ends["tuned"] = evaluate(model, loader, dev)
+            ends["tuned"] = evaluate(model, data, dev)
         else:
             ends = {"base": rows[0], "tuned": rows[-1]}
     df = pd.DataFrame(rows)

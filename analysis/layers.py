@@ -21,6 +21,7 @@ from torch import nn
 
 from tunelens.core.evaluation import unpack_batch
 from tunelens.core.hooks import ActivationCapture
+from tunelens.core.models import eval_mode
 from tunelens.core.naming import stage_of
 
 __all__ = [
@@ -103,18 +104,13 @@ def iterate_features(
     model: nn.Module, loader: Iterable, layers: Sequence[str], device: torch.device | str = "cpu"
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None, Any]]:
     """Yield ``(features, labels, batch)`` per batch: copies of each layer's output, in eval mode, without grad."""
-    was = model.training
-    model.eval()
     cap = ActivationCapture(model, layers)
-    try:
-        with cap, torch.no_grad():
-            for batch in loader:
-                x, y, _ = unpack_batch(batch)
-                cap.features = {}
-                model(x.to(device, non_blocking=True))
-                yield dict(cap.features), y, batch
-    finally:
-        model.train(was)
+    with eval_mode(model), cap, torch.no_grad():
+        for batch in loader:
+            x, y, _ = unpack_batch(batch)
+            cap.features = {}
+            model(x.to(device, non_blocking=True))
+            yield dict(cap.features), y, batch
 
 
 def iterate_pair(
@@ -126,19 +122,12 @@ def iterate_pair(
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None, Any]]:
     """Run each batch of ``loader`` through both models once; yield ``(feats_a, feats_b, labels, batch)``."""
-    was_a, was_b = model_a.training, model_b.training
-    model_a.eval()
-    model_b.eval()
     cap_a, cap_b = ActivationCapture(model_a, layers_a), ActivationCapture(model_b, layers_b)
-    try:
-        with cap_a, cap_b, torch.no_grad():
-            for batch in loader:
-                x, y, _ = unpack_batch(batch)
-                x = x.to(device, non_blocking=True)
-                cap_a.features, cap_b.features = {}, {}
-                model_a(x)
-                model_b(x)
-                yield dict(cap_a.features), dict(cap_b.features), y, batch
-    finally:
-        model_a.train(was_a)
-        model_b.train(was_b)
+    with eval_mode(model_a, model_b), cap_a, cap_b, torch.no_grad():
+        for batch in loader:
+            x, y, _ = unpack_batch(batch)
+            x = x.to(device, non_blocking=True)
+            cap_a.features, cap_b.features = {}, {}
+            model_a(x)
+            model_b(x)
+            yield dict(cap_a.features), dict(cap_b.features), y, batch

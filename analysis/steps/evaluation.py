@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tunelens.core.evaluation import unpack_batch
+from tunelens.core.models import eval_mode
 from tunelens.core.results import Results
 
 from .. import findings as F
@@ -31,11 +32,9 @@ def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: 
     frames = []
     offsets = batch_offsets(loader)
     for name, model in models.items():
-        was = model.training
-        model.eval()
         rows = []
         idx = 0
-        try:
+        with eval_mode(model):
             for b, batch in enumerate(loader):
                 if offsets is not None:
                     idx = offsets[b]
@@ -57,8 +56,6 @@ def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: 
                         }
                     )
                     idx += 1
-        finally:
-            model.train(was)
         frames.append(gather_rows(rows, sort_by="index"))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runtime
+from .models import eval_mode
 
 __all__ = ["evaluate", "unpack_batch"]
 
@@ -34,16 +35,14 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.T
 def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu") -> dict[str, float]:
     """Accuracy and mean cross-entropy over a loader; sums are reduced across ranks when distributed."""
     device = runtime.resolve_device(device)
-    was = model.training
-    model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for batch in loader:
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        out = model(x)
-        tot[0] += (out.argmax(1) == y).sum()
-        tot[1] += F.cross_entropy(out.float(), y, reduction="sum").double()
-        tot[2] += len(y)
+    with eval_mode(model):
+        for batch in loader:
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            out = model(x)
+            tot[0] += (out.argmax(1) == y).sum()
+            tot[1] += F.cross_entropy(out.float(), y, reduction="sum").double()
+            tot[2] += len(y)
     runtime.all_reduce_sum(tot)
-    model.train(was)
     n = max(tot[2].item(), 1)
     return {"acc": tot[0].item() / n, "loss": tot[1].item() / n, "n": int(tot[2].item())}

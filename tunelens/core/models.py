@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["borrowed", "model_device", "same_device"]
+__all__ = ["borrowed", "eval_mode", "model_device", "same_device"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -46,3 +46,18 @@ def borrowed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
                 m.training = f
     else:
         yield copy.deepcopy(model).to(device)
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block; each module's own ``training`` flag restored
+    on exit (``model.train(was)`` would not: it sets one flag for all, e.g. thawing a probe's frozen BatchNorm)."""
+    flags = [[m.training for m in model.modules()] for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, fl in zip(models, flags, strict=True):
+            for m, f in zip(model.modules(), fl, strict=True):
+                m.training = f
