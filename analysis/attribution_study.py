@@ -281,7 +281,7 @@ def _study(
     *,
     n_images: int,
     seed: int,
-    device: str | torch.device,
+    device: str | torch.device | None,
     target: str,
     probe_data: Any,
     classes: Sequence[str] | None,
