@@ -86,6 +86,11 @@ def analyze_models(
         results=res,
         random_like=random_like,
     )
+    try:  # the stages every analysis groups by, shown in the report's methods section
+        res.summary["stages"] = ctx.stage_map.to_dict()
+    except Exception as e:
+        failed["stages"] = one_line_error(e)
+        log(f"[analyze] finding the stages failed: {failed['stages']}")
     done = []
     for a in registered():
         if a.name in skipped:
