@@ -72,6 +72,8 @@ def analyze_models(
     if primary not in tuned:
         primary = tuned[0]
     res.summary.update(primary=primary, tuned=tuned)
+    if hasattr(data.get("test"), "__len__"):
+        res.summary["n_test"] = len(data["test"])  # type: ignore[arg-type]
     ctx = Context(
         models=models,
         manifests=manifests,
@@ -122,5 +124,6 @@ def analyze_models(
             findings += a.findings(res)
         except Exception as e:
             failed[f"{a.name} findings"] = one_line_error(e)
+    findings = F.small_data_caveat(findings, res.summary.get("n_test"))
     res.summary.update(timings=timings, skipped=skipped, failed=failed, findings=F.rank_findings(findings))
     return res

@@ -67,6 +67,8 @@ def findings(res: Results) -> list[F.Finding]:
         res.table(PROBE_GAIN),
         res.table(WEIGHT_STAGES),
         res.summary.get("primary", "full"),
+        exclude=[k for k, v in res.summary.get("stages", {}).get("layers", {}).items() if v == "logits"] or ["fc"],
+        n_test=res.summary.get("n_test"),
     )
 
 
