@@ -77,7 +77,7 @@ def _efficientnet(num_classes: int) -> nn.Module:
 
 #: family -> (builder(num_classes), input side)
 FAMILIES: dict[str, tuple[Callable[[int], nn.Module], int]] = {
-    "resnet": (lambda n: tvm.resnet18(num_classes=n), 32),
+    "resnet": (lambda n: tvm.resnet.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=n), 32),
     "resnext": (_resnext, 32),
     "efficientnet": (_efficientnet, 32),
     "mobilenet_v2": (lambda n: tvm.mobilenet_v2(num_classes=n, width_mult=0.25), 32),
