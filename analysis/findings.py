@@ -413,7 +413,8 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
         )
     else:
         s_ = chance_corrected(low["cka_base_tuned"], rnd)
-        txt += f"; chance-corrected {s_:.2f} against the random-weights baseline {rnd:.2f}"
+        txt += f"; chance-corrected {s_:.2f}" + (" (below 0: less alike than random weights)" if s_ < 0 else "")
+        txt += f" against the random-weights baseline {rnd:.2f}"
         if has_ci:
             lo, hi = chance_corrected(low["ci_low"], rnd), chance_corrected(low["ci_high"], rnd)
             txt += f" (CI {lo:.2f} to {hi:.2f})"
