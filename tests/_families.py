@@ -75,6 +75,20 @@ def _efficientnet(num_classes: int) -> nn.Module:
     return tvm.EfficientNet(setting, 0.2, num_classes=num_classes, last_channel=last)
 
 
+def _vgg(num_classes: int) -> nn.Module:
+    m = tvm.VGG(tvm.vgg.make_layers([8, "M", 16, "M", 32, "M", 32, "M"]), num_classes=num_classes)
+    m.classifier = nn.Sequential(  # torchvision's is sized for 512 channels (25088 x 4096)
+        nn.Linear(32 * 7 * 7, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, num_classes),
+    )
+    return m
+
+
 #: family -> (builder(num_classes), input side)
 FAMILIES: dict[str, tuple[Callable[[int], nn.Module], int]] = {
     "resnet": (lambda n: tvm.resnet.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=n), 32),
@@ -88,10 +102,7 @@ FAMILIES: dict[str, tuple[Callable[[int], nn.Module], int]] = {
         lambda n: tvm.DenseNet(growth_rate=8, block_config=(1, 1, 1, 1), num_init_features=16, num_classes=n),
         32,
     ),
-    "vgg": (
-        lambda n: tvm.VGG(tvm.vgg.make_layers([8, "M", 16, "M", 32, "M", 32, "M"]), num_classes=n, init_weights=True),
-        32,
-    ),
+    "vgg": (_vgg, 32),
     "swin": (
         lambda n: tvm.swin_transformer.SwinTransformer(
             patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2], num_classes=n

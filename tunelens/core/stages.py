@@ -471,8 +471,9 @@ def _gradcam(f: _Finder, smap: StageMap) -> tuple[str | None, str]:
         for n, r in f.recs.items()
         if r.calls == 1 and f.layouts.get(n) == "nchw" and f.res(n) is not None and ok(n)
     ]
-    if cands:
-        return max(cands)[1], ""
+    at_units = [c for c in cands if c[1] in units]  # stage units first (layer3, not layer4.0.bn1 before its stride)
+    if at_units or cands:
+        return max(at_units or cands)[1], ""
     if any(s.layout == "tokens" for s in smap.body):
         return None, (
             "not applicable: the blocks output tokens (B, N, D), not a spatial feature map, and no layer after the "
