@@ -429,7 +429,7 @@ def fit_probe_head(
         after = list(parent._modules)[list(parent._modules).index(child) + 1 :]
         for k in after:
             if isinstance(parent._modules[k], nn.ReLU):
-                parent._modules[k] = nn.Identity()
+                parent._modules[k] = nn.Identity().train(old.training)
     else:
         raise ValueError(
             f"probe heads replace an nn.Linear head or a 1x1 nn.Conv2d head in an nn.Sequential; {name!r} is a "
