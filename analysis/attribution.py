@@ -47,6 +47,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tunelens.core.stages import gradcam_layer
+
 from .prepare import _model_device, assert_eval, is_residual, output_dim, prepare_for_attribution
 
 __all__ = [
@@ -208,27 +210,10 @@ def auto_eval_batch(
 
 
 def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
-    """``layer4`` for ResNets; otherwise the last module with a spatial (4-D) output."""
-    names = dict(model.named_modules())
-    if "layer4" in names:
-        return "layer4"
-    last: list[str] = []
-    handles = [
-        m.register_forward_hook(
-            lambda _m, _i, o, n=n: last.append(n) if isinstance(o, torch.Tensor) and o.ndim == 4 else None
-        )
-        for n, m in model.named_modules()
-        if n
-    ]
-    try:
-        with torch.no_grad():
-            model(inputs[:1].to(_model_device(model)))
-    finally:
-        for h in handles:
-            h.remove()
-    if not last:
-        raise ValueError("the model has no module with a spatial output; pass grad_cam's layer= explicitly")
-    return last[-1]
+    """The last layer after the stem with an NCHW output larger than 1x1 that runs once per forward pass
+    (:func:`tunelens.core.stages.gradcam_layer`: ``layer4`` on ResNets, Swin's ``permute`` back to NCHW, never
+    a 1x1 pooling layer). ValueError with the reason when there is none (ViT: its blocks output tokens)."""
+    return gradcam_layer(model, inputs[:1].to(_model_device(model)))
 
 
 @torch.no_grad()

@@ -8,6 +8,8 @@ known, ``uncertainty`` (a confidence interval or the reason there is none).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -103,13 +105,22 @@ def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding
             continue
         top = g.loc[g["relative"].idxmax()]
         if top["relative"] == 0:
+            head = stages[(stages["model"] == model) & (stages["stage"] == "head")]
+            replaced = bool(len(head)) and int(head["replaced"].sum()) > 0
+            moved = bool(len(head)) and float(head["relative"].fillna(0).max()) > 0
+            tail = (
+                "only the head was replaced and trained."
+                if replaced
+                else ("only the head was trained." if moved else "nothing changed: the head is identical too.")
+            )
             out.append(
                 Finding(
                     f"weights_frozen_{model}",
-                    f"{model}: the backbone did not move at all (every "
-                    "shared weight is bit-identical to the pretrained one); only the new head was trained.",
+                    f"{model}: the backbone did not move at all (every shared weight is bit-identical to the "
+                    f"pretrained one); {tail}",
                     "weight_stages",
-                    score=3,
+                    score=3 if replaced or moved else 9,
+                    uncertainty="exact (computed on the weights, no sampling)",
                 )
             )
             continue
@@ -139,8 +150,51 @@ def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding
     return out
 
 
+_NONFINITE = re.compile(r"(?<![A-Za-z])(nan|inf)(?![A-Za-z])", re.IGNORECASE)
+
+#: below this many test images the report opens with a caveat: a difference of one image is 1 point at 100,
+#: the two-standard-error noise of an accuracy near 80% about 11 points, and bootstrap CIs over fewer images
+#: are unstable (percentile intervals need tens of distinct resamples)
+MIN_TEST_IMAGES = 100
+
+
+def checked(f: Finding) -> Finding:
+    """``f`` with no ``nan`` or ``inf`` in its sentence or uncertainty: a number that could not be computed is
+    replaced by words (the generators avoid them; this is the last guard)."""
+    text = _NONFINITE.sub("n/a (not computable)", f.text)
+    unc = f.uncertainty
+    if unc is not None and _NONFINITE.search(unc):
+        unc = "not computable from this little data: " + _NONFINITE.sub("n/a", unc)
+    return Finding(f.id, text, f.evidence, f.score, unc, f.kind) if (text, unc) != (f.text, f.uncertainty) else f
+
+
+def small_data_caveat(findings: list[Finding], n_test: int | None) -> list[Finding]:
+    """Below :data:`MIN_TEST_IMAGES` test images: a caveat that leads the list, and every finding read from
+    sampled data (all but the exact weight deltas) says so in its uncertainty."""
+    if n_test is None or n_test >= MIN_TEST_IMAGES:
+        return findings
+    out = [
+        Finding(
+            "small_data",
+            f"Caveat: only {n_test} test images (fewer than {MIN_TEST_IMAGES}). Accuracy differences of several "
+            "points, CKA and attribution changes read from so few images are within sampling noise; the findings "
+            "below that depend on the data say so.",
+            "accuracy",
+            score=100,
+            kind="caveat",
+        )
+    ]
+    for f in findings:
+        if f.evidence == "weight_stages":
+            out.append(f)
+            continue
+        unc = f"few test images ({n_test} < {MIN_TEST_IMAGES})" + (f"; {f.uncertainty}" if f.uncertainty else "")
+        out.append(Finding(f.id, f.text, f.evidence, f.score, unc, f.kind))
+    return out
+
+
 def rank_findings(findings: list[Finding]) -> list[dict]:
-    return [f.to_dict() for f in sorted(findings, key=lambda f: -f.score)]
+    return [checked(f).to_dict() for f in sorted(findings, key=lambda f: -f.score)]
 
 
 def _noise_pts(p: float, n: int) -> float:
@@ -155,8 +209,11 @@ def functional_findings(
     gains: pd.DataFrame | None,
     stages: pd.DataFrame | None,
     primary: str,
+    exclude: Sequence[str] = ("fc",),
+    n_test: int | None = None,
 ) -> list[Finding]:
-    """Rewind criticality, the loss barrier, probe gains, and the literature's three expectations."""
+    """Rewind criticality, the loss barrier, probe gains (``exclude``: layers left out, the logits), and the
+    literature's three expectations. A change within its sampling noise is never called the largest."""
     out: list[Finding] = []
     checks = []
     if rewind is not None and len(rewind):
@@ -194,7 +251,12 @@ def functional_findings(
             )
             l1 = grp[grp["group"] == "layer1"]
             l4 = grp[grp["group"] == "layer4"]
-            if len(l1) and len(l4):
+            if len(l1) and len(l4) and 100 * abs(l1["acc_drop"].iloc[0] - l4["acc_drop"].iloc[0]) <= noise:
+                checks.append(
+                    f"rewinding layer1 and rewinding layer4 cost the same within noise "
+                    f"({100 * l1['acc_drop'].iloc[0]:.1f} vs {100 * l4['acc_drop'].iloc[0]:.1f} points) [cannot tell]"
+                )
+            elif len(l1) and len(l4):
                 ok = l1["acc_drop"].iloc[0] < l4["acc_drop"].iloc[0]
                 checks.append(
                     f"rewinding layer1 costs {'less' if ok else 'no less'} than rewinding layer4 "
@@ -217,18 +279,37 @@ def functional_findings(
             )
         )
     if gains is not None and len(gains):
-        g = gains[~gains["layer"].isin(["fc"])]
+        g = gains[~gains["layer"].isin(list(exclude))].dropna(subset=["gain"])
         if len(g):
-            top = g.loc[g["gain"].idxmax()]
+            top = g.loc[g["gain"].abs().idxmax()]
+            n = int(n_test) if n_test else 100
+            p_ = float(np.clip((top["tuned_test_acc"] + top["base_test_acc"]) / 2, 1 / (n + 1), n / (n + 1)))
+            noise = _noise_pts(p_, n)
+            if abs(top["gain"]) > noise:
+                verb = "rises" if top["gain"] > 0 else "falls"
+                text = (
+                    f"Linear-probe accuracy on the target task {verb} most at {top['layer']} after fine-tuning "
+                    f"({top['gain']:+.1f} points: {pct(top['base_test_acc'])} -> {pct(top['tuned_test_acc'])})."
+                )
+            else:
+                text = (
+                    "Linear-probe accuracy on the target task changes at no layer beyond sampling noise after "
+                    f"fine-tuning (largest change {top['gain']:+.1f} points, at {top['layer']}; noise about "
+                    f"{noise:.0f} points)"
+                    + (
+                        ", and the probes are at ceiling (100%) in both models."
+                        if (g["base_test_acc"] >= 1).all() and (g["tuned_test_acc"] >= 1).all()
+                        else "."
+                    )
+                )
             out.append(
                 Finding(
                     "probe_gain",
-                    f"Linear-probe accuracy on the target task rises most at {top['layer']} after "
-                    f"fine-tuning ({top['gain']:+.1f} points: {pct(top['base_test_acc'])} -> {pct(top['tuned_test_acc'])}).",
+                    text,
                     "probes",
-                    score=7,
-                    uncertainty="one probe per layer on the target test split; "
-                    f"{_noise_pts(top['tuned_test_acc'], 100):.0f}-point noise scale per 100 test images",
+                    score=7 if abs(top["gain"]) > noise else 3,
+                    uncertainty=f"one probe per layer on {n} target test images; changes under about {noise:.0f} "
+                    "points are within sampling noise (2 s.e.)",
                 )
             )
             last_stage = g[g["layer"].str.startswith("layer")]
@@ -254,7 +335,7 @@ def functional_findings(
                 f"and layer1 {pct(early, 2)} vs layer4 {pct(late, 2)})" + ("" if ok else " [not as expected]"),
             )
     if checks:
-        held = sum("[not as expected]" not in c for c in checks)
+        held = sum("[not as expected]" not in c and "[cannot tell]" not in c for c in checks)
         out.append(
             Finding(
                 "literature",
@@ -268,43 +349,86 @@ def functional_findings(
     return out
 
 
+def chance_corrected(cka: float, chance: float) -> float:
+    """``(CKA - chance) / (1 - chance)``: 1 as similar as identical, 0 as similar as random weights; NaN when
+    the chance level is not below 1."""
+    if not (np.isfinite(cka) and np.isfinite(chance)) or chance >= 1:
+        return float("nan")
+    return (cka - chance) / (1 - chance)
+
+
+def _verdict(x: float) -> str:
+    return "kept" if x >= 0.8 else ("adapted" if x >= 0.2 else "replaced")
+
+
+#: a random-weights baseline above this leaves too little room: the test cannot tell kept from replaced
+CHANCE_TOO_HIGH = 0.95
+#: base-tuned CKA at or above this at every layer reads as "unchanged"
+UNCHANGED = 0.99
+
+
 def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -> list[Finding]:
-    """Where representations were kept (CKA >= ``kept``) and where they diverged, read against the
-    random-weights baseline and, when present, the from-scratch control."""
+    """Per layer the chance-corrected CKA ``(CKA - chance) / (1 - chance)`` with its CI, read as kept (>= 0.8),
+    adapted (0.2-0.8) or replaced (< 0.2) only where the CI stays in one class; a layer "diverges most" only
+    when its CI lies below every other layer's; a baseline near 1 or a missing CI is said, never printed."""
     out: list[Finding] = []
     c = chance.dropna(subset=["cka_base_tuned"]).reset_index(drop=True)
     if c.empty:
         return out
     est = c["estimator"].iloc[0] if "estimator" in c else "CKA"
-    kept_layers = []
-    for _, r in c.iterrows():
-        if r["cka_base_tuned"] >= kept:
-            kept_layers.append(r["layer"])
-        else:
-            break
-    low = c.loc[c["cka_base_tuned"].idxmin()]
-    rnd = low.get("cka_base_random", float("nan"))
-    adapted = np.isfinite(rnd) and low["cka_base_tuned"] > rnd + 0.1
-    head = (
-        f"representations are kept through {kept_layers[-1]} (CKA >= {kept})"
-        if kept_layers
-        else f"no layer keeps CKA >= {kept}"
+    has_ci = bool(np.isfinite(c["ci_low"]).all() and np.isfinite(c["ci_high"]).all())
+    unc = f"estimator: {est}; " + (
+        "CI: bootstrap over batches" if has_ci else "no CI: too few batches to bootstrap (one batch)"
     )
-    txt = (
-        f"{primary}: {head}; {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}, 95% CI "
-        f"{low['ci_low']:.2f}-{low['ci_high']:.2f})"
-    )
-    if np.isfinite(rnd):
-        txt += (
-            f", {'still far above' if adapted else 'not clearly above'} the random-weights baseline "
-            f"{rnd:.2f}: features were {'adapted, not replaced' if adapted else 'largely replaced'}"
+    if (c["cka_base_tuned"] >= UNCHANGED).all():
+        out.append(
+            Finding(
+                "cka",
+                f"{primary}: representations are unchanged at every compared layer (base-vs-tuned CKA >= {UNCHANGED} "
+                f"from {c['layer'].iloc[0]} to {c['layer'].iloc[-1]}); no layer diverges.",
+                "cka_chance",
+                score=8.5,
+                uncertainty=unc,
+            )
         )
+        return out
+    low = c.loc[c["cka_base_tuned"].idxmin()]
+    others = c.drop(index=low.name)
+    clear = has_ci and len(others) and bool((low["ci_high"] < others["ci_low"]).all())
+    ci = f", 95% CI {low['ci_low']:.2f}-{low['ci_high']:.2f}" if has_ci else ""
+    if clear:
+        txt = f"{primary}: {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}{ci})"
+    else:
+        txt = (
+            f"{primary}: the lowest base-vs-tuned CKA is at {low['layer']} ({low['cka_base_tuned']:.2f}{ci}), "
+            "not clearly below the other layers"
+        )
+    rnd = float(low.get("cka_base_random", float("nan")))
+    if not np.isfinite(rnd):
+        txt += "; without a random-weights baseline the test cannot say whether its features were kept or replaced"
+    elif rnd >= CHANCE_TOO_HIGH:
+        txt += (
+            f"; the random-weights baseline is itself {rnd:.2f}, so the test cannot tell kept features from replaced "
+            "ones here"
+        )
+    else:
+        s_ = chance_corrected(low["cka_base_tuned"], rnd)
+        txt += f"; chance-corrected {s_:.2f}" + (" (below 0: less alike than random weights)" if s_ < 0 else "")
+        txt += f" against the random-weights baseline {rnd:.2f}"
+        if has_ci:
+            lo, hi = chance_corrected(low["ci_low"], rnd), chance_corrected(low["ci_high"], rnd)
+            txt += f" (CI {lo:.2f} to {hi:.2f})"
+            txt += (
+                f": features were {_verdict(s_)}"
+                if _verdict(lo) == _verdict(hi)
+                else f": between {_verdict(lo)} and {_verdict(hi)}, the data cannot say which"
+            )
+        else:
+            txt += f": features look {_verdict(s_)} (no CI to confirm it)"
     sc = low.get("cka_tuned_scratch", float("nan"))
     if np.isfinite(sc):
         txt += f". The scratch control's {low['layer']} has CKA {sc:.2f} with the tuned model"
-    out.append(
-        Finding("cka", txt + ".", "cka_chance", score=8.5, uncertainty=f"estimator: {est}; CI: bootstrap over batches")
-    )
+    out.append(Finding("cka", txt + ".", "cka_chance", score=8.5, uncertainty=unc))
     return out
 
 
@@ -332,19 +456,36 @@ def attribution_findings(
     out: list[Finding] = []
     inf = summary[summary["informative"]]
     flagged = summary[~summary["informative"]]["method"].tolist()
-    for _, r in inf.sort_values("change_index", ascending=False).head(2).iterrows():
+    for _, r in inf.dropna(subset=["change_index"]).sort_values("change_index", ascending=False).head(2).iterrows():
         name = _METHOD_NAMES.get(r["method"], r["method"])
+        ci, lo, hi = r["change_index"], r["change_index_lo"], r["change_index_hi"]
+        has_ci = bool(np.isfinite(lo) and np.isfinite(hi))
+        if has_ci and lo <= 0 <= hi:
+            how = "did not move clearly away from the base model's (the CI includes 0)"
+        elif ci > 1:
+            how = "moved farther from the base model's than a randomized network's maps do"
+        elif ci < 0:
+            how = "stayed closer to the base model's than the base model to itself under a one-pixel shift or new noise"
+        else:
+            how = f"moved {'far' if ci > 0.5 else 'part of the way'} from the base model's"
+        note = ""
+        if ci > 1:
+            note = " (above 1: beyond the randomized network)"
+        elif ci < 0:
+            note = " (below 0: closer than the base model to itself)"
         out.append(
             Finding(
                 f"attr_change_{r['method']}",
-                f"{_cap(name)} maps of the {primary} model moved "
-                f"{'far' if r['change_index'] > 0.5 else 'part of the way'} from the base model's: change index "
-                f"{r['change_index']:.2f} on a scale where 0 is as close as the base model to itself under a one-pixel "
+                f"{_cap(name)} maps of the {primary} model {how}: change index "
+                f"{ci:.2f}{note} on a scale where 0 is as close as the base model to itself under a one-pixel "
                 f"shift or new noise ({r['ceiling']:.2f}) and 1 is as far as a randomized network ({r['floor']:.2f}).",
                 "attribution_summary",
-                score=7.5,
-                uncertainty=f"95% CI {r['change_index_lo']:.2f} to {r['change_index_hi']:.2f} (bootstrap over {int(r['n'])} "
-                f"images; similarity: {r['similarity']})",
+                score=7.5 if has_ci and not lo <= 0 <= hi else 4,
+                uncertainty=(
+                    f"95% CI {lo:.2f} to {hi:.2f} (bootstrap over {int(r['n'])} images; similarity: {r['similarity']})"
+                    if has_ci
+                    else f"no CI: {int(r['n'])} image(s), too few to bootstrap"
+                ),
             )
         )
     if localisation is not None and len(inf):
@@ -372,16 +513,19 @@ def attribution_findings(
         pc = per_class[per_class["method"] == m].dropna(subset=["change_index"])
         if len(pc) > 1:
             r = pc.loc[pc["change_index"].idxmax()]
-            out.append(
-                Finding(
-                    "attr_class",
-                    f"{_cap(_METHOD_NAMES.get(m, m))} maps changed most for class {r['class']} "
-                    f"(change index {r['change_index']:.2f}; base-vs-tuned similarity {r['ab']:.2f}).",
-                    "attribution_per_class",
-                    score=4,
-                    uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images",
+            rest = pc.drop(index=r.name)
+            has_ci = bool(np.isfinite(pc["ab_lo"]).all() and np.isfinite(pc["ab_hi"]).all())
+            if has_ci and bool((r["ab_hi"] < rest["ab_lo"]).all()):
+                out.append(
+                    Finding(
+                        "attr_class",
+                        f"{_cap(_METHOD_NAMES.get(m, m))} maps changed most for class {r['class']} "
+                        f"(change index {r['change_index']:.2f}; base-vs-tuned similarity {r['ab']:.2f}).",
+                        "attribution_per_class",
+                        score=4,
+                        uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images",
+                    )
                 )
-            )
     if flagged:
         out.append(
             Finding(

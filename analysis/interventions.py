@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from torch import nn
 from tunelens.core.evaluation import evaluate, unpack_batch
 from tunelens.core.naming import head_name
 from tunelens.core.runtime import all_reduce_sum, no_tf32, resolve_device, world_size
+from tunelens.core.stages import StageMap, stages
 
 from .layers import stage_of
 
@@ -126,8 +127,10 @@ def shared_keys(base: nn.Module, tuned: nn.Module) -> list[str]:
     return [k for k, v in tuned.state_dict().items() if not _under(k, head) and k in sb and sb[k].shape == v.shape]
 
 
-def _resolve_groups(keys: list[str], groups: GroupSpec, head: str) -> list[tuple[str, list[str]]]:
-    """``[(group name, shared keys)]``. ``"stages"``: one group per :func:`stage_of` stage, in forward order."""
+def _resolve_groups(
+    keys: list[str], groups: GroupSpec, head: str, stage_of: Callable[[str], str] = stage_of
+) -> list[tuple[str, list[str]]]:
+    """``[(group name, shared keys)]``. ``"stages"``: one group per stage (``stage_of``), in forward order."""
     if isinstance(groups, str) and groups == "stages":
         by: dict[str, list[str]] = {}
         for k in keys:
@@ -165,7 +168,11 @@ def rewound_model(base: nn.Module, tuned: nn.Module, group: str | Sequence[str] 
     base, tuned = _unwrap(base), _unwrap(tuned)
     model = copy.deepcopy(tuned)
     keys = shared_keys(base, model)
-    sel = keys if group == "all_but_head" else _resolve_groups(keys, {str(group): group}, head_name(model))[0][1]
+    sel = (
+        keys
+        if group == "all_but_head"
+        else _resolve_groups(keys, {str(group): group}, head_name(model), stages(base).stage_of)[0][1]
+    )
     sb = base.state_dict()
     _assign(model.state_dict(), sb, sel)
     return model
@@ -178,11 +185,12 @@ def rewind(
     *,
     groups: GroupSpec = "stages",
     device: torch.device | str | None = None,
+    stage_map: StageMap | None = None,
 ) -> RewindResult:
     """Target accuracy and loss of ``tuned`` with each parameter group set back to ``base``.
 
-    ``groups``: ``"stages"`` (the stem ``conv1``+``bn1``, ``layer1`` .. ``layer4`` for ResNets,
-    see :func:`analysis.layers.stage_of`), a list of module-name prefixes or stage names (one
+    ``groups``: ``"stages"`` (the stages of ``stage_map``, by default :func:`tunelens.core.stages.stages`
+    of ``base``: the stem ``conv1``+``bn1``, ``layer1`` .. ``layer4`` for ResNets), a list of module-name prefixes or stage names (one
     group each), or ``{name: prefix or [prefixes]}``. Rows: ``none`` (tuned as is), one per
     group, and ``all_but_head`` (the base backbone under the tuned head). BatchNorm running
     statistics rewind with their layer; the head and entries whose shapes differ never do.
@@ -198,7 +206,8 @@ def rewind(
     model = copy.deepcopy(tuned).to(dev)
     head = head_name(model)
     keys = shared_keys(base, model)
-    resolved = _resolve_groups(keys, groups, head) + [("all_but_head", keys)]
+    smap = stage_map or stages(base)
+    resolved = _resolve_groups(keys, groups, head, smap.stage_of) + [("all_but_head", keys)]
     state = model.state_dict()
     sb = base.state_dict()
     base_sd = {k: sb[k].detach().to(dev) for k in keys}

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from tunelens.core.evaluation import unpack_batch
-from tunelens.core.hooks import ActivationCapture
+from tunelens.core.hooks import ActivationCapture, split_view
 from tunelens.core.models import eval_mode
 from tunelens.core.naming import stage_of
+from tunelens.core.stages import stages
 
 __all__ = [
     "ActivationCapture",
@@ -37,48 +38,24 @@ __all__ = [
 LayerSpec = str | Sequence[str] | type | tuple[type, ...]
 
 
-def _is_resnet_like(model: nn.Module) -> bool:
-    names = dict(model.named_children())
-    return all(k in names for k in ("conv1", "layer1", "layer4", "fc"))
+def _auto_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    return stages(model, example).cka_layers()
 
 
-def _auto_layers(model: nn.Module) -> list[str]:
-    children = dict(model.named_children())
-    if _is_resnet_like(model):
-        stem = "maxpool" if "maxpool" in children else "relu"
-        out = [stem] + [f"layer{i}" for i in range(1, 5) if f"layer{i}" in children]
-        if "avgpool" in children:
-            out.append("avgpool")
-        return out + ["fc"]
-    if "features" in children and isinstance(children["features"], nn.Sequential):
-        out = [f"features.{n}" for n, _ in children["features"].named_children()]
-        if "avgpool" in children:
-            out.append("avgpool")
-        from tunelens.core.naming import head_name
-
-        return out + [head_name(model)]
-    enc = getattr(model, "encoder", None)
-    if enc is not None and isinstance(getattr(enc, "layers", None), nn.Sequential):
-        out = [f"encoder.layers.{n}" for n, _ in enc.layers.named_children()]
-        from tunelens.core.naming import head_name
-
-        return out + [head_name(model)]
-    return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
-
-
-def resolve_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[str]:
+def resolve_layers(model: nn.Module, layers: LayerSpec = "auto", example: torch.Tensor | None = None) -> list[str]:
     """Exact module names to capture.
 
-    ``"auto"``: for ResNets the stem output, ``layer1`` .. ``layer4``, the pooled features
-    (``avgpool``) and the logits (``fc``); for ``features``-style models (VGG, ConvNeXt,
-    EfficientNet, MobileNet ...) each block of ``features``; for ViTs each encoder layer.
-    A list of names is checked against ``model.named_modules()`` (unknown names are an
-    error with close matches suggested); a module type (or tuple of types) selects every
-    module of that type.
+    ``"auto"``: one output per stage of :func:`tunelens.core.stages.stages` (``example``: an input
+    batch, default a dummy image), the pooled features and the logits: for ResNets ``maxpool``,
+    ``layer1`` .. ``layer4``, ``avgpool``, ``fc``; channels-last stages (Swin) with the view ``[nhwc]``;
+    token stages (ViT) twice, the class token ``[cls]`` and the mean patch token ``[patch_mean]``.
+    A list of names is checked against ``model.named_modules()`` (a name may carry a view, e.g.
+    ``encoder.ln[cls]``; unknown names are an error with close matches suggested); a module type (or
+    tuple of types) selects every module of that type.
     """
     named = dict(model.named_modules())
     if isinstance(layers, str) and layers == "auto":
-        return _auto_layers(model)
+        return _auto_layers(model, example)
     if isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)):
         out = [n for n, m in named.items() if n and isinstance(m, layers)]
         if not out:
@@ -88,7 +65,10 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[str]:
         layers = [layers]
     out = []
     for name in layers:
-        if name not in named or name == "":
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings, got {type(name).__name__}")
+        module, _ = split_view(name)
+        if module not in named or module == "":
             close = difflib.get_close_matches(name, [n for n in named if n], n=3)
             hint = f" Close matches: {', '.join(close)}." if close else ""
             raise ValueError(

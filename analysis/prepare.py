@@ -347,7 +347,14 @@ def head_features(
     dev = torch.device(device) if device is not None else _model_device(model)
     feats, labels, seen = [], [], 0
     captured: list[torch.Tensor] = []
-    h = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu()))
+
+    def grab(_m: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        if isinstance(head, nn.Conv2d) and x.ndim == 4:  # a 1x1 conv head (SqueezeNet): its input, averaged
+            x = x.mean((2, 3))
+        captured.append(x.flatten(1).float().cpu())
+
+    h = head.register_forward_pre_hook(grab)
     try:
         with _eval_mode(model):
             for batch in _iter_batches(data):
@@ -383,8 +390,9 @@ def fit_probe_head(
 
     Logistic regression (scikit-learn, L2, ``C``) on standardised pooled penultimate
     features (Alain & Bengio 2016; Kornblith et al. 2019), folded back into one
-    ``nn.Linear`` so the copy maps images to probe logits and can be attributed like any
-    classifier. Returns ``(model_copy, info)`` with the probe's training accuracy and size.
+    ``nn.Linear`` (a 1x1 ``nn.Conv2d`` for SqueezeNet's conv head, whose following ReLU is then
+    dropped, on the spatially averaged features) so the copy maps images to probe logits and can
+    be attributed like any classifier. Returns ``(model_copy, info)`` with the probe's training accuracy and size.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -409,18 +417,36 @@ def fit_probe_head(
     out = copy.deepcopy(model)
     name = head_name(out)
     old = out.get_submodule(name)
-    if not isinstance(old, nn.Linear):
-        raise ValueError(f"probe heads replace an nn.Linear head; {name!r} is a {type(old).__name__}")
-    lin = nn.Linear(feats.shape[1], n_cls).to(device=old.weight.device, dtype=old.weight.dtype)
+    parent_name, _, child = name.rpartition(".")
+    parent = out.get_submodule(parent_name) if parent_name else out
+    lin: nn.Linear | nn.Conv2d
+    if isinstance(old, nn.Linear):
+        lin = nn.Linear(feats.shape[1], n_cls)
+    elif isinstance(old, nn.Conv2d) and old.kernel_size == (1, 1) and isinstance(parent, nn.Sequential):
+        # SqueezeNet: conv 1x1 -> ReLU -> average pool. The probe is a 1x1 conv and the ReLU after it is dropped,
+        # so the head computes mean_xy(W x + b) = W mean_xy(x) + b: exactly the probe on the pooled features
+        lin = nn.Conv2d(feats.shape[1], n_cls, 1)
+        w = w[:, :, None, None]
+        after = list(parent._modules)[list(parent._modules).index(child) + 1 :]
+        for k in after:
+            if isinstance(parent._modules[k], nn.ReLU):
+                parent._modules[k] = nn.Identity().train(old.training)
+    else:
+        raise ValueError(
+            f"probe heads replace an nn.Linear head or a 1x1 nn.Conv2d head in an nn.Sequential; {name!r} is a "
+            f"{type(old).__name__}"
+        )
+    lin = lin.to(device=old.weight.device, dtype=old.weight.dtype)
+    bias = lin.bias
+    assert bias is not None  # both probe heads are built with a bias
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(w))
-        lin.bias.copy_(torch.from_numpy(b))
-    parent_name, _, child = name.rpartition(".")
-    setattr(out.get_submodule(parent_name) if parent_name else out, child, lin)
+        bias.copy_(torch.from_numpy(b))
+    setattr(parent, child, lin)
     lin.train(old.training)
     if is_prepared(model):
         lin.weight.requires_grad_(False)
-        lin.bias.requires_grad_(False)
+        bias.requires_grad_(False)
         _PREPARED.add(out)
     info = {
         "train_acc": float(clf.score((feats - mu) / sd, y)),

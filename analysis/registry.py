@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tunelens.core.results import Results
+from tunelens.core.stages import StageMap, stages
 
 from .findings import Finding
 from .sharding import shard_loader
@@ -60,6 +61,13 @@ class Context:
     @property
     def base(self) -> nn.Module:
         return self.models["base"]
+
+    @cached_property
+    def stage_map(self) -> StageMap:
+        """The base model's stages (:func:`tunelens.core.stages.stages`), traced on one test image."""
+        item = self.data["test"][0]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        return stages(self.base, torch.as_tensor(x)[None])
 
     @cached_property
     def test_loader(self) -> DataLoader:

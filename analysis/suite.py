@@ -71,6 +71,8 @@ def analyze_models(
     if primary not in tuned:
         primary = tuned[0]
     res.summary.update(primary=primary, tuned=tuned)
+    if hasattr(data.get("test"), "__len__"):
+        res.summary["n_test"] = len(data["test"])
     ctx = Context(
         models=models,
         manifests=manifests,
@@ -85,6 +87,11 @@ def analyze_models(
         results=res,
         random_like=random_like,
     )
+    try:  # the stages every analysis groups by, shown in the report's methods section
+        res.summary["stages"] = ctx.stage_map.to_dict()
+    except Exception as e:
+        failed["stages"] = one_line_error(e)
+        log(f"[analyze] finding the stages failed: {failed['stages']}")
     done = []
     for a in registered():
         if a.name in skipped:
@@ -116,5 +123,6 @@ def analyze_models(
             findings += a.findings(res)
         except Exception as e:
             failed[f"{a.name} findings"] = one_line_error(e)
+    findings = F.small_data_caveat(findings, res.summary.get("n_test"))
     res.summary.update(timings=timings, skipped=skipped, failed=failed, findings=F.rank_findings(findings))
     return res

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from tunelens.core.stages import StageMap, stages
 
 from .layers import stage_of
 
@@ -174,7 +176,11 @@ def _flush(group: list[tuple[dict, torch.Tensor]]) -> None:
 
 
 def _delta_rows(
-    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], param_names: set[str] | None, include_buffers: bool
+    a: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    param_names: set[str] | None,
+    include_buffers: bool,
+    stage_of: Callable[[str], str] = stage_of,
 ) -> list[dict]:
     rows = []
     stages: dict[str, int] = {}
@@ -242,6 +248,7 @@ def weight_deltas(
     include_buffers: bool = True,
     *,
     num_threads: int | None = 1,
+    stage_map: StageMap | None = None,
 ) -> pd.DataFrame:
     """One row per parameter tensor (and BatchNorm running statistic) shared by ``base`` and ``tuned``.
 
@@ -259,12 +266,18 @@ def weight_deltas(
     little, and on a shared or busy machine their spin-waiting threads make a call 20-70x slower (measured: a
     batch of six 768x768 eigenproblems, 0.45 s on one thread, 11-34 s on two threads of a loaded two-core
     machine). ``torch.set_num_threads`` is process-wide: torch work in other Python threads is affected too.
+
+    ``stage_map``: the stages rows are grouped by (:func:`tunelens.core.stages.stages`); by default those
+    of ``base`` traced on a dummy input when it is a module, the name heuristic
+    :func:`tunelens.core.naming.stage_of` for state dicts.
     """
     a, b = as_state_dict(base), as_state_dict(tuned)
     _check_keys(a, b)
     param_names = {n for n, _ in base.named_parameters()} if isinstance(base, nn.Module) else None
     with _threads(num_threads):
-        rows = _delta_rows(a, b, param_names, include_buffers)
+        if stage_map is None and isinstance(base, nn.Module):
+            stage_map = stages(base)
+        rows = _delta_rows(a, b, param_names, include_buffers, stage_map.stage_of if stage_map else stage_of)
     cols = [
         "name",
         "module",

@@ -2,7 +2,8 @@
 
 * ``linear_probe``: freeze everything, replace and train the head (the classic recipe).
 * ``full``: every parameter trains.
-* ``last_k``: the last ``k`` stages and the head train; earlier stages are frozen.
+* ``last_k``: the last ``k`` stages (:func:`tunelens.core.stages.stages`; the stem counts as one) and the head
+  train; earlier stages are frozen.
 * ``lp_ft``: a linear probe first, then full fine-tuning from the probed head
   (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform
   Out-of-Distribution").
@@ -15,18 +16,27 @@ changes the features it probes).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tunelens.core.naming import head_name
+from tunelens.core.stages import stages
 
 __all__ = ["STRATEGIES", "apply_freeze", "set_train_mode", "stage_names", "trainable_prefixes"]
 
 STRATEGIES = ("linear_probe", "full", "last_k", "lp_ft", "scratch")
 
 
-def stage_names(model: nn.Module) -> list[str]:
-    """The model's stages in forward order (top-level children that hold parameters)."""
-    return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+def stage_names(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    """The model's stages in forward order (:func:`tunelens.core.stages.stages`: ``stem``, ``layer1`` ..
+    ``layer4``, ``head`` for ResNets) that hold parameters."""
+    smap = stages(model, example)
+    return [s.name for s in smap.stages if any(True for _ in _params_of(model, s.modules))]
+
+
+def _params_of(model: nn.Module, modules: tuple[str, ...]):
+    for m in modules:
+        yield from model.get_submodule(m).parameters()
 
 
 def trainable_prefixes(model: nn.Module, strategy: str, k: int = 1) -> list[str] | None:
@@ -38,10 +48,11 @@ def trainable_prefixes(model: nn.Module, strategy: str, k: int = 1) -> list[str]
         return None
     if strategy in ("linear_probe", "lp_ft"):  # lp_ft starts with its probe phase
         return [head]
-    stages = [s for s in stage_names(model) if not head.startswith(s)]
-    if k < 1 or k > len(stages):
-        raise ValueError(f"last_k needs 1 <= k <= {len(stages)} (the model's stages: {', '.join(stages)}), got {k}")
-    return stages[-k:] + [head]
+    smap = stages(model)
+    body = [s.name for s in smap.stages if s.kind != "head" and s.name in stage_names(model)]
+    if k < 1 or k > len(body):
+        raise ValueError(f"last_k needs 1 <= k <= {len(body)} (the model's stages: {', '.join(body)}), got {k}")
+    return [m for name in body[-k:] for m in smap.stage(name).modules] + [head]
 
 
 def _matches(name: str, prefixes: list[str]) -> bool:

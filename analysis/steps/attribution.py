@@ -8,6 +8,7 @@ import numpy as np
 from tunelens.core.results import Results
 
 from .. import findings as F
+from ..attribution import DEFAULT_METHODS, METHODS
 from ..attribution_study import attribution_study
 from ..registry import Analysis, Context, Output, register
 
@@ -19,14 +20,33 @@ FAITHFULNESS = "attribution_faithfulness"
 EXAMPLES_PREFIX = "attribution_examples_"  # arrays: one per method
 
 
+def methods(ctx: Context) -> tuple[list[str], dict[str, str]]:
+    """The attribution methods to run (``analysis.attribution_methods``: ``default`` or comma-separated names)
+    and those left out with the reason (Grad-CAM where the model has no spatial layer after its stem)."""
+    spec = str(ctx.settings.get("attribution_methods", "default"))
+    chosen = list(DEFAULT_METHODS) if spec == "default" else [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown attribution method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    skipped = {}
+    if "grad_cam" in chosen and ctx.stage_map.gradcam_layer is None:
+        chosen.remove("grad_cam")
+        skipped["grad_cam"] = f"Grad-CAM {ctx.stage_map.gradcam_reason}"
+    return chosen, skipped
+
+
 def run(ctx: Context) -> Output:
     s = ctx.settings
     test = ctx.data["test"]
     classes = getattr(test, "classes", None)
+    chosen, skipped = methods(ctx)
+    if not chosen:
+        raise ValueError("no attribution method applies to this model: " + "; ".join(skipped.values()))
     study = attribution_study(
         ctx.base,
         ctx.models[ctx.primary],
         test,
+        chosen,
         n_images=int(s["attribution_images"]),
         seed=ctx.seed,
         device=ctx.device,
@@ -35,7 +55,6 @@ def run(ctx: Context) -> Output:
         progress=ctx.progress,
     )
     tables = {SUMMARY: study.summary, COMPARISONS: study.comparisons, PER_CLASS: study.per_class}
-    skipped = {}
     if study.localisation is not None:
         tables[LOCALISATION] = study.localisation
     elif study.localisation_note:
@@ -86,6 +105,6 @@ ANALYSIS = register(
         tables=(SUMMARY, COMPARISONS, PER_CLASS, LOCALISATION, FAITHFULNESS),
         run=run,
         findings=findings,
-        defaults={"attribution_images": 48},
+        defaults={"attribution_images": 48, "attribution_methods": "default"},
     )
 )

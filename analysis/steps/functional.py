@@ -30,7 +30,7 @@ def run(ctx: Context) -> Output:
     bn_loader = DataLoader(data["train"], batch_size=64, shuffle=False)
     rws = []
     for name in ctx.tuned:
-        r = rewind(ctx.base, ctx.models[name], test_loader, device=ctx.device)
+        r = rewind(ctx.base, ctx.models[name], test_loader, device=ctx.device, stage_map=ctx.stage_map)
         r.table.insert(0, "model", name)
         rws.append(r.table)
     it = interpolate(
@@ -44,7 +44,8 @@ def run(ctx: Context) -> Output:
     table = it.table.copy()
     table.insert(0, "model", ctx.primary)
     names = ["base", ctx.primary] + (["scratch"] if "scratch" in ctx.models else [])
-    probes = [probe_layers(ctx.models[n], train_loader, test_loader, name=n, device=ctx.device) for n in names]
+    layers = ctx.stage_map.cka_layers()
+    probes = [probe_layers(ctx.models[n], train_loader, test_loader, layers, name=n, device=ctx.device) for n in names]
     return Output(
         tables={
             REWIND: pd.concat(rws, ignore_index=True),
@@ -66,6 +67,8 @@ def findings(res: Results) -> list[F.Finding]:
         res.table(PROBE_GAIN),
         res.table(WEIGHT_STAGES),
         res.summary.get("primary", "full"),
+        exclude=[k for k, v in res.summary.get("stages", {}).get("layers", {}).items() if v == "logits"] or ["fc"],
+        n_test=res.summary.get("n_test"),
     )
 
 

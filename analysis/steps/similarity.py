@@ -8,9 +8,9 @@ from torch import nn
 
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
+from tunelens.core.stages import StageMap, stages
 
 from .. import findings as F
-from ..layers import resolve_layers
 from ..registry import Analysis, Context, Output, register
 from ..similarity import cka_against_chance, cka_matrix, randomly_initialised
 
@@ -28,23 +28,26 @@ def _head_shape(model: nn.Module) -> tuple[int, ...] | None:
     return tuple(w.shape) if w is not None else None
 
 
-def backbone_layers(base: nn.Module, tuned: nn.Module) -> list[str]:
-    """``auto`` layers, without the head when the two heads have different shapes."""
-    layers = resolve_layers(base, "auto")
-    if _head_shape(base) != _head_shape(tuned):
-        hb = head_name(base)
-        layers = [n for n in layers if n != hb and not n.startswith(hb + ".")]
-    return layers
+def backbone_layers(base: nn.Module, tuned: nn.Module, stage_map: StageMap | None = None) -> list[str]:
+    """One output per stage (:meth:`tunelens.core.stages.StageMap.cka_layers`), without the logits when the
+    two heads have different shapes."""
+    smap = stage_map or stages(base)
+    return smap.cka_layers(logits=_head_shape(base) == _head_shape(tuned))
 
 
 def run(ctx: Context) -> Output:
     base, primary = ctx.base, ctx.primary
-    layers = backbone_layers(base, ctx.models[primary])
+    layers = backbone_layers(base, ctx.models[primary], ctx.stage_map)
     notes: tuple[str, ...] = ()
-    if layers != resolve_layers(base, "auto"):
+    if layers != ctx.stage_map.cka_layers():
         notes = (
             "The base and tuned heads differ in shape, so CKA compares the backbones (up to the pooled features); "
             "the logits layer is left out.",
+        )
+    if any(n.endswith(("[cls]", "[patch_mean]", "[mean]")) or "[patch_mean:" in n for n in layers):
+        notes += (
+            "Token stages (transformer blocks) are compared twice: on the class token ([cls]) and on the mean "
+            "patch token ([patch_mean]; [mean]: the mean of every token when the model has no class token).",
         )
     tables: dict[str, pd.DataFrame] = {}
     arrays: dict = {}

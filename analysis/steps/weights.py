@@ -18,7 +18,7 @@ FIRST_CONV = "first_conv"  # array: base, tuned and delta kernels of the first c
 def run(ctx: Context) -> Output:
     deltas, stages = [], []
     for name in ctx.tuned:
-        d = weight_deltas(ctx.base, ctx.models[name])
+        d = weight_deltas(ctx.base, ctx.models[name], stage_map=ctx.stage_map)
         d.insert(0, "model", name)
         deltas.append(d)
         s = aggregate_deltas(d)

@@ -21,6 +21,32 @@ def build(res: Results) -> Section:
         "Everything needed to reproduce these numbers: the configuration, seeds, library versions, the "
         "sha256 of every checkpoint, and how long each stage took.",
     )
+    st = s.get("stages", {})
+    if st.get("stages"):
+        roles = st.get("layers", {})
+        rows = []
+        for g in st["stages"]:
+            cka = [k for k, v in roles.items() if v == g["name"]]
+            if g["kind"] == "head":
+                cka = [f"{k} ({v})" for k, v in roles.items() if v in ("pooled", "logits")]
+            rows.append(
+                {
+                    "stage": g["name"],
+                    "modules": ", ".join(g["modules"]),
+                    "resolution": "x".join(map(str, g["resolution"])) if g["resolution"] else "pooled",
+                    "layout": g["layout"],
+                    "CKA / probe layers": ", ".join(cka),
+                }
+            )
+        gl = st.get("gradcam_layer") or st.get("gradcam_reason", "")
+        sec.blocks.append(
+            Table(
+                "tbl-stages",
+                f"Stages (found by {st.get('method', '')} on an input of shape "
+                f"{'x'.join(map(str, st.get('input_shape', [])))}); Grad-CAM layer: {gl}",
+                pd.DataFrame(rows),
+            )
+        )
     ck = s.get("checkpoints", {})
     if ck:
         sec.blocks.append(

@@ -1,0 +1,149 @@
+"""Findings that stay true: controlled pairs of tiny ResNets and the sentences they must (not) produce."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tunelens.analysis import findings as F
+from tunelens.analysis.registry import analysis_defaults
+from tunelens.analysis.suite import analyze_models
+from tunelens.core.architectures import TinyResNet
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _families import toy_data
+
+NONFINITE = re.compile(r"(?<![A-Za-z])(nan|inf)(?![A-Za-z])", re.I)
+
+
+def net(seed: int = 0) -> TinyResNet:
+    torch.manual_seed(seed)
+    return TinyResNet(num_classes=3, widths=(4, 8, 8, 8))
+
+
+def run(base, tuned, n_test: int = 24):
+    s = analysis_defaults()
+    s.update(attribution=False, interpolation_steps=2, batch_size=8)
+    res = analyze_models(
+        {"base": base, "full": tuned},
+        {"base": {"role": "base"}, "full": {"role": "tuned", "strategy": "full"}},
+        {"train": toy_data(24, 32), "test": toy_data(n_test, 32, seed=1)},
+        s,
+        device=torch.device("cpu"),
+        progress=False,
+        log=lambda _m: None,
+        random_like=lambda seed: net(seed),
+    )
+    assert res.summary["failed"] == {}
+    found = {f["id"]: f for f in res.summary["findings"]}
+    for f in found.values():
+        assert not NONFINITE.search(f["text"] + (f["uncertainty"] or "")), f
+    return found
+
+
+@pytest.mark.slow
+def test_identical_models_nothing_changed():
+    base = net()
+    f = run(base, copy.deepcopy(base))
+    assert "nothing changed" in f["weights_frozen_full"]["text"]
+    assert "unchanged at every compared layer" in f["cka"]["text"] and "diverges most" not in f["cka"]["text"]
+    assert "rises most" not in f["probe_gain"]["text"]
+    assert "No single stage" in f["rewind"]["text"]
+
+
+@pytest.mark.slow
+def test_head_only_change():
+    base = net()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.fc.weight.add_(torch.randn_like(tuned.fc.weight))
+    f = run(base, tuned)
+    assert "only the head was trained" in f["weights_frozen_full"]["text"]
+    assert "diverges most" not in f["cka"]["text"]
+
+
+@pytest.mark.slow
+def test_one_stage_reinitialised_is_named():
+    base = net()
+    tuned = copy.deepcopy(base)
+    torch.manual_seed(5)
+    for m in tuned.layer3.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    f = run(base, tuned)
+    assert f["weights_full"]["text"].startswith("full: layer3 moved most")
+
+
+@pytest.mark.slow
+def test_unrelated_random_network_is_not_called_kept():
+    f = run(net(0), net(123))
+    assert "features were kept" not in f["cka"]["text"]
+
+
+@pytest.mark.slow
+def test_tiny_data_opens_with_a_caveat():
+    base = net()
+    f = run(base, copy.deepcopy(base), n_test=8)
+    first = next(iter(f.values()))
+    assert first["id"] == "small_data" and "only 8 test images" in first["text"]
+    assert "few test images" in f["cka"]["uncertainty"]
+    assert "few test images" not in (f["weights_frozen_full"]["uncertainty"] or "")
+
+
+def test_cka_sentence_never_contradicts_itself():
+    """The bad example: CKA 1.00 'diverges most', a nan CI, and 'largely replaced' against a 0.94 baseline."""
+    t = pd.DataFrame(
+        {
+            "layer": ["a", "b"],
+            "cka_base_tuned": [0.999, 0.995],
+            "ci_low": [float("nan")] * 2,
+            "ci_high": [float("nan")] * 2,
+            "cka_base_random": [0.97, 0.94],
+            "cka_tuned_scratch": [float("nan")] * 2,
+            "estimator": "x",
+        }
+    )
+    (f,) = F.similarity_findings(t, "full")
+    assert "unchanged" in f.text and "nan" not in f.text + (f.uncertainty or "")
+    assert "one batch" in f.uncertainty
+    t["cka_base_tuned"] = [0.98, 0.5]
+    t["ci_low"], t["ci_high"] = [0.97, 0.4], [0.99, 0.6]
+    (f,) = F.similarity_findings(t, "full")
+    assert "b diverges most" in f.text and "below 0: less alike than random weights" in f.text
+    assert "features were replaced" in f.text
+    t["cka_base_random"] = [0.97, 0.96]
+    (f,) = F.similarity_findings(t, "full")
+    assert "cannot tell kept features from replaced" in f.text
+    t["cka_base_random"] = [0.5, 0.2]
+    t["ci_low"], t["ci_high"] = [0.97, 0.1], [0.99, 0.9]
+    (f,) = F.similarity_findings(t, "full")
+    assert "chance-corrected 0.37" in f.text and "the data cannot say which" in f.text
+
+
+def test_change_index_outside_unit_interval_is_explained():
+    summ = pd.DataFrame(
+        [
+            {
+                "method": "grad_cam",
+                "informative": True,
+                "change_index": 1.88,
+                "change_index_lo": 1.2,
+                "change_index_hi": 2.1,
+                "ceiling": 0.44,
+                "floor": 0.2,
+                "n": 40,
+                "similarity": "spearman_abs",
+            }
+        ]
+    )
+    fs = F.attribution_findings(summ, None, pd.DataFrame(), "full")
+    assert "above 1: beyond the randomized network" in fs[0].text
+    summ.loc[0, ["change_index_lo", "change_index_hi"]] = [float("nan"), float("nan")]
+    fs = F.attribution_findings(summ, None, pd.DataFrame(), "full")
+    assert fs[0].uncertainty.startswith("no CI")
