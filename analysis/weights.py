@@ -276,7 +276,10 @@ def weight_deltas(
     param_names = {n for n, _ in base.named_parameters()} if isinstance(base, nn.Module) else None
     with _threads(num_threads):
         if stage_map is None and isinstance(base, nn.Module):
-            stage_map = stages(base)
+            try:
+                stage_map = stages(base)
+            except Exception:  # a model no dummy image runs through: group by module names instead
+                stage_map = None
         rows = _delta_rows(a, b, param_names, include_buffers, stage_map.stage_of if stage_map else stage_of)
     cols = [
         "name",

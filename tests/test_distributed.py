@@ -65,8 +65,11 @@ def test_sharded_batches_are_the_single_process_batches_in_rank_order(n, bs, wor
 
 
 def test_gather_rows_single_process():
-    rows = [{"index": 2, "v": 1.0}, {"index": 0, "v": 2.0}]
-    pd.testing.assert_frame_equal(gather_rows(rows, sort_by="index"), pd.DataFrame(rows))
+    """One process: the rows as they are, sorted (stably) when ``sort_by`` is given, as with several ranks."""
+    rows = [{"index": 2, "v": 1.0}, {"index": 0, "v": 2.0}, {"index": 2, "v": 3.0}]
+    pd.testing.assert_frame_equal(gather_rows(rows), pd.DataFrame(rows))
+    want = pd.DataFrame([rows[1], rows[0], rows[2]])
+    pd.testing.assert_frame_equal(gather_rows(rows, sort_by="index"), want)
 
 
 # ---------------------------------------------------------------- 2 processes, spawned (gloo)

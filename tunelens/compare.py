@@ -212,7 +212,7 @@ def _unchanged_findings(models: dict, specs: dict[str, str]) -> tuple[list[str],
         )
         notes.append(text)
         found.append(
-            _finding(f"identical_{name}", text, "overview", score=100, uncertainty="exact (read from the weights)")
+            _finding(f"identical_{name}", text, "accuracy", score=110, uncertainty="exact (read from the weights)")
         )
     return notes, found
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import eval_mode
 from .naming import head_name
 
 __all__ = ["Stage", "StageMap", "example_input", "gradcam_layer", "stages"]
@@ -169,15 +170,12 @@ def _trace(model: nn.Module, x: torch.Tensor) -> dict[str, _Rec]:
     for n, m in model.named_modules():
         if n:
             handles += [m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n))]
-    was = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return recs
 
 
