@@ -4,6 +4,11 @@ schedule with warm-up, label smoothing, simple augmentation, early stopping on t
 validation split (best weights restored), a seed, progress bars with ETA, and
 resumption from the last finished epoch after an interrupt.
 
+A linear probe (the ``linear_probe`` strategy, the probe phase of ``lp_ft``) without augmentation
+trains its head on the frozen backbone's cached head inputs (``cache_features``): the backbone is
+frozen in eval mode, so every epoch would compute the same features again; batches, shuffling,
+optimiser and model selection are those of the uncached loop (checked in tests/test_strategies.py).
+
 Per epoch it records, for every stage, the mean gradient norm and the mean update
 ratio ``||step|| / ||theta||`` (where learning happens), into ``history``.
 """
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from tunelens.core import runtime
@@ -56,6 +61,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast on CUDA (ignored, with a warning, elsewhere)
     sync_bn: bool = False  # SyncBatchNorm under torch.distributed on CUDA (ignored, with a warning, on CPU)
     num_workers: int = 0
+    cache_features: bool = True  # linear probe without augmentation: train the head on cached features
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +149,36 @@ def _phases(cfg: TrainConfig) -> list[tuple[str, int, float]]:
         lp = cfg.lp_epochs or max(cfg.epochs // 3, 1)
         return [("linear_probe", lp, cfg.lp_lr or cfg.lr * 10), ("full", max(cfg.epochs - lp, 1), cfg.lr)]
     return [(cfg.strategy, cfg.epochs, cfg.lr)]
+
+
+def _cacheable(model: nn.Module, cfg: TrainConfig, phase: str, head: str, device: torch.device) -> bool:
+    """Whether a probe phase can train on cached head inputs with the same result: the head is an
+    ``nn.Linear``, nothing random runs before it (augmentation, active dropout, a timm ``drop_rate``),
+    one process, no autocast."""
+    if phase != "linear_probe" or not cfg.cache_features or cfg.augment or runtime.is_distributed():
+        return False
+    if cfg.amp and device.type == "cuda":
+        return False
+    if not isinstance(model.get_submodule(head), nn.Linear) or float(getattr(model, "drop_rate", 0) or 0) > 0:
+        return False
+    return not any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 and not n.startswith(head)
+        for n, m in model.named_modules()
+    )
+
+
+@torch.no_grad()
+def _head_inputs(model: nn.Module, head: str, data: Dataset, device: torch.device) -> TensorDataset:
+    """``(input of the head, label)`` for every item of ``data``, computed once in the model's current modes."""
+    feats, labels = [], []
+    hook = model.get_submodule(head).register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
+    try:
+        for batch in DataLoader(data, batch_size=64, shuffle=False):
+            model(batch[0].to(device))
+            labels.append(batch[1])
+    finally:
+        hook.remove()
+    return TensorDataset(torch.cat(feats).cpu(), torch.cat(labels))
 
 
 def train(
@@ -253,6 +289,18 @@ def train(
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        phase_loader, phase_val = loader, val_loader
+        if _cacheable(model, cfg, phase_strategy, head, device):
+            # the head trains on the frozen backbone's features, computed once (train split in the training modes)
+            set_train_mode(model, prefixes)
+            feats = _head_inputs(model, head, train_set, device)
+            phase_loader = DataLoader(
+                feats, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=n_local > cfg.batch_size
+            )
+            if val_set is not None:
+                model.eval()
+                phase_val = DataLoader(_head_inputs(model, head, val_set, device), batch_size=256, shuffle=False)
+            net = model.get_submodule(head)
         opt = _make_optimizer(model, cfg, lr, head)
         if len(phases) > 1 and epoch0 > 0 and start_epoch <= epoch0:
             best, stale = {"acc": -1.0, "state": None, "epoch": -1}, 0  # model selection within the last phase
@@ -266,9 +314,9 @@ def train(
             gnorm = {s: 0.0 for s in stages}
             uratio = {s: 0.0 for s in stages}
             nsteps = 0
-            for step, batch in enumerate(loader):
+            for step, batch in enumerate(phase_loader):
                 for g in opt.param_groups:
-                    g["lr"] = lr * _lr_factor(cfg, epoch - epoch0, step, len(loader), phase_epochs)
+                    g["lr"] = lr * _lr_factor(cfg, epoch - epoch0, step, len(phase_loader), phase_epochs)
                 x = batch[0].to(device, non_blocking=True)
                 y = batch[1].to(device, non_blocking=True)
                 if cfg.augment:
@@ -317,8 +365,8 @@ def train(
                 "grad_norm": {s: (gnorm[s] / max(nsteps, 1)) ** 0.5 for s in stages},
                 "update_ratio": {s: uratio[s] / max(nsteps, 1) for s in stages},
             }
-            if val_loader is not None:
-                v = evaluate(model, val_loader, device)
+            if phase_val is not None:
+                v = evaluate(net if phase_val is not val_loader else model, phase_val, device)
                 rec.update(val_loss=v["loss"], val_acc=v["acc"])
                 if v["acc"] > best["acc"]:
                     best = {
