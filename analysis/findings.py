@@ -13,6 +13,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from tunelens.core.naming import stage_of
+
+from .literature import NOT_AS_EXPECTED, literature_checks
+
 __all__ = ["Finding", "paired_bootstrap_diff", "rank_findings", "transfer_findings", "weight_findings"]
 
 
@@ -158,7 +162,6 @@ def functional_findings(
 ) -> list[Finding]:
     """Rewind criticality, the loss barrier, probe gains, and the literature's three expectations."""
     out: list[Finding] = []
-    checks = []
     if rewind is not None and len(rewind):
         r = rewind[rewind["model"] == primary]
         grp = r[~r["group"].isin(["none", "all_but_head"])]
@@ -192,15 +195,6 @@ def functional_findings(
                     "points are within sampling noise (2 s.e.)",
                 )
             )
-            l1 = grp[grp["group"] == "layer1"]
-            l4 = grp[grp["group"] == "layer4"]
-            if len(l1) and len(l4):
-                ok = l1["acc_drop"].iloc[0] < l4["acc_drop"].iloc[0]
-                checks.append(
-                    f"rewinding layer1 costs {'less' if ok else 'no less'} than rewinding layer4 "
-                    f"({100 * l1['acc_drop'].iloc[0]:.1f} vs {100 * l4['acc_drop'].iloc[0]:.1f} points)"
-                    + ("" if ok else " [not as expected]")
-                )
     if interp is not None and len(interp) and barrier is not None:
         verdict = "No loss barrier" if barrier < 0.05 else "A loss barrier"
         a = interp.loc[interp["excess_loss"].idxmax(), "alpha"]
@@ -217,7 +211,7 @@ def functional_findings(
             )
         )
     if gains is not None and len(gains):
-        g = gains[~gains["layer"].isin(["fc"])]
+        g = gains[[stage_of(str(n)) != "head" for n in gains["layer"]]]  # not the logits (fc, classifier)
         if len(g):
             top = g.loc[g["gain"].idxmax()]
             out.append(
@@ -231,30 +225,10 @@ def functional_findings(
                     f"{_noise_pts(top['tuned_test_acc'], 100):.0f}-point noise scale per 100 test images",
                 )
             )
-            last_stage = g[g["layer"].str.startswith("layer")]
-            if len(last_stage):
-                ls = last_stage.sort_values("depth").iloc[-1]
-                l1 = g[g["layer"] == "layer1"]
-                if len(l1):
-                    ok = ls["gain"] > l1["gain"].iloc[0]
-                    checks.append(
-                        f"the probe gain is {'larger' if ok else 'not larger'} at {ls['layer']} than at "
-                        f"layer1 ({ls['gain']:+.1f} vs {l1['gain'].iloc[0]:+.1f} points)"
-                        + ("" if ok else " [not as expected]")
-                    )
-    if stages is not None and len(stages):
-        s = stages[stages["model"] == primary].set_index("stage")
-        if {"stem", "layer1", "layer4"} <= set(s.index):
-            early = float(s.loc[["stem", "layer1"], "relative"].mean())
-            late = float(s.loc["layer4", "relative"])
-            ok = early < late
-            checks.insert(
-                0,
-                f"early layers change {'least' if ok else 'not least'} (mean relative change of stem "
-                f"and layer1 {pct(early, 2)} vs layer4 {pct(late, 2)})" + ("" if ok else " [not as expected]"),
-            )
+    # the three expectations on the first and the last stage of any network (analysis/literature.py)
+    checks = literature_checks(rewind, gains, stages, primary)
     if checks:
-        held = sum("[not as expected]" not in c for c in checks)
+        held = sum(NOT_AS_EXPECTED not in c for c in checks)
         out.append(
             Finding(
                 "literature",

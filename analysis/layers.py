@@ -49,6 +49,18 @@ def _auto_layers(model: nn.Module) -> list[str]:
         if "avgpool" in children:
             out.append("avgpool")
         return out + ["fc"]
+    if "conv_stem" in children and isinstance(children.get("blocks"), nn.Sequential):
+        # timm's EfficientNet / MobileNet family: the stem (bn1 holds its activation), each stage of blocks,
+        # then in forward order the pooling and the last module of the 1x1 conv head (bn2 or act2)
+        from tunelens.core.naming import CONV_HEAD_MODULES, head_name
+
+        out = ["bn1" if "bn1" in children else "conv_stem"]
+        out += [f"blocks.{n}" for n, _ in children["blocks"].named_children()]
+        names = list(children)
+        after = names[names.index("blocks") + 1 :]
+        conv_head = [n for n in after if n in CONV_HEAD_MODULES]
+        out += [n for n in after if n == "global_pool" or (conv_head and n == conv_head[-1])]
+        return out + [head_name(model)]
     if "features" in children and isinstance(children["features"], nn.Sequential):
         out = [f"features.{n}" for n, _ in children["features"].named_children()]
         if "avgpool" in children:
@@ -70,7 +82,8 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[str]:
 
     ``"auto"``: for ResNets the stem output, ``layer1`` .. ``layer4``, the pooled features
     (``avgpool``) and the logits (``fc``); for ``features``-style models (VGG, ConvNeXt,
-    EfficientNet, MobileNet ...) each block of ``features``; for ViTs each encoder layer.
+    EfficientNet, MobileNet ...) each block of ``features``; for timm's EfficientNet / MobileNet the
+    stem, each stage of ``blocks``, the conv head and the pooling; for ViTs each encoder layer.
     A list of names is checked against ``model.named_modules()`` (unknown names are an
     error with close matches suggested); a module type (or tuple of types) selects every
     module of that type.

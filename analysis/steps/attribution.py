@@ -8,6 +8,7 @@ import numpy as np
 from tunelens.core.results import Results
 
 from .. import findings as F
+from ..attribution import DEFAULT_METHODS
 from ..attribution_study import attribution_study
 from ..registry import Analysis, Context, Output, register
 
@@ -27,6 +28,7 @@ def run(ctx: Context) -> Output:
         ctx.base,
         ctx.models[ctx.primary],
         test,
+        methods=tuple(s.get("attribution_methods") or DEFAULT_METHODS),
         n_images=int(s["attribution_images"]),
         seed=ctx.seed,
         device=ctx.device,
@@ -86,6 +88,7 @@ ANALYSIS = register(
         tables=(SUMMARY, COMPARISONS, PER_CLASS, LOCALISATION, FAITHFULNESS),
         run=run,
         findings=findings,
-        defaults={"attribution_images": 48},
+        # attribution_methods: None = every method of DEFAULT_METHODS, or a list of their names
+        defaults={"attribution_images": 48, "attribution_methods": None},
     )
 )
