@@ -208,18 +208,21 @@ def auto_eval_batch(
 
 
 def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
-    """``layer4`` for ResNets; otherwise the last module with a spatial (4-D) output."""
+    """``layer4`` for ResNets; otherwise the last module with a spatial (4-D) output larger than 1x1 (not the
+    global pooling, e.g. timm's ``global_pool.pool``), or the last 4-D one when every one is 1x1."""
     names = dict(model.named_modules())
     if "layer4" in names:
         return "layer4"
     last: list[str] = []
-    handles = [
-        m.register_forward_hook(
-            lambda _m, _i, o, n=n: last.append(n) if isinstance(o, torch.Tensor) and o.ndim == 4 else None
-        )
-        for n, m in model.named_modules()
-        if n
-    ]
+    spatial: list[str] = []
+
+    def seen(n: str, o) -> None:
+        if isinstance(o, torch.Tensor) and o.ndim == 4:
+            last.append(n)
+            if o.shape[-1] * o.shape[-2] > 1:
+                spatial.append(n)
+
+    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: seen(n, o)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
             model(inputs[:1].to(_model_device(model)))
@@ -228,7 +231,7 @@ def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
             h.remove()
     if not last:
         raise ValueError("the model has no module with a spatial output; pass grad_cam's layer= explicitly")
-    return last[-1]
+    return spatial[-1] if spatial else last[-1]
 
 
 @torch.no_grad()
