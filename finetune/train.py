@@ -26,13 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
 from tunelens.core.naming import stage_of, stage_order
 
+from .feature_cache import cacheable, head_inputs
 from .strategies import apply_freeze, set_train_mode, trainable_prefixes
 
 __all__ = ["TrainConfig", "TrainResult", "augment_batch", "evaluate", "train"]
@@ -151,36 +152,6 @@ def _phases(cfg: TrainConfig) -> list[tuple[str, int, float]]:
     return [(cfg.strategy, cfg.epochs, cfg.lr)]
 
 
-def _cacheable(model: nn.Module, cfg: TrainConfig, phase: str, head: str, device: torch.device) -> bool:
-    """Whether a probe phase can train on cached head inputs with the same result: the head is an
-    ``nn.Linear``, nothing random runs before it (augmentation, active dropout, a timm ``drop_rate``),
-    one process, no autocast."""
-    if phase != "linear_probe" or not cfg.cache_features or cfg.augment or runtime.is_distributed():
-        return False
-    if cfg.amp and device.type == "cuda":
-        return False
-    if not isinstance(model.get_submodule(head), nn.Linear) or float(getattr(model, "drop_rate", 0) or 0) > 0:
-        return False
-    return not any(
-        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 and not n.startswith(head)
-        for n, m in model.named_modules()
-    )
-
-
-@torch.no_grad()
-def _head_inputs(model: nn.Module, head: str, data: Dataset, device: torch.device) -> TensorDataset:
-    """``(input of the head, label)`` for every item of ``data``, computed once in the model's current modes."""
-    feats, labels = [], []
-    hook = model.get_submodule(head).register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
-    try:
-        for batch in DataLoader(data, batch_size=64, shuffle=False):
-            model(batch[0].to(device))
-            labels.append(batch[1])
-    finally:
-        hook.remove()
-    return TensorDataset(torch.cat(feats).cpu(), torch.cat(labels))
-
-
 def train(
     model: nn.Module,
     train_set: Dataset,
@@ -290,16 +261,16 @@ def train(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
         phase_loader, phase_val = loader, val_loader
-        if _cacheable(model, cfg, phase_strategy, head, device):
+        if cacheable(model, cfg, phase_strategy, head, device):
             # the head trains on the frozen backbone's features, computed once (train split in the training modes)
             set_train_mode(model, prefixes)
-            feats = _head_inputs(model, head, train_set, device)
+            feats = head_inputs(model, head, train_set, device)
             phase_loader = DataLoader(
                 feats, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=n_local > cfg.batch_size
             )
             if val_set is not None:
                 model.eval()
-                phase_val = DataLoader(_head_inputs(model, head, val_set, device), batch_size=256, shuffle=False)
+                phase_val = DataLoader(head_inputs(model, head, val_set, device), batch_size=256, shuffle=False)
             net = model.get_submodule(head)
         opt = _make_optimizer(model, cfg, lr, head)
         if len(phases) > 1 and epoch0 > 0 and start_epoch <= epoch0:
