@@ -54,8 +54,8 @@ def test_checks_that_fail_are_stated_with_numbers():
 def test_early_late_stages():
     assert early_late_stages(RESNET) == (["stem", "layer1"], "layer1", "layer4")
     assert early_late_stages(["features.0", "features.1", "features.2", "head"]) == (
-        ["features.1"],
-        "features.1",
+        ["features.0"],
+        "features.0",
         "features.2",
     )
     assert early_late_stages(["stem", "head"]) is None
