@@ -1,13 +1,15 @@
-# tunelens: `make report` runs the whole default pipeline, `make test` runs the tests.
-# Both create .venv on first use (python3 -m venv + pip install -e '.[dev]').
+# tunelens: `make report` runs the whole default pipeline, `make test` runs the tests,
+# `make report-imagenet` runs the ImageNet preset (EfficientNet-Lite0 with real ImageNet weights).
+# All three create .venv on first use (python3 -m venv + pip install -e '.[dev]').
 
 VENV ?= .venv
 PYTHON ?= python3
 OUT ?= artifacts
+OUT_IMAGENET ?= artifacts-imagenet
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelens-installed
 
-.PHONY: report test test-fast lint bench venv clean
+.PHONY: report report-imagenet test test-fast lint bench venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +30,9 @@ lint: $(STAMP)
 	@cp -r tunelens build/typecheck/ && cp -r analysis finetune reports build/typecheck/tunelens/
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p tunelens
 
+report-imagenet: $(STAMP)
+	@$(BIN)/tunelens run --preset imagenet --out $(OUT_IMAGENET)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -41,4 +46,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/scale.py
 
 clean:
-	rm -rf $(OUT)
+	rm -rf $(OUT) $(OUT_IMAGENET)

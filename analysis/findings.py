@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from .literature import NOT_AS_EXPECTED, literature_checks
+
 __all__ = ["Finding", "paired_bootstrap_diff", "rank_findings", "transfer_findings", "weight_findings"]
 
 
@@ -215,7 +217,6 @@ def functional_findings(
     """Rewind criticality, the loss barrier, probe gains (``exclude``: layers left out, the logits), and the
     literature's three expectations. A change within its sampling noise is never called the largest."""
     out: list[Finding] = []
-    checks = []
     if rewind is not None and len(rewind):
         r = rewind[rewind["model"] == primary]
         grp = r[~r["group"].isin(["none", "all_but_head"])]
@@ -249,20 +250,6 @@ def functional_findings(
                     "points are within sampling noise (2 s.e.)",
                 )
             )
-            l1 = grp[grp["group"] == "layer1"]
-            l4 = grp[grp["group"] == "layer4"]
-            if len(l1) and len(l4) and 100 * abs(l1["acc_drop"].iloc[0] - l4["acc_drop"].iloc[0]) <= noise:
-                checks.append(
-                    f"rewinding layer1 and rewinding layer4 cost the same within noise "
-                    f"({100 * l1['acc_drop'].iloc[0]:.1f} vs {100 * l4['acc_drop'].iloc[0]:.1f} points) [cannot tell]"
-                )
-            elif len(l1) and len(l4):
-                ok = l1["acc_drop"].iloc[0] < l4["acc_drop"].iloc[0]
-                checks.append(
-                    f"rewinding layer1 costs {'less' if ok else 'no less'} than rewinding layer4 "
-                    f"({100 * l1['acc_drop'].iloc[0]:.1f} vs {100 * l4['acc_drop'].iloc[0]:.1f} points)"
-                    + ("" if ok else " [not as expected]")
-                )
     if interp is not None and len(interp) and barrier is not None:
         verdict = "No loss barrier" if barrier < 0.05 else "A loss barrier"
         a = interp.loc[interp["excess_loss"].idxmax(), "alpha"]
@@ -312,30 +299,10 @@ def functional_findings(
                     "points are within sampling noise (2 s.e.)",
                 )
             )
-            last_stage = g[g["layer"].str.startswith("layer")]
-            if len(last_stage):
-                ls = last_stage.sort_values("depth").iloc[-1]
-                l1 = g[g["layer"] == "layer1"]
-                if len(l1):
-                    ok = ls["gain"] > l1["gain"].iloc[0]
-                    checks.append(
-                        f"the probe gain is {'larger' if ok else 'not larger'} at {ls['layer']} than at "
-                        f"layer1 ({ls['gain']:+.1f} vs {l1['gain'].iloc[0]:+.1f} points)"
-                        + ("" if ok else " [not as expected]")
-                    )
-    if stages is not None and len(stages):
-        s = stages[stages["model"] == primary].set_index("stage")
-        if {"stem", "layer1", "layer4"} <= set(s.index):
-            early = float(s.loc[["stem", "layer1"], "relative"].mean())
-            late = float(s.loc["layer4", "relative"])
-            ok = early < late
-            checks.insert(
-                0,
-                f"early layers change {'least' if ok else 'not least'} (mean relative change of stem "
-                f"and layer1 {pct(early, 2)} vs layer4 {pct(late, 2)})" + ("" if ok else " [not as expected]"),
-            )
+    # the three expectations on the first and the last stage of any network (analysis/literature.py)
+    checks = literature_checks(rewind, gains, stages, primary)
     if checks:
-        held = sum("[not as expected]" not in c and "[cannot tell]" not in c for c in checks)
+        held = sum(NOT_AS_EXPECTED not in c and "[cannot tell]" not in c for c in checks)
         out.append(
             Finding(
                 "literature",

@@ -223,11 +223,14 @@ def rewind(
                 if k in params:
                     num += float((tuned_sd[k].double() - base_sd[k].double()).pow(2).sum())
                     den += float(base_sd[k].double().pow(2).sum())
-            _assign(state, base_sd, sel)
-            try:
-                r = evaluate(model, data, dev)
-            finally:
-                _assign(state, tuned_sd, sel)
+            if all(torch.equal(base_sd[k], tuned_sd[k]) for k in sel):
+                r = dict(ref)  # nothing to rewind (a frozen stage): the model is the tuned one, bit for bit
+            else:
+                _assign(state, base_sd, sel)
+                try:
+                    r = evaluate(model, data, dev)
+                finally:
+                    _assign(state, tuned_sd, sel)
             rows.append(
                 {
                     "group": name,

@@ -1,6 +1,8 @@
 """The default run's fine-tuning stage: pretrain on the source task, then fine-tune with each strategy.
 
-Writes ``checkpoints/base`` (pretrained on the source task), one checkpoint per
+Writes ``checkpoints/base`` (pretrained on the source task, or, when the configuration names
+``base_weights``, real pretrained weights such as EfficientNet-Lite0's ImageNet weights, see
+:mod:`tunelens.core.pretrained`: then no pretraining stage runs), one checkpoint per
 strategy (``linear_probe``, ``full``, ``lp_ft`` ... on the target task) and the
 ``scratch`` control (random initialisation, the fine-tuning budget), each as
 safetensors + manifest, plus a run-level ``checkpoints/manifest.json``.
@@ -19,6 +21,7 @@ import torch
 from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
 from tunelens.core.files import atomic_write_text, check_owned_folder, claim_folder
+from tunelens.core.naming import head_name
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ShapesSpec, make_shapes
@@ -121,36 +124,23 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     seed, arch = cfg["seed"], cfg["arch"]
     device = runtime.device_name(cfg.get("device", "auto"))  # the same on every rank: cache keys agree
     src_spec, tgt_spec = data_spec(cfg, "source"), data_spec(cfg, "target")
+    weights = cfg.get("base_weights")
     t0 = time.perf_counter()
-    src, tgt = make_shapes(src_spec), make_shapes(tgt_spec)
+    src = None if weights else make_shapes(src_spec)
+    tgt = make_shapes(tgt_spec)
     log(
-        f"[finetune] generated data in {time.perf_counter() - t0:.1f}s "
-        f"(source {len(src['train'])} train images, target {len(tgt['train'])} train images)"
+        f"[finetune] generated data in {time.perf_counter() - t0:.1f}s ("
+        + (f"source {len(src['train'])} train images, " if src else "")
+        + f"target {len(tgt['train'])} train images of {tgt_spec.image_size} px)"
     )
     manifests: dict[str, dict] = {}
 
     code = code_hash("tunelens.finetune") + code_hash("tunelens.core")
-    base_key = config_hash("base", arch, seed, src_spec.to_dict(), cfg["pretrain"], code, device)
     base_path = ckdir / "base.safetensors"
-    man = _cached(base_path, base_key)
-    if man is None:
-        tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="full", seed=seed, device=device))
-        model = build_model(arch, len(src_spec.classes), seed=seed)
-        meta = {
-            "name": "base",
-            "role": "base",
-            "arch": arch,
-            "num_classes": len(src_spec.classes),
-            "classes": list(src_spec.classes),
-            "strategy": "pretrain",
-            "data": src_spec.to_dict(),
-            "seed": seed,
-            "config_hash": base_key,
-        }
-        man = _train_and_save("pretrain", model, src, tcfg, base_path, meta, progress, log=log)
-        log(f"[finetune] pretrained base in {man['seconds']:.1f}s: source test acc {man['metrics']['test_acc']:.3f}")
+    if weights:
+        man = _pretrained_base(weights, arch, seed, code, base_path, log)
     else:
-        log("[finetune] base unchanged, kept")
+        man = _pretrain_base(cfg, arch, seed, device, src_spec, src, code, base_path, progress, log)
     manifests["base"] = man
     base_sd, _ = load_checkpoint(base_path)
 
@@ -169,7 +159,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
             if strat == "scratch":
                 model = build_model(arch, len(tgt_spec.classes), seed=seed + 1)
             else:
-                model = build_model(arch, len(src_spec.classes), seed=seed)
+                model = build_model(arch, int(man["num_classes"]), seed=seed)
                 model.load_state_dict(base_sd)
                 replace_head(model, len(tgt_spec.classes), seed=seed + 1)
             meta = {
@@ -184,6 +174,12 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
                 "config_hash": key,
                 "parent": None if strat == "scratch" else {"name": "base", "sha256": man["sha256"]},
             }
+            if strat != "scratch":  # the base's head (source shapes or ImageNet's 1000 classes) was replaced
+                meta["head"] = {
+                    "name": head_name(model),
+                    "replaced": f"{man['num_classes']} -> {len(tgt_spec.classes)} classes",
+                    "base_weights": (man.get("pretrained") or {}).get("name"),
+                }
             got = _train_and_save(strat, model, tgt, tcfg, path, meta, progress, log=log)
             log(f"[finetune] {strat} in {got['seconds']:.1f}s: target test acc {got['metrics']['test_acc']:.3f}")
         else:
@@ -195,7 +191,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
             "sha256": m["sha256"],
             "role": m["role"],
             "strategy": m["strategy"],
-            "test_acc": m["metrics"]["test_acc"],
+            "test_acc": m["metrics"].get("test_acc"),
         }
         for n, m in manifests.items()
     }
@@ -203,6 +199,87 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
         atomic_write_text(ckdir / "manifest.json", json.dumps({"checkpoints": index}, indent=2, sort_keys=True))
     runtime.barrier()
     return manifests
+
+
+def _pretrain_base(
+    cfg: dict, arch: str, seed: int, device: str, src_spec: ShapesSpec, src: dict, code: str, path: Path, progress, log
+) -> dict:
+    """The base model pretrained on the source shapes (kept when its configuration hash is unchanged)."""
+    from tunelens.core.hashing import config_hash
+
+    key = config_hash("base", arch, seed, src_spec.to_dict(), cfg["pretrain"], code, device)
+    man = _cached(path, key)
+    if man is not None:
+        log("[finetune] base unchanged, kept")
+        return man
+    tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="full", seed=seed, device=device))
+    model = build_model(arch, len(src_spec.classes), seed=seed)
+    meta = {
+        "name": "base",
+        "role": "base",
+        "arch": arch,
+        "num_classes": len(src_spec.classes),
+        "classes": list(src_spec.classes),
+        "strategy": "pretrain",
+        "data": src_spec.to_dict(),
+        "seed": seed,
+        "config_hash": key,
+    }
+    man = _train_and_save("pretrain", model, src, tcfg, path, meta, progress, log=log)
+    log(f"[finetune] pretrained base in {man['seconds']:.1f}s: source test acc {man['metrics']['test_acc']:.3f}")
+    return man
+
+
+def _pretrained_base(weights: str, arch: str, seed: int, code: str, path: Path, log) -> dict:
+    """The base model from real pretrained weights (:data:`tunelens.core.pretrained.PRETRAINED`), saved as a
+    tunelens checkpoint with its full head (e.g. ImageNet's 1000 classes); no training, no source data."""
+    from tunelens.core.hashing import config_hash
+    from tunelens.core.naming import stage_order
+    from tunelens.core.pretrained import PRETRAINED, load_pretrained
+
+    from .data import MEAN, STD
+
+    if weights not in PRETRAINED:
+        raise ValueError(f"unknown base_weights {weights!r}; known: {', '.join(PRETRAINED)}")
+    spec = PRETRAINED[weights]
+    if arch != spec.arch:
+        raise ValueError(f"base_weights {weights!r} fit arch {spec.arch!r}, but the configuration's arch is {arch!r}")
+    if len(set(MEAN)) != 1 or MEAN[0] != 0.5:
+        raise ValueError(f"the stem fold of {weights!r} assumes inputs centred at 0.5, the data's mean is {MEAN}")
+    prov = dict(spec.provenance(), input_std=STD[0])
+    key = config_hash("base", arch, weights, prov, code)
+    man = _cached(path, key)
+    if man is not None:
+        log("[finetune] base unchanged, kept")
+        return man
+    t0 = time.perf_counter()
+    model, _ = load_pretrained(weights, input_std=STD[0])
+    nc = int(model.get_submodule(head_name(model)).out_features)
+    meta = {
+        "name": "base",
+        "role": "base",
+        "arch": arch,
+        "num_classes": nc,
+        "classes": [],
+        "strategy": "pretrained",
+        "data": {"name": "imagenet-1k", "description": spec.description},
+        "pretrained": prov,
+        "seed": seed,
+        "config_hash": key,
+        "stage_order": stage_order(model),
+        "metrics": {"test_acc": None},
+        "history": [],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "device": "cpu",
+        "world_size": runtime.world_size(),
+    }
+    if runtime.is_main():
+        man = save_checkpoint(path, model.state_dict(), meta)
+    runtime.barrier()
+    if not runtime.is_main():
+        _, man = load_checkpoint(path)
+    log(f"[finetune] base: {spec.description}, {nc}-class head (no pretraining stage)")
+    return man
 
 
 def load_run_models(

@@ -4,6 +4,11 @@ schedule with warm-up, label smoothing, simple augmentation, early stopping on t
 validation split (best weights restored), a seed, progress bars with ETA, and
 resumption from the last finished epoch after an interrupt.
 
+A linear probe (the ``linear_probe`` strategy, the probe phase of ``lp_ft``) without augmentation
+trains its head on the frozen backbone's cached head inputs (``cache_features``): the backbone is
+frozen in eval mode, so every epoch would compute the same features again; batches, shuffling,
+optimiser and model selection are those of the uncached loop (checked in tests/test_strategies.py).
+
 Per epoch it records, for every stage, the mean gradient norm and the mean update
 ratio ``||step|| / ||theta||`` (where learning happens), into ``history``.
 """
@@ -28,6 +33,7 @@ from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
 from tunelens.core.naming import stage_of, stage_order
 
+from .feature_cache import cacheable, head_inputs
 from .strategies import apply_freeze, set_train_mode, trainable_prefixes
 
 __all__ = ["TrainConfig", "TrainResult", "augment_batch", "evaluate", "train"]
@@ -56,6 +62,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast on CUDA (ignored, with a warning, elsewhere)
     sync_bn: bool = False  # SyncBatchNorm under torch.distributed on CUDA (ignored, with a warning, on CPU)
     num_workers: int = 0
+    cache_features: bool = True  # linear probe without augmentation: train the head on cached features
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,6 +307,18 @@ def train(
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        phase_loader, phase_val = loader, val_loader
+        if cacheable(model, cfg, phase_strategy, head, device):
+            # the head trains on the frozen backbone's features, computed once (train split in the training modes)
+            set_train_mode(model, prefixes)
+            feats = head_inputs(model, head, train_set, device)
+            phase_loader = DataLoader(
+                feats, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=n_local > cfg.batch_size
+            )
+            if val_set is not None:
+                model.eval()
+                phase_val = DataLoader(head_inputs(model, head, val_set, device), batch_size=256, shuffle=False)
+            net = model.get_submodule(head)
         opt = _make_optimizer(model, cfg, lr, head)
         if len(phases) > 1 and epoch0 > 0 and start_epoch <= epoch0:
             best, stale = {"acc": -1.0, "state": None, "epoch": -1}, 0  # model selection within the last phase
@@ -313,9 +332,9 @@ def train(
             gnorm = {s: 0.0 for s in stages}
             uratio = {s: 0.0 for s in stages}
             nsteps = 0
-            for step, batch in enumerate(loader):
+            for step, batch in enumerate(phase_loader):
                 for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * _lr_factor(cfg, epoch - epoch0, step, len(loader), phase_epochs)
+                    g["lr"] = g["base_lr"] * _lr_factor(cfg, epoch - epoch0, step, len(phase_loader), phase_epochs)
                 x = batch[0].to(device, non_blocking=True)
                 y = batch[1].to(device, non_blocking=True)
                 if cfg.augment:
@@ -364,8 +383,8 @@ def train(
                 "grad_norm": {s: (gnorm[s] / max(nsteps, 1)) ** 0.5 for s in stages},
                 "update_ratio": {s: uratio[s] / max(nsteps, 1) for s in stages},
             }
-            if val_loader is not None:
-                v = evaluate(model, val_loader, device)
+            if phase_val is not None:
+                v = evaluate(net if phase_val is not val_loader else model, phase_val, device)
                 rec.update(val_loss=v["loss"], val_acc=v["acc"])
                 if v["acc"] > best["acc"]:
                     best = {

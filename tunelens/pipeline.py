@@ -34,7 +34,22 @@ def random_like(manifest: dict):
     return build
 
 
-__all__ = ["run_all", "stage_analyze", "stage_finetune", "stage_report"]
+def base_description(man: dict, n_target: int) -> str:
+    """One sentence on the base model: pretrained on the source shapes, or real pretrained weights."""
+    pre = man.get("pretrained")
+    if pre:
+        return (
+            f"{man['arch']} with {pre['description']}, weights file {pre['file']} (sha256 {pre['sha256'][:12]}); "
+            f"no pretraining stage ran: its {man['num_classes']}-class ImageNet head is replaced by a fresh "
+            f"{n_target}-class head for each strategy."
+        )
+    return (
+        f"{man['arch']} pretrained on {len(man['classes'])} source shapes ({', '.join(man['classes'])}), "
+        f"source test accuracy {100 * man['metrics']['test_acc']:.1f}%."
+    )
+
+
+__all__ = ["base_description", "run_all", "stage_analyze", "stage_finetune", "stage_report"]
 
 
 def stage_finetune(cfg: dict, out: Path, progress: bool = True, log=print) -> dict:
@@ -108,16 +123,15 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
             for n, m in mans.items()
         },
         data={
-            "description": f"generated shapes on cluttered backgrounds (embedded default, seed {tspec.seed}).",
+            "description": f"generated shapes on cluttered backgrounds (embedded default, seed {tspec.seed}, "
+            f"{tspec.image_size} px).",
             "classes": list(tspec.classes),
             "image_size": tspec.image_size,
             "n_train": len(data["train"]),
             "n_test": len(data["test"]),
             "spec": tspec.to_dict(),
         },
-        base_description=f"{mans['base']['arch']} pretrained on {len(mans['base']['classes'])} source shapes "
-        f"({', '.join(mans['base']['classes'])}), source test accuracy "
-        f"{100 * mans['base']['metrics']['test_acc']:.1f}%.",
+        base_description=base_description(mans["base"], len(tspec.classes)),
     )
     res.summary["world_size"] = runtime.world_size()
     if device.type == "cuda":

@@ -1,4 +1,5 @@
-"""The architecture catalogue: the small default ResNet, any torchvision classifier by name, user factories.
+"""The architecture catalogue: the small default ResNet, any torchvision classifier by name, any timm
+classifier as ``timm:NAME`` (timm imported lazily: it is an optional dependency), user factories.
 
 Shared by fine-tuning (building a model to train) and analysis (loading a checkpoint by ``--arch``).
 
@@ -21,7 +22,16 @@ from torchvision.models.resnet import BasicBlock
 
 from tunelens.core.naming import head_name, stage_of, stage_order
 
-__all__ = ["TinyResNet", "build_model", "head_name", "list_archs", "replace_head", "stage_of", "stage_order"]
+__all__ = [
+    "TIMM_PREFIX",
+    "TinyResNet",
+    "build_model",
+    "head_name",
+    "list_archs",
+    "replace_head",
+    "stage_of",
+    "stage_order",
+]
 
 
 class TinyResNet(nn.Module):
@@ -101,6 +111,31 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     return fn
 
 
+TIMM_PREFIX = "timm:"
+
+
+def _build_timm(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=...)``: random weights, nothing downloaded.
+
+    See the timm documentation, "Models" (https://huggingface.co/docs/timm)."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(
+            f"architecture {TIMM_PREFIX}{name} needs timm, which is not installed: pip install timm "
+            "(or pip install 'tunelens[imagenet]')"
+        ) from None
+    if not name:
+        raise ValueError("architecture 'timm:' needs a model name, e.g. timm:resnet18")
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise ValueError(f"unknown timm model {name!r}.{hint} See timm.list_models().")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
 def replace_head(model: nn.Module, num_classes: int, seed: int | None = None) -> nn.Module:
     """Replace the final classifier by a fresh one with ``num_classes`` outputs (in place)."""
     name = head_name(model)
@@ -126,13 +161,16 @@ def build_model(arch: str, num_classes: int, seed: int | None = None, **kwargs) 
     """Build an untrained classifier.
 
     ``arch`` is ``"tiny_resnet"``, any torchvision classification model name
-    (``resnet18``, ``resnet50``, ``convnext_tiny``, ``vit_b_16`` ...), or
+    (``resnet18``, ``resnet50``, ``convnext_tiny``, ``vit_b_16`` ...), ``"timm:NAME"`` for any
+    timm model (``timm:resnet18``, ``timm:tf_efficientnet_lite0``; needs ``pip install timm``), or
     ``"module:function"`` for a user factory imported from the working directory
     (called as ``function(num_classes=num_classes)``). Weights are random; load
     them with :func:`tunelens.load_model` (files) or ``model.load_state_dict``.
     """
     if seed is not None:
         torch.manual_seed(seed)
+    if arch.startswith(TIMM_PREFIX):
+        return _build_timm(arch[len(TIMM_PREFIX) :], num_classes, **kwargs)
     if ":" in arch:
         model = _import_factory(arch)(num_classes=num_classes, **kwargs)
         if not isinstance(model, nn.Module):
@@ -150,6 +188,6 @@ def build_model(arch: str, num_classes: int, seed: int | None = None, **kwargs) 
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(
             f"unknown architecture {arch!r}.{hint} Use tiny_resnet, a torchvision "
-            "classification model name, or 'module:function'."
+            "classification model name, timm:NAME, or 'module:function'."
         )
     return tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)

