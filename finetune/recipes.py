@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -140,6 +141,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     if weights:
         man = _pretrained_base(weights, arch, seed, code, base_path, log)
     else:
+        assert src is not None  # a base that is pretrained here has source data
         man = _pretrain_base(cfg, arch, seed, device, src_spec, src, code, base_path, progress, log)
     manifests["base"] = man
     base_sd, _ = load_checkpoint(base_path)
@@ -254,7 +256,8 @@ def _pretrained_base(weights: str, arch: str, seed: int, code: str, path: Path, 
         return man
     t0 = time.perf_counter()
     model, _ = load_pretrained(weights, input_std=STD[0])
-    nc = int(model.get_submodule(head_name(model)).out_features)
+    head: Any = model.get_submodule(head_name(model))
+    nc = int(head.out_features)
     meta = {
         "name": "base",
         "role": "base",
@@ -278,6 +281,7 @@ def _pretrained_base(weights: str, arch: str, seed: int, code: str, path: Path, 
     runtime.barrier()
     if not runtime.is_main():
         _, man = load_checkpoint(path)
+    assert man is not None
     log(f"[finetune] base: {spec.description}, {nc}-class head (no pretraining stage)")
     return man
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,7 +91,8 @@ def port_efficientnet_lite0(src: Mapping[str, torch.Tensor], model: nn.Module) -
         take(f"bn2.{k}", f"_bn1.{k}")
     take("classifier.weight", "_fc.weight")
     take("classifier.bias", "_fc.bias")
-    flat = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    blocks: Any = model.blocks
+    flat = [(s, i) for s, stage in enumerate(blocks) for i in range(len(stage))]
     for b, (s, i) in enumerate(flat):
         prefix = f"_blocks.{b}."
         names = _DS_BLOCK if s == 0 else _IR_BLOCK
