@@ -78,7 +78,7 @@ def literature_checks(
             )
     if gains is not None and len(gains):
         g = gains.sort_values("depth", kind="stable")
-        by_stage = g.assign(stage=[stage_of(str(n)) for n in g["layer"]])
+        by_stage = g if "stage" in g else g.assign(stage=[stage_of(str(n)) for n in g["layer"]])
         lo = by_stage[by_stage["stage"] == first]
         hi = by_stage[by_stage["stage"] == last]
         if len(lo) and len(hi):

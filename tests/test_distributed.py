@@ -176,7 +176,7 @@ def test_torchrun_finetune_writes_exactly_one_valid_checkpoint_per_model(tmp_pat
     assert p.stdout.count("[finetune] pretrained base") == 1  # only rank 0 logs
     ck = out / "checkpoints"
     names = {"base", "full", "scratch"}
-    assert sorted(x.name for x in ck.iterdir()) == sorted(
+    assert sorted(x.name for x in ck.iterdir() if not x.name.startswith(".")) == sorted(
         [f"{n}.safetensors" for n in names] + [f"{n}.json" for n in names] + ["manifest.json"]
     )
     index = json.loads((ck / "manifest.json").read_text())["checkpoints"]
@@ -193,12 +193,12 @@ _FAIL = textwrap.dedent("""
     import os, sys
     where, rank = os.environ["FAIL_WHERE"], int(os.environ["RANK"])
     if where == "train" and rank == 1:
-        import finetune.train as T
+        import tunelens.finetune.train as T
         def boom(*a, **k):
             raise RuntimeError("injected failure on rank 1 during training")
         T.augment_batch = boom
     if where == "save" and rank == 0:  # the weights are written, then writing the manifest fails
-        import finetune.checkpoints as C
+        import tunelens.finetune.checkpoints as C
         def boom(*a, **k):
             raise OSError("injected failure on rank 0 while saving")
         C.atomic_write_text = boom

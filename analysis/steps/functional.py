@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 from torch.utils.data import DataLoader
 
+from tunelens.core.hooks import split_view
 from tunelens.core.results import Results
 
 from .. import findings as F
@@ -46,12 +47,14 @@ def run(ctx: Context) -> Output:
     names = ["base", ctx.primary] + (["scratch"] if "scratch" in ctx.models else [])
     layers = ctx.stage_map.cka_layers()
     probes = [probe_layers(ctx.models[n], train_loader, test_loader, layers, name=n, device=ctx.device) for n in names]
+    gains = probe_gain(probes[0], probes[1])
+    gains["stage"] = [ctx.stage_map.stage_of(split_view(str(n))[0]) for n in gains["layer"]]
     return Output(
         tables={
             REWIND: pd.concat(rws, ignore_index=True),
             INTERPOLATION: table,
             PROBES: pd.concat(probes, ignore_index=True),
-            PROBE_GAIN: probe_gain(probes[0], probes[1]),
+            PROBE_GAIN: gains,
         },
         summary={"interpolation": it.summary()},
     )
