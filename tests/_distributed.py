@@ -44,3 +44,22 @@ def single_thread(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     finally:
         torch.set_num_threads(n)
+
+
+#: The smallest pipeline the CLI runs (tiny data, one epoch, one strategy): for tests of run files, not numbers.
+TINY = [
+    "--quick",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--set",
+    'finetune.strategies=["full"]',
+    "--set",
+    "pretrain.epochs=1",
+    "--set",
+    "finetune.common.epochs=1",
+    "--set",
+    "data.source.train_per_class=8",
+    "--set",
+    "data.target.train_per_class=8",
+]

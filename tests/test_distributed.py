@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-from _distributed import WORLD, run_two_ranks, single_thread
+from _distributed import TINY, WORLD, run_two_ranks, single_thread
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from tunelens.analysis.sharding import ShardedBatchSampler, gather_rows, per_sample_batch_size, shard_loader
@@ -139,23 +139,6 @@ def test_two_process_analyses_equal_single_process(tmp_path):
 
 
 # ---------------------------------------------------------------- torchrun (subprocess)
-
-TINY = [
-    "--quick",
-    "--device",
-    "cpu",
-    "--no-progress",
-    "--set",
-    'finetune.strategies=["full"]',
-    "--set",
-    "pretrain.epochs=1",
-    "--set",
-    "finetune.common.epochs=1",
-    "--set",
-    "data.source.train_per_class=8",
-    "--set",
-    "data.target.train_per_class=8",
-]
 
 
 def _torchrun(args: list[str], tmp_path: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from _distributed import TINY
 from torch.utils.data import TensorDataset
 
 from tunelens.cli import main
@@ -12,23 +13,6 @@ from tunelens.core import files
 from tunelens.finetune import train as train_mod
 from tunelens.finetune.models import TinyResNet
 from tunelens.finetune.train import TrainConfig, train
-
-TINY = [
-    "--quick",
-    "--device",
-    "cpu",
-    "--no-progress",
-    "--set",
-    'finetune.strategies=["full"]',
-    "--set",
-    "pretrain.epochs=1",
-    "--set",
-    "finetune.common.epochs=1",
-    "--set",
-    "data.source.train_per_class=8",
-    "--set",
-    "data.target.train_per_class=8",
-]
 
 
 class Killed(BaseException):
