@@ -6,6 +6,8 @@
 * ``lp_ft``: a linear probe first, then full fine-tuning from the probed head
   (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform
   Out-of-Distribution").
+* ``lora``: low-rank adapters on chosen stages plus the new head (:mod:`tunelens.finetune.lora`
+  injects them; every other parameter, BatchNorm included, stays frozen).
 * ``scratch``: the from-scratch control: random initialisation, every parameter trains.
 
 Frozen modules are also kept in eval mode, so BatchNorm running statistics of a
@@ -21,7 +23,7 @@ from tunelens.core.naming import head_name
 
 __all__ = ["STRATEGIES", "apply_freeze", "set_train_mode", "stage_names", "trainable_prefixes"]
 
-STRATEGIES = ("linear_probe", "full", "last_k", "lp_ft", "scratch")
+STRATEGIES = ("linear_probe", "full", "last_k", "lp_ft", "lora", "scratch")
 
 
 def stage_names(model: nn.Module) -> list[str]:
@@ -38,6 +40,11 @@ def trainable_prefixes(model: nn.Module, strategy: str, k: int = 1) -> list[str]
         return None
     if strategy in ("linear_probe", "lp_ft"):  # lp_ft starts with its probe phase
         return [head]
+    if strategy == "lora":
+        adapters = [n for n, _ in model.named_modules() if n.endswith((".lora_A", ".lora_B"))]
+        if not adapters:
+            raise ValueError("the lora strategy trains injected adapters: wrap the model with finetune.lora.add_lora")
+        return adapters + [head]
     stages = [s for s in stage_names(model) if not head.startswith(s)]
     if k < 1 or k > len(stages):
         raise ValueError(f"last_k needs 1 <= k <= {len(stages)} (the model's stages: {', '.join(stages)}), got {k}")

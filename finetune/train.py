@@ -68,6 +68,7 @@ class TrainResult:
     best_epoch: int = -1
     seconds: float = 0.0
     peak_gpu_mem_mb: float | None = None
+    trainable_params: int = 0  # parameters with requires_grad while training (the largest over phases)
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -287,6 +288,7 @@ def train(
         leave=False,
     )
     epoch0 = 0
+    trainable = 0
     for phase_strategy, phase_epochs, lr in phases:
         if start_epoch >= epoch0 + phase_epochs or (
             start_epoch > epoch0 and cfg.patience and stale >= cfg.patience  # stopped early before the kill
@@ -295,6 +297,7 @@ def train(
             continue
         prefixes = trainable_prefixes(model, phase_strategy, cfg.last_k)
         apply_freeze(model, prefixes)
+        trainable = max(trainable, sum(p.numel() for p in model.parameters() if p.requires_grad))
         net: nn.Module = model
         if distributed:
             net = nn.parallel.DistributedDataParallel(
@@ -406,7 +409,13 @@ def train(
     runtime.broadcast_module(model)  # every rank holds exactly what rank 0 saves
     apply_freeze(model, None)
     model.eval()
-    res = TrainResult(model=model, history=history, best_epoch=best["epoch"], seconds=time.perf_counter() - t0)
+    res = TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best["epoch"],
+        seconds=time.perf_counter() - t0,
+        trainable_params=trainable,
+    )
     if device.type == "cuda":
         res.peak_gpu_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
     if resume_path and resume_path.exists() and runtime.is_main():

@@ -38,7 +38,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "sync_bn": False,
     },
     "finetune": {
-        "strategies": ["linear_probe", "full", "lp_ft"],
+        "strategies": ["linear_probe", "full", "lp_ft", "lora"],
         "common": {
             "epochs": 30,
             "batch_size": 32,
@@ -53,6 +53,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "full": {"lr": 0.005},
         "last_k": {"lr": 0.005, "last_k": 2},
         "lp_ft": {"lr": 0.005, "lp_epochs": 10, "lp_lr": 0.1},
+        # low-rank adapters (peft) on every conv / linear layer of these stages, the new head trained fully
+        "lora": {"lr": 0.05, "rank": 4, "alpha": 8.0, "stages": ["layer1", "layer2", "layer3", "layer4"]},
         "scratch": {"lr": 0.05, "warmup_epochs": 1},
     },
     # the analysis section: shared keys, one switch per optional analysis and each analysis's own

@@ -51,6 +51,9 @@ RULES: dict[str, dict[str, Any]] = {
     "data.clutter": {"min": 0},
     "data.*.*_per_class": {"min": 1},
     "finetune.strategies": {"items": {"choices": _strategies}, "nonempty": True},
+    "finetune.lora.rank": {"min": 1},
+    "finetune.lora.alpha": {"gt": 0},
+    "finetune.lora.stages": {"nonempty": True},
     "analysis.attribution_images": {"min": 1},
     "analysis.interpolation_steps": {"min": 2},
 }
