@@ -56,6 +56,9 @@ RULES: dict[str, dict[str, Any]] = {
     "finetune.lora.stages": {"nonempty": True},
     "analysis.attribution_images": {"min": 1},
     "analysis.interpolation_steps": {"min": 2},
+    "analysis.intruder_k": {"min": 1},
+    "analysis.intruder_threshold": {"gt": 0, "max": 1},
+    "analysis.forgetting_probe_per_class": {"min": 2},
 }
 
 # sections that also take the keys of another section (a strategy's own section may override
