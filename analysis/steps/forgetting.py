@@ -197,7 +197,7 @@ def findings(res: Results) -> list[F.Finding]:
         out.append(
             F.Finding(
                 "forgetting_lora_vs_full",
-                f"{verdict[:1].upper() + verdict[1:]}: under the base head {lora[0]} keeps "
+                f"{verdict}: under the base head {lora[0]} keeps "
                 f"{F.pct(b.mean())} source accuracy, {primary} {F.pct(a.mean())} ({100 * d:+.1f} points for {lora[0]}).",
                 FORGETTING,
                 score=8.6,

@@ -17,6 +17,7 @@ from ..similarity import cka_matrix
 from .evaluation import PREDICTIONS
 from .intruders import lora_models
 from .similarity import backbone_layers
+from .weights import WEIGHT_DELTAS
 
 CKA_LORA = "cka_lora"  # per LoRA model and stage: CKA with the reference (full) fine-tune
 
@@ -48,6 +49,29 @@ def run(ctx: Context) -> Output:
     return Output(tables={CKA_LORA: pd.concat(rows, ignore_index=True)})
 
 
+def _update_ranks(res: Results, name: str, ref: str) -> F.Finding | None:
+    """Median stable / effective rank of the per-layer updates dW (weight_deltas) of the LoRA model and the reference."""
+    wd = res.table(WEIGHT_DELTAS)
+    if wd is None or wd.empty or "effective_rank" not in wd:
+        return None
+    w = wd[(wd["kind"] == "weight") & (wd["status"] == "compared") & (wd["stage"] != "head") & (wd["frobenius"] > 0)]
+    med = {m: w[w["model"] == m][["stable_rank", "effective_rank"]].median() for m in (name, ref)}
+    n = {m: int((w["model"] == m).sum()) for m in (name, ref)}
+    if not n[name] or not n[ref]:
+        return None
+    return F.Finding(
+        f"lora_rank_{name}",
+        f"{name}'s weight updates are low-rank, as LoRA builds them: over its {n[name]} changed backbone matrices the "
+        f"median update has stable rank {med[name]['stable_rank']:.1f} and effective rank "
+        f"{med[name]['effective_rank']:.1f}, against {med[ref]['stable_rank']:.1f} and "
+        f"{med[ref]['effective_rank']:.1f} for {ref} ({n[ref]} matrices).",
+        WEIGHT_DELTAS,
+        score=6.5,
+        uncertainty="exact (SVD of each update, conv kernels as out x in*k*k); stable rank ||dW||_F^2/||dW||_2^2, "
+        "effective rank exp(entropy of the normalised singular values)",
+    )
+
+
 def findings(res: Results) -> list[F.Finding]:
     cka = res.table(CKA_LORA)
     preds = res.table(PREDICTIONS)
@@ -67,7 +91,7 @@ def findings(res: Results) -> list[F.Finding]:
             out.append(
                 F.Finding(
                     f"lora_accuracy_{name}",
-                    f"{verdict[:1].upper() + verdict[1:]}: {F.pct(a.mean())} against {F.pct(b.mean())} target "
+                    f"{verdict}: {F.pct(a.mean())} against {F.pct(b.mean())} target "
                     f"test accuracy ({100 * d:+.1f} points).",
                     "strategies",
                     score=9.5,
@@ -75,6 +99,9 @@ def findings(res: Results) -> list[F.Finding]:
                     f"bootstrap over {len(a)} test images)",
                 )
             )
+        rk = _update_ranks(res, name, ref)
+        if rk is not None:
+            out.append(rk)
         g = g.dropna(subset=["cka"])
         if g.empty:
             continue
@@ -88,7 +115,7 @@ def findings(res: Results) -> list[F.Finding]:
                 + (
                     "the two fine-tunes built nearly the same representations throughout."
                     if low["cka"] >= 0.9
-                    else f"the same accuracy need not mean the same features, and {low['layer']} is where they part."
+                    else f"the two fine-tunes reach their answers through different features from {low['layer']} on."
                 ),
                 CKA_LORA,
                 score=8.4,
