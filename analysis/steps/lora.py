@@ -115,7 +115,7 @@ def findings(res: Results) -> list[F.Finding]:
                 + (
                     "the two fine-tunes built nearly the same representations throughout."
                     if low["cka"] >= 0.9
-                    else f"the two fine-tunes reach their answers through different features from {low['layer']} on."
+                    else f"the two fine-tunes reach their answers through different features, most of all at {low['layer']}."
                 ),
                 CKA_LORA,
                 score=8.4,
