@@ -26,6 +26,7 @@ from tunelens.core.naming import head_name
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ShapesSpec, make_shapes
+from .lora import LORA_KEYS, add_lora, merge_lora, save_adapter
 from .models import build_model, replace_head
 from .train import TrainConfig, train
 
@@ -56,7 +57,10 @@ def _train_and_save(
     meta: dict,
     progress: bool,
     log=print,
+    finish=None,
 ) -> dict:
+    """Train, evaluate and save. ``finish(model) -> model`` turns the trained model into the one saved
+    (LoRA: save the adapter, merge it); it runs on every rank (it writes only on the main one)."""
     # a resume file continues only the training it was written for: the same configuration, the same parent
     parent = meta.get("parent") or {}
     res = train(
@@ -70,6 +74,8 @@ def _train_and_save(
         resume_key={"config_hash": meta["config_hash"], "parent_sha256": parent.get("sha256")},
         log=log,
     )
+    if finish is not None:
+        res.model = finish(res.model)
     device = runtime.resolve_device(tcfg.device)
     metrics = {}
     for split in ("val", "test"):  # sharded by batch under torch.distributed, sums reduced: one process's numbers
@@ -91,6 +97,7 @@ def _train_and_save(
         metrics=dict(metrics, best_epoch=res.best_epoch),
         history=res.history,
         seconds=round(res.seconds, 3),
+        trainable_params=res.trainable_params,
         device=runtime.device_name(tcfg.device),
         peak_gpu_mem_mb=peak,
         world_size=runtime.world_size(),
@@ -107,6 +114,19 @@ def _train_and_save(
     if not runtime.is_main():
         _, man = load_checkpoint(path)
     return man
+
+
+def _save_and_merge(peft_model, folder: Path) -> torch.nn.Module:
+    """Write the trained adapter (main rank, swapped into place whole) and return the merged plain model."""
+    import shutil
+
+    if runtime.is_main():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(peft_model, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return merge_lora(peft_model)
 
 
 def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=print) -> dict[str, dict]:
@@ -151,12 +171,23 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
         if strat not in STRATEGIES:
             raise ValueError(f"unknown strategy {strat!r} in finetune.strategies; expected {', '.join(STRATEGIES)}")
         opts = dict(cfg["finetune"]["common"], **cfg["finetune"].get(strat, {}))
+        lora_opts = {k: opts.pop(k) for k in LORA_KEYS if k in opts}
         tcfg = TrainConfig(**dict(opts, strategy=strat, seed=seed + 1, device=device))
         key = config_hash(
-            strat, arch, seed, tgt_spec.to_dict(), tcfg.to_dict(), code, None if strat == "scratch" else man["sha256"]
+            strat,
+            arch,
+            seed,
+            tgt_spec.to_dict(),
+            tcfg.to_dict(),
+            code,
+            None if strat == "scratch" else man["sha256"],
+            *([lora_opts] if strat == "lora" else []),
         )
         path = ckdir / f"{strat}.safetensors"
         got = _cached(path, key)
+        adapter_dir = ckdir / f"{strat}_adapter"
+        if got is not None and strat == "lora" and not (adapter_dir / "adapter_model.safetensors").exists():
+            got = None  # the adapter beside the merged weights is part of the checkpoint
         if got is None:
             if strat == "scratch":
                 model = build_model(arch, len(tgt_spec.classes), seed=seed + 1)
@@ -164,6 +195,13 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
                 model = build_model(arch, int(man["num_classes"]), seed=seed)
                 model.load_state_dict(base_sd)
                 replace_head(model, len(tgt_spec.classes), seed=seed + 1)
+            finish, train_model = None, model
+            if strat == "lora":
+                peft_model = add_lora(
+                    model, int(lora_opts["rank"]), float(lora_opts["alpha"]), list(lora_opts["stages"]), seed=seed + 1
+                )
+                finish = lambda m, pm=peft_model, d=adapter_dir: _save_and_merge(pm, d)
+                train_model = peft_model.base_model.model
             meta = {
                 "name": strat,
                 "role": "control" if strat == "scratch" else "tuned",
@@ -182,7 +220,9 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
                     "replaced": f"{man['num_classes']} -> {len(tgt_spec.classes)} classes",
                     "base_weights": (man.get("pretrained") or {}).get("name"),
                 }
-            got = _train_and_save(strat, model, tgt, tcfg, path, meta, progress, log=log)
+            if strat == "lora":
+                meta["lora"] = dict(lora_opts, adapter=adapter_dir.name)
+            got = _train_and_save(strat, train_model, tgt, tcfg, path, meta, progress, log=log, finish=finish)
             log(f"[finetune] {strat} in {got['seconds']:.1f}s: target test acc {got['metrics']['test_acc']:.3f}")
         else:
             log(f"[finetune] {strat} unchanged, kept")

@@ -7,6 +7,8 @@
 * ``lp_ft``: a linear probe first, then full fine-tuning from the probed head
   (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform
   Out-of-Distribution").
+* ``lora``: low-rank adapters on chosen stages plus the new head (:mod:`tunelens.finetune.lora`
+  injects them; every other parameter, BatchNorm included, stays frozen).
 * ``scratch``: the from-scratch control: random initialisation, every parameter trains.
 
 Frozen modules are also kept in eval mode, so BatchNorm running statistics of a
@@ -24,7 +26,7 @@ from tunelens.core.stages import stages
 
 __all__ = ["STRATEGIES", "apply_freeze", "set_train_mode", "stage_names", "trainable_prefixes"]
 
-STRATEGIES = ("linear_probe", "full", "last_k", "lp_ft", "scratch")
+STRATEGIES = ("linear_probe", "full", "last_k", "lp_ft", "lora", "scratch")
 
 
 def stage_names(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
@@ -48,6 +50,11 @@ def trainable_prefixes(model: nn.Module, strategy: str, k: int = 1) -> list[str]
         return None
     if strategy in ("linear_probe", "lp_ft"):  # lp_ft starts with its probe phase
         return [head]
+    if strategy == "lora":
+        adapters = [n for n, _ in model.named_modules() if n.endswith((".lora_A", ".lora_B"))]
+        if not adapters:
+            raise ValueError("the lora strategy trains injected adapters: wrap the model with finetune.lora.add_lora")
+        return adapters + [head]
     smap = stages(model)
     body = [s.name for s in smap.stages if s.kind != "head" and s.name in stage_names(model)]
     if k < 1 or k > len(body):

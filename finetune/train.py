@@ -63,6 +63,7 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm under torch.distributed on CUDA (ignored, with a warning, on CPU)
     num_workers: int = 0
     cache_features: bool = True  # linear probe without augmentation: train the head on cached features
+    channels_last: bool = True  # convnets train in NHWC memory layout (bench/channels_last.py); the saved weights are not
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +76,7 @@ class TrainResult:
     best_epoch: int = -1
     seconds: float = 0.0
     peak_gpu_mem_mb: float | None = None
+    trainable_params: int = 0  # parameters with requires_grad while training (the largest over phases)
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -219,6 +221,9 @@ def train(
     device = runtime.resolve_device(cfg.device)
     runtime.set_determinism(cfg.seed)
     model.to(device)
+    nhwc = cfg.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if nhwc:  # faster convolutions on CPU and CUDA; undone before returning
+        model.to(memory_format=torch.channels_last)
     distributed = runtime.is_distributed()
     if cfg.amp and device.type != "cuda" and runtime.is_main():
         warnings.warn(f"amp=True is ignored on {device.type}: bf16 autocast is only used on CUDA", stacklevel=2)
@@ -294,6 +299,7 @@ def train(
         leave=False,
     )
     epoch0 = 0
+    trainable = 0
     for phase_strategy, phase_epochs, lr in phases:
         if start_epoch >= epoch0 + phase_epochs or (
             start_epoch > epoch0 and cfg.patience and stale >= cfg.patience  # stopped early before the kill
@@ -302,6 +308,7 @@ def train(
             continue
         prefixes = trainable_prefixes(model, phase_strategy, cfg.last_k)
         apply_freeze(model, prefixes)
+        trainable = max(trainable, sum(p.numel() for p in model.parameters() if p.requires_grad))
         net: nn.Module = model
         if distributed:
             net = nn.parallel.DistributedDataParallel(
@@ -339,6 +346,8 @@ def train(
                 y = batch[1].to(device, non_blocking=True)
                 if cfg.augment:
                     x = augment_batch(x, aug_gen)
+                if nhwc and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                     out = net(x)
                     loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
@@ -425,7 +434,15 @@ def train(
     runtime.broadcast_module(model)  # every rank holds exactly what rank 0 saves
     apply_freeze(model, None)
     model.eval()
-    res = TrainResult(model=model, history=history, best_epoch=best["epoch"], seconds=time.perf_counter() - t0)
+    if nhwc:
+        model.to(memory_format=torch.contiguous_format)
+    res = TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best["epoch"],
+        seconds=time.perf_counter() - t0,
+        trainable_params=trainable,
+    )
     if device.type == "cuda":
         res.peak_gpu_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
     if resume_path and resume_path.exists() and runtime.is_main():

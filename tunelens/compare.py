@@ -54,7 +54,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         required=True,
         action="append",
         metavar="TUNED",
-        help="a fine-tuned checkpoint (repeatable); its head must have one output per data class",
+        help="a fine-tuned checkpoint (repeatable), or a PEFT LoRA adapter folder (adapter_config.json + "
+        "adapter_model.safetensors) merged onto --base; its head must have one output per data class",
+    )
+    p.add_argument(
+        "--source-data",
+        default=None,
+        metavar="DIR",
+        help="optional ImageFolder of the task --base was trained on (classes in its head's order): measures "
+        "how much of it each tuned model forgot",
     )
     p.add_argument(
         "--data",
@@ -118,6 +126,7 @@ class Plan:
     base_description: str = ""
     progress: bool = True
     failed: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # source_train / source_test (--source-data)
 
 
 def _one_line(e: BaseException | str) -> str:
@@ -227,6 +236,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     """Check every input and load models and data; raises :class:`CompareError` (nothing is written)."""
     import torch
 
+    from tunelens.analysis.adapters import ADAPTER_WEIGHTS, AdapterError, is_adapter_dir, merge_adapter
     from tunelens.analysis.datafolder import DataFolderError, image_folder, split_train_test
     from tunelens.analysis.loading import (
         CheckpointLoadError,
@@ -286,14 +296,20 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     names = _tuned_names(args.tuned)
     models: dict[str, Any] = {}
     files: dict[str, str] = {}
+    adapters: set[str] = set()
     t = time.perf_counter()
     for name, flag, spec in [("base", "--base", args.base)] + [
         (n, "--tuned", p) for n, p in zip(names, args.tuned, strict=False)
     ]:
         try:
-            models[name] = load_model(args.arch, spec)
+            if flag == "--tuned" and is_adapter_dir(spec):
+                models[name] = merge_adapter(models["base"], spec)
+                adapters.add(name)
+                spec = str(Path(spec) / ADAPTER_WEIGHTS)
+            else:
+                models[name] = load_model(args.arch, spec)
             files[name] = str(torchvision_weights_file(args.arch, spec)) if is_torchvision_spec(spec) else str(spec)
-        except CheckpointLoadError as e:
+        except (CheckpointLoadError, AdapterError) as e:
             raise CompareError(f"{flag} {spec}: {e}") from None
         except ValueError as e:
             raise CompareError(f"{flag} {spec}: {e}") from None
@@ -337,6 +353,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
                 "class the tuned model was trained on (sorted order = output order)"
             )
     train, test = split_train_test(ds, args.test_fraction, args.seed)
+    source = _source_data(args, n_out(models["base"]), transform, image_folder, split_train_test, DataFolderError)
     if len(set(getattr(train, "targets", []))) < 2 or len(test) < 2:
         raise CompareError(
             f"--data {args.data}: too few images ({len(ds)}) to split into a training part with two "
@@ -434,6 +451,8 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
             "external": True,
             "source": args.base if name == "base" else files[name],
         }
+        if name in adapters:
+            manifests[name].update(adapter=True, strategy="lora (PEFT adapter)")
     if weights is not None:
         desc = f"{args.arch} with torchvision's {weights} weights ({base_k} outputs), from {files['base']}."
     else:
@@ -453,7 +472,35 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         findings=found,
         base_description=desc,
         progress=not args.no_progress,
+        source=source,
     )
+
+
+def _source_data(args, n_base: int, transform, image_folder, split_train_test, DataFolderError) -> dict:
+    """``--source-data``: the base's own task, split like --data; its classes must match the base head."""
+    if getattr(args, "source_data", None) is None:
+        return {}
+    try:
+        src = image_folder(
+            args.source_data,
+            image_size=args.image_size or 224,
+            normalize=args.normalize or "imagenet",
+            limit=args.limit,
+            transform=transform,
+            seed=args.seed,
+        )
+    except DataFolderError as e:
+        raise CompareError(f"--source-data {args.source_data}: {e}") from None
+    if len(src.classes) != n_base:
+        raise CompareError(
+            f"--source-data {args.source_data} has {len(src.classes)} classes but the base head has {n_base} "
+            "outputs: give the ImageFolder of the task --base was trained on (one sub-folder per class, sorted "
+            "order = output order), or leave --source-data out"
+        )
+    tr, te = split_train_test(src, args.test_fraction, args.seed)
+    if len(set(tr.targets)) < 2 or len(te) < 2:
+        raise CompareError(f"--source-data {args.source_data}: too few images to split into train and test")
+    return {"source_train": tr, "source_test": te}
 
 
 def _finding(
@@ -532,7 +579,7 @@ def execute(plan: Plan, log=print) -> Path:
             )
         )
     tuned_ok = [n for n in names if n not in bad]
-    data = {"train": plan.train, "test": plan.test}
+    data = {"train": plan.train, "test": plan.test, **plan.source}
     skipped_extra: dict[str, str] = {}
     if "base" in bad or not tuned_ok:
         who = "the base model" if "base" in bad else "every tuned model"

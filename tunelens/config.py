@@ -40,9 +40,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "target": {"train_per_class": 40, "val_per_class": 20, "test_per_class": 60},
     },
     "pretrain": {
-        "epochs": 30,
+        "epochs": 18,
         "lr": 0.1,
-        "batch_size": 64,
+        "batch_size": 32,
         "weight_decay": 5e-4,
         "warmup_epochs": 1,
         "schedule": "cosine",
@@ -52,7 +52,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "sync_bn": False,
     },
     "finetune": {
-        "strategies": ["linear_probe", "full", "lp_ft"],
+        "strategies": ["linear_probe", "full", "lp_ft", "lora"],
         "common": {
             "epochs": 30,
             "batch_size": 32,
@@ -67,6 +67,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "full": {"lr": 0.005},
         "last_k": {"lr": 0.005, "last_k": 2},
         "lp_ft": {"lr": 0.005, "lp_epochs": 10, "lp_lr": 0.1},
+        # low-rank adapters (peft) on every conv / linear layer of these stages, the new head trained fully
+        "lora": {"lr": 0.05, "rank": 4, "alpha": 8.0, "stages": ["layer1", "layer2", "layer3", "layer4"]},
         "scratch": {"lr": 0.05, "warmup_epochs": 1},
     },
     # the analysis section: shared keys, one switch per optional analysis and each analysis's own
@@ -98,6 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base_weights": "efficientnet_lite0_imagenet",
         "data": {"image_size": 96, "target": {"train_per_class": 16, "val_per_class": 6, "test_per_class": 8}},
         "finetune": {
+            "strategies": ["linear_probe", "full", "lp_ft"],  # lora: see the default run (peft on depthwise convs)
             "common": {"epochs": 3, "batch_size": 16, "augment": False, "patience": 0},
             "linear_probe": {"lr": 0.003, "epochs": 30},
             "full": {"lr": 0.01},

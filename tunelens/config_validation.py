@@ -51,8 +51,14 @@ RULES: dict[str, dict[str, Any]] = {
     "data.clutter": {"min": 0},
     "data.*.*_per_class": {"min": 1},
     "finetune.strategies": {"items": {"choices": _strategies}, "nonempty": True},
+    "finetune.lora.rank": {"min": 1},
+    "finetune.lora.alpha": {"gt": 0},
+    "finetune.lora.stages": {"nonempty": True},
     "analysis.attribution_images": {"min": 1},
     "analysis.interpolation_steps": {"min": 2},
+    "analysis.intruder_k": {"min": 1},
+    "analysis.intruder_threshold": {"gt": 0, "max": 1},
+    "analysis.forgetting_probe_per_class": {"min": 2},
 }
 
 # sections that also take the keys of another section (a strategy's own section may override

@@ -49,7 +49,24 @@ def base_description(man: dict, n_target: int) -> str:
     )
 
 
-__all__ = ["base_description", "run_all", "stage_analyze", "stage_finetune", "stage_report"]
+
+def source_data(base_manifest: dict, settings: dict) -> dict:
+    """The source task's ``source_test`` split (the one the base was scored on) and a ``source_train`` sample of
+    ``forgetting_probe_per_class`` images per class (for the forgetting probes), from the base's data spec."""
+    from tunelens.finetune.data import ShapesSpec
+
+    if not settings.get("forgetting", True) or "classes" not in (base_manifest.get("data") or {}):
+        return {}
+    d = dict(base_manifest["data"])
+    d.pop("name", None)
+    d["classes"] = tuple(d["classes"])
+    per = int(settings.get("forgetting_probe_per_class", 100))
+    d.update(train_per_class=min(per, int(d["train_per_class"])), val_per_class=1)  # each split its own stream
+    src = make_shapes(ShapesSpec(**d))
+    return {"source_train": src["train"], "source_test": src["test"]}
+
+
+__all__ = ["base_description", "run_all", "source_data", "stage_analyze", "stage_finetune", "stage_report"]
 
 
 def stage_finetune(cfg: dict, out: Path, progress: bool = True, log=print) -> dict:
@@ -93,7 +110,8 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
         d.pop("name", None)
         d["classes"] = tuple(d["classes"])
         tspec = ShapesSpec(**d)
-    data = make_shapes(tspec)
+    data = dict(make_shapes(tspec))
+    data.update(source_data(mans["base"], cfg["analysis"]))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with runtime.no_tf32():

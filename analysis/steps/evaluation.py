@@ -71,6 +71,7 @@ def accuracy_table(preds: pd.DataFrame, manifests: dict) -> pd.DataFrame:
     acc["role"] = acc["model"].map(lambda n: manifests[n].get("role"))
     acc["strategy"] = acc["model"].map(lambda n: manifests[n].get("strategy"))
     acc["train_seconds"] = acc["model"].map(lambda n: manifests[n].get("seconds"))
+    acc["trainable_params"] = acc["model"].map(lambda n: manifests[n].get("trainable_params"))
     return acc
 
 

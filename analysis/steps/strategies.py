@@ -9,6 +9,7 @@ from tunelens.core.results import Results
 from .. import findings as F
 from ..registry import Analysis, Context, Output, register
 from .evaluation import ACCURACY
+from .forgetting import FORGETTING
 from .similarity import CKA_DIAGONAL
 from .weights import WEIGHT_STAGES
 
@@ -16,18 +17,25 @@ STRATEGIES = "strategies"
 
 
 def strategies_table(res: Results) -> pd.DataFrame:
-    """One row per fine-tuned model (and the scratch control): accuracy, how far each stage moved, time."""
+    """One row per fine-tuned model (and the scratch control): accuracy, trainable parameters, time, how far each
+    stage moved, CKA to the base per stage and, when measured, the source accuracy each forgot."""
     acc = res.tables[ACCURACY].set_index("model")
     rows = []
     st = res.table(WEIGHT_STAGES)
     cka = res.table(CKA_DIAGONAL)
+    fg = res.table(FORGETTING)
     for name in acc.index:
         row = {
             "model": name,
             "strategy": acc.loc[name, "strategy"],
             "test_acc": acc.loc[name, "acc"],
+            "trainable_params": acc.loc[name, "trainable_params"] if "trainable_params" in acc else None,
             "train_seconds": acc.loc[name, "train_seconds"],
         }
+        if fg is not None and name in set(fg["model"]):
+            f = fg[fg["model"] == name].iloc[0]
+            row["source_drop_head"] = f["head_drop"]  # source accuracy lost under the base head (fraction)
+            row["source_drop_probe"] = f["probe_drop"]
         if st is not None:
             for _, r in st[st["model"] == name].iterrows():
                 if r["stage"] != "head":
