@@ -49,7 +49,6 @@ def base_description(man: dict, n_target: int) -> str:
     )
 
 
-
 def source_data(base_manifest: dict, settings: dict) -> dict:
     """The source task's ``source_test`` split (the one the base was scored on) and a ``source_train`` sample of
     ``forgetting_probe_per_class`` images per class (for the forgetting probes), from the base's data spec."""
