@@ -41,7 +41,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "target": {"train_per_class": 40, "val_per_class": 20, "test_per_class": 60},
     },
     "pretrain": {
-        "epochs": 18,
+        "epochs": 15,
         "lr": 0.1,
         "batch_size": 32,
         "weight_decay": 5e-4,
