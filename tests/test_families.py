@@ -27,7 +27,11 @@ EXPECTED = {
     "resnet": (["stem", "layer1", "layer2", "layer3", "layer4", "head"], "layer3"),  # layer4 is 1x1 at 32 px
     "resnext": (["stem", "layer1", "layer2", "layer3", "layer4", "head"], "layer3"),
     "swin": (["stem", "features.1", "features.2-3", "head"], "permute"),
-    "vit": (["stem", "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", "head"], None),
+    # class-token readout: the last block's input (= encoder_layer_0's output) as a patch grid
+    "vit": (
+        ["stem", "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", "head"],
+        "encoder.layers.encoder_layer_0[grid]",
+    ),
     "modulelist": (["stem", "_blocks.0", "_blocks.1-2", "_blocks.3-4", "head"], "_bn1"),
     "squeezenet": (["stem", "features.3-4", "features.5-7", "features.8-12", "head"], "features.12"),
 }
@@ -147,3 +151,49 @@ def test_family_end_to_end(family):
         for t in (f["text"], f["uncertainty"] or ""):
             assert not re.search(r"(?<![A-Za-z])(nan|inf)(?![A-Za-z])", t, re.I), t
     assert s["findings"][0]["id"] == "small_data"
+
+
+class _Tokens(nn.Module):
+    """A toy token classifier: 4x4 patches of 1 pixel with a class token; block 1 mixes nothing, block 2 lets the
+    class token read patch ``HOT`` only; the head reads the class token."""
+
+    HOT = 5  # grid cell (1, 1) of the 4x4 grid
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 3))
+        self.blocks = nn.ModuleList([nn.Identity(), nn.Identity()])
+        self.head = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([self.cls_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1)  # (B, 17, 3)
+        t = self.blocks[0](t)
+        t = self.blocks[1](t)
+        return self.head(t[:, 0] + t[:, 1 + self.HOT])
+
+
+def test_token_grad_cam_is_grad_cam_on_the_patch_grid():
+    from tunelens.analysis.attribution import token_grad_cam
+
+    m = _Tokens().eval()
+    x = torch.randn(2, 3, 4, 4)
+    cam = token_grad_cam(m, "blocks.0", x, torch.tensor([0, 1]))
+    assert cam.shape == (2, 1, 4, 4)
+    # by hand: only patch HOT gets a gradient, the head row of the target; the channel weight is its mean over
+    # the 16 patches, so cam[p] = a[p] . w_target / 16 for every patch p
+    for i, t in enumerate([0, 1]):
+        w = m.head.weight[t] / 16
+        want = (x[i].flatten(1).T @ w).reshape(4, 4)
+        torch.testing.assert_close(cam[i, 0], want.detach())
+
+
+def test_token_grad_cam_runs_through_attribute():
+    from tunelens.analysis.attribution import attribute
+
+    m = _Tokens().eval()
+    x = torch.randn(2, 3, 4, 4)
+    maps = attribute(m, x, target=torch.tensor([0, 1]), method="grad_cam", layer="blocks.0[grid]")
+    assert maps.shape == x.shape and torch.isfinite(maps).all() and maps.abs().sum() > 0

@@ -40,7 +40,7 @@ from torch import nn
 from .models import eval_mode
 from .naming import head_name
 
-__all__ = ["Stage", "StageMap", "example_input", "gradcam_layer", "stages"]
+__all__ = ["TOKEN_GRID", "Stage", "StageMap", "example_input", "gradcam_layer", "patch_grid", "stages"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -472,12 +472,32 @@ def _gradcam(f: _Finder, smap: StageMap) -> tuple[str | None, str]:
     at_units = [c for c in cands if c[1] in units]  # stage units first (layer3, not layer4.0.bn1 before its stride)
     if at_units or cands:
         return max(at_units or cands)[1], ""
-    if any(s.layout == "tokens" for s in smap.body):
+    tok = [s for s in smap.body if s.layout == "tokens" and s.output and s.resolution]
+    if tok:
+        # token Grad-CAM (TOKEN_GRID): the patch tokens reshaped to the patch grid. With a class-token readout the
+        # last block's patch-token outputs never reach the logits (zero gradient), so the layer is the last block's
+        # input (the previous block's output), whose patch tokens the last attention reads.
+        pick = tok[-2] if smap.prefix_tokens and len(tok) > 1 else tok[-1]
+        n_patch = pick.resolution[0] - smap.prefix_tokens
+        hw = smap.input_shape[-2:]
+        if n_patch > 1 and _grid(n_patch, hw) is not None:
+            return f"{pick.output}{TOKEN_GRID}", ""
+    if tok:
         return None, (
-            "not applicable: the blocks output tokens (B, N, D), not a spatial feature map, and no layer after the "
-            "patch embedding is spatial"
+            "not applicable: the blocks output tokens (B, N, D) that do not form a patch grid of the input's aspect "
+            "ratio, and no layer after the patch embedding is spatial"
         )
     return None, "not applicable: no layer after the stem has a spatial output larger than 1x1 at this input size"
+
+
+#: suffix of a Grad-CAM layer whose output is tokens (B, N, D): its patch tokens are read as a (h, w) grid
+TOKEN_GRID = "[grid]"
+
+
+def _grid(n_patch: int, hw: Sequence[int]) -> tuple[int, int] | None:
+    """The patch grid ``(h, w)`` of ``n_patch`` tokens for an input of height and width ``hw`` (same aspect ratio)."""
+    h = max(round((n_patch * hw[0] / hw[1]) ** 0.5), 1)
+    return (h, n_patch // h) if h * (n_patch // h) == n_patch else None
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, StageMap]] = weakref.WeakKeyDictionary()
@@ -499,9 +519,18 @@ def stages(model: nn.Module, example: torch.Tensor | None = None) -> StageMap:
     return per[key]
 
 
+def patch_grid(n_patch: int, hw: Sequence[int]) -> tuple[int, int]:
+    """The ``(h, w)`` patch grid of ``n_patch`` tokens for inputs of height and width ``hw``; ValueError if none."""
+    g = _grid(n_patch, hw)
+    if g is None:
+        raise ValueError(f"{n_patch} patch tokens do not form a grid with the aspect ratio of a {hw[0]}x{hw[1]} input")
+    return g
+
+
 def gradcam_layer(model: nn.Module, example: torch.Tensor | None = None) -> str:
     """The Grad-CAM layer of ``model``: the last layer after the stem with an NCHW output larger than 1x1 that
-    runs once per forward pass (``layer4`` on ResNets). ValueError, with the reason, when there is none."""
+    runs once per forward pass (``layer4`` on ResNets); for token networks (ViT) a block output read as a patch grid
+    (``NAME[grid]``, see :data:`TOKEN_GRID`). ValueError, with the reason, when there is none."""
     smap = stages(model, example)
     if smap.gradcam_layer is None:
         raise ValueError(f"Grad-CAM is {smap.gradcam_reason}; pass grad_cam's layer= explicitly")
