@@ -415,6 +415,15 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+def _index_note(ci: float) -> str:
+    """Words for a change index outside [0, 1] (see the attribution study's calibration)."""
+    if ci > 1:
+        return " (above 1: beyond the randomized network)"
+    if ci < 0:
+        return " (below 0: closer than the base model to itself)"
+    return ""
+
+
 def attribution_findings(
     summary: pd.DataFrame, localisation: pd.DataFrame | None, per_class: pd.DataFrame, primary: str
 ) -> list[Finding]:
@@ -435,11 +444,7 @@ def attribution_findings(
             how = "stayed closer to the base model's than the base model to itself under a one-pixel shift or new noise"
         else:
             how = f"moved {'far' if ci > 0.5 else 'part of the way'} from the base model's"
-        note = ""
-        if ci > 1:
-            note = " (above 1: beyond the randomized network)"
-        elif ci < 0:
-            note = " (below 0: closer than the base model to itself)"
+        note = _index_note(ci)
         out.append(
             Finding(
                 f"attr_change_{r['method']}",
@@ -487,7 +492,8 @@ def attribution_findings(
                     Finding(
                         "attr_class",
                         f"{_cap(_METHOD_NAMES.get(m, m))} maps changed most for class {r['class']} "
-                        f"(change index {r['change_index']:.2f}; base-vs-tuned similarity {r['ab']:.2f}).",
+                        f"(change index {r['change_index']:.2f}{_index_note(r['change_index'])}; base-vs-tuned "
+                        f"similarity {r['ab']:.2f}).",
                         "attribution_per_class",
                         score=4,
                         uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images",

@@ -147,3 +147,46 @@ def test_change_index_outside_unit_interval_is_explained():
     summ.loc[0, ["change_index_lo", "change_index_hi"]] = [float("nan"), float("nan")]
     fs = F.attribution_findings(summ, None, pd.DataFrame(), "full")
     assert fs[0].uncertainty.startswith("no CI")
+
+
+def test_per_class_change_index_above_one_is_explained():
+    summ = pd.DataFrame(
+        [
+            {
+                "method": "grad_cam",
+                "informative": True,
+                "change_index": 0.6,
+                "change_index_lo": 0.4,
+                "change_index_hi": 0.8,
+                "ceiling": 0.8,
+                "floor": 0.1,
+                "n": 40,
+                "similarity": "spearman_abs",
+            }
+        ]
+    )
+    per_class = pd.DataFrame(
+        [
+            {
+                "method": "grad_cam",
+                "class": "t_shape",
+                "change_index": 1.73,
+                "ab": -0.46,
+                "ab_lo": -0.6,
+                "ab_hi": -0.3,
+                "n": 20,
+            },
+            {
+                "method": "grad_cam",
+                "class": "heart",
+                "change_index": 0.3,
+                "ab": 0.6,
+                "ab_lo": 0.5,
+                "ab_hi": 0.7,
+                "n": 20,
+            },
+        ]
+    )
+    fs = F.attribution_findings(summ, None, per_class, "full")
+    (f,) = [f for f in fs if f.id == "attr_class"]
+    assert "class t_shape (change index 1.73 (above 1: beyond the randomized network);" in f.text
