@@ -8,12 +8,49 @@ known, ``uncertainty`` (a confidence interval or the reason there is none).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["Finding", "paired_bootstrap_diff", "rank_findings", "transfer_findings", "weight_findings"]
+__all__ = [
+    "Finding",
+    "modality_words",
+    "paired_bootstrap_diff",
+    "rank_findings",
+    "transfer_findings",
+    "units",
+    "weight_findings",
+]
+
+# The modality's words: the same sentences serve images and text ("test images" / "test sentences").
+_WORDS = {
+    "image": {"units": "images", "region": "inside the object"},
+    "text": {"units": "sentences", "region": "on the decisive tokens"},
+}
+_MODALITY: contextvars.ContextVar[str] = contextvars.ContextVar("tunelens_modality", default="image")
+
+
+def units() -> str:
+    """What the data is made of in the current modality: ``images`` or ``sentences``."""
+    return _WORDS[_MODALITY.get()]["units"]
+
+
+def _region() -> str:
+    return _WORDS[_MODALITY.get()]["region"]
+
+
+@contextlib.contextmanager
+def modality_words(modality: str) -> Iterator[None]:
+    """Findings formatted inside this block use the words of ``modality`` (``image`` or ``text``)."""
+    token = _MODALITY.set(modality if modality in _WORDS else "image")
+    try:
+        yield
+    finally:
+        _MODALITY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -71,7 +108,7 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
                 "accuracy",
                 score=10 + abs(d) * 10,
                 uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points "
-                f"(paired bootstrap over {len(a)} test images)",
+                f"(paired bootstrap over {len(a)} test {units()})",
             )
         )
     tuned = [m for m in models if m not in (control, "base")]
@@ -188,7 +225,7 @@ def functional_findings(
                     text,
                     "rewind",
                     score=9,
-                    uncertainty=f"{int(ref['n'])} test images; differences under about {noise:.1f} "
+                    uncertainty=f"{int(ref['n'])} test {units()}; differences under about {noise:.1f} "
                     "points are within sampling noise (2 s.e.)",
                 )
             )
@@ -212,7 +249,7 @@ def functional_findings(
                 f"{'lie in one basin' if barrier < 0.05 else 'are separated by a ridge'}.",
                 "interpolation",
                 score=6,
-                uncertainty=f"{int(interp['n'].iloc[0])} test images, {len(interp)} points along the path; "
+                uncertainty=f"{int(interp['n'].iloc[0])} test {units()}, {len(interp)} points along the path; "
                 f"BatchNorm statistics: {interp['bn'].iloc[0]}",
             )
         )
@@ -228,7 +265,7 @@ def functional_findings(
                     "probes",
                     score=7,
                     uncertainty="one probe per layer on the target test split; "
-                    f"{_noise_pts(top['tuned_test_acc'], 100):.0f}-point noise scale per 100 test images",
+                    f"{_noise_pts(top['tuned_test_acc'], 100):.0f}-point noise scale per 100 test {units()}",
                 )
             )
             last_stage = g[g["layer"].str.startswith("layer")]
@@ -253,6 +290,8 @@ def functional_findings(
                 f"early layers change {'least' if ok else 'not least'} (mean relative change of stem "
                 f"and layer1 {pct(early, 2)} vs layer4 {pct(late, 2)})" + ("" if ok else " [not as expected]"),
             )
+    if stages is not None and len(stages):
+        checks[:0] = _bert_depth_checks(stages[stages["model"] == primary])
     if checks:
         held = sum("[not as expected]" not in c for c in checks)
         out.append(
@@ -275,6 +314,16 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     c = chance.dropna(subset=["cka_base_tuned"]).reset_index(drop=True)
     if c.empty:
         return out
+    extra = ""
+    if "pooling" in c:  # transformers: the masked mean leads; the [CLS] token is reported beside it
+        other = c[c["pooling"] != c["pooling"].iloc[0]]
+        c = c[c["pooling"] == c["pooling"].iloc[0]].reset_index(drop=True)
+        if len(other):
+            lo = other.loc[other["cka_base_tuned"].idxmin()]
+            extra = (
+                f" On the {lo['pooling']} token the lowest CKA is {lo['cka_base_tuned']:.2f} at {lo['layer']} "
+                f"(random-weights baseline {lo.get('cka_base_random', float('nan')):.2f})."
+            )
     est = c["estimator"].iloc[0] if "estimator" in c else "CKA"
     kept_layers = []
     for _, r in c.iterrows():
@@ -303,7 +352,13 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     if np.isfinite(sc):
         txt += f". The scratch control's {low['layer']} has CKA {sc:.2f} with the tuned model"
     out.append(
-        Finding("cka", txt + ".", "cka_chance", score=8.5, uncertainty=f"estimator: {est}; CI: bootstrap over batches")
+        Finding(
+            "cka",
+            txt + "." + extra,
+            "cka_chance",
+            score=8.5,
+            uncertainty=f"estimator: {est}; CI: bootstrap over batches",
+        )
     )
     return out
 
@@ -344,7 +399,7 @@ def attribution_findings(
                 "attribution_summary",
                 score=7.5,
                 uncertainty=f"95% CI {r['change_index_lo']:.2f} to {r['change_index_hi']:.2f} (bootstrap over {int(r['n'])} "
-                f"images; similarity: {r['similarity']})",
+                f"{units()}; similarity: {r['similarity']})",
             )
         )
     if localisation is not None and len(inf):
@@ -357,14 +412,14 @@ def attribution_findings(
             out.append(
                 Finding(
                     "attr_localisation",
-                    f"After fine-tuning, the share of positive {name} attribution inside the object "
+                    f"After fine-tuning, the share of positive {name} attribution {_region()} "
                     f"{rose} from {pct(r['base'])} to {pct(r['tuned'])}"
                     + ("" if sig else " (not distinguishable from no change)")
                     + ".",
                     "attribution_localisation",
                     score=8 if sig else 4,
                     uncertainty=f"95% CI of the change {100 * r['delta_lo']:+.1f} to {100 * r['delta_hi']:+.1f} points "
-                    f"(paired bootstrap over {int(r['n'])} images)",
+                    f"(paired bootstrap over {int(r['n'])} {units()})",
                 )
             )
     if len(inf) and per_class is not None and len(per_class):
@@ -379,7 +434,7 @@ def attribution_findings(
                     f"(change index {r['change_index']:.2f}; base-vs-tuned similarity {r['ab']:.2f}).",
                     "attribution_per_class",
                     score=4,
-                    uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images",
+                    uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} {units()}",
                 )
             )
     if flagged:
@@ -394,5 +449,39 @@ def attribution_findings(
                 score=2,
                 kind="caveat",
             )
+        )
+    return out
+
+
+def _bert_depth_checks(stages: pd.DataFrame) -> list[str]:
+    """Merchant et al. 2020 ("What Happens To BERT Embeddings During Fine-tuning?"): fine-tuning changes the
+    top layers most and the lower layers least. Checked on the relative weight change per encoder layer:
+    the mean of the lower third (embeddings and the first layers) against the top third, and the Spearman
+    correlation of relative change with depth."""
+    layers = stages[stages["stage"].str.startswith("encoder.layer.")].copy()
+    if len(layers) < 3:
+        return []
+    layers["k"] = layers["stage"].str.rsplit(".", n=1).str[-1].astype(int)
+    layers = layers.sort_values("k")
+    third = max(len(layers) // 3, 1)
+    low, top = layers.iloc[:third], layers.iloc[-third:]
+    lo, hi = float(low["relative"].mean()), float(top["relative"].mean())
+    ok = lo < hi
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(layers["k"], layers["relative"]).statistic)
+    out = [
+        f"lower encoder layers change least and the top layers most, as Merchant et al. (2020) report for "
+        f"fine-tuned BERT: {'yes' if ok else 'no'} (mean relative change of layers "
+        f"{', '.join(map(str, low['k']))} {pct(lo, 3)} vs layers {', '.join(map(str, top['k']))} {pct(hi, 3)}; "
+        f"Spearman correlation of change with depth {rho:+.2f})" + ("" if ok else " [not as expected]")
+    ]
+    emb = stages[stages["stage"] == "embeddings"]
+    if len(emb):
+        e = float(emb["relative"].iloc[0])
+        ok = e < hi
+        out.append(
+            f"the embeddings change less than the top layers ({pct(e, 3)} vs {pct(hi, 3)})"
+            + ("" if ok else " [not as expected]")
         )
     return out

@@ -43,6 +43,11 @@ def _is_resnet_like(model: nn.Module) -> bool:
 
 def _auto_layers(model: nn.Module) -> list[str]:
     children = dict(model.named_children())
+    own = getattr(model, "tunelens_layers", None)
+    if callable(own):  # a model that names its own readable layers (text: the masked-mean taps per layer)
+        from tunelens.core.naming import head_name
+
+        return list(own()) + [head_name(model)]
     if _is_resnet_like(model):
         stem = "maxpool" if "maxpool" in children else "relu"
         out = [stem] + [f"layer{i}" for i in range(1, 5) if f"layer{i}" in children]
@@ -70,7 +75,8 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[str]:
 
     ``"auto"``: for ResNets the stem output, ``layer1`` .. ``layer4``, the pooled features
     (``avgpool``) and the logits (``fc``); for ``features``-style models (VGG, ConvNeXt,
-    EfficientNet, MobileNet ...) each block of ``features``; for ViTs each encoder layer.
+    EfficientNet, MobileNet ...) each block of ``features``; for ViTs each encoder layer; for a model
+    with ``tunelens_layers()`` (text: the attention-masked mean of every layer's tokens) those, then the head.
     A list of names is checked against ``model.named_modules()`` (unknown names are an
     error with close matches suggested); a module type (or tuple of types) selects every
     module of that type.

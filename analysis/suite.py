@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tunelens.core.results import Results
+from tunelens.core.text import is_text_model
 
 from . import findings as F
 from .registry import Context, registered
@@ -112,10 +113,13 @@ def analyze_models(
         skipped.update(out.skipped)
         done.append(a)
     findings: list[F.Finding] = []
-    for a in done:
-        try:
-            findings += a.findings(res)
-        except Exception as e:
-            failed[f"{a.name} findings"] = one_line_error(e)
+    modality = "text" if is_text_model(models["base"]) else "image"
+    res.summary.setdefault("modality", modality)
+    with F.modality_words(modality):
+        for a in done:
+            try:
+                findings += a.findings(res)
+            except Exception as e:
+                failed[f"{a.name} findings"] = one_line_error(e)
     res.summary.update(timings=timings, skipped=skipped, failed=failed, findings=F.rank_findings(findings))
     return res

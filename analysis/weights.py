@@ -73,7 +73,10 @@ def _matrix_stats(d: torch.Tensor) -> dict[str, float]:
         return {"spectral": nan, "stable_rank": nan, "effective_rank": nan, "top1_energy": nan}
     if m.shape[1] > m.shape[0]:
         m = m.T  # same singular values; LAPACK is far faster on tall matrices than on wide ones
-    s = torch.linalg.svdvals(m)
+    if m.shape[0] > 8 * m.shape[1]:  # very tall (a word-embedding table): s_i = sqrt(eig_i(m^T m)), n x n only
+        s = torch.linalg.eigvalsh(m.T @ m).clamp_min(0).sqrt().flip(0)
+    else:
+        s = torch.linalg.svdvals(m)
     tot2 = float((s**2).sum())
     if tot2 == 0.0:
         return {

@@ -1,5 +1,8 @@
 """The default run's fine-tuning stage: pretrain on the source task, then fine-tune with each strategy.
 
+For text (``--preset text``) the base is the pretrained Hugging Face encoder as shipped, with a head probed
+on the source task (its encoder weights stay exactly the pretrained ones).
+
 Writes ``checkpoints/base`` (pretrained on the source task), one checkpoint per
 strategy (``linear_probe``, ``full``, ``lp_ft`` ... on the target task) and the
 ``scratch`` control (random initialisation, the fine-tuning budget), each as
@@ -19,18 +22,35 @@ import torch
 from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
 from tunelens.core.files import atomic_write_text
+from tunelens.core.text import build_text_model, load_tokenizer, resolve_hf_folder
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ShapesSpec, make_shapes
 from .models import build_model, replace_head
+from .text_data import TextSpec, make_text_task
 from .train import TrainConfig, train
 
-__all__ = ["data_spec", "load_run_models", "run_finetune_stage"]
+__all__ = ["data_spec", "is_text", "load_run_models", "make_data", "run_finetune_stage"]
 
 
-def data_spec(cfg: dict, task: str) -> ShapesSpec:
+def is_text(cfg: dict) -> bool:
+    """Whether the configuration is of the text modality (``--preset text``)."""
+    return cfg.get("modality", "image") == "text"
+
+
+def data_spec(cfg: dict, task: str) -> ShapesSpec | TextSpec:
     d = cfg["data"]
+    if is_text(cfg):
+        t = d["text"]
+        return TextSpec(task=task, seed=cfg["seed"], max_len=t["max_len"], model=cfg["arch"], **t[task])
     return ShapesSpec(task=task, image_size=d["image_size"], clutter=d["clutter"], seed=cfg["seed"], **d[task])
+
+
+def make_data(cfg: dict, spec: ShapesSpec | TextSpec) -> dict:
+    """The splits of ``spec``: generated shapes, or generated sentences tokenised for the configured model."""
+    if isinstance(spec, TextSpec):
+        return make_text_task(spec, load_tokenizer(resolve_hf_folder(spec.model)))
+    return make_shapes(spec)
 
 
 def _cached(path: Path, key: str) -> dict | None:
@@ -105,10 +125,11 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     device = runtime.device_name(cfg.get("device", "auto"))  # the same on every rank: cache keys agree
     src_spec, tgt_spec = data_spec(cfg, "source"), data_spec(cfg, "target")
     t0 = time.perf_counter()
-    src, tgt = make_shapes(src_spec), make_shapes(tgt_spec)
+    src, tgt = make_data(cfg, src_spec), make_data(cfg, tgt_spec)
+    unit = "sentences" if is_text(cfg) else "images"
     log(
         f"[finetune] generated data in {time.perf_counter() - t0:.1f}s "
-        f"(source {len(src['train'])} train images, target {len(tgt['train'])} train images)"
+        f"(source {len(src['train'])} train {unit}, target {len(tgt['train'])} train {unit})"
     )
     manifests: dict[str, dict] = {}
 
@@ -117,8 +138,12 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     base_path = ckdir / "base.safetensors"
     man = _cached(base_path, base_key)
     if man is None:
-        tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="full", seed=seed, device=device))
-        model = build_model(arch, len(src_spec.classes), seed=seed)
+        if is_text(cfg):  # the pretrained encoder as shipped, with a head probed on the source task
+            tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="linear_probe", seed=seed, device=device))
+            model = build_text_model(arch, len(src_spec.classes), seed=seed, pretrained=True)
+        else:
+            tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="full", seed=seed, device=device))
+            model = build_model(arch, len(src_spec.classes), seed=seed)
         meta = {
             "name": "base",
             "role": "base",

