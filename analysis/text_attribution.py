@@ -65,8 +65,11 @@ def token_attributions(
     method: str,
     baseline_id: int,
     n_steps: int = 16,
+    ablation_batch: int = 4,
 ) -> np.ndarray:
-    """``(N, L)`` signed relevance of every token for the ``target`` logit (zero on special tokens)."""
+    """``(N, L)`` signed relevance of every token for the ``target`` logit (zero on special tokens).
+    ``n_steps``: integration steps of integrated gradients; ``ablation_batch``: ablated tokens per forward
+    pass of feature ablation (0: all of a sentence's tokens in one pass)."""
     from captum.attr import FeatureAblation, LayerIntegratedGradients
 
     model.eval()
@@ -93,7 +96,7 @@ def token_attributions(
                 target=target,
                 additional_forward_args=(mask,),
                 feature_mask=fmask,
-                perturbations_per_eval=4,
+                perturbations_per_eval=int(ablation_batch) if ablation_batch > 0 else int(ids.shape[1]),
             )
     else:
         raise ValueError(f"unknown text attribution method {method!r}; expected one of {', '.join(TEXT_METHODS)}")
@@ -165,6 +168,7 @@ def text_attribution_study(
     classes: list[str] | None = None,
     methods: tuple[str, ...] = TEXT_METHODS,
     n_steps: int = 16,
+    ablation_batch: int = 4,
     n_boot: int = 1000,
     threshold: float = 0.1,
 ) -> TextAttributionStudy:
@@ -175,8 +179,11 @@ def text_attribution_study(
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(data), size=min(n_sentences, len(data)), replace=False))
     ids = torch.stack([data[int(i)][0] for i in idx]).cpu()
+    full_len = ids.shape[1]
+    keep = max(int((ids != int(base.pad_id)).sum(1).max()), 2)  # columns that are padding in every row: dropped
+    ids = ids[:, :keep]
     labels = torch.as_tensor([int(data[int(i)][1]) for i in idx])
-    dec = torch.stack([torch.as_tensor(data[int(i)][2]) for i in idx]).numpy()
+    dec = torch.stack([torch.as_tensor(data[int(i)][2]) for i in idx]).numpy()[:, :keep]
     base, tuned = copy.deepcopy(base).cpu().eval(), copy.deepcopy(tuned).cpu().eval()
     mask = base.attention_mask(ids)
     words = _word_mask(ids, mask).numpy()
@@ -195,11 +202,16 @@ def text_attribution_study(
     rows, timings, examples = [], {}, {}
     for m in methods:
         t0 = time.perf_counter()
-        a = token_attributions(base, ids, mask, labels, m, pad, n_steps)
-        b = token_attributions(tuned, ids, mask, labels, m, pad, n_steps)
-        ce = token_attributions(base, ids, mask, labels, m, MASK_ID, n_steps)
-        fl = token_attributions(floor_model, ids, mask, labels, m, pad, n_steps)
-        ft = token_attributions(top_model, ids, mask, labels, m, pad, n_steps)
+        a, b, ce, fl, ft = (
+            token_attributions(model, ids, mask, labels, m, bl, n_steps, ablation_batch)
+            for model, bl in (
+                (base, pad),
+                (tuned, pad),
+                (base, MASK_ID),
+                (floor_model, pad),
+                (top_model, pad),
+            )
+        )
         timings[m] = time.perf_counter() - t0
         sims = _row_sims(a, b, words)
         comp = pd.DataFrame(
@@ -223,9 +235,7 @@ def text_attribution_study(
         scale = np.abs(np.concatenate([a, b])).sum(1, keepdims=True).reshape(2, -1, 1).max(0)
         scale[scale == 0] = 1.0
         examples[m] = {
-            "tokens": np.array(
-                [data.tokens[int(i)] + [""] * (ids.shape[1] - len(data.tokens[int(i)])) for i in idx], dtype="U24"
-            ),
+            "tokens": np.array([(list(data.tokens[int(i)]) + [""] * keep)[:keep] for i in idx], dtype="U24"),
             "base": a / scale,
             "tuned": b / scale,
             "decisive": dec,
@@ -252,6 +262,8 @@ def text_attribution_study(
             "methods": list(methods),
             "n_sentences": len(idx),
             "n_steps": n_steps,
+            "ablation_batch": ablation_batch,
+            "columns": f"{keep} of {full_len} (padding-only columns dropped)",
             "baseline": "[PAD]",
             "ceiling": "baseline [MASK]",
         },

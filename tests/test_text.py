@@ -134,11 +134,71 @@ def test_text_pipeline_quick_end_to_end(tmp_path):
         "attribution_localisation",
     ):
         assert (out / "results" / f"{t}.csv").exists(), t
+    import base64
+    import re
+
     import pandas as pd
 
-    chance = pd.read_csv(out / "results" / "cka_chance.csv")
-    assert any(str(x).startswith("cls.") for x in chance.iloc[:, 1]) or "cls.layer5" in chance.to_string()
+    res = out / "results"
+    # the per-sub-module weight table: every kind of sub-module in every encoder layer, finite changes
+    sub = pd.read_csv(res / "weight_submodules.csv")
+    kinds = {
+        "attention query",
+        "attention key",
+        "attention value",
+        "attention output",
+        "feed-forward in",
+        "feed-forward out",
+        "LayerNorm",
+    }
+    for i in range(6):
+        got = set(sub.loc[(sub["model"] == "full") & (sub["stage"] == f"encoder.layer.{i}"), "submodule"])
+        assert got == kinds, (i, got)
+    emb = set(sub.loc[(sub["model"] == "full") & (sub["stage"] == "embeddings"), "submodule"])
+    assert {"word embeddings", "position embeddings", "LayerNorm"} <= emb, emb
+    assert np.isfinite(sub["relative"]).all() and (sub["relative"] >= 0).all()
+    assert (sub.loc[sub["model"] == "full", "relative"] > 0).any(), "full fine-tuning moved no weight"
+    stages = pd.read_csv(res / "weight_stages.csv")
+    body = stages[stages["stage"] != "head"]  # the head is replaced (topics -> polarity): no relative change
+    assert len(body) == 7 and np.isfinite(body["relative"]).all(), stages
+    # the word-embedding row of the weight deltas has its spectral numbers (the Gram path for 30522 x 384)
+    wd = pd.read_csv(res / "weight_deltas.csv")
+    we = wd[(wd["model"] == "full") & (wd["name"] == "embeddings.word_embeddings.weight")]
+    assert len(we) == 1 and np.isfinite(we[["spectral", "stable_rank", "effective_rank"]].to_numpy()).all()
+    assert 1 <= float(we["stable_rank"].iloc[0]) <= 384 + 1e-6
+
+    # CKA on both readouts, [CLS] and the attention-masked mean, for every encoder layer, values in [0, 1]
+    chance = pd.read_csv(res / "cka_chance.csv")
+    assert set(chance["pooling"]) == {"masked mean", "[CLS]"}, set(chance["pooling"])
+    for prefix in ("cls", "masked_mean"):
+        for i in range(6):
+            row = chance[chance["layer"] == f"{prefix}.layer{i}"]
+            assert len(row) == 1, (prefix, i, chance["layer"].tolist())
+            for col in ("cka_base_tuned", "cka_base_random"):
+                v = float(row[col].iloc[0])
+                assert -0.01 <= v <= 1.01, (prefix, i, col, v)
+    # fine-tuning 1 epoch leaves the pooled encoder close to the base, far closer than random weights
+    top = chance[chance["layer"] == "masked_mean.layer5"].iloc[0]
+    assert top["cka_base_tuned"] > top["cka_base_random"], top.to_dict()
+
+    # the literature check: Merchant et al. (2020), with its numbers
+    lit = [f["text"] for f in summary.get("findings", []) if "Merchant et al. (2020)" in f.get("text", "")]
+    assert lit, [f.get("id") for f in summary.get("findings", [])]
+    assert re.search(r"\d+\.\d+%", lit[0]) and "Spearman" in lit[0], lit[0]
+
+    # token attributions: the arrays and the token-shaded sentences in the report (a PNG per method)
+    for m in ("integrated_gradients", "feature_ablation"):
+        z = np.load(res / f"attribution_tokens_{m}.npz")
+        assert z["base"].shape == z["tuned"].shape == z["tokens"].shape == z["decisive"].shape
+        assert len(z["base"]) == 4 and np.isfinite(z["base"]).all() and np.abs(z["tuned"]).sum() > 0
+        assert (z["decisive"].sum(1) > 0).all()
     html = (out / "report" / "index.html").read_text()
-    assert "fig-attr-tokens-integrated_gradients" in html and "fig-weight-submodules" in html
+    for fid in ("fig-attr-tokens-integrated_gradients", "fig-attr-tokens-feature_ablation", "fig-weight-submodules"):
+        assert f'id="{fid}"' in html, fid
+    i = html.index('id="fig-attr-tokens-integrated_gradients"')
+    m = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html[i : i + 400])
+    assert m is not None and base64.b64decode(m.group(1))[:8] == b"\x89PNG\r\n\x1a\n" and len(m.group(1)) > 10_000
     assert "Merchant et al. (2020)" in html
-    assert np.isfinite(pd.read_csv(out / "results" / "weight_stages.csv")["relative"]).all()
+    # the quick preset's attribution settings reached the study
+    settings = summary["attribution"]["settings"]
+    assert settings.get("n_steps") == 8 and settings.get("n_sentences") == 4, settings

@@ -121,7 +121,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lp_ft": {"lr": 1e-4, "lp_epochs": 1, "lp_lr": 0.01},
             "scratch": {"lr": 3e-4, "warmup_epochs": 0},
         },
-        "analysis": {"attribution_images": 16, "interpolation_steps": 6, "batch_size": 64},
+        "analysis": {
+            "attribution_images": 16,
+            "attribution_ig_steps": 16,  # integrated-gradients steps (text only)
+            "attribution_ablation_batch": 4,  # tokens ablated per forward pass; 0: a whole sentence at once
+            "interpolation_steps": 6,
+            "batch_size": 64,
+        },
     }
 }
 
@@ -135,7 +141,12 @@ PRESET_QUICK: dict[str, dict[str, Any]] = {
         },
         "pretrain": {"epochs": 1},
         "finetune": {"strategies": ["full"], "common": {"epochs": 1}},
-        "analysis": {"attribution_images": 4, "interpolation_steps": 3},
+        "analysis": {
+            "attribution_images": 4,
+            "attribution_ig_steps": 8,
+            "attribution_ablation_batch": 0,
+            "interpolation_steps": 3,
+        },
     }
 }
 

@@ -35,6 +35,9 @@ def run_text(ctx: Context) -> Output:
         seed=ctx.seed,
         probe_data=ctx.data.get("train"),
         classes=list(getattr(test, "classes", []) or []),
+        # text-only settings (the text preset defines them): integration steps and tokens ablated per pass
+        n_steps=int(ctx.settings.get("attribution_ig_steps", 16)),
+        ablation_batch=int(ctx.settings.get("attribution_ablation_batch", 4)),
     )
     summary = {
         "attribution": {
