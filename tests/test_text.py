@@ -196,8 +196,13 @@ def test_text_pipeline_quick_end_to_end(tmp_path):
     for fid in ("fig-attr-tokens-integrated_gradients", "fig-attr-tokens-feature_ablation", "fig-weight-submodules"):
         assert f'id="{fid}"' in html, fid
     i = html.index('id="fig-attr-tokens-integrated_gradients"')
-    m = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html[i : i + 400])
-    assert m is not None and base64.b64decode(m.group(1))[:8] == b"\x89PNG\r\n\x1a\n" and len(m.group(1)) > 10_000
+    m = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"').search(html, i)
+    assert (
+        m is not None
+        and m.start() - i < 400
+        and base64.b64decode(m.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+        and len(m.group(1)) > 10_000
+    )
     assert "Merchant et al. (2020)" in html
     # the quick preset's attribution settings reached the study
     settings = summary["attribution"]["settings"]
