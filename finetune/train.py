@@ -63,7 +63,9 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm under torch.distributed on CUDA (ignored, with a warning, on CPU)
     num_workers: int = 0
     cache_features: bool = True  # linear probe without augmentation: train the head on cached features
-    channels_last: bool = True  # convnets train in NHWC memory layout (bench/channels_last.py); the saved weights are not
+    channels_last: bool = (
+        True  # convnets train in NHWC memory layout (bench/channels_last.py); the saved weights are not
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
