@@ -63,9 +63,8 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm under torch.distributed on CUDA (ignored, with a warning, on CPU)
     num_workers: int = 0
     cache_features: bool = True  # linear probe without augmentation: train the head on cached features
-    channels_last: bool = (
-        True  # convnets train in NHWC memory layout (bench/channels_last.py); the saved weights are not
-    )
+    # convnets train in NHWC memory layout (bench/channels_last.py); the saved weights are not
+    channels_last: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
