@@ -44,7 +44,7 @@ _WORDS = {
         "unit": "sentence",
         "region": "on the decisive tokens",
         "maps": "token attributions",
-        "ceiling": "with [MASK] instead of [PAD] as the removed-token baseline",
+        "ceiling": "with every sentence shifted by one token (a neutral word put before it)",
     },
 }
 _MODALITY: contextvars.ContextVar[str] = contextvars.ContextVar("tunelens_modality", default="image")
@@ -280,7 +280,8 @@ def functional_findings(
             top = grp.loc[grp["acc_drop"].idxmax()]
             low = grp.loc[grp["acc_drop"].idxmin()]
             ref = r[r["group"] == "none"].iloc[0]
-            noise = _noise_pts(ref["acc"], int(ref["n"]))
+            n_ref = max(int(ref["n"]), 1)  # an accuracy of 0 or 1 has no binomial spread: read it as 1/(n+1) from it
+            noise = _noise_pts(float(np.clip(ref["acc"], 1 / (n_ref + 1), n_ref / (n_ref + 1))), n_ref)
             if 100 * top["acc_drop"] > noise:
                 text = (
                     f"Rewinding {top['group']} of the {primary} model to its pretrained weights costs "

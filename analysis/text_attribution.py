@@ -9,7 +9,9 @@ baseline token is ``[PAD]``; the attention mask stays that of the sentence, so o
 is removed. Relevance is compared on the word tokens only ([CLS], [SEP] and padding excluded).
 
 Calibration, as for images (:mod:`tunelens.analysis.attribution_study`): the **ceiling** is the base
-against itself with a nuisance change (the baseline token ``[MASK]`` instead of ``[PAD]``), the
+against itself under a nuisance change, every sentence shifted by one token (a neutral word, ``so``, put
+after ``[CLS]``: the text form of the images' one-pixel shift; the attributions of the shared tokens are
+compared), the
 **floor** the base against a copy with every stage re-initialised (``floor``) or only the head and the
 last encoder layer (``floor_top``; Adebayo et al. 2018); change index ``(ceiling - AB) / (ceiling -
 floor)`` of the mean absolute-value Spearman correlation. Localisation against the decisive tokens:
@@ -30,12 +32,13 @@ from scipy.stats import rankdata
 from torch import nn
 
 from .attribution_stats import _localisation, _per_class, _summary
+from .attribution_study import _auto_threads
 from .prepare import _reinit, fit_probe_head, randomize_cascading
 
 __all__ = ["TEXT_METHODS", "TextAttributionStudy", "text_attribution_study"]
 
 TEXT_METHODS = ("integrated_gradients", "feature_ablation")
-MASK_ID = 103  # BERT's [MASK]: the pretraining way of removing a word
+SHIFT_WORD = "so"  # the neutral word that shifts every sentence by one token (the ceiling's nuisance)
 
 
 @dataclass
@@ -176,7 +179,45 @@ def text_attribution_study(
 ) -> TextAttributionStudy:
     """Base-vs-tuned token attributions of ``methods`` on ``n_sentences`` sentences of ``data`` (a
     :class:`tunelens.finetune.text_data.TextTask`-like dataset: items ``(ids, label, decisive)``, attribute
-    ``tokens``), calibrated by a ceiling and a floor; tables shaped as the image study's."""
+    ``tokens``), calibrated by a ceiling and a floor; tables shaped as the image study's. Torch runs on one
+    thread while other processes keep every core busy, as the image study does (``threads="auto"``)."""
+    n_threads = torch.get_num_threads()
+    use = _auto_threads("auto")
+    if use is not None:
+        torch.set_num_threads(use)
+    try:
+        return _text_study(
+            base,
+            tuned,
+            data,
+            n_sentences,
+            seed,
+            probe_data,
+            classes,
+            methods,
+            n_steps,
+            ablation_batch,
+            n_boot,
+            threshold,
+        )
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _text_study(
+    base: nn.Module,
+    tuned: nn.Module,
+    data,
+    n_sentences: int,
+    seed: int,
+    probe_data,
+    classes: list[str] | None,
+    methods: tuple[str, ...],
+    n_steps: int,
+    ablation_batch: int,
+    n_boot: int,
+    threshold: float,
+) -> TextAttributionStudy:
     notes: list[str] = []
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(data), size=min(n_sentences, len(data)), replace=False))
@@ -195,6 +236,9 @@ def text_attribution_study(
             f"The base model's head answers the source task, so it is attributed through a linear probe head fitted "
             f"on the target training sentences (training accuracy {100 * info['train_acc']:.0f}%)."
         )
+    shift_id = base.token_id(SHIFT_WORD)
+    ids_s = torch.cat([ids[:, :1], torch.full_like(ids[:, :1], shift_id), ids[:, 1:]], 1)
+    mask_s = base.attention_mask(ids_s)
     floor_model = randomize_cascading(base, seed=seed + 11)
     top_model = _top_random(base, seed + 13)
     with torch.no_grad():
@@ -204,16 +248,12 @@ def text_attribution_study(
     rows, timings, examples = [], {}, {}
     for m in methods:
         t0 = time.perf_counter()
-        a, b, ce, fl, ft = (
-            token_attributions(model, ids, mask, labels, m, bl, n_steps, ablation_batch)
-            for model, bl in (
-                (base, pad),
-                (tuned, pad),
-                (base, MASK_ID),
-                (floor_model, pad),
-                (top_model, pad),
-            )
+        a, b, fl, ft = (
+            token_attributions(model, ids, mask, labels, m, pad, n_steps, ablation_batch)
+            for model in (base, tuned, floor_model, top_model)
         )
+        shifted = token_attributions(base, ids_s, mask_s, labels, m, pad, n_steps, ablation_batch)
+        ce = np.concatenate([shifted[:, :1], shifted[:, 2:]], axis=1)  # the shift token left out: aligned with a
         timings[m] = time.perf_counter() - t0
         sims = _row_sims(a, b, words)
         comp = pd.DataFrame(
@@ -267,6 +307,6 @@ def text_attribution_study(
             "ablation_batch": ablation_batch,
             "columns": f"{keep} of {full_len} (padding-only columns dropped)",
             "baseline": "[PAD]",
-            "ceiling": "baseline [MASK]",
+            "ceiling": f"every sentence shifted by one token ({SHIFT_WORD!r} after [CLS])",
         },
     )

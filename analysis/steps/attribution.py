@@ -59,7 +59,8 @@ def run_text(ctx: Context) -> Output:
         "attribution": {
             "settings": dict(
                 study.settings,
-                ceiling="the base model against itself with [MASK] instead of [PAD] as the baseline token",
+                ceiling="the base model against itself with every sentence shifted by one token (a neutral word "
+                "after [CLS])",
                 floor="the base model with every stage re-initialised",
             ),
             "timings": study.timings,

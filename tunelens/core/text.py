@@ -23,6 +23,7 @@ only when a text model is built (the ``text`` extra).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -121,7 +122,7 @@ class TextClassifier(nn.Module):
 
     modality = "text"
 
-    def __init__(self, encoder_model: nn.Module, num_classes: int, pad_id: int = 0) -> None:
+    def __init__(self, encoder_model: nn.Module, num_classes: int, pad_id: int = 0, folder: str = "") -> None:
         super().__init__()
         if not hasattr(encoder_model, "embeddings") or not hasattr(getattr(encoder_model, "encoder", None), "layer"):
             raise ValueError(
@@ -136,6 +137,7 @@ class TextClassifier(nn.Module):
             raise ValueError(f"{type(encoder_model).__name__} has parameters outside embeddings/encoder: {extra[:3]}")
         hidden = int(encoder_model.config.hidden_size)
         self.pad_id = int(pad_id)
+        self.folder = str(folder)  # the Hugging Face folder it was built from (its tokenizer.json: token_id)
         self.n_layers = len(self.encoder.layer)
         names = ["embeddings"] + [f"layer{i}" for i in range(self.n_layers)]
         self.masked_mean = nn.ModuleDict({n: TokenTap("mean") for n in names})
@@ -145,6 +147,13 @@ class TextClassifier(nn.Module):
     @property
     def config(self) -> Any:
         return self._hf.config
+
+    def token_id(self, token: str) -> int:
+        """The id of ``token`` in the vocabulary of the model's tokenizer.json; KeyError if absent."""
+        vocab = _vocab(self.folder) if self.folder else {}
+        if token not in vocab:
+            raise KeyError(f"{token!r} is not in the vocabulary of {self.folder or 'this model (no tokenizer.json)'}")
+        return int(vocab[token])
 
     def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids != self.pad_id).long()
@@ -224,7 +233,15 @@ def build_text_model(spec: str, num_classes: int, seed: int | None = None, pretr
         pad = (tok.get("padding") or {}).get("pad_id", 0)
     if seed is not None:
         torch.manual_seed(seed + 1)
-    return TextClassifier(enc, num_classes, pad_id=int(pad)).eval()
+    return TextClassifier(enc, num_classes, pad_id=int(pad), folder=str(folder)).eval()
+
+
+@functools.lru_cache(maxsize=8)
+def _vocab(folder: str) -> dict[str, int]:
+    """token -> id of the WordPiece vocabulary in ``folder``'s tokenizer.json (empty when there is none)."""
+    path = Path(folder) / "tokenizer.json"
+    vocab = (json.loads(path.read_text()).get("model") or {}).get("vocab") if path.exists() else None
+    return dict(vocab) if isinstance(vocab, dict) else {}
 
 
 _KINDS = (
