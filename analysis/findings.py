@@ -44,7 +44,7 @@ _WORDS = {
         "unit": "sentence",
         "region": "on the decisive tokens",
         "maps": "token attributions",
-        "ceiling": "with every sentence shifted by one token (a neutral word put before it)",
+        "ceiling": "with every sentence shifted by one token, a neutral word put before it",
     },
 }
 _MODALITY: contextvars.ContextVar[str] = contextvars.ContextVar("tunelens_modality", default="image")

@@ -276,3 +276,28 @@ def test_text_pipeline_quick_end_to_end(tmp_path):
     # the quick preset's attribution settings reached the study
     settings = summary["attribution"]["settings"]
     assert settings.get("n_steps") == 8 and settings.get("n_sentences") == 4, settings
+
+
+def test_binary_probe_head_explains_both_classes():
+    """A two-class probe head gives logits (-z/2, z/2): the probabilities of logistic regression, and a class-0
+    logit that depends on the input (so its attributions are not all zero)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tunelens.analysis.prepare import fit_probe_head
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(5, 4))
+    model.add_module("fc", torch.nn.Linear(4, 3))
+    x = torch.randn(60, 5)
+    y = (x[:, 0] + 0.3 * torch.randn(60) > 0).long()
+    probe, _ = fit_probe_head(model, (x, y), num_classes=2)
+    logits = probe(x).detach()
+    torch.testing.assert_close(logits[:, 0], -logits[:, 1])
+    feats = model.body(x).detach().numpy()
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    ref = LogisticRegression(C=1.0, max_iter=2000).fit((feats - mu) / sd, y.numpy())
+    p = torch.softmax(logits.double(), 1)[:, 1].numpy()
+    np.testing.assert_allclose(p, ref.predict_proba((feats - mu) / sd)[:, 1], atol=1e-5)
+    g = torch.autograd.grad(probe(x[:1])[0, 0], probe.body.weight)[0]
+    assert g.abs().sum() > 0
