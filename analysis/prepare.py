@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from tunelens.core.evaluation import unpack_batch
+from tunelens.core.runtime import blas_threads
 
 __all__ = [
     "LogitMismatchError",
@@ -405,7 +406,8 @@ def fit_probe_head(
         raise ValueError("a probe head needs labelled data from at least two classes")
     mu, sd = feats.mean(0), feats.std(0) + 1e-6
     clf = LogisticRegression(C=C, max_iter=max_iter)
-    clf.fit((feats - mu) / sd, y)
+    with blas_threads(1):
+        clf.fit((feats - mu) / sd, y)
     coef, icpt = clf.coef_, clf.intercept_
     if coef.shape[0] == 1:  # binary: logits (-z/2, z/2), the same probabilities as (0, z), and both logits
         # depend on the input (a constant class-0 logit would have zero gradient: empty attributions for class 0)

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tunelens.core.runtime import no_tf32, world_size
+from tunelens.core.runtime import blas_threads, no_tf32, world_size
 
 from .layers import LayerSpec, iterate_features, resolve_layers
 
@@ -99,7 +99,7 @@ def fit_probe(
         raise ValueError("a probe needs at least two classes in the training split")
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(C=C, max_iter=max_iter, random_state=random_state)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), blas_threads(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(scaler.transform(x_train), y_train)
     return {

@@ -85,10 +85,13 @@ class ShapesSpec:
     seed: int = 0
     clutter: int = 3  # number of random distractor strokes per image
     classes: tuple[str, ...] = field(default=())
+    std: float = STD[0]  # images are (x - 0.5) / std; the ImageNet preset uses 0.5, as its weights expect
 
     def __post_init__(self) -> None:
         if self.task not in ("source", "target"):
             raise ValueError(f"task must be 'source' or 'target', got {self.task!r}")
+        if not self.std > 0:
+            raise ValueError(f"std must be positive, got {self.std}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be at least 16 pixels, got {self.image_size}")
         if not self.classes:
@@ -177,13 +180,13 @@ def make_shapes(spec: ShapesSpec) -> dict[str, ShapesDataset]:
         labels = np.repeat(np.arange(len(spec.classes)), per)
         rng.shuffle(labels)
         imgs, masks = _render(rng, [spec.classes[c] for c in labels], spec.image_size, spec.clutter)
-        x = (torch.from_numpy(imgs) - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+        x = (torch.from_numpy(imgs) - torch.tensor(MEAN)[:, None, None]) / spec.std
         out[split] = ShapesDataset(
             x.contiguous(), torch.from_numpy(labels).long(), torch.from_numpy(masks), spec.classes
         )
     return out
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Undo the default normalisation (for display)."""
-    return (x * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]).clamp(0, 1)
+def denormalize(x: torch.Tensor, std: float = STD[0]) -> torch.Tensor:
+    """Undo the normalisation (for display); ``std``: the spec's."""
+    return (x * std + torch.tensor(MEAN)[:, None, None]).clamp(0, 1)

@@ -29,7 +29,7 @@ from tunelens.core.naming import head_name
 from tunelens.core.text import build_text_model, load_tokenizer, resolve_hf_folder
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from .data import ShapesSpec, make_shapes
+from .data import STD, ShapesSpec, make_shapes
 from .lora import LORA_KEYS, add_lora, merge_lora, save_adapter
 from .models import build_model, replace_head
 from .text_data import TextSpec, make_text_task
@@ -48,7 +48,14 @@ def data_spec(cfg: dict, task: str) -> ShapesSpec | TextSpec:
     if is_text(cfg):
         t = d["text"]
         return TextSpec(task=task, seed=cfg["seed"], max_len=t["max_len"], model=cfg["arch"], **t[task])
-    return ShapesSpec(task=task, image_size=d["image_size"], clutter=d["clutter"], seed=cfg["seed"], **d[task])
+    return ShapesSpec(
+        task=task,
+        image_size=d["image_size"],
+        clutter=d["clutter"],
+        std=d.get("std", STD[0]),
+        seed=cfg["seed"],
+        **d[task],
+    )
 
 
 def make_data(cfg: dict, spec: ShapesSpec | TextSpec) -> dict:
@@ -183,7 +190,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     code = code_hash("tunelens.finetune") + code_hash("tunelens.core")
     base_path = ckdir / "base.safetensors"
     if weights:
-        man = _pretrained_base(weights, arch, seed, code, base_path, log)
+        man = _pretrained_base(weights, arch, seed, code, base_path, log, input_std=tgt_spec.std)
     else:
         assert src is not None  # a base that is pretrained here has source data
         man = _pretrain_base(cfg, arch, seed, device, src_spec, src, code, base_path, progress, log)
@@ -310,14 +317,14 @@ def _pretrain_base(
     return man
 
 
-def _pretrained_base(weights: str, arch: str, seed: int, code: str, path: Path, log) -> dict:
+def _pretrained_base(weights: str, arch: str, seed: int, code: str, path: Path, log, input_std: float) -> dict:
     """The base model from real pretrained weights (:data:`tunelens.core.pretrained.PRETRAINED`), saved as a
     tunelens checkpoint with its full head (e.g. ImageNet's 1000 classes); no training, no source data."""
     from tunelens.core.hashing import config_hash
     from tunelens.core.naming import stage_order
     from tunelens.core.pretrained import PRETRAINED, load_pretrained
 
-    from .data import MEAN, STD
+    from .data import MEAN
 
     if weights not in PRETRAINED:
         raise ValueError(f"unknown base_weights {weights!r}; known: {', '.join(PRETRAINED)}")
@@ -325,15 +332,21 @@ def _pretrained_base(weights: str, arch: str, seed: int, code: str, path: Path, 
     if arch != spec.arch:
         raise ValueError(f"base_weights {weights!r} fit arch {spec.arch!r}, but the configuration's arch is {arch!r}")
     if len(set(MEAN)) != 1 or MEAN[0] != 0.5:
-        raise ValueError(f"the stem fold of {weights!r} assumes inputs centred at 0.5, the data's mean is {MEAN}")
-    prov = dict(spec.provenance(), input_std=STD[0])
+        raise ValueError(f"base_weights {weights!r} expect inputs centred at 0.5, the data's mean is {MEAN}")
+    want = spec.input_std
+    if input_std != want:  # the data are scaled as the weights expect: no weight is changed to fit the data
+        raise ValueError(
+            f"base_weights {weights!r} expect inputs (x - 0.5) / {want}, the data are (x - 0.5) / {input_std}: "
+            f"set data.std to {want}"
+        )
+    prov = dict(spec.provenance(), input_std=input_std)
     key = config_hash("base", arch, weights, prov, code)
     man = _cached(path, key)
     if man is not None:
         log("[finetune] base unchanged, kept")
         return man
     t0 = time.perf_counter()
-    model, _ = load_pretrained(weights, input_std=STD[0])
+    model, _ = load_pretrained(weights, input_std=input_std)
     head: Any = model.get_submodule(head_name(model))
     nc = int(head.out_features)
     meta = {

@@ -1,4 +1,7 @@
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as tunelens sets it, before torch starts OpenMP
+
 from pathlib import Path
 
 import pytest

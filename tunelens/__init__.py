@@ -8,6 +8,13 @@ device=None, ...)`` and never moves or changes the caller's models. Sub-packages
 ``tunelens.core`` (shared runtime), ``tunelens.finetune``, ``tunelens.analysis``, ``tunelens.reports``.
 """
 
+import os as _os
+
+# OpenMP threads that sleep when idle instead of spinning: on a busy 2-core machine two spinning torch threads
+# made a training step 3x slower than one thread (bench/threads.py); set before torch starts OpenMP. An explicit
+# OMP_WAIT_POLICY in the environment wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 

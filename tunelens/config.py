@@ -37,11 +37,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "data": {
         "image_size": 32,
         "clutter": 3,
+        "std": 0.25,  # pixels in [0, 1] are normalised to (x - 0.5) / std
         "source": {"train_per_class": 400, "val_per_class": 25, "test_per_class": 25},
         "target": {"train_per_class": 40, "val_per_class": 20, "test_per_class": 60},
     },
     "pretrain": {
-        "epochs": 18,
+        "epochs": 15,
         "lr": 0.1,
         "batch_size": 32,
         "weight_decay": 5e-4,
@@ -64,7 +65,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
             "amp": False,
             "sync_bn": False,
         },
-        "linear_probe": {"lr": 0.1},
+        # no augmentation: the frozen backbone's features are computed once and the head trains on them
+        "linear_probe": {"lr": 0.1, "augment": False},
         "full": {"lr": 0.005},
         "last_k": {"lr": 0.005, "last_k": 2},
         "lp_ft": {"lr": 0.005, "lp_epochs": 10, "lp_lr": 0.1},
@@ -99,7 +101,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet": {
         "arch": "timm:tf_efficientnet_lite0",
         "base_weights": "efficientnet_lite0_imagenet",
-        "data": {"image_size": 96, "target": {"train_per_class": 16, "val_per_class": 6, "test_per_class": 8}},
+        "data": {
+            "image_size": 96,
+            "std": 0.5,
+            "target": {"train_per_class": 16, "val_per_class": 6, "test_per_class": 8},
+        },
         "finetune": {
             "strategies": ["linear_probe", "full", "lp_ft"],  # lora: see the default run (peft on depthwise convs)
             "common": {"epochs": 3, "batch_size": 16, "augment": False, "patience": 0},

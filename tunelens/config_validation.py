@@ -49,6 +49,7 @@ RULES: dict[str, dict[str, Any]] = {
     "*fraction*": {"gt": 0, "lt": 1},
     "data.image_size": {"min": 8},
     "data.clutter": {"min": 0},
+    "data.std": {"gt": 0},
     "data.*.*_per_class": {"min": 1},
     "finetune.strategies": {"items": {"choices": _strategies}, "nonempty": True},
     "finetune.lora.rank": {"min": 1},

@@ -28,6 +28,7 @@ from torch import nn
 
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
+from tunelens.core.runtime import blas_threads
 from tunelens.core.text import is_text_model
 
 from .. import findings as F
@@ -69,7 +70,7 @@ def probe_correct(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.nda
 
     sc = StandardScaler().fit(xtr)
     clf = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), blas_threads(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(sc.transform(xtr), ytr)
     return (clf.predict(sc.transform(xte)) == yte).astype(int)

