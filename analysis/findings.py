@@ -288,6 +288,11 @@ def functional_findings(
                     f"{100 * top['acc_drop']:.1f} points of target accuracy, rewinding {low['group']} costs "
                     f"{100 * low['acc_drop']:.1f}: the new task lives most in {top['group']}."
                 )
+            elif top["acc_drop"] <= 0:
+                text = (
+                    f"No single stage of the {primary} model is critical: rewinding any one stage to its "
+                    "pretrained weights costs no accuracy."
+                )
             else:
                 text = (
                     f"No single stage of the {primary} model is critical: rewinding any one stage to its "
@@ -434,7 +439,7 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     low = c.loc[c["cka_base_tuned"].idxmin()]
     others = c.drop(index=low.name)
     clear = has_ci and len(others) and bool((low["ci_high"] < others["ci_low"]).all())
-    ci = f", 95% CI {low['ci_low']:.2f}-{low['ci_high']:.2f}" if has_ci else ""
+    ci = f", 95% CI {low['ci_low']:.2f} to {low['ci_high']:.2f}" if has_ci else ""
     if clear:
         txt = f"{primary}: {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}{ci})"
     else:
