@@ -24,6 +24,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,7 +53,7 @@ class TextAttributionStudy:
     settings: dict = field(default_factory=dict)
 
 
-def _logits(model: nn.Module):
+def _logits(model: Any):
     def f(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model.fc(model.encode(ids, mask, trim=False))
 
@@ -60,7 +61,7 @@ def _logits(model: nn.Module):
 
 
 def token_attributions(
-    model: nn.Module,
+    model: Any,
     ids: torch.Tensor,
     mask: torch.Tensor,
     target: torch.Tensor,
@@ -153,7 +154,7 @@ def _localise(rel: np.ndarray, dec: np.ndarray, words: np.ndarray) -> dict[str, 
     return {"mass": mass, "rank_acc": rank, "pointing": point}
 
 
-def _top_random(model: nn.Module, seed: int) -> nn.Module:
+def _top_random(model: Any, seed: int) -> Any:
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(int(seed))
     _reinit(out.fc, gen)
@@ -204,8 +205,8 @@ def text_attribution_study(
 
 
 def _text_study(
-    base: nn.Module,
-    tuned: nn.Module,
+    base: Any,
+    tuned: Any,
     data,
     n_sentences: int,
     seed: int,

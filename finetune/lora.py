@@ -63,7 +63,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, stages: list[str], seed:
         raise ValueError(f"finetune.lora.stages {stages}: no convolution or linear layer to adapt")
     cfg = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft types it int; a float scales the same (alpha / r)
         lora_dropout=0.0,
         target_modules=targets,
         modules_to_save=[head_name(model)],

@@ -190,6 +190,8 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     code = code_hash("tunelens.finetune") + code_hash("tunelens.core")
     base_path = ckdir / "base.safetensors"
     if weights:
+        if not isinstance(tgt_spec, ShapesSpec):
+            raise ValueError("base_weights (real pretrained image weights) need image data, not the text modality")
         man = _pretrained_base(weights, arch, seed, code, base_path, log, input_std=tgt_spec.std)
     else:
         assert src is not None  # a base that is pretrained here has source data

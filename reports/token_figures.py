@@ -24,7 +24,7 @@ def token_grid(ex: dict, classes: list[str], method: str, rows: list[int]) -> st
     cmap = plt.get_cmap("RdBu_r")
     height = 0.62 * len(rows) * 2 + 0.9
     fig = plt.figure(figsize=(11, height), dpi=110)
-    ax = fig.add_axes([0, 0.55 / height, 1, 1 - 0.75 / height])
+    ax = fig.add_axes((0, 0.55 / height, 1, 1 - 0.75 / height))
     ax.set_axis_off()
     ax.set_xlim(0, 100)
     ax.set_ylim(len(rows) * 2 * 1.0 + 0.2, -0.3)
@@ -69,7 +69,7 @@ def token_grid(ex: dict, classes: list[str], method: str, rows: list[int]) -> st
             color="#555",
         )
         y += 0.4
-    cax = fig.add_axes([0.3, 0.12 / height, 0.4, 0.18 / height])
+    cax = fig.add_axes((0.3, 0.12 / height, 0.4, 0.18 / height))
     cb = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal")
     cb.set_label(f"{method}: share of the sentence's relevance (one scale, both models)", fontsize=8)
     cb.ax.tick_params(labelsize=7)

@@ -224,15 +224,15 @@ def read_text_csv(
     ids = torch.full((len(order), length), pad, dtype=torch.long)
     dec = torch.zeros((len(order), length), dtype=torch.float32)
     tokens, truncated = [], 0
-    for r, (i, e) in enumerate(zip(order, encs, strict=True)):
-        n = min(len(e.ids), length - 2)
-        truncated += n < len(e.ids)
-        row = [cls_id] + list(e.ids[:n]) + [sep_id]
-        ids[r, : len(row)] = torch.tensor(row)
-        for j, (a, b) in enumerate(e.offsets[:n]):
+    for k, (i, enc) in enumerate(zip(order, encs, strict=True)):
+        n = min(len(enc.ids), length - 2)
+        truncated += n < len(enc.ids)
+        row = [cls_id] + list(enc.ids[:n]) + [sep_id]
+        ids[k, : len(row)] = torch.tensor(row)
+        for j, (a, b) in enumerate(enc.offsets[:n]):
             if any(a < s_end and s_start < b for s_start, s_end in spans[i]):
-                dec[r, j + 1] = 1.0
-        tokens.append(["[CLS]"] + list(e.tokens[:n]) + ["[SEP]"])
+                dec[k, j + 1] = 1.0
+        tokens.append(["[CLS]"] + list(enc.tokens[:n]) + ["[SEP]"])
     task = TextTask(ids, torch.as_tensor([y[i] for i in order]), dec, tokens, [texts[i] for i in order], classes)
     has = any(spans[i] for i in order)
     if has and not bool(dec.any()):

@@ -122,7 +122,7 @@ def run(ctx: Context) -> Output:
                 }
             )
         rows.append(row)
-        if row["head_drop"] <= 0:
+        if float(row["head_drop"] or 0.0) <= 0:
             continue  # nothing forgotten under the base head: nothing to restore
         r = rewind(base, hybrids[name], src_test, device=ctx.device).table
         r = r[r["group"] != "none"]

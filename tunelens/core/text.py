@@ -122,7 +122,9 @@ class TextClassifier(nn.Module):
 
     modality = "text"
 
-    def __init__(self, encoder_model: nn.Module, num_classes: int, pad_id: int = 0, folder: str = "") -> None:
+    _hf: Any  # the Hugging Face model, not registered as a child (its parameters are embeddings' and encoder's)
+
+    def __init__(self, encoder_model: Any, num_classes: int, pad_id: int = 0, folder: str = "") -> None:
         super().__init__()
         if not hasattr(encoder_model, "embeddings") or not hasattr(getattr(encoder_model, "encoder", None), "layer"):
             raise ValueError(
