@@ -21,6 +21,7 @@ passes ``--source-data``); skipped with the reason otherwise.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -109,7 +110,12 @@ def run(ctx: Context) -> Output:
     ref = pi[pi["model"] == "base"]
     for i, name in enumerate(ctx.tuned):
         g = pi[pi["model"] == name]
-        row = {"model": name, "strategy": ctx.manifests[name].get("strategy"), "layer": layer, "n": len(g)}
+        row: dict[str, Any] = {
+            "model": name,
+            "strategy": ctx.manifests[name].get("strategy"),
+            "layer": layer,
+            "n": len(g),
+        }
         for what in ("head", "probe"):
             d, lo, hi = _ci(ref[what].to_numpy(), g[what].to_numpy(), seed=ctx.seed + i)
             row.update(
@@ -122,7 +128,7 @@ def run(ctx: Context) -> Output:
                 }
             )
         rows.append(row)
-        if float(row["head_drop"] or 0.0) <= 0:
+        if row["head_drop"] <= 0:
             continue  # nothing forgotten under the base head: nothing to restore
         r = rewind(base, hybrids[name], src_test, device=ctx.device).table
         r = r[r["group"] != "none"]
