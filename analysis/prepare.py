@@ -409,9 +409,10 @@ def fit_probe_head(
     with blas_threads(1):
         clf.fit((feats - mu) / sd, y)
     coef, icpt = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:  # binary: logits (0, z)
-        coef = np.concatenate([np.zeros_like(coef), coef])
-        icpt = np.concatenate([np.zeros_like(icpt), icpt])
+    if coef.shape[0] == 1:  # binary: logits (-z/2, z/2), the same probabilities as (0, z), and both logits
+        # depend on the input (a constant class-0 logit would have zero gradient: empty attributions for class 0)
+        coef = np.concatenate([-coef / 2, coef / 2])
+        icpt = np.concatenate([-icpt / 2, icpt / 2])
     w = np.zeros((n_cls, feats.shape[1]), dtype=np.float64)
     b = np.full(n_cls, -1e4, dtype=np.float64)  # classes absent from the probe's data never win
     w[clf.classes_] = coef / sd

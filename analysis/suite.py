@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tunelens.core.results import Results
+from tunelens.core.text import is_text_model
 
 from . import findings as F
 from .registry import Context, registered
@@ -118,11 +119,14 @@ def analyze_models(
         skipped.update(out.skipped)
         done.append(a)
     findings: list[F.Finding] = []
-    for a in done:
-        try:
-            findings += a.findings(res)
-        except Exception as e:
-            failed[f"{a.name} findings"] = one_line_error(e)
-    findings = F.small_data_caveat(findings, res.summary.get("n_test"))
+    modality = "text" if is_text_model(models["base"]) else "image"
+    res.summary.setdefault("modality", modality)
+    with F.modality_words(modality):
+        for a in done:
+            try:
+                findings += a.findings(res)
+            except Exception as e:
+                failed[f"{a.name} findings"] = one_line_error(e)
+        findings = F.small_data_caveat(findings, res.summary.get("n_test"))
     res.summary.update(timings=timings, skipped=skipped, failed=failed, findings=F.rank_findings(findings))
     return res

@@ -1,5 +1,8 @@
 """The default run's fine-tuning stage: pretrain on the source task, then fine-tune with each strategy.
 
+For text (``--preset text``) the base is the pretrained Hugging Face encoder as shipped, with a head probed
+on the source task (its encoder weights stay exactly the pretrained ones).
+
 Writes ``checkpoints/base`` (pretrained on the source task, or, when the configuration names
 ``base_weights``, real pretrained weights such as EfficientNet-Lite0's ImageNet weights, see
 :mod:`tunelens.core.pretrained`: then no pretraining stage runs), one checkpoint per
@@ -23,18 +26,28 @@ from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
 from tunelens.core.files import atomic_write_text, check_owned_folder, claim_folder
 from tunelens.core.naming import head_name
+from tunelens.core.text import build_text_model, load_tokenizer, resolve_hf_folder
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import STD, ShapesSpec, make_shapes
 from .lora import LORA_KEYS, add_lora, merge_lora, save_adapter
 from .models import build_model, replace_head
+from .text_data import TextSpec, make_text_task
 from .train import TrainConfig, train
 
-__all__ = ["data_spec", "load_run_models", "read_run_index", "run_finetune_stage"]
+__all__ = ["data_spec", "is_text", "load_run_models", "make_data", "read_run_index", "run_finetune_stage"]
 
 
-def data_spec(cfg: dict, task: str) -> ShapesSpec:
+def is_text(cfg: dict) -> bool:
+    """Whether the configuration is of the text modality (``--preset text``)."""
+    return cfg.get("modality", "image") == "text"
+
+
+def data_spec(cfg: dict, task: str) -> ShapesSpec | TextSpec:
     d = cfg["data"]
+    if is_text(cfg):
+        t = d["text"]
+        return TextSpec(task=task, seed=cfg["seed"], max_len=t["max_len"], model=cfg["arch"], **t[task])
     return ShapesSpec(
         task=task,
         image_size=d["image_size"],
@@ -43,6 +56,13 @@ def data_spec(cfg: dict, task: str) -> ShapesSpec:
         seed=cfg["seed"],
         **d[task],
     )
+
+
+def make_data(cfg: dict, spec: ShapesSpec | TextSpec) -> dict:
+    """The splits of ``spec``: generated shapes, or generated sentences tokenised for the configured model."""
+    if isinstance(spec, TextSpec):
+        return make_text_task(spec, load_tokenizer(resolve_hf_folder(spec.model)))
+    return make_shapes(spec)
 
 
 def _cached(path: Path, key: str) -> dict | None:
@@ -154,18 +174,24 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     src_spec, tgt_spec = data_spec(cfg, "source"), data_spec(cfg, "target")
     weights = cfg.get("base_weights")
     t0 = time.perf_counter()
-    src = None if weights else make_shapes(src_spec)
-    tgt = make_shapes(tgt_spec)
+    src = None if weights else make_data(cfg, src_spec)
+    tgt = make_data(cfg, tgt_spec)
+    unit = "sentences" if is_text(cfg) else "images"
+    size = (
+        f" of {tgt_spec.image_size} px" if isinstance(tgt_spec, ShapesSpec) else f" of up to {tgt_spec.max_len} tokens"
+    )
     log(
         f"[finetune] generated data in {time.perf_counter() - t0:.1f}s ("
-        + (f"source {len(src['train'])} train images, " if src else "")
-        + f"target {len(tgt['train'])} train images of {tgt_spec.image_size} px)"
+        + (f"source {len(src['train'])} train {unit}, " if src else "")
+        + f"target {len(tgt['train'])} train {unit}{size})"
     )
     manifests: dict[str, dict] = {}
 
     code = code_hash("tunelens.finetune") + code_hash("tunelens.core")
     base_path = ckdir / "base.safetensors"
     if weights:
+        if not isinstance(tgt_spec, ShapesSpec):
+            raise ValueError("base_weights (real pretrained image weights) need image data, not the text modality")
         man = _pretrained_base(weights, arch, seed, code, base_path, log, input_std=tgt_spec.std)
     else:
         assert src is not None  # a base that is pretrained here has source data
@@ -251,9 +277,19 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
 
 
 def _pretrain_base(
-    cfg: dict, arch: str, seed: int, device: str, src_spec: ShapesSpec, src: dict, code: str, path: Path, progress, log
+    cfg: dict,
+    arch: str,
+    seed: int,
+    device: str,
+    src_spec: ShapesSpec | TextSpec,
+    src: dict,
+    code: str,
+    path: Path,
+    progress,
+    log,
 ) -> dict:
-    """The base model pretrained on the source shapes (kept when its configuration hash is unchanged)."""
+    """The base model pretrained on the source shapes, or for text the pretrained encoder as shipped with a head
+    probed on the source task (kept when its configuration hash is unchanged)."""
     from tunelens.core.hashing import config_hash
 
     key = config_hash("base", arch, seed, src_spec.to_dict(), cfg["pretrain"], code, device)
@@ -261,8 +297,12 @@ def _pretrain_base(
     if man is not None:
         log("[finetune] base unchanged, kept")
         return man
-    tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="full", seed=seed, device=device))
-    model = build_model(arch, len(src_spec.classes), seed=seed)
+    if is_text(cfg):  # the pretrained encoder as shipped (frozen), with a head probed on the source task
+        tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="linear_probe", seed=seed, device=device))
+        model: torch.nn.Module = build_text_model(arch, len(src_spec.classes), seed=seed, pretrained=True)
+    else:
+        tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="full", seed=seed, device=device))
+        model = build_model(arch, len(src_spec.classes), seed=seed)
     meta = {
         "name": "base",
         "role": "base",

@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from tunelens.analysis.findings import modality_words
 from tunelens.core.files import check_owned_folder, write_owned_folder
 from tunelens.core.results import Results
 
@@ -74,14 +75,15 @@ def evidence_anchors(sections: list[Section]) -> dict[str, str]:
 def render_html(res: Results, title: str = "tunelens report") -> str:
     sections: list[Section] = []
     errors: list[str] = []
-    for name, build in SECTION_BUILDERS:
-        try:
-            sec = build(res)
-        except Exception as e:  # a broken section must not lose the rest of the report
-            errors.append(f"section {name} could not be rendered: {type(e).__name__}: {e}")
-            continue
-        if sec is not None:
-            sections.append(sec)
+    with modality_words(str(res.summary.get("modality", "image"))):  # "test images" or "test sentences"
+        for name, build in SECTION_BUILDERS:
+            try:
+                sec = build(res)
+            except Exception as e:  # a broken section must not lose the rest of the report
+                errors.append(f"section {name} could not be rendered: {type(e).__name__}: {e}")
+                continue
+            if sec is not None:
+                sections.append(sec)
     anchors = evidence_anchors(sections)
     findings = []
     for f in res.summary.get("findings", []):

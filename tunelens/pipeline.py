@@ -7,6 +7,7 @@ of the analysis configuration and of every checkpoint it read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -16,8 +17,9 @@ import torch
 from tunelens.config import code_hash, config_hash
 from tunelens.core import runtime
 from tunelens.core.files import check_owned_folder, versions
-from tunelens.finetune.data import make_shapes
-from tunelens.finetune.recipes import data_spec, load_run_models, read_run_index, run_finetune_stage
+from tunelens.finetune.data import ShapesSpec
+from tunelens.finetune.recipes import data_spec, load_run_models, make_data, read_run_index, run_finetune_stage
+from tunelens.finetune.text_data import TextSpec
 
 
 def random_like(manifest: dict):
@@ -35,7 +37,8 @@ def random_like(manifest: dict):
 
 
 def base_description(man: dict, n_target: int) -> str:
-    """One sentence on the base model: pretrained on the source shapes, or real pretrained weights."""
+    """One sentence on the base model: pretrained on the source shapes, real pretrained weights, or (text) the
+    pretrained encoder as shipped with a head probed on the source topics."""
     pre = man.get("pretrained")
     if pre:
         return (
@@ -43,26 +46,65 @@ def base_description(man: dict, n_target: int) -> str:
             f"no pretraining stage ran: its {man['num_classes']}-class ImageNet head is replaced by a fresh "
             f"{n_target}-class head for each strategy."
         )
+    if (man.get("data") or {}).get("name") == "text":
+        return (
+            f"{man['arch']} (a pretrained BERT-family encoder) with its weights as shipped and a linear head probed on "
+            f"the {len(man['classes'])}-topic source task ({', '.join(man['classes'])}), source test accuracy "
+            f"{100 * man['metrics']['test_acc']:.1f}%; each strategy replaces the head by a fresh {n_target}-class one."
+        )
     return (
         f"{man['arch']} pretrained on {len(man['classes'])} source shapes ({', '.join(man['classes'])}), "
         f"source test accuracy {100 * man['metrics']['test_acc']:.1f}%."
     )
 
 
+def _spec_from(data: dict) -> ShapesSpec | TextSpec:
+    """The data spec a manifest records (``ShapesSpec.to_dict()`` or ``TextSpec.to_dict()``)."""
+    d = dict(data)
+    name = d.pop("name", None)
+    if name == "text":
+        d.pop("classes", None)
+        return TextSpec(**d)
+    d["classes"] = tuple(d["classes"])
+    return ShapesSpec(**d)
+
+
 def source_data(base_manifest: dict, settings: dict) -> dict:
     """The source task's ``source_test`` split (the one the base was scored on) and a ``source_train`` sample of
-    ``forgetting_probe_per_class`` images per class (for the forgetting probes), from the base's data spec."""
-    from tunelens.finetune.data import ShapesSpec
-
+    ``forgetting_probe_per_class`` images (sentences) per class (for the forgetting probes), from the base's
+    data spec."""
     if not settings.get("forgetting", True) or "classes" not in (base_manifest.get("data") or {}):
         return {}
-    d = dict(base_manifest["data"])
-    d.pop("name", None)
-    d["classes"] = tuple(d["classes"])
+    spec = _spec_from(base_manifest["data"])
     per = int(settings.get("forgetting_probe_per_class", 100))
-    d.update(train_per_class=min(per, int(d["train_per_class"])), val_per_class=1)  # each split its own stream
-    src = make_shapes(ShapesSpec(**d))
+    # each split its own stream: a smaller training split leaves the test split as it was
+    spec = dataclasses.replace(spec, train_per_class=min(per, int(spec.train_per_class)), val_per_class=1)
+    src = make_data({}, spec)
     return {"source_train": src["train"], "source_test": src["test"]}
+
+
+def _data_summary(spec: ShapesSpec | TextSpec, data: dict) -> dict:
+    if isinstance(spec, TextSpec):
+        return {
+            "description": "generated review sentences (embedded default, seed "
+            f"{spec.seed}): the label is the polarity of the last clause, flipped by 'not'; the decisive "
+            "tokens (that adjective and its 'not') are known per sentence.",
+            "classes": list(spec.classes),
+            "unit": "sentences",
+            "max_len": spec.max_len,
+            "n_train": len(data["train"]),
+            "n_test": len(data["test"]),
+            "spec": spec.to_dict(),
+        }
+    return {
+        "description": f"generated shapes on cluttered backgrounds (embedded default, seed {spec.seed}, "
+        f"{spec.image_size} px).",
+        "classes": list(spec.classes),
+        "image_size": spec.image_size,
+        "n_train": len(data["train"]),
+        "n_test": len(data["test"]),
+        "spec": spec.to_dict(),
+    }
 
 
 __all__ = ["base_description", "run_all", "source_data", "stage_analyze", "stage_finetune", "stage_report"]
@@ -100,16 +142,14 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
     runtime.set_determinism(cfg["seed"])
     t0 = time.perf_counter()
     models, mans = load_run_models(out / "checkpoints", device=device)
-    tspec = data_spec(cfg, "target") if "target" in cfg.get("data", {}) else None
     tman = next(m for m in mans.values() if m["role"] == "tuned")
-    if tspec is None or tspec.to_dict() != tman["data"]:
-        from tunelens.finetune.data import ShapesSpec
-
-        d = dict(tman["data"])
-        d.pop("name", None)
-        d["classes"] = tuple(d["classes"])
-        tspec = ShapesSpec(**d)
-    data = dict(make_shapes(tspec))
+    try:
+        tspec = data_spec(cfg, "target")
+    except (KeyError, TypeError):
+        tspec = None
+    if tspec is None or tspec.to_dict() != tman["data"]:  # the data the tuned models were trained on
+        tspec = _spec_from(tman["data"])
+    data = dict(make_data(cfg, tspec))
     data.update(source_data(mans["base"], cfg["analysis"]))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -139,15 +179,7 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
             }
             for n, m in mans.items()
         },
-        data={
-            "description": f"generated shapes on cluttered backgrounds (embedded default, seed {tspec.seed}, "
-            f"{tspec.image_size} px).",
-            "classes": list(tspec.classes),
-            "image_size": tspec.image_size,
-            "n_train": len(data["train"]),
-            "n_test": len(data["test"]),
-            "spec": tspec.to_dict(),
-        },
+        data=_data_summary(tspec, data),
         base_description=base_description(mans["base"], len(tspec.classes)),
     )
     res.summary["world_size"] = runtime.world_size()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from tunelens.core.results import Results
+from tunelens.core.text import is_text_model
 
 from .. import findings as F
 from ..attribution import DEFAULT_METHODS, METHODS
 from ..attribution_study import attribution_study
 from ..registry import Analysis, Context, Output, register
+from ..text_attribution import text_attribution_study
 
 SUMMARY = "attribution_summary"
 COMPARISONS = "attribution_comparisons"
@@ -35,7 +37,60 @@ def methods(ctx: Context) -> tuple[list[str], dict[str, str]]:
     return chosen, skipped
 
 
+TOKENS_PREFIX = "attribution_tokens_"  # arrays: one per method, sentences with token relevance (text)
+
+
+def run_text(ctx: Context) -> Output:
+    """The text form: token attributions (LayerIntegratedGradients, feature ablation) with the same tables."""
+    test = ctx.data["test"]
+    study = text_attribution_study(
+        ctx.base,
+        ctx.models[ctx.primary],
+        test,
+        n_sentences=int(ctx.settings["attribution_images"]),
+        seed=ctx.seed,
+        probe_data=ctx.data.get("train"),
+        classes=list(getattr(test, "classes", []) or []),
+        # text-only settings (the text preset defines them): integration steps and tokens ablated per pass
+        n_steps=int(ctx.settings.get("attribution_ig_steps", 16)),
+        ablation_batch=int(ctx.settings.get("attribution_ablation_batch", 4)),
+    )
+    summary = {
+        "attribution": {
+            "settings": dict(
+                study.settings,
+                ceiling="the base model against itself with every sentence shifted by one token (a neutral word "
+                "after [CLS])",
+                floor="the base model with every stage re-initialised",
+            ),
+            "timings": study.timings,
+            "notes": study.notes,
+            "primary": ctx.primary,
+            "classes": list(getattr(test, "classes", []) or []),
+            "modality": "text",
+        }
+    }
+    tables = {SUMMARY: study.summary, COMPARISONS: study.comparisons, PER_CLASS: study.per_class}
+    skipped = {}
+    if study.localisation is not None:
+        tables[LOCALISATION] = study.localisation
+    else:
+        skipped["localisation"] = (
+            "no decisive tokens were given (a decisive column of character spans in the --data CSV), so "
+            "attributions are not scored against them"
+        )
+    return Output(
+        tables=tables,
+        arrays={f"{TOKENS_PREFIX}{m}": ex for m, ex in study.examples.items()},
+        summary=summary,
+        notes=tuple(study.notes),
+        skipped=skipped,
+    )
+
+
 def run(ctx: Context) -> Output:
+    if is_text_model(ctx.base):
+        return run_text(ctx)
     s = ctx.settings
     test = ctx.data["test"]
     classes = getattr(test, "classes", None)

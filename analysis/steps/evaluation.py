@@ -102,12 +102,20 @@ def training_tables(manifests: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFr
 def run(ctx: Context) -> Output:
     test = ctx.data["test"]
     sample = [test[i] for i in range(min(8, len(test)))]
-    samples = {
-        "images": torch.stack([b[0] for b in sample]).numpy(),
-        "labels": np.asarray([int(b[1]) for b in sample]),
-    }
-    if sample and len(sample[0]) > 2:
-        samples["masks"] = torch.stack([torch.as_tensor(b[2]) for b in sample]).numpy()
+    samples = {"labels": np.asarray([int(b[1]) for b in sample])}
+    if hasattr(test, "sentences") and hasattr(test, "tokens"):  # text: the sentences, their decisive words
+        samples["sentences"] = np.array([test.sentences[i] for i in range(len(sample))], dtype=str)
+        samples["decisive"] = np.array(
+            [
+                " ".join(t for t, m in zip(test.tokens[i], torch.as_tensor(b[2]).tolist(), strict=False) if m > 0)
+                for i, b in enumerate(sample)
+            ],
+            dtype=str,
+        )
+    else:
+        samples["images"] = torch.stack([b[0] for b in sample]).numpy()
+        if sample and len(sample[0]) > 2:
+            samples["masks"] = torch.stack([torch.as_tensor(b[2]) for b in sample]).numpy()
     models = {n: m for n, m in ctx.models.items() if n != "base"}
     preds = predictions_table(models, ctx.test_loader, ctx.device)
     curves, stages = training_tables({k: dict(v) for k, v in ctx.manifests.items()})

@@ -30,6 +30,7 @@ from torch import nn
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
 from tunelens.core.runtime import blas_threads
+from tunelens.core.text import is_text_model
 
 from .. import findings as F
 from ..interventions import rewind
@@ -84,8 +85,9 @@ def run(ctx: Context) -> Output:
     if "source_test" not in ctx.data or "source_train" not in ctx.data:
         return Output(
             skipped={
-                "forgetting": "no source-task data (tunelens run generates it; for compare pass --source-data, an "
-                "ImageFolder of the task the base was trained on)"
+                "forgetting": "no source-task data (tunelens run generates it; for compare pass --source-data, "
+                + ("a CSV" if is_text_model(ctx.base) else "an ImageFolder")
+                + " of the task the base was trained on)"
             }
         )
     base = ctx.base
@@ -185,7 +187,7 @@ def findings(res: Results) -> list[F.Finding]:
                 score=(7 if r["model"] == primary or r["strategy"] == "lora" else 4) + max(r["head_drop"], 0) * 5,
                 uncertainty=f"95% CI of the drop under the base head {_pts(r['head_drop_lo'])} to "
                 f"{_pts(r['head_drop_hi'])} points, of the probe drop {_pts(r['probe_drop_lo'])} to "
-                f"{_pts(r['probe_drop_hi'])} (paired bootstrap over {n} source test images)",
+                f"{_pts(r['probe_drop_hi'])} (paired bootstrap over {n} source test {F.units()})",
             )
         )
     pi = res.table(FORGETTING_PER_IMAGE)
@@ -209,7 +211,7 @@ def findings(res: Results) -> list[F.Finding]:
                 FORGETTING,
                 score=8.6,
                 uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap over {len(a)} "
-                "source test images)",
+                f"source test {F.units()})",
             )
         )
     return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from tunelens.core.hooks import split_view
 from tunelens.core.results import Results
 
 from .. import findings as F
@@ -14,6 +13,7 @@ from ..interventions import interpolate, rewind
 from ..probes import probe_gain, probe_layers
 from ..registry import Analysis, Context, Output, register
 from ..sharding import per_sample_batch_size, shard_loader
+from .similarity import CKA_CHANCE
 from .weights import WEIGHT_STAGES
 
 REWIND = "rewind"
@@ -48,7 +48,7 @@ def run(ctx: Context) -> Output:
     layers = ctx.stage_map.cka_layers()
     probes = [probe_layers(ctx.models[n], train_loader, test_loader, layers, name=n, device=ctx.device) for n in names]
     gains = probe_gain(probes[0], probes[1])
-    gains["stage"] = [ctx.stage_map.stage_of(split_view(str(n))[0]) for n in gains["layer"]]
+    gains["stage"] = [ctx.stage_map.layer_stage(str(n)) for n in gains["layer"]]
     return Output(
         tables={
             REWIND: pd.concat(rws, ignore_index=True),
@@ -72,6 +72,8 @@ def findings(res: Results) -> list[F.Finding]:
         res.summary.get("primary", "full"),
         exclude=[k for k, v in res.summary.get("stages", {}).get("layers", {}).items() if v == "logits"] or ["fc"],
         n_test=res.summary.get("n_test"),
+        cka=res.table(CKA_CHANCE),
+        layer_stages=res.summary.get("stages", {}).get("layers", {}),
     )
 
 

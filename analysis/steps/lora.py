@@ -96,7 +96,7 @@ def findings(res: Results) -> list[F.Finding]:
                     "strategies",
                     score=9.5,
                     uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points (paired "
-                    f"bootstrap over {len(a)} test images)",
+                    f"bootstrap over {len(a)} test {F.units()})",
                 )
             )
         rk = _update_ranks(res, name, ref)

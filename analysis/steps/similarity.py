@@ -9,6 +9,7 @@ from torch import nn
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
 from tunelens.core.stages import StageMap, stages
+from tunelens.core.text import is_text_model, readout_pooling
 
 from .. import findings as F
 from ..registry import Analysis, Context, Output, register
@@ -44,7 +45,12 @@ def run(ctx: Context) -> Output:
             "The base and tuned heads differ in shape, so CKA compares the backbones (up to the pooled features); "
             "the logits layer is left out.",
         )
-    if any(n.endswith(("[cls]", "[patch_mean]", "[mean]")) or "[patch_mean:" in n for n in layers):
+    if is_text_model(base):
+        notes += (
+            "Transformer layers are compared on the attention-masked mean of their tokens (masked_mean.*) and on "
+            "the [CLS] token (cls.*); padding never enters a Gram matrix.",
+        )
+    elif any(n.endswith(("[cls]", "[patch_mean]", "[mean]")) or "[patch_mean:" in n for n in layers):
         notes += (
             "Token stages (transformer blocks) are compared twice: on the class token ([cls]) and on the mean "
             "patch token ([patch_mean]; [mean]: the mean of every token when the model has no class token).",
@@ -108,6 +114,8 @@ def run(ctx: Context) -> Output:
         seed=ctx.seed,
     )
     chance.insert(0, "model", primary)
+    if is_text_model(base):  # the text readouts: the attention-masked mean of the tokens and the [CLS] token
+        chance.insert(1, "pooling", [readout_pooling(str(n)) for n in chance["layer"]])
     tables[CKA_CHANCE] = chance
     return Output(tables=tables, arrays=arrays, summary=summary, notes=notes)
 

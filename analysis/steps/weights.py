@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tunelens.core.results import Results
+from tunelens.core.text import is_text_model, submodule_kind
 
 from .. import findings as F
 from ..registry import Analysis, Context, Output, register
@@ -12,7 +13,20 @@ from ..weights import aggregate_deltas, first_conv_filters, weight_deltas
 
 WEIGHT_DELTAS = "weight_deltas"
 WEIGHT_STAGES = "weight_stages"
+WEIGHT_SUBMODULES = "weight_submodules"  # transformers: per layer and kind of sub-module (query, key, ...)
 FIRST_CONV = "first_conv"  # array: base, tuned and delta kernels of the first convolution
+
+
+def submodule_deltas(deltas: pd.DataFrame) -> pd.DataFrame:
+    """Relative change ``||W_t - W_b||_F / ||W_b||_F`` per model, stage and kind of transformer sub-module
+    (embeddings; attention query, key, value, output; feed-forward in/out; LayerNorm), weights and biases
+    of a kind pooled (:func:`tunelens.core.text.submodule_kind`)."""
+    d = deltas[deltas["status"] == "compared"].copy()
+    d["submodule"] = d["name"].map(submodule_kind)
+    d["num2"], d["den2"] = d["frobenius"] ** 2, d["norm_base"] ** 2
+    g = d.groupby(["model", "stage", "depth", "submodule"], sort=False)[["num2", "den2", "numel"]].sum().reset_index()
+    g["relative"] = (g["num2"] ** 0.5) / (g["den2"] ** 0.5)
+    return g.drop(columns=["num2", "den2"]).sort_values(["model", "depth"], kind="stable").reset_index(drop=True)
 
 
 def run(ctx: Context) -> Output:
@@ -25,15 +39,15 @@ def run(ctx: Context) -> Output:
         s.insert(0, "model", name)
         stages.append(s)
     arrays, summary = {}, {}
+    tables = {WEIGHT_DELTAS: pd.concat(deltas, ignore_index=True), WEIGHT_STAGES: pd.concat(stages, ignore_index=True)}
+    if is_text_model(ctx.base):
+        tables[WEIGHT_SUBMODULES] = submodule_deltas(tables[WEIGHT_DELTAS])
     filt = first_conv_filters(ctx.base, ctx.models[ctx.primary])
     if filt is not None:
         arrays[FIRST_CONV] = {k: v for k, v in filt.items() if k != "name"}
         summary["first_conv_name"] = filt["name"]
     return Output(
-        tables={
-            WEIGHT_DELTAS: pd.concat(deltas, ignore_index=True),
-            WEIGHT_STAGES: pd.concat(stages, ignore_index=True),
-        },
+        tables=tables,
         arrays=arrays,
         summary=summary,
     )
@@ -51,7 +65,7 @@ ANALYSIS = register(
         name="weights",
         title="Weight deltas",
         order=10,
-        tables=(WEIGHT_DELTAS, WEIGHT_STAGES),
+        tables=(WEIGHT_DELTAS, WEIGHT_STAGES, WEIGHT_SUBMODULES),
         run=run,
         findings=findings,
         optional=False,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from tunelens.analysis.findings import units, word
 from tunelens.core.results import Results
 
 from .. import figures as fg
 from ..model import Figure, Section, Table
+from ..token_figures import token_grid
 
 _SHOW = ("integrated_gradients", "grad_cam", "saliency", "occlusion")
 
@@ -43,7 +47,8 @@ def build(res: Results) -> Section | None:
     sec = Section(
         "attribution",
         "Attributions: where each model finds its evidence",
-        "Captum attributions of the target-class logit for both models on the same test images, with "
+        "Captum attributions of the target-class logit for both models on the same test "
+        f"{units()}, with "
         "the same targets, baselines and noise seeds. Each method's base-vs-tuned agreement is read "
         f"between a ceiling ({st.get('ceiling', 'the base model against itself under a tiny perturbation')}) "
         f"and a floor ({st.get('floor', 'a randomized copy')}; Adebayo et al. 2018): change index = "
@@ -76,7 +81,7 @@ def build(res: Results) -> Section | None:
             summ[[c for c in cols if c in summ]],
             csv="attribution_summary",
             collapsed=False,
-            caption=f"ab/ceiling/floor: mean {summ['similarity'].iloc[0]} over images; floor_top "
+            caption=f"ab/ceiling/floor: mean {summ['similarity'].iloc[0]} over {units()}; floor_top "
             "randomizes only the top stages.",
         )
     )
@@ -96,6 +101,25 @@ def build(res: Results) -> Section | None:
                 "broke (when present). Base and tuned maps share one colour scale.",
             )
         )
+    for m in ("integrated_gradients", "feature_ablation"):
+        ex = res.arrays.get(f"attribution_tokens_{m}")
+        if ex is None or not len(ex.get("labels", [])):
+            continue
+        sim = np.nan_to_num(ex["similarity"], nan=1.0)
+        order = np.argsort(sim, kind="stable")
+        rows = list(dict.fromkeys([int(i) for i in order[:3]] + [int(i) for i in order[::-1][:3]]))
+        tag = "" if m in informative else " (flagged uninformative)"
+        sec.blocks.append(
+            Figure(
+                f"fig-attr-tokens-{m}",
+                f"{m}{tag}: the same sentences through the base and the tuned model",
+                token_grid(ex, classes, m, rows),
+                "The three sentences whose attributions changed most, then the three that changed least. Each "
+                "word token is shaded by its relevance for the true class (red for, blue against) on one scale "
+                "for both models; the decisive tokens (the last clause's adjective and its 'not') are underlined.",
+                source="attribution_comparisons",
+            )
+        )
     loc = res.table("attribution_localisation")
     if loc is not None and len(loc):
         mass = loc[loc["metric"] == "mass"].copy()
@@ -103,8 +127,14 @@ def build(res: Results) -> Section | None:
         sec.blocks.append(
             Figure(
                 "fig-attr-localisation",
-                "Share of positive attribution inside the object",
-                fg.bar_chart(long, "method", "mass", hue="model", ylabel="relevance mass in mask"),
+                f"Share of positive attribution {word('region')}",
+                fg.bar_chart(
+                    long,
+                    "method",
+                    "mass",
+                    hue="model",
+                    ylabel="relevance mass on decisive tokens" if units() == "sentences" else "relevance mass in mask",
+                ),
                 "Relevance mass (Arras et al. 2022) before and after fine-tuning.",
                 source="attribution_localisation",
             )

@@ -3,6 +3,7 @@ stages whose rewinding restores it."""
 
 from __future__ import annotations
 
+from tunelens.analysis.findings import units
 from tunelens.core.results import Results
 
 from .. import figures as fg
@@ -19,8 +20,8 @@ def build(res: Results) -> Section | None:
         "forgetting",
         "Forgetting of the source task",
         "What each fine-tune cost the model on what it knew before. Head: the tuned backbone read by the base "
-        "model's own (source) head, scored on the source test images. Probe: a logistic-regression probe fitted on "
-        "the backbone's pooled features of source training images: what is still linearly decodable. Drops are "
+        f"model's own (source) head, scored on the source test {units()}. Probe: a logistic-regression probe fitted "
+        f"on the backbone's pooled features of source training {units()}: what is still linearly decodable. Drops are "
         "against the base model, with 95% paired-bootstrap intervals.",
     )
     long = fgt.melt("model", ["head_drop", "probe_drop"], "measure", "drop")

@@ -3,6 +3,7 @@ the LoRA and the full fine-tune per stage."""
 
 from __future__ import annotations
 
+from tunelens.analysis.findings import units
 from tunelens.core.results import Results
 
 from .. import figures as fg
@@ -57,7 +58,7 @@ def build(res: Results) -> Section | None:
                     xorder=list(dict.fromkeys(cka["layer"])),
                     ylabel="CKA",
                 ),
-                "Minibatch linear CKA on the target test images between each LoRA model and the reference "
+                f"Minibatch linear CKA on the target test {units()} between each LoRA model and the reference "
                 f"({', '.join(dict.fromkeys(cka['reference']))}); 1 = the same representation up to rotation and scale.",
                 source="cka_lora",
             )

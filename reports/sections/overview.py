@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
+from tunelens.analysis.findings import units
 from tunelens.core.results import Results
 
 from .. import figures as fg
@@ -18,13 +20,36 @@ def build(res: Results) -> Section | None:
     data = s.get("data", {})
     if data:
         classes = ", ".join(data.get("classes", []))
+        size = (
+            f"of up to {data.get('max_len', '?')} tokens"
+            if "max_len" in data
+            else f"of {data.get('image_size', '?')} pixels"
+        )
         sec.intro = (
             f"Target task: {data.get('description', '')} {len(data.get('classes', []))} classes "
-            f"({classes}); {data.get('n_train', '?')} training and {data.get('n_test', '?')} test images "
-            f"of {data.get('image_size', '?')} pixels. Base model: {s.get('base_description', '')}"
+            f"({classes}); {data.get('n_train', '?')} training and {data.get('n_test', '?')} test {units()} "
+            f"{size}. Base model: {s.get('base_description', '')}"
         )
     smp = res.arrays.get("samples")
-    if smp is not None and len(smp["images"]):
+    if smp is not None and "sentences" in smp and len(smp["sentences"]):
+        names = data.get("classes", [])
+        sec.blocks.append(
+            Table(
+                "tbl-samples",
+                "Example target sentences",
+                pd.DataFrame(
+                    {
+                        "sentence": smp["sentences"],
+                        "label": [names[int(c)] if int(c) < len(names) else str(int(c)) for c in smp["labels"]],
+                        "decisive tokens": smp.get("decisive", ""),
+                    }
+                ),
+                collapsed=False,
+                caption="Test sentences with their label and the tokens that decide it (ground truth for the "
+                "attributions).",
+            )
+        )
+    if smp is not None and "images" in smp and len(smp["images"]):
         n = min(8, len(smp["images"]))
         names = data.get("classes", [])
         images = [fg.to_display(smp["images"][i]) for i in range(n)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+from tunelens.analysis.findings import units
 from tunelens.core.results import Results
 
 from .. import figures as fg
@@ -29,13 +30,13 @@ def build(res: Results) -> Section | None:
         "similarity",
         "Representation similarity (CKA)",
         "Linear centred kernel alignment between the two models' activations on the same target test "
-        "images (Kornblith et al. 2019), accumulated over minibatches with the unbiased HSIC estimator "
+        f"{units()} (Kornblith et al. 2019), accumulated over minibatches with the unbiased HSIC estimator "
         "(Song et al. 2012; Nguyen, Raghu and Kornblith 2021). 1 = the same representation up to rotation "
-        f"and scale. Estimator: {est}; {info.get('n_samples', '?')} images.",
+        f"and scale. Estimator: {est}; {info.get('n_samples', '?')} {units()}.",
     )
     if info.get("skipped_samples"):
         sec.notes.append(
-            f"{info['skipped_samples']} images in batches smaller than 4 were skipped "
+            f"{info['skipped_samples']} {units()} in batches smaller than 4 were skipped "
             "(the unbiased estimator needs n >= 4)."
         )
     sec.blocks.append(

@@ -22,6 +22,24 @@ def build(res: Results) -> Section | None:
         "change (stable rank ||dW||_F^2/||dW||_2^2, effective rank, share of energy in the top singular "
         "direction). Conv kernels are read as out x (in*k*k) matrices.",
     )
+    sub = res.table("weight_submodules")
+    if sub is not None and len(sub):
+        primary = res.summary.get("primary", "full")
+        p = sub[(sub["model"] == primary) & (sub["submodule"] != "head")]
+        if len(p):
+            mat = p.pivot_table(index="submodule", columns="stage", values="relative", sort=False)
+            mat = mat[[c for c in dict.fromkeys(p["stage"]) if c in mat.columns]]
+            sec.blocks.append(
+                Figure(
+                    "fig-weight-submodules",
+                    f"{primary}: relative change per encoder layer and sub-module",
+                    fg.heatmap(mat * 100, fmt=".2f", xlabel="stage", ylabel="sub-module", cmap="magma"),
+                    "||W_t - W_b||_F / ||W_b||_F in percent, weights and biases of a kind pooled; "
+                    "blank where a layer has no such sub-module.",
+                    source="weight_submodules",
+                )
+            )
+            sec.blocks.append(Table("tbl-weight-submodules", "Per layer and sub-module", sub, csv="weight_submodules"))
     rep = wd[wd["status"] == "replaced"]["name"].unique()
     if len(rep):
         sec.notes.append(f"Replaced, not compared (different shape in the tuned model): {', '.join(map(str, rep))}.")

@@ -164,9 +164,14 @@ def build_model(arch: str, num_classes: int, seed: int | None = None, **kwargs) 
     (``resnet18``, ``resnet50``, ``convnext_tiny``, ``vit_b_16`` ...), ``"timm:NAME"`` for any
     timm model (``timm:resnet18``, ``timm:tf_efficientnet_lite0``; needs ``pip install timm``), or
     ``"module:function"`` for a user factory imported from the working directory
-    (called as ``function(num_classes=num_classes)``). Weights are random; load
+    (called as ``function(num_classes=num_classes)``), or ``"hf:PATH"`` / ``"hf:PACKAGE"`` for a
+    BERT-family Hugging Face encoder with a linear head (:mod:`tunelens.core.text`). Weights are random; load
     them with :func:`tunelens.load_model` (files) or ``model.load_state_dict``.
     """
+    if arch.startswith("hf:"):  # a local Hugging Face encoder folder (or a package holding one): random weights
+        from tunelens.core.text import build_text_model
+
+        return build_text_model(arch, num_classes, seed=seed, **kwargs)
     if seed is not None:
         torch.manual_seed(seed)
     if arch.startswith(TIMM_PREFIX):

@@ -51,7 +51,7 @@ def has_module(model: nn.Module, name: str) -> bool:
 
 #: top-level modules of the stem: torchvision's ResNets, timm's ResNets (``act1``) and timm's
 #: EfficientNet / MobileNet family (``conv_stem`` + ``bn1``)
-STEM_MODULES = ("conv1", "bn1", "relu", "act1", "maxpool", "conv_stem")
+STEM_MODULES = ("conv1", "bn1", "relu", "act1", "maxpool", "conv_stem", "embeddings")  # embeddings: BERT family
 #: the 1x1 convolution after the last block of timm's EfficientNet / MobileNetV3 (before pooling)
 CONV_HEAD_MODULES = ("conv_head", "bn2", "norm_head", "act2")
 
@@ -59,8 +59,9 @@ CONV_HEAD_MODULES = ("conv_head", "bn2", "norm_head", "act2")
 def stage_of(name: str) -> str:
     """The stage a parameter or module belongs to: ``stem`` (conv1/bn1, timm's conv_stem/bn1), ``layerN``,
     ``head`` (fc, classifier), or its top-level block (``features.3`` for ``features.3.0.weight``,
-    ``encoder.layers.encoder_layer_2``, timm's ``blocks.5`` (EfficientNet stages, ViT blocks) and
-    ``stages.2``, ``conv_head`` (timm EfficientNet's 1x1 conv + bn2 before pooling) ...)."""
+    ``encoder.layers.encoder_layer_2``, ``encoder.layer.3`` for a BERT-family layer (its ``embeddings`` are the stem), timm's
+    ``blocks.5`` (EfficientNet stages, ViT blocks) and ``stages.2``, ``conv_head`` (timm EfficientNet's 1x1
+    conv + bn2 before pooling) ...)."""
     parts = name.split(".")
     top = parts[0]
     if top in STEM_MODULES:
@@ -71,8 +72,8 @@ def stage_of(name: str) -> str:
         return "conv_head"
     if top in ("features", "blocks", "stages") and len(parts) > 1 and parts[1].isdigit():
         return f"{top}.{parts[1]}"
-    if top == "encoder" and len(parts) > 2 and parts[1] == "layers":
-        return f"encoder.layers.{parts[2]}"
+    if top == "encoder" and len(parts) > 2 and parts[1] in ("layers", "layer"):  # ViT / BERT-family encoders
+        return f"encoder.{parts[1]}.{parts[2]}"
     return top
 
 

@@ -20,6 +20,11 @@ stage), rewind groups and the report. How it is found:
    Networks without downsampling (ViT, text-like encoders) give one such stage: they are split
    instead by the repeated blocks of their largest ``ModuleList``/``Sequential`` (one stage each).
    A timm model's ``feature_info`` (where present) gives the stage ends directly.
+5. **Layers.** One output per stage for CKA and the probes: the stage's output module; for token stages
+   the class token and the mean patch token (views of the output), or the model's own parameter-free
+   readouts where it declares them (``model.token_readouts(module)``: the text wrapper's attention-masked
+   mean and [CLS] token, so that padding never enters a Gram matrix). A model whose inputs are not images
+   gives its example input itself (``model.example_input()``: token ids for the text wrapper).
 
 A stage is named after its module(s) (``layer2``, ``features.4-5``, ``_blocks.3-5``); ``stem`` and
 ``head`` as above, so ResNets keep ``stem``, ``layer1`` .. ``layer4``, ``head``.
@@ -102,9 +107,17 @@ class StageMap:
             return "unused"
         return self.stages[0].name if self.stages else "model"
 
+    def layer_stage(self, layer: str) -> str:
+        """The stage a CKA/probe layer reads: its role in :attr:`layers` where that is a stage, else the stage
+        of its module (``head`` for the pooled features and the logits)."""
+        role = self.layers.get(layer)
+        if role is not None and role in self.names:
+            return role
+        return self.stage_of(layer.split("[", 1)[0])
+
     def cka_layers(self, logits: bool = True) -> list[str]:
-        """One output per stage (two for token stages: the class token and the mean patch token), the pooled
-        features and (``logits``) the head's output."""
+        """One output per stage (two for token stages: the class token and the mean patch token, or the model's
+        own readouts), the pooled features and (``logits``) the head's output."""
         return [n for n, role in self.layers.items() if logits or role != "logits"]
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,8 +141,12 @@ class _Rec:
 
 
 def example_input(model: nn.Module, size: int = 64) -> torch.Tensor:
-    """A dummy image batch for ``model``: its first convolution's input channels (3 otherwise), its declared
+    """A dummy input batch for ``model``: the model's own ``example_input()`` where it has one (token ids for
+    the text wrapper), else an image batch: its first convolution's input channels (3 otherwise), its declared
     ``image_size`` (torchvision ViT) or timm ``pretrained_cfg['input_size']`` where it has one, else ``size``."""
+    own = getattr(model, "example_input", None)
+    if callable(own):
+        return own()
     ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     side = getattr(model, "image_size", None)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
@@ -428,18 +445,22 @@ def _find(model: nn.Module, x: torch.Tensor) -> StageMap:
 def _layers(f: _Finder, smap: StageMap) -> dict[str, str]:
     out: dict[str, str] = {}
     p = smap.prefix_tokens
+    readouts = getattr(f.model, "token_readouts", None)
     for s in smap.stages:
         if s.output is None:
             continue
         if s.kind == "head":
             pooled = f.last_once([u for u in s.modules if not f._in_head(u)])
-            if pooled is not None:
-                out[pooled + ("[nhwc]" if f.layouts.get(pooled) == "nhwc" else "")] = "pooled"
+            if pooled is not None:  # (a stage's own readout when the head reads one: it keeps its stage)
+                out.setdefault(pooled + ("[nhwc]" if f.layouts.get(pooled) == "nhwc" else ""), "pooled")
             top = f.last_once([u for u in s.modules if f._in_head(u)])
             if top is not None:
                 out[top] = "logits"
             continue
-        if s.layout == "tokens":
+        own = readouts(s.output) if callable(readouts) else None
+        if own:  # the model's own readouts of this stage (masked mean and [CLS] of a text encoder layer)
+            out.update(dict.fromkeys(own, s.name))
+        elif s.layout == "tokens":
             if p:
                 out[f"{s.output}[cls]"] = s.name
                 out[f"{s.output}[patch_mean{'' if p == 1 else f':{p}'}]"] = s.name
