@@ -1,7 +1,7 @@
 # tunelens: `make report` runs the whole default pipeline, `make test` runs the tests,
 # `make report-imagenet` runs the ImageNet preset (EfficientNet-Lite0 with real ImageNet weights),
-# `make report-text` installs the text extra and runs the text preset (MiniLM, a 6-layer BERT).
-# All create .venv on first use (python3 -m venv + pip install -e '.[dev]').
+# `make report-text` runs the text preset (MiniLM, a 6-layer BERT).
+# All create .venv on first use (python3 -m venv + pip install -e '.[dev,text]').
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -13,9 +13,9 @@ STAMP := $(VENV)/.tunelens-installed
 
 .PHONY: report report-imagenet report-text test test-fast lint bench venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,text]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -36,7 +36,6 @@ report-imagenet: $(STAMP)
 	@$(BIN)/tunelens run --preset imagenet --out $(OUT_IMAGENET)
 
 report-text: $(STAMP)
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,text]'
 	@$(BIN)/tunelens run --preset text --out $(OUT_TEXT)
 
 test: $(STAMP)
