@@ -329,6 +329,8 @@ def train(
                 phase_val = DataLoader(head_inputs(model, head, val_set, device), batch_size=256, shuffle=False)
             net = model.get_submodule(head)
         opt = _make_optimizer(model, cfg, lr, head)
+        named = list(model.named_parameters())
+        stage_pos = {s: i for i, s in enumerate(stages)}
         if len(phases) > 1 and epoch0 > 0 and start_epoch <= epoch0:
             best, stale = {"acc": -1.0, "state": None, "epoch": -1}, 0  # model selection within the last phase
         if opt_state is not None and start_epoch > epoch0:
@@ -355,23 +357,21 @@ def train(
                     loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                before = {}
-                for n, p in model.named_parameters():
-                    if p.grad is not None:
-                        s = stage_of(n)
-                        if s in gnorm:
-                            gnorm[s] += float(p.grad.detach().pow(2).sum())
-                        before[n] = p.detach().clone()
+                # per-stage gradient norm and update ratio ||step|| / ||theta||: a few fused kernels and one sync
+                live = [(stage_pos[s], p) for n, p in named if p.grad is not None and (s := stage_of(n)) in stage_pos]
+                ps = [p.detach() for _, p in live]
+                pos = torch.tensor([i for i, _ in live], dtype=torch.long)
+                before = [p.clone() for p in ps]
                 opt.step()
-                upd = {s: [0.0, 0.0] for s in stages}
-                for n, p in model.named_parameters():
-                    if n in before:
-                        s = stage_of(n)
-                        if s in upd:
-                            upd[s][0] += float((p.detach() - before[n]).pow(2).sum())
-                            upd[s][1] += float(before[n].pow(2).sum())
-                for s, (num, den) in upd.items():
-                    uratio[s] += (num**0.5) / (den**0.5) if den > 0 else 0.0
+                if live:  # (the gradients are still there after the step)
+                    gsq = torch.stack(torch._foreach_norm([p.grad for _, p in live])).double().cpu() ** 2
+                    dsq = torch.stack(torch._foreach_norm(torch._foreach_sub(ps, before))).double().cpu() ** 2
+                    bsq = torch.stack(torch._foreach_norm(before)).double().cpu() ** 2
+                    zero = torch.zeros(len(stages), dtype=torch.float64)
+                    g_st, d_st, b_st = (zero.index_add(0, pos, v).tolist() for v in (gsq, dsq, bsq))
+                    for i, s in enumerate(stages):
+                        gnorm[s] += g_st[i]
+                        uratio[s] += (d_st[i] ** 0.5) / (b_st[i] ** 0.5) if b_st[i] > 0 else 0.0
                 nsteps += 1
                 sums["loss"] += float(loss.detach()) * len(y)
                 sums["correct"] += int((out.argmax(1) == y).sum())
