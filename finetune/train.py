@@ -364,7 +364,12 @@ def train(
                 before = [p.clone() for p in ps]
                 opt.step()
                 if live:  # (the gradients are still there after the step)
-                    gsq = torch.stack(torch._foreach_norm([p.grad for _, p in live])).double().cpu() ** 2
+                    gsq = (
+                        torch.stack(torch._foreach_norm([gr for _, p in live if (gr := p.grad) is not None]))
+                        .double()
+                        .cpu()
+                        ** 2
+                    )
                     dsq = torch.stack(torch._foreach_norm(torch._foreach_sub(ps, before))).double().cpu() ** 2
                     bsq = torch.stack(torch._foreach_norm(before)).double().cpu() ** 2
                     zero = torch.zeros(len(stages), dtype=torch.float64)

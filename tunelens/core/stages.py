@@ -499,7 +499,7 @@ def _gradcam(f: _Finder, smap: StageMap) -> tuple[str | None, str]:
         # last block's patch-token outputs never reach the logits (zero gradient), so the layer is the last block's
         # input (the previous block's output), whose patch tokens the last attention reads.
         pick = tok[-2] if smap.prefix_tokens and len(tok) > 1 else tok[-1]
-        n_patch = pick.resolution[0] - smap.prefix_tokens
+        n_patch = (pick.resolution or (0,))[0] - smap.prefix_tokens
         hw = smap.input_shape[-2:]
         if n_patch > 1 and _grid(n_patch, hw) is not None:
             return f"{pick.output}{TOKEN_GRID}", ""
