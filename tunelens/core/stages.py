@@ -494,7 +494,7 @@ def _gradcam(f: _Finder, smap: StageMap) -> tuple[str | None, str]:
     if at_units or cands:
         return max(at_units or cands)[1], ""
     tok = [s for s in smap.body if s.layout == "tokens" and s.output and s.resolution]
-    if tok:
+    if tok and len(smap.input_shape) == 4:  # images cut into patches (text tokens have no grid)
         # token Grad-CAM (TOKEN_GRID): the patch tokens reshaped to the patch grid. With a class-token readout the
         # last block's patch-token outputs never reach the logits (zero gradient), so the layer is the last block's
         # input (the previous block's output), whose patch tokens the last attention reads.
