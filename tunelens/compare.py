@@ -245,6 +245,33 @@ def _sha256(path: str) -> str:
     return sha256_file(path)
 
 
+def external_manifests(
+    args: argparse.Namespace, models: dict[str, Any], files: dict[str, str], classes: list[str], n_out
+) -> dict[str, dict]:
+    """The manifest of each model given to ``compare`` (image or text): role, head, classes (the data's when the
+    head has one output per class, else output indices), the file and its sha256."""
+    from tunelens.core.naming import head_name
+
+    out: dict[str, dict] = {}
+    for name, m in models.items():
+        k = n_out(m)
+        out[name] = {
+            "role": "base" if name == "base" else "tuned",
+            "strategy": "external",
+            "arch": args.arch,
+            "num_classes": k,
+            "head": head_name(m),
+            "classes": classes if k == len(classes) else [str(i) for i in range(k)],
+            "seconds": None,
+            "seed": None,
+            "file": files[name],
+            "sha256": _sha256(files[name]),
+            "external": True,
+            "source": args.base if name == "base" else files[name],
+        }
+    return out
+
+
 def validate(args: argparse.Namespace, log=print) -> Plan:
     """Check every input and load models and data; raises :class:`CompareError` (nothing is written)."""
     import torch
@@ -453,23 +480,8 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         cfg.pop(section, None)
     cfg["compare"] = {"arch": args.arch, "base": args.base, "tuned": list(args.tuned)}
 
-    manifests: dict[str, dict] = {}
-    for name, m in models.items():
-        k = n_out(m)
-        manifests[name] = {
-            "role": "base" if name == "base" else "tuned",
-            "strategy": "external",
-            "arch": args.arch,
-            "num_classes": k,
-            "head": head_name(m),
-            "classes": list(ds.classes) if k == n_cls else [str(i) for i in range(k)],
-            "seconds": None,
-            "seed": None,
-            "file": files[name],
-            "sha256": _sha256(files[name]),
-            "external": True,
-            "source": args.base if name == "base" else files[name],
-        }
+    manifests = external_manifests(args, models, files, list(ds.classes), n_out)
+    for name in models:
         if name in adapters:
             manifests[name].update(adapter=True, strategy="lora (PEFT adapter)")
     if weights is not None:

@@ -377,25 +377,9 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
     for section in ("pretrain", "finetune"):
         cfg.pop(section, None)
     cfg["compare"] = {"arch": args.arch, "base": args.base, "tuned": list(args.tuned)}
-    from tunelens.compare import _sha256
+    from tunelens.compare import external_manifests
 
-    manifests: dict[str, dict] = {}
-    for name, m in models.items():
-        k = n_out(m)
-        manifests[name] = {
-            "role": "base" if name == "base" else "tuned",
-            "strategy": "external",
-            "arch": args.arch,
-            "num_classes": k,
-            "head": "fc",
-            "classes": list(ds.classes) if k == n_cls else [str(i) for i in range(k)],
-            "seconds": None,
-            "seed": None,
-            "file": files[name],
-            "sha256": _sha256(files[name]),
-            "external": True,
-            "source": args.base if name == "base" else files[name],
-        }
+    manifests = external_manifests(args, models, files, list(ds.classes), n_out)
     desc = f"{args.arch} from {files['base']} " + (
         "(a pretrained encoder without a classification head)." if headless else f"({base_k}-output head fc)."
     )
