@@ -11,7 +11,7 @@ OUT_TEXT ?= artifacts-text
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelens-installed
 
-.PHONY: report report-imagenet report-text test test-fast lint bench venv clean
+.PHONY: report report-imagenet report-text test test-fast lint bench venv clean base-weights
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ report-imagenet: $(STAMP)
 
 report-text: $(STAMP)
 	@$(BIN)/tunelens run --preset text --out $(OUT_TEXT)
+
+# pretrain the default base from scratch (about 150 s) and ship it: after a change to the pretraining code
+# (tests/test_shipped_base.py says when)
+base-weights: $(STAMP)
+	$(BIN)/python -m tunelens.base_weights
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunelens.core import progress as run_line
 from tunelens.core.results import Results
 from tunelens.core.text import is_text_model
 
 from . import findings as F
+from .budget_plan import Budget
 from .registry import Context, registered
 from .steps.evaluation import predictions_table, training_tables
 
@@ -63,6 +65,7 @@ def analyze_models(
         )
         seed = int(settings.get("seed", seed))
         settings = settings["analysis"]
+    settings = dict(settings)  # the budget may reduce some settings of this run
     res = Results()
     timings: dict[str, float] = {}
     skipped: dict[str, str] = dict(only or {})
@@ -74,6 +77,7 @@ def analyze_models(
     res.summary.update(primary=primary, tuned=tuned)
     if hasattr(data.get("test"), "__len__"):
         res.summary["n_test"] = len(data["test"])
+    progress = progress and not run_line.active()  # a run's progress line replaces the analyses' own bars
     ctx = Context(
         models=models,
         manifests=manifests,
@@ -93,13 +97,29 @@ def analyze_models(
     except Exception as e:
         failed["stages"] = one_line_error(e)
         log(f"[analyze] finding the stages failed: {failed['stages']}")
-    done = []
+    budget = Budget.start(ctx, log)
+    to_run = []
     for a in registered():
         if a.name in skipped:
             continue
         if a.optional and not settings.get(a.name, True):
             skipped[a.name] = f"disabled in the configuration (analysis.{a.name} = false)"
             continue
+        to_run.append(a)
+    try:  # the run's progress line: each analysis's share of the stage, by its predicted seconds
+        weights = budget.predictions(ctx, [a.name for a in to_run])
+    except Exception:
+        weights = {a.name: 1.0 for a in to_run}
+    if budget.active:
+        run_line.replan("analyze", sum(weights.values()))
+    total_w, done_w = max(sum(weights.values()), 1e-9), 0.0
+    done = []
+    for a in to_run:
+        run_line.report("analyze", done_w / total_w, label=a.name)
+        try:
+            budget.fit(a.name, ctx)
+        except Exception as e:  # a failed prediction never stops the analysis: it runs as configured
+            failed[f"budget ({a.name})"] = one_line_error(e)
         t = time.perf_counter()
         try:
             out = a.run(ctx)
@@ -111,6 +131,8 @@ def analyze_models(
             continue
         finally:
             timings[a.name] = time.perf_counter() - t
+            done_w += weights.get(a.name, 0.0)
+            run_line.report("analyze", done_w / total_w, label=a.name)
         res.tables.update(out.tables)
         res.arrays.update({k: dict(v) for k, v in out.arrays.items()})
         res.summary.update(out.summary)
@@ -124,9 +146,10 @@ def analyze_models(
     with F.modality_words(modality):
         for a in done:
             try:
-                findings += a.findings(res)
+                findings += budget.mark(a.name, a.findings(res))
             except Exception as e:
                 failed[f"{a.name} findings"] = one_line_error(e)
-        findings = F.small_data_caveat(findings, res.summary.get("n_test"))
+        findings = F.small_data_caveat(findings, res.summary.get("n_test")) + budget.caveat()
+    res.summary["budget"] = budget.summary(timings)
     res.summary.update(timings=timings, skipped=skipped, failed=failed, findings=F.rank_findings(findings))
     return res

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tunelens.core import progress as run_line
 from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
 from tunelens.core.files import atomic_write_text, check_owned_folder, claim_folder
@@ -32,6 +33,7 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import STD, ShapesSpec, make_shapes
 from .lora import LORA_KEYS, add_lora, merge_lora, save_adapter
 from .models import build_model, replace_head
+from .shipped import SHIPPED, shipped_base, shipped_key
 from .text_data import TextSpec, make_text_task
 from .train import TrainConfig, train
 
@@ -100,6 +102,7 @@ def _train_and_save(
         progress=progress,
         resume_key={"config_hash": meta["config_hash"], "parent_sha256": parent.get("sha256")},
         log=log,
+        stage=name,
     )
     if finish is not None:
         res.model = finish(res.model)
@@ -176,6 +179,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
     t0 = time.perf_counter()
     src = None if weights else make_data(cfg, src_spec)
     tgt = make_data(cfg, tgt_spec)
+    run_line.report("data")
     unit = "sentences" if is_text(cfg) else "images"
     size = (
         f" of {tgt_spec.image_size} px" if isinstance(tgt_spec, ShapesSpec) else f" of up to {tgt_spec.max_len} tokens"
@@ -297,11 +301,16 @@ def _pretrain_base(
     if man is not None:
         log("[finetune] base unchanged, kept")
         return man
+    settings = {k: v for k, v in cfg["pretrain"].items() if k != "use_shipped"}
+    if not is_text(cfg) and cfg["pretrain"].get("use_shipped", True):
+        man = _from_shipped(shipped_key(arch, seed, src_spec.to_dict(), cfg["pretrain"]), key, path, log)
+        if man is not None:
+            return man
     if is_text(cfg):  # the pretrained encoder as shipped (frozen), with a head probed on the source task
-        tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="linear_probe", seed=seed, device=device))
+        tcfg = TrainConfig(**dict(settings, strategy="linear_probe", seed=seed, device=device))
         model: torch.nn.Module = build_text_model(arch, len(src_spec.classes), seed=seed, pretrained=True)
     else:
-        tcfg = TrainConfig(**dict(cfg["pretrain"], strategy="full", seed=seed, device=device))
+        tcfg = TrainConfig(**dict(settings, strategy="full", seed=seed, device=device))
         model = build_model(arch, len(src_spec.classes), seed=seed)
     meta = {
         "name": "base",
@@ -316,6 +325,36 @@ def _pretrain_base(
     }
     man = _train_and_save("pretrain", model, src, tcfg, path, meta, progress, log=log)
     log(f"[finetune] pretrained base in {man['seconds']:.1f}s: source test acc {man['metrics']['test_acc']:.3f}")
+    return man
+
+
+def _from_shipped(skey: str, key: str, path: Path, log) -> dict | None:
+    """The shipped pretrained base (:mod:`.shipped`) written as this run's base checkpoint, when it was made
+    with this run's settings by the current pretraining code; None otherwise (then the base is pretrained)."""
+    got = shipped_base(skey)
+    if got is None:
+        return None
+    sd, sman = got
+    man = {k: v for k, v in sman.items() if k not in ("file", "sha256", "versions", "shipped_key", "pretrain_code")}
+    man.update(
+        config_hash=key,
+        seconds=0.0,
+        shipped={
+            "file": SHIPPED.name,
+            "made_in_seconds": sman.get("seconds"),
+            "made_with": sman.get("versions", {}),
+        },
+    )
+    if runtime.is_main():
+        man = save_checkpoint(path, sd, man)
+    runtime.barrier()
+    if not runtime.is_main():
+        _, man = load_checkpoint(path)
+    log(
+        f"[finetune] base: the pretrained copy shipped with tunelens (made by this pretraining stage with these "
+        f"settings in {sman.get('seconds', 0):.0f}s; source test acc {man['metrics']['test_acc']:.3f}; "
+        "--set pretrain.use_shipped=false pretrains it again)"
+    )
     return man
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from tunelens.core import progress as run_line
 from tunelens.core import runtime
 from tunelens.core.evaluation import evaluate
 from tunelens.core.naming import stage_of, stage_order
@@ -202,6 +203,7 @@ def train(
     progress: bool = True,
     resume_key: dict | None = None,
     log=None,
+    stage: str | None = None,
 ) -> TrainResult:
     """Train ``model`` under ``cfg.strategy``. Returns the model with the best validation weights.
 
@@ -296,7 +298,7 @@ def train(
         total=total_epochs * len(loader),
         initial=start_epoch * len(loader),
         desc=desc,
-        disable=not progress or not runtime.is_main(),
+        disable=not progress or not runtime.is_main() or run_line.active(),
         dynamic_ncols=True,
         leave=False,
     )
@@ -412,6 +414,8 @@ def train(
                 else:
                     stale += 1
             history.append(rec)
+            if stage:  # the run's progress line (tunelens.core.progress), when one is shown
+                run_line.report(stage, (epoch + 1) / max(total_epochs, 1), label=f"epoch {epoch + 1}/{total_epochs}")
             if resume_path and runtime.is_main():
                 from tunelens.core.files import atomic_replace
 

@@ -1,6 +1,7 @@
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -132,3 +133,40 @@ def test_layers_selection_and_aggregate():
     assert agg["intruder_share"].between(0, 1).all()
     # two unrelated random models: most top directions are intruders
     assert full["intruders"].sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6), (12, 12)])
+def test_gram_singular_vectors_span_what_an_svd_gives(shape):
+    """The Gram-eigh shortcut gives the SVD's left singular vectors (up to sign), also rank-deficient ones."""
+    from tunelens.analysis.intruders import _left_vectors
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    w[:, 0] = 0.0
+    w = w @ torch.diag(torch.linspace(1.0, 3.0, shape[1], dtype=torch.float64))
+    low = torch.randn(shape[0], 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, shape[1], generator=g, dtype=torch.float64
+    )
+    eps = float(torch.finfo(torch.float32).eps)
+    for m in (w, low):
+        u_ref, s, _ = torch.linalg.svd(m, full_matrices=False)
+        rank = int((s > max(m.shape) * eps * s[0]).sum())
+        u = _left_vectors(m, eps)
+        assert u.shape == (m.shape[0], rank)
+        cos = (u.T @ u_ref[:, :rank]).abs().diagonal()
+        assert torch.allclose(cos, torch.ones(rank, dtype=torch.float64), atol=1e-8)
+
+
+def test_a_shared_cache_gives_the_same_counts():
+    base, tuned = _constructed([10.0, 8.0])
+    cache: dict = {}
+    plain = intruder_dimensions(base, tuned, k=10)
+    cached = intruder_dimensions(base, tuned, k=10, cache=cache)
+    assert len(cache) == 1
+    control = intruder_control(base, like=tuned, k=10, seed=3, cache=cache)
+    assert len(cache) == 1  # the base was decomposed once
+    pd.testing.assert_frame_equal(plain, cached)
+    pd.testing.assert_frame_equal(control, intruder_control(base, like=tuned, k=10, seed=3))
+    other = {"w": base["w"] * 2.0}
+    intruder_dimensions(other, tuned, k=10, cache=cache)
+    assert len(cache) == 2  # another base tensor is not read from the cache

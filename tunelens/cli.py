@@ -48,6 +48,32 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_budget_argument(p: argparse.ArgumentParser) -> None:
+    """``--budget SECONDS|auto|none``: the time budget of the analysis stage (analysis.budget)."""
+    p.add_argument(
+        "--budget",
+        type=parse_budget,
+        default=None,
+        metavar="SECONDS",
+        help="seconds for the analyses: the costly ones (attribution, interventions) are sized to fit after "
+        "one batch is timed, and the report lists what was reduced; auto (default) = 180 on a CPU, no limit on "
+        "CUDA; none = no limit",
+    )
+
+
+def parse_budget(text: str) -> float | str:
+    """``--budget``'s value: positive seconds, ``auto`` or ``none``."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (e.g. 120), auto or none, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"the budget must be positive seconds, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="tunelens", description="What supervised fine-tuning did inside a vision or text model."
@@ -61,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=hlp, description=hlp)
         _common(p)
+        if name in ("run", "analyze"):
+            add_budget_argument(p)
         if name == "analyze":
             p.add_argument("--force", action="store_true", help="recompute even when inputs are unchanged")
     from tunelens.compare import add_parser as add_compare_parser
@@ -90,6 +118,8 @@ def _config(args) -> dict:
         cfg["seed"] = args.seed
     if args.device:
         cfg["device"] = args.device
+    if getattr(args, "budget", None) is not None:
+        cfg["analysis"]["budget"] = args.budget
     return cfg
 
 

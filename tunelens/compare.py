@@ -115,6 +115,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from tunelens.cli import add_budget_argument
+
+    add_budget_argument(p)
     return p
 
 
@@ -464,10 +467,10 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     a["primary"] = tuned_ok[0] if tuned_ok else names[0]
     if args.batch_size:
         a["batch_size"] = args.batch_size
+    if getattr(args, "budget", None) is not None:
+        a["budget"] = args.budget
     if not any(s.startswith("analysis.attribution_images=") for s in args.set):
         a["attribution_images"] = min(a["attribution_images"], len(test))
-        if max(ds.image_size) >= 128:  # 8 methods x 5 sets of maps per image: keep large inputs affordable
-            a["attribution_images"] = min(a["attribution_images"], 16)
     cfg["data"] = {
         "folder": str(Path(args.data)),
         "image_size": list(ds.image_size),
@@ -575,11 +578,22 @@ def _minimal_results(plan: Plan, tuned_ok: list[str], why: str):
 
 
 def execute(plan: Plan, log=print) -> Path:
-    """Run the analyses and render the report of a validated :class:`Plan`; returns the report's path."""
+    """Run the analyses and render the report of a validated :class:`Plan`; returns the report's path.
+
+    With ``plan.progress``, one line shows the whole run (:mod:`tunelens.core.progress`): the analyses'
+    share is predicted from timed passes once the first batch has run, the report's from the default run."""
+    from tunelens.core.progress import run_progress
+
+    with run_progress({"analyze": 60.0, "report": 12.0}, enabled=plan.progress, title="tunelens compare") as line:
+        return _execute(plan, line.write if plan.progress else log)
+
+
+def _execute(plan: Plan, log=print) -> Path:
     from tunelens.analysis.suite import analyze_models
     from tunelens.config import config_hash
     from tunelens.core import runtime
     from tunelens.core.files import versions
+    from tunelens.core.progress import report as report_stage
     from tunelens.pipeline import random_like
     from tunelens.reports.render import render_report
 
@@ -696,7 +710,9 @@ def execute(plan: Plan, log=print) -> Path:
     res_dir = plan.out / "results"
     res.save(res_dir)
     t = time.perf_counter()
+    report_stage("analyze")
     path = render_report(res_dir, plan.out / "report", title="tunelens report: your checkpoints")
+    report_stage("report")
     log(f"[compare] analysed in {t_an:.1f}s, report rendered in {time.perf_counter() - t:.1f}s")
     return path
 

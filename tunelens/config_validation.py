@@ -33,7 +33,7 @@ def _strategies() -> tuple[str, ...]:
 
 # dotted-key pattern -> rule; a rule is a dict with any of:
 #   min / max (inclusive), gt / lt (exclusive), choices (a tuple, or a callable returning one),
-#   items (a rule applied to each item of a list)
+#   items (a rule applied to each item of a list), seconds_auto_none (a number > 0, "auto" or "none")
 RULES: dict[str, dict[str, Any]] = {
     "seed": {"min": 0},
     "*.epochs": {"min": 1},
@@ -51,6 +51,7 @@ RULES: dict[str, dict[str, Any]] = {
     "data.clutter": {"min": 0},
     "data.std": {"gt": 0},
     "data.*.*_per_class": {"min": 1},
+    "analysis.budget": {"seconds_auto_none": True},
     "finetune.strategies": {"items": {"choices": _strategies}, "nonempty": True},
     "finetune.lora.rank": {"min": 1},
     "finetune.lora.alpha": {"gt": 0},
@@ -158,6 +159,10 @@ def _walk(cfg: dict, defaults: dict, prefix: str, root: dict) -> None:
                 + (hint or f"known keys here: {', '.join(map(str, known))}")
             )
         d = known[k]
+        if _rule_for(key).get("seconds_auto_none"):  # seconds > 0, "auto" or "none"
+            if v not in ("auto", "none") and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+                raise ConfigError(f'configuration {key}={_show(v)} must be seconds > 0, "auto" or "none"')
+            continue
         if not _type_ok(v, d):
             like = "" if isinstance(d, dict) else f" like the default {_show(d)}"
             raise ConfigError(f"configuration {key}={_show(v)} has the wrong type: expected {_type_name(d)}{like}")

@@ -107,6 +107,7 @@ def run(ctx: Context) -> Output:
         device=ctx.device,
         probe_data=ctx.data.get("train"),
         classes=list(classes) if classes is not None else None,
+        options=s.get("attribution_options") or None,  # set by the time budget (analysis/budget.py)
         progress=ctx.progress,
     )
     tables = {SUMMARY: study.summary, COMPARISONS: study.comparisons, PER_CLASS: study.per_class}

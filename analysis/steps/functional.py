@@ -3,8 +3,11 @@ tuned weights, and fit linear probes per layer on both models (and the scratch c
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from tunelens.core.results import Results
 
@@ -22,8 +25,27 @@ PROBES = "probes"
 PROBE_GAIN = "probe_gain"
 
 
+def balanced_subset(test: Any, n: int | None, seed: int) -> Any:
+    """``n`` items of ``test`` spread over its classes (one of each class in turn, each class in a seeded
+    order), in dataset order; None or ``n >= len(test)``: ``test`` itself."""
+    if n is None or n >= len(test):
+        return test
+    labels = np.array([int(test[i][1]) for i in range(len(test))])
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    picked: list[int] = []
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(int(q.pop(0)))
+    sub = Subset(test, sorted(picked))
+    sub.classes = getattr(test, "classes", None)  # type: ignore[attr-defined]
+    return sub
+
+
 def run(ctx: Context) -> Output:
-    data = ctx.data
+    data = dict(ctx.data)
+    data["test"] = balanced_subset(data["test"], ctx.settings.get("functional_images"), ctx.seed)  # the budget's
     # each rank its block of the batches (smaller batches when there are fewer than ranks: per-sample results)
     test_loader = shard_loader(data["test"], per_sample_batch_size(len(data["test"]), 256), device=ctx.device)
     train_loader = shard_loader(data["train"], per_sample_batch_size(len(data["train"]), 64), device=ctx.device)

@@ -32,13 +32,16 @@ def run(ctx: Context) -> Output:
     thr = float(ctx.settings["intruder_threshold"])
     rows, stages = [], []
     controls = list(dict.fromkeys([ctx.primary, *lora_models(ctx, ctx.tuned)]))
+    cache: dict = {}  # the base's singular vectors, computed once for every model and control
     for i, name in enumerate(ctx.tuned):
         for kind, like in [("tuned", None)] + ([("control", name)] if name in controls else []):
             if kind == "tuned":
-                d = intruder_dimensions(ctx.base, ctx.models[name], k=k, threshold=thr)
+                d = intruder_dimensions(ctx.base, ctx.models[name], k=k, threshold=thr, cache=cache)
                 label = name
             else:
-                d = intruder_control(ctx.base, like=ctx.models[name], k=k, threshold=thr, seed=ctx.seed + i)
+                d = intruder_control(
+                    ctx.base, like=ctx.models[name], k=k, threshold=thr, seed=ctx.seed + i, cache=cache
+                )
                 label = f"random like {name}"
             d.insert(0, "model", label)
             d.insert(1, "kind", kind)

@@ -47,6 +47,7 @@ def build(res: Results) -> Section:
                 pd.DataFrame(rows),
             )
         )
+    _budget(sec, s.get("budget") or {})
     ck = s.get("checkpoints", {})
     if ck:
         sec.blocks.append(
@@ -80,3 +81,46 @@ def build(res: Results) -> Section:
     if "config" in s:
         sec.code.append(("Configuration", json.dumps(s["config"], indent=2, sort_keys=True)))
     return sec
+
+
+def _budget(sec: Section, b: dict) -> None:
+    """The time budget: what it was, the measured pass costs, and every setting it reduced (or that none was)."""
+    if not b:
+        return
+    if b.get("seconds") is None:
+        sec.notes.append(f"Time budget: none ({b.get('note') or 'no limit'}).")
+        return
+    pc = b.get("pass_costs") or {}
+    pred = ", ".join(
+        f"{k} predicted {v:.0f} s, took {b.get('measured', {}).get(k, float('nan')):.0f} s"
+        for k, v in b.get("predicted", {}).items()
+    )
+    head = (
+        f"Time budget: {b['seconds']:g} s for the analyses (--budget). One image costs "
+        f"{1e3 * pc.get('forward_s', 0):.1f} ms forward and {1e3 * pc.get('backward_s', 0):.1f} ms forward + "
+        f"backward (timed on {pc.get('batch', 0)} test images of the base model)" + (f"; {pred}" if pred else "") + "."
+    )
+    red = b.get("reduced") or []
+    if not red:
+        sec.notes.append(head + " Nothing was reduced: every analysis ran as configured.")
+        return
+    sec.notes.append(head + f" {len(red)} setting(s) were reduced to fit it (table below).")
+    sec.blocks.append(
+        Table(
+            "tbl-budget",
+            "Reduced to fit the time budget",
+            pd.DataFrame(
+                [
+                    {
+                        "analysis": r["analysis"],
+                        "setting": r["setting"],
+                        "configured": str(r["before"]),
+                        "used": str(r["after"]),
+                        "effect on the findings": r["effect"],
+                    }
+                    for r in red
+                ]
+            ),
+            collapsed=False,
+        )
+    )

@@ -1,0 +1,209 @@
+"""Benchmark of ``tunelens compare`` at a real size: a resnet50 pair at 224 px on 64 ImageFolder images.
+
+    python bench/compare.py [--arch resnet50] [--images 64] [--size 224] [--device cpu] [--budget S]
+                            [--out artifacts/bench/compare.json]
+
+1. Builds the pair with plain torchvision code: ``--arch`` with random weights and a 1000-class head (the
+   "pretrained" model), and a copy whose head is replaced for the 4 classes of the data and whose weights
+   took two SGD steps on them (the "fine-tuned" model); both saved as ``.pt`` state dicts. The data is an
+   ImageFolder of ``--images`` PNGs (4 classes of coloured shapes on noise, ``--size`` px).
+2. Runs ``tunelens compare --arch ARCH --base base.pt --tuned tuned.pt --data images/ --out ...`` in this
+   process with default settings (``--budget`` passed on when given) and times it end to end.
+3. The floor, timed in the same run: every forward pass the analyses made through a model of the
+   architecture is counted (images, with or without autograd: a pass with autograd is followed by a
+   backward pass), then the same number of images is pushed through plain ``model(x)`` (and
+   ``.backward()``) in batches of 32. ``ratio = total / floor``: what the analyses cost beyond the bare
+   passes they made (data loading, Captum, SVDs, probes, bootstrap, figures and the report). The counts
+   per model are printed too: a model's forward images over the images it was given is how often the
+   same work was done.
+
+Writes ``artifacts/bench/compare.json`` (``--out``): per-stage seconds (the report's timings), the
+total, the floor and the ratio, the pass counts, and the machine.
+Targets (issue 12, resnet50 at 224 px on 2 CPU cores): total under 180 s, ratio under 2.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from bench._common import machine_info, write_json
+
+CLASSES = ("red", "green", "blue", "white")
+
+
+def make_images(root: Path, n: int, size: int, seed: int = 0) -> Path:
+    """An ImageFolder of ``n`` PNGs over 4 classes: a coloured square on noise, at a random place."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        c = i % len(CLASSES)
+        img = (rng.random((size, size, 3)) * 90).astype(np.uint8)
+        side = size // 3
+        x0, y0 = rng.integers(0, size - side, 2)
+        color = [(230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 230)][c]
+        img[y0 : y0 + side, x0 : x0 + side] = color
+        d = root / CLASSES[c]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def make_pair(arch: str, root: Path, size: int, seed: int = 0) -> tuple[Path, Path]:
+    """A random-weights base (1000 classes) and a fine-tuned-looking copy (4 classes, two SGD steps)."""
+    torch.manual_seed(seed)
+    base = torchvision.models.get_model(arch, weights=None, num_classes=1000)
+    tuned = copy.deepcopy(base)
+    head_parent, head_attr = _head(tuned)
+    old = getattr(head_parent, head_attr)
+    setattr(head_parent, head_attr, torch.nn.Linear(old.in_features, len(CLASSES)))
+    opt = torch.optim.SGD(tuned.parameters(), lr=0.01)
+    tuned.train()
+    for _ in range(2):
+        x, y = torch.randn(8, 3, size, size), torch.randint(0, len(CLASSES), (8,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(tuned(x), y).backward()
+        opt.step()
+    torch.save(base.state_dict(), root / "base.pt")
+    torch.save(tuned.state_dict(), root / "tuned.pt")
+    return root / "base.pt", root / "tuned.pt"
+
+
+def _head(model: torch.nn.Module) -> tuple[torch.nn.Module, str | int]:
+    """The module holding the last nn.Linear, and its attribute name (``fc`` or the classifier's last index)."""
+    name = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, (int(attr) if attr.isdigit() else attr)
+
+
+class PassCounter:
+    """Counts images through the forward of every model of class ``cls`` (with autograd on or off)."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls, self.images = cls, Counter()
+        self.per_model: Counter = Counter()
+        self._orig = cls.forward
+
+    def __enter__(self) -> PassCounter:
+        counter, orig = self, self._orig
+
+        def forward(module, x, *a, **k):
+            key = "grad" if torch.is_grad_enabled() else "no_grad"
+            counter.images[key] += int(x.shape[0])
+            counter.per_model[id(module)] += int(x.shape[0])
+            return orig(module, x, *a, **k)
+
+        self.cls.forward = forward  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cls.forward = self._orig  # type: ignore[method-assign]
+
+
+def floor_seconds(arch: str, n_no_grad: int, n_grad: int, size: int, device: torch.device, batch: int = 32) -> dict:
+    """Seconds of ``n_no_grad`` forward images and ``n_grad`` forward+backward images of plain torchvision code."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=len(CLASSES)).to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def per_image(grad: bool, reps: int = 3) -> float:
+        xx = x.clone().requires_grad_(grad)
+        times = []
+        for i in range(reps + 1):
+            sync()
+            t = time.perf_counter()
+            if grad:
+                model(xx)[:, 0].sum().backward()
+            else:
+                with torch.inference_mode():
+                    model(xx)
+            sync()
+            if i:  # the first is a warm-up
+                times.append(time.perf_counter() - t)
+        return float(np.median(times)) / batch
+
+    fwd, fwd_bwd = per_image(False), per_image(True)
+    return {
+        "forward_s_per_image": fwd,
+        "forward_backward_s_per_image": fwd_bwd,
+        "floor_s": n_no_grad * fwd + n_grad * fwd_bwd,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--budget", default=None, help="passed to tunelens compare --budget")
+    ap.add_argument("--out", default=None, help="default artifacts/bench/compare.json (compare_ARCH.json otherwise)")
+    args = ap.parse_args(argv)
+    from tunelens.cli import main as tunelens_main
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = make_images(root / "images", args.images, args.size)
+        base, tuned = make_pair(args.arch, root, args.size)
+        argv_c = ["compare", "--arch", args.arch, "--base", str(base), "--tuned", str(tuned), "--data", str(data)]
+        argv_c += ["--out", str(root / "out"), "--device", args.device, "--no-progress"]
+        if args.budget is not None:
+            argv_c += ["--budget", str(args.budget)]
+        cls = type(torchvision.models.get_model(args.arch, weights=None, num_classes=2))
+        with PassCounter(cls) as counts:
+            t = time.perf_counter()
+            rc = tunelens_main(argv_c)
+            total = time.perf_counter() - t
+        if rc not in (0, 1):
+            raise SystemExit(f"tunelens compare exited with {rc}")
+        summary = json.loads((root / "out" / "results" / "summary.json").read_text())
+    floor = floor_seconds(args.arch, counts.images["no_grad"], counts.images["grad"], args.size, device)
+    stages = {k: round(float(v), 2) for k, v in summary.get("timings", {}).items()}
+    result = {
+        "arch": args.arch,
+        "images": args.images,
+        "size": args.size,
+        "device": args.device,
+        "budget": args.budget,
+        "exit_status": rc,
+        "total_s": round(total, 2),
+        "stages_s": stages,
+        "floor": {k: round(v, 5) for k, v in floor.items()},
+        "ratio": round(total / floor["floor_s"], 3) if floor["floor_s"] > 0 else None,
+        "passes": {
+            "forward_images_no_grad": counts.images["no_grad"],
+            "forward_images_with_grad": counts.images["grad"],
+            "models_seen": len(counts.per_model),
+        },
+        "reduced": summary.get("budget", {}).get("reduced", []),
+        "failed": summary.get("failed", {}),
+        "targets": {"total_s": 180, "ratio": 2.0},
+        "machine": machine_info(),
+    }
+    name = "compare.json" if args.arch == "resnet50" and args.size == 224 else f"compare_{args.arch}_{args.size}.json"
+    path = write_json(args.out or f"artifacts/bench/{name}", result)
+    print(json.dumps({k: result[k] for k in ("arch", "total_s", "stages_s", "floor", "ratio", "passes")}, indent=1))
+    print(f"written: {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The time budget (analysis/budget.py): predicted costs by hand, the order of the reductions, and a tiny budget
+end to end: the report says what was reduced and the affected findings carry it in their uncertainty."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from tunelens.analysis.budget import (
+    DROP_ORDER,
+    MAP_SETS,
+    PassCosts,
+    attribution_cost,
+    fit_attribution,
+    fit_functional,
+    functional_cost,
+    measure_pass_costs,
+    resolve_budget,
+)
+from tunelens.analysis.steps.functional import balanced_subset
+
+UNIT = PassCosts(forward_s=1.0, backward_s=10.0, batch=8)
+ALL = ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradient_shap", "occlusion", "grad_cam",
+       "guided_backprop"]  # fmt: skip
+
+
+def test_attribution_cost_by_hand():
+    # saliency: 5 map sets x 1 backward (10 s) per image; 3 images
+    assert attribution_cost(["saliency"], 3, {}, UNIT, side=32, faithfulness=()) == 3 * MAP_SETS * 10
+    # IG with 16 steps plus its deletion/insertion games: 2 models x 2 games x 17 forward passes
+    ig = attribution_cost(["integrated_gradients"], 1, {"integrated_gradients": {"n_steps": 16}}, UNIT, side=32)
+    assert ig == MAP_SETS * 16 * 10 + 2 * 2 * 17 * 1
+    # occlusion at 32 px: window 8, stride 6 -> 5 x 5 positions (+1 unoccluded pass), forward only
+    assert attribution_cost(["occlusion"], 1, {}, UNIT, side=32, faithfulness=()) == MAP_SETS * 26
+
+
+def test_functional_cost_by_hand():
+    # rewind: 2 tuned x (4 stages + 1) x 10 test; interpolation: 3 steps x (10 test + 20 train); probes 3 x 30
+    assert functional_cost(10, 20, 2, 4, 3, 3, UNIT) == 2 * 5 * 10 + 3 * 30 + 3 * 30
+
+
+def test_nothing_is_reduced_when_it_fits():
+    full = attribution_cost(ALL, 16, {}, UNIT, side=32)
+    methods, n, opts, red, pred = fit_attribution(full + 1, ALL, 16, {}, UNIT, side=32)
+    assert (methods, n, opts, red, pred) == (ALL, 16, {}, [], full)
+
+
+def test_reductions_come_in_order_and_fit():
+    full = attribution_cost(ALL, 16, {}, UNIT, side=32)
+    # a little short: cheaper settings only, every method and image kept
+    m1, n1, o1, r1, p1 = fit_attribution(0.7 * full, ALL, 16, {}, UNIT, side=32)
+    assert m1 == ALL and n1 == 16 and p1 <= 0.7 * full
+    assert o1["integrated_gradients"]["n_steps"] == 8 and o1["smoothgrad"]["nt_samples"] == 4
+    assert {r.setting for r in r1} == {"Integrated Gradients steps", "SmoothGrad samples", "GradientSHAP samples",
+                                       "occlusion grid"}  # fmt: skip
+    # much shorter: methods dropped in DROP_ORDER, the informative ones kept, then fewer images
+    m2, n2, _, r2, p2 = fit_attribution(0.15 * full, ALL, 16, {}, UNIT, side=32)
+    dropped = [r.setting.removeprefix("method ") for r in r2 if r.setting.startswith("method ")]
+    assert dropped == [m for m in DROP_ORDER if m in ALL][: len(dropped)] and dropped
+    assert set(m2) >= {"saliency", "integrated_gradients", "occlusion", "grad_cam"}
+    assert 4 <= n2 < 16 and p2 <= 0.15 * full
+    images = next(r for r in r2 if r.setting == "images")
+    assert (images.before, images.after) == (16, n2)
+    assert f"{math.sqrt(16 / n2):.1f}x wider" in images.effect
+    # nothing fits: the minimum is 4 images of the kept methods, never zero
+    m3, n3, _, _, p3 = fit_attribution(0.0, ALL, 16, {}, UNIT, side=32)
+    assert n3 == 4 and p3 > 0 and "integrated_gradients" in m3
+
+
+def test_functional_reduces_steps_then_images():
+    full = functional_cost(200, 100, 1, 4, 11, 2, UNIT)
+    assert fit_functional(full, 200, 100, 1, 4, 11, 2, UNIT)[:3] == (11, None, [])
+    steps, n, red, pred = fit_functional(0.6 * full, 200, 100, 1, 4, 11, 2, UNIT)
+    assert steps == 5 and next(r.setting for r in red) == "interpolation steps"
+    assert pred <= 0.6 * full or n == 32
+    steps, n, red, pred = fit_functional(1.0, 200, 100, 1, 4, 11, 2, UNIT)
+    assert (steps, n) == (5, 32)
+
+
+def test_balanced_subset_spreads_over_classes():
+    y = torch.tensor([0] * 30 + [1] * 10 + [2] * 5)
+    ds = TensorDataset(torch.zeros(len(y), 1), y)
+    sub = balanced_subset(ds, 12, seed=0)
+    counts = pd.Series([int(sub[i][1]) for i in range(len(sub))]).value_counts().to_dict()
+    assert counts == {0: 4, 1: 4, 2: 4}
+    sub2 = balanced_subset(ds, 20, seed=0)  # class 2 runs out after 5: the others fill up
+    assert len(sub2) == 20 and pd.Series([int(sub2[i][1]) for i in range(20)]).value_counts()[2] == 5
+    assert balanced_subset(ds, None, 0) is ds and balanced_subset(ds, 100, 0) is ds
+    assert list(balanced_subset(ds, 12, 0).indices) == list(sub.indices)  # seeded
+
+
+def test_resolve_budget_and_pass_costs():
+    assert resolve_budget("auto", torch.device("cpu")) == 180.0
+    assert resolve_budget("auto", torch.device("cuda")) is None
+    assert resolve_budget("none", torch.device("cpu")) is None and resolve_budget(30, torch.device("cpu")) == 30.0
+    with pytest.raises(ValueError, match="positive"):
+        resolve_budget(0, torch.device("cpu"))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).train()
+    ds = TensorDataset(torch.randn(5, 3, 2, 2), torch.zeros(5, dtype=torch.long))
+    pc = measure_pass_costs(model, ds, torch.device("cpu"), batch=8)
+    assert pc.batch == 5 and pc.forward_s > 0 and pc.backward_s > 0 and model.training
+
+
+@pytest.mark.slow
+def test_a_tiny_budget_is_reported_and_widens_the_findings(tmp_path):
+    import torchvision
+    from test_compare_cli import make_images, train_tuned
+
+    from tunelens.cli import main
+
+    data = make_images(tmp_path / "data", per_class=8)
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=10)
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    torch.save(train_tuned(base, data, 3).state_dict(), tmp_path / "tuned.pt")
+    out = tmp_path / "out"
+    argv = ["compare", "--arch", "resnet18", "--base", str(tmp_path / "base.pt"), "--tuned", str(tmp_path / "tuned.pt"),
+            "--data", str(data), "--out", str(out), "--image-size", "32", "--no-progress", "--device", "cpu",
+            "--budget", "0.5", "--set", "analysis.intruders=false"]  # fmt: skip
+    assert main(argv) == 0
+    s = json.loads((out / "results" / "summary.json").read_text())
+    red = {(r["analysis"], r["setting"]): (r["before"], r["after"]) for r in s["budget"]["reduced"]}
+    n_test = s["n_test"]
+    assert red[("attribution", "images")] == (n_test, 4)
+    assert red[("functional", "interpolation steps")] == (11, 5)
+    assert ("attribution", "method guided_backprop") in red
+    comp = pd.read_csv(out / "results" / "attribution_comparisons.csv")
+    assert comp.groupby("method").size().eq(4).all() and "guided_backprop" not in set(comp["method"])
+    assert len(pd.read_csv(out / "results" / "interpolation.csv")) == 5
+    f = {x["id"]: x for x in s["findings"]}
+    assert "budget_reduced" in f and "time budget of 0.5 s" in f["budget_reduced"]["text"]
+    widened = [x for x in s["findings"] if "reduced by the time budget" in (x.get("uncertainty") or "")]
+    assert widened and any("wider" in x["uncertainty"] for x in widened)
+    html = (out / "report" / "index.html").read_text()
+    assert "Reduced to fit the time budget" in html and "guided_backprop" in html
