@@ -12,8 +12,8 @@ the prediction fits the seconds left:
 1. attribution: cheaper settings first (Integrated Gradients 16 -> 8 steps, SmoothGrad and GradientSHAP
    8 -> 4 samples, occlusion on a 4 x 4 instead of a 5 x 5 grid); then the methods that say least (guided
    backprop, which fails the randomization test of Adebayo et al. 2018, then input x gradient, GradientSHAP,
-   SmoothGrad), keeping saliency, Integrated Gradients, occlusion and Grad-CAM; then the number of images,
-   down to 4.
+   SmoothGrad); then the deletion / insertion games; then occlusion, keeping saliency, Integrated Gradients
+   and Grad-CAM; then the number of images, down to 4.
 2. interventions: interpolation steps (11 -> 5), then a class-balanced subset of the test images for rewind,
    interpolation and probes (down to 32).
 
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "AttributionPlan",
     "PassCosts",
     "Reduction",
     "attribution_cost",
@@ -45,12 +46,14 @@ __all__ = [
     "resolve_budget",
 ]
 
-#: Default budget of the analysis stage on a CPU (seconds): an interactive run of a few minutes.
-CPU_DEFAULT_S = 180.0
+CPU_DEFAULT_S = 150.0
 #: Methods dropped first when the budget is short, least informative first; the rest are kept to the end.
 DROP_ORDER = ("guided_backprop", "deeplift", "lrp", "input_x_gradient", "gradient_shap", "smoothgrad")
 #: Map sets per method and image: base, tuned, ceiling, floor, floor_top.
 MAP_SETS = 5
+#: Methods whose maps the study scores by the deletion / insertion games (attribution_study's default).
+FAITHFUL = ("integrated_gradients", "grad_cam")
+#: Default budget of the analysis stage on a CPU (seconds): with loading and the report, a run of about 3 minutes.
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def attribution_cost(
     options: Mapping[str, Mapping[str, Any]],
     costs: PassCosts,
     side: int,
-    faithfulness: Sequence[str] = ("integrated_gradients", "grad_cam"),
+    faithfulness: Sequence[str] = FAITHFUL,
     faithfulness_steps: int = 16,
 ) -> float:
     """Predicted seconds of :func:`~tunelens.analysis.attribution_study.attribution_study`: per image and
@@ -184,6 +187,18 @@ def _cheaper_options(options: Mapping[str, Mapping[str, Any]], side: int) -> dic
     return out
 
 
+@dataclass(frozen=True)
+class AttributionPlan:
+    """What the attribution study runs within its share of the budget (:func:`fit_attribution`)."""
+
+    methods: list[str]
+    n_images: int
+    options: dict[str, dict[str, Any]]
+    faithfulness: bool
+    reductions: list[Reduction]
+    predicted_s: float
+
+
 def fit_attribution(
     seconds: float,
     methods: Sequence[str],
@@ -191,17 +206,21 @@ def fit_attribution(
     options: Mapping[str, Mapping[str, Any]],
     costs: PassCosts,
     side: int,
-) -> tuple[list[str], int, dict[str, dict[str, Any]], list[Reduction], float]:
-    """Methods, images and options of the attribution study that fit ``seconds`` (in the order of the module
-    docstring), the reductions made, and the predicted seconds of what is kept."""
+) -> AttributionPlan:
+    """Methods, images, options and faithfulness games of the attribution study that fit ``seconds``, reduced
+    in the order of the module docstring, with the reductions made and the predicted seconds of what is kept."""
     methods, opts = list(methods), {m: dict(o) for m, o in options.items()}
+    faith = True
     red: list[Reduction] = []
 
-    def cost(ms: Sequence[str], n: int, o: Mapping[str, Mapping[str, Any]]) -> float:
-        return attribution_cost(ms, n, o, costs, side)
+    def cost(ms: Sequence[str], n: int, o: Mapping[str, Mapping[str, Any]], f: bool) -> float:
+        return attribution_cost(ms, n, o, costs, side, faithfulness=FAITHFUL if f else ())
 
-    if cost(methods, n_images, opts) <= seconds:
-        return methods, n_images, opts, red, cost(methods, n_images, opts)
+    def plan(n: int) -> AttributionPlan:
+        return AttributionPlan(methods, n, opts, faith, red, cost(methods, n, opts, faith))
+
+    if cost(methods, n_images, opts, faith) <= seconds:
+        return plan(n_images)
     cheap = _cheaper_options(opts, side)
     for m, key, label in (
         ("integrated_gradients", "n_steps", "Integrated Gradients steps"),
@@ -209,36 +228,37 @@ def fit_attribution(
         ("gradient_shap", "n_samples", "GradientSHAP samples"),
     ):
         if m in methods:
-            red.append(
-                Reduction(
-                    "attribution",
-                    label,
-                    opts.get(m, {}).get(key, 16 if key == "n_steps" else 8),
-                    cheap[m][key],
-                    "coarser maps of this method (more approximation error per map), the same images",
-                )
-            )
+            before = opts.get(m, {}).get(key, 16 if key == "n_steps" else 8)
+            effect = "coarser maps of this method (more approximation error per map), the same images"
+            red.append(Reduction("attribution", label, before, cheap[m][key], effect))
     if "occlusion" in methods:
-        red.append(
-            Reduction(
-                "attribution",
-                "occlusion grid",
-                "5 x 5",
-                "4 x 4",
-                "coarser occlusion maps (larger steps between window positions)",
-            )
-        )
+        effect = "coarser occlusion maps (larger steps between window positions)"
+        red.append(Reduction("attribution", "occlusion grid", "5 x 5", "4 x 4", effect))
     opts = cheap
     for m in DROP_ORDER:
-        if cost(methods, n_images, opts) <= seconds or len(methods) <= 1:
+        if cost(methods, n_images, opts, faith) <= seconds or len(methods) <= 1:
             break
         if m in methods:
             methods.remove(m)
             red.append(Reduction("attribution", f"method {m}", "run", "left out", "no findings from this method"))
+    if cost(methods, n_images, opts, faith) > seconds and any(m in FAITHFUL for m in methods):
+        faith = False
+        red.append(
+            Reduction(
+                "attribution",
+                "deletion / insertion games",
+                "run",
+                "left out",
+                "no faithfulness scores (whether the maps point at what the model uses)",
+            )
+        )
+    if cost(methods, n_images, opts, faith) > seconds and "occlusion" in methods and len(methods) > 1:
+        methods.remove("occlusion")
+        red.append(Reduction("attribution", "method occlusion", "run", "left out", "no findings from this method"))
     n = n_images
-    if cost(methods, n, opts) > seconds:
-        per_image = cost(methods, 1, opts)
-        n = max(4, min(n_images, int(seconds // per_image)))
+    if cost(methods, n, opts, faith) > seconds:
+        per_image = cost(methods, 1, opts, faith)
+        n = max(min(4, n_images), min(n_images, int(seconds // per_image)))
         if n < n_images:
             red.append(
                 Reduction(
@@ -250,7 +270,7 @@ def fit_attribution(
                     f"(a mean over {n} images instead of {n_images})",
                 )
             )
-    return methods, n, opts, red, cost(methods, n, opts)
+    return plan(n)
 
 
 def functional_cost(

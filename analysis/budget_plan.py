@@ -122,13 +122,18 @@ class Budget:
             full = attribution_cost(meths, n, opts, self.costs, side)
             rest = self._functional_cost(ctx) if s.get("functional", True) else 0.0
             share = left * full / (full + rest) if full + rest > 0 else left
-            kept, n_kept, opts_kept, red, pred = fit_attribution(share, meths, n, opts, self.costs, side)
-            if red:
-                s["attribution_images"] = n_kept
-                s["attribution_methods"] = ",".join(kept)
-                s["attribution_options"] = opts_kept
-            self.reduced += red
-            self.predicted["attribution"] = pred
+            if rest > 0:  # leave the interventions at least their smallest plan (5 steps, 32 test images)
+                least = self._functional_cost(ctx, steps=min(5, int(s["interpolation_steps"])),
+                                              n_test=min(32, len(ctx.data["test"])))  # fmt: skip
+                share = max(0.0, min(share, left - least))
+            plan = fit_attribution(share, meths, n, opts, self.costs, side)
+            if plan.reductions:
+                s["attribution_images"] = plan.n_images
+                s["attribution_methods"] = ",".join(plan.methods)
+                s["attribution_options"] = plan.options
+                s["attribution_faithfulness"] = plan.faithfulness
+            self.reduced += plan.reductions
+            self.predicted["attribution"] = plan.predicted_s
         else:
             steps, n_test, red, pred = fit_functional(
                 left,

@@ -46,30 +46,39 @@ def test_functional_cost_by_hand():
 
 def test_nothing_is_reduced_when_it_fits():
     full = attribution_cost(ALL, 16, {}, UNIT, side=32)
-    methods, n, opts, red, pred = fit_attribution(full + 1, ALL, 16, {}, UNIT, side=32)
-    assert (methods, n, opts, red, pred) == (ALL, 16, {}, [], full)
+    plan = fit_attribution(full + 1, ALL, 16, {}, UNIT, side=32)
+    assert (plan.methods, plan.n_images, plan.options, plan.faithfulness) == (ALL, 16, {}, True)
+    assert plan.reductions == [] and plan.predicted_s == full
 
 
 def test_reductions_come_in_order_and_fit():
     full = attribution_cost(ALL, 16, {}, UNIT, side=32)
     # a little short: cheaper settings only, every method and image kept
-    m1, n1, o1, r1, p1 = fit_attribution(0.7 * full, ALL, 16, {}, UNIT, side=32)
+    a = fit_attribution(0.7 * full, ALL, 16, {}, UNIT, side=32)
+    m1, n1, o1, r1, p1 = a.methods, a.n_images, a.options, a.reductions, a.predicted_s
     assert m1 == ALL and n1 == 16 and p1 <= 0.7 * full
     assert o1["integrated_gradients"]["n_steps"] == 8 and o1["smoothgrad"]["nt_samples"] == 4
     assert {r.setting for r in r1} == {"Integrated Gradients steps", "SmoothGrad samples", "GradientSHAP samples",
                                        "occlusion grid"}  # fmt: skip
     # much shorter: methods dropped in DROP_ORDER, the informative ones kept, then fewer images
-    m2, n2, _, r2, p2 = fit_attribution(0.15 * full, ALL, 16, {}, UNIT, side=32)
-    dropped = [r.setting.removeprefix("method ") for r in r2 if r.setting.startswith("method ")]
-    assert dropped == [m for m in DROP_ORDER if m in ALL][: len(dropped)] and dropped
-    assert set(m2) >= {"saliency", "integrated_gradients", "occlusion", "grad_cam"}
+    b = fit_attribution(0.5 * full, ALL, 16, {}, UNIT, side=32)  # a few methods dropped, least informative first
+    dropped = [r.setting.removeprefix("method ") for r in b.reductions if r.setting.startswith("method ")]
+    assert dropped == ["guided_backprop", "input_x_gradient", "gradient_shap"] and b.n_images == 16 and b.faithfulness
+    assert b.predicted_s <= 0.5 * full
+    # shorter: every droppable method, then the games, then occlusion, then fewer images
+    b = fit_attribution(0.15 * full, ALL, 16, {}, UNIT, side=32)
+    m2, n2, r2, p2 = b.methods, b.n_images, b.reductions, b.predicted_s
+    assert m2 == ["saliency", "integrated_gradients", "grad_cam"] and not b.faithfulness
     assert 4 <= n2 < 16 and p2 <= 0.15 * full
     images = next(r for r in r2 if r.setting == "images")
     assert (images.before, images.after) == (16, n2)
     assert f"{math.sqrt(16 / n2):.1f}x wider" in images.effect
     # nothing fits: the minimum is 4 images of the kept methods, never zero
-    m3, n3, _, _, p3 = fit_attribution(0.0, ALL, 16, {}, UNIT, side=32)
-    assert n3 == 4 and p3 > 0 and "integrated_gradients" in m3
+    c = fit_attribution(0.0, ALL, 16, {}, UNIT, side=32)
+    assert c.n_images == 4 and c.predicted_s > 0 and not c.faithfulness
+    assert c.methods == ["saliency", "integrated_gradients", "grad_cam"]  # occlusion goes after the games
+    settings = [r.setting for r in c.reductions]
+    assert settings.index("deletion / insertion games") < settings.index("method occlusion") < settings.index("images")
 
 
 def test_functional_reduces_steps_then_images():
@@ -95,7 +104,7 @@ def test_balanced_subset_spreads_over_classes():
 
 
 def test_resolve_budget_and_pass_costs():
-    assert resolve_budget("auto", torch.device("cpu")) == 180.0
+    assert resolve_budget("auto", torch.device("cpu")) == 150.0
     assert resolve_budget("auto", torch.device("cuda")) is None
     assert resolve_budget("none", torch.device("cpu")) is None and resolve_budget(30, torch.device("cpu")) == 30.0
     with pytest.raises(ValueError, match="positive"):

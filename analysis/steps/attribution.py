@@ -108,6 +108,7 @@ def run(ctx: Context) -> Output:
         probe_data=ctx.data.get("train"),
         classes=list(classes) if classes is not None else None,
         options=s.get("attribution_options") or None,  # set by the time budget (analysis/budget.py)
+        **({} if s.get("attribution_faithfulness", True) else {"faithfulness": False}),
         progress=ctx.progress,
     )
     tables = {SUMMARY: study.summary, COMPARISONS: study.comparisons, PER_CLASS: study.per_class}
