@@ -105,7 +105,7 @@ def findings(res: Results) -> list[F.Finding]:
                 "".join(parts) + ".",
                 INTRUDER_STAGES,
                 score=7.5 if m != primary else 5,
-                uncertainty=f"exact SVDs of the weights; intruder = max |cos| with every base singular vector "
+                uncertainty=f"exact (singular vectors of the weights, float64); intruder = max |cos| with every base singular vector "
                 f"< {thr}; the control is one random draw (Shuttleworth et al. 2024)",
             )
         )
