@@ -11,6 +11,7 @@ from tunelens.core.text import is_text_model
 from .. import findings as F
 from ..attribution import DEFAULT_METHODS, METHODS
 from ..attribution_study import attribution_study
+from ..budget import FAITHFUL as STUDY_FAITHFULNESS  # the study's default: integrated gradients and Grad-CAM
 from ..registry import Analysis, Context, Output, register
 from ..text_attribution import text_attribution_study
 
@@ -108,7 +109,7 @@ def run(ctx: Context) -> Output:
         probe_data=ctx.data.get("train"),
         classes=list(classes) if classes is not None else None,
         options=s.get("attribution_options") or None,  # set by the time budget (analysis/budget.py)
-        **({} if s.get("attribution_faithfulness", True) else {"faithfulness": False}),
+        faithfulness=STUDY_FAITHFULNESS if s.get("attribution_faithfulness", True) else False,
         progress=ctx.progress,
     )
     tables = {SUMMARY: study.summary, COMPARISONS: study.comparisons, PER_CLASS: study.per_class}
