@@ -97,7 +97,11 @@ def analyze_models(
     except Exception as e:
         failed["stages"] = one_line_error(e)
         log(f"[analyze] finding the stages failed: {failed['stages']}")
-    budget = Budget.start(ctx, log)
+    try:
+        budget = Budget.start(ctx, log)
+    except Exception as e:  # timing a batch failed: the analyses run as configured, and the report says why
+        failed["budget"] = one_line_error(e)
+        budget = Budget(None, why_off=f"the time budget could not time a batch ({failed['budget']})")
     to_run = []
     for a in registered():
         if a.name in skipped:
