@@ -42,7 +42,7 @@ class Budget:
 
     @classmethod
     def start(cls, ctx: Context, log: Callable[[str], None] = print) -> Budget:
-        """The budget of ``ctx.settings['budget']`` (``auto``: 180 s on a CPU, none on CUDA), its pass costs
+        """The budget of ``ctx.settings['budget']`` (``auto``: :data:`~.budget.CPU_DEFAULT_S` on a CPU, none on CUDA), its pass costs
         measured on the base model (their time counts against the budget)."""
         t0 = time.perf_counter()
         seconds = resolve_budget(ctx.settings.get("budget", "auto"), ctx.device)
@@ -67,17 +67,33 @@ class Budget:
         assert self.seconds is not None
         return self.seconds - (time.perf_counter() - self.t0)
 
+    @staticmethod
+    def _functional_shape(ctx: Context) -> dict[str, int]:
+        """The sizes the interventions' cost depends on (:func:`~.budget.functional_cost`'s arguments)."""
+        return {
+            "n_test": len(ctx.data["test"]),
+            "n_train": len(ctx.data["train"]),
+            "n_tuned": len(ctx.tuned),
+            "n_stages": len(ctx.stage_map.stages),
+            "steps": int(ctx.settings["interpolation_steps"]),
+            "n_probe_models": 2 + ("scratch" in ctx.models),
+        }
+
     def _functional_cost(self, ctx: Context, steps: int | None = None, n_test: int | None = None) -> float:
         assert self.costs is not None
-        return functional_cost(
-            len(ctx.data["test"]) if n_test is None else n_test,
-            len(ctx.data["train"]),
-            len(ctx.tuned),
-            len(ctx.stage_map.stages),
-            int(ctx.settings["interpolation_steps"]) if steps is None else steps,
-            2 + ("scratch" in ctx.models),
-            self.costs,
-        )
+        shape = self._functional_shape(ctx)
+        shape.update({k: v for k, v in (("steps", steps), ("n_test", n_test)) if v is not None})
+        return functional_cost(costs=self.costs, **shape)
+
+    @staticmethod
+    def _attribution_inputs(ctx: Context) -> tuple[list[str], int, dict, int]:
+        """Methods, images, method options and image side of the attribution study as configured now."""
+        from .steps.attribution import methods as chosen_methods
+
+        meths, _ = chosen_methods(ctx)
+        n = min(int(ctx.settings["attribution_images"]), len(ctx.data["test"]))
+        opts = dict(ctx.settings.get("attribution_options") or {})
+        return meths, n, opts, int(ctx.data["test"][0][0].shape[-1])
 
     def predictions(self, ctx: Context, names: list[str]) -> dict[str, float]:
         """Predicted seconds of each analysis in ``names`` at the configured settings (for the progress line):
@@ -91,12 +107,8 @@ class Budget:
         out = {}
         for n in names:
             if n == "attribution":
-                from .steps.attribution import methods as chosen_methods
-
-                meths, _ = chosen_methods(ctx)
-                opts = dict(ctx.settings.get("attribution_options") or {})
-                k = min(int(ctx.settings["attribution_images"]), n_test)
-                out[n] = attribution_cost(meths, k, opts, self.costs, int(ctx.data["test"][0][0].shape[-1]))
+                meths, k, opts, side = self._attribution_inputs(ctx)
+                out[n] = attribution_cost(meths, k, opts, self.costs, side)
             elif n == "functional":
                 out[n] = self._functional_cost(ctx)
             elif n in ("weights", "intruders", "strategies"):
@@ -113,12 +125,7 @@ class Budget:
         s: dict[str, Any] = ctx.settings  # type: ignore[assignment]  # the suite's own copy
         left = max(0.0, self.left())
         if name == "attribution":
-            from .steps.attribution import methods as chosen_methods
-
-            meths, _ = chosen_methods(ctx)
-            side = int(ctx.data["test"][0][0].shape[-1])
-            opts = dict(s.get("attribution_options") or {})
-            n = min(int(s["attribution_images"]), len(ctx.data["test"]))
+            meths, n, opts, side = self._attribution_inputs(ctx)
             full = attribution_cost(meths, n, opts, self.costs, side)
             rest = self._functional_cost(ctx) if s.get("functional", True) else 0.0
             share = left * full / (full + rest) if full + rest > 0 else left
@@ -135,16 +142,7 @@ class Budget:
             self.reduced += plan.reductions
             self.predicted["attribution"] = plan.predicted_s
         else:
-            steps, n_test, red, pred = fit_functional(
-                left,
-                len(ctx.data["test"]),
-                len(ctx.data["train"]),
-                len(ctx.tuned),
-                len(ctx.stage_map.stages),
-                int(s["interpolation_steps"]),
-                2 + ("scratch" in ctx.models),
-                self.costs,
-            )
+            steps, n_test, red, pred = fit_functional(left, costs=self.costs, **self._functional_shape(ctx))
             if red:
                 s["interpolation_steps"] = steps
                 s["functional_images"] = n_test

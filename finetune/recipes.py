@@ -132,11 +132,16 @@ def _train_and_save(
         peak_gpu_mem_mb=peak,
         world_size=runtime.world_size(),
     )
+    return _save_on_main(path, res.model.state_dict(), man)
+
+
+def _save_on_main(path: Path, state_dict: dict, man: dict) -> dict:
+    """Save the checkpoint on the main rank (every rank returns the manifest as written); a save that fails
+    leaves no half checkpoint (weights renamed into place, manifest not): both files are removed."""
     if runtime.is_main():
         try:
-            man = save_checkpoint(path, res.model.state_dict(), man)
+            man = save_checkpoint(path, state_dict, man)
         except BaseException:
-            # never leave half a checkpoint (weights renamed into place, manifest not): remove both
             for p in (path, path.with_suffix(".json")):
                 p.unlink(missing_ok=True)
             raise
@@ -263,6 +268,7 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
             log(f"[finetune] {strat} in {got['seconds']:.1f}s: target test acc {got['metrics']['test_acc']:.3f}")
         else:
             log(f"[finetune] {strat} unchanged, kept")
+            run_line.replan(strat, 0.0)
         manifests[strat] = got
     index = {
         n: {
@@ -300,6 +306,7 @@ def _pretrain_base(
     man = _cached(path, key)
     if man is not None:
         log("[finetune] base unchanged, kept")
+        run_line.replan("pretrain", 0.0)
         return man
     settings = {k: v for k, v in cfg["pretrain"].items() if k != "use_shipped"}
     if not is_text(cfg) and cfg["pretrain"].get("use_shipped", True):
@@ -345,11 +352,8 @@ def _from_shipped(skey: str, key: str, path: Path, log) -> dict | None:
             "made_with": sman.get("versions", {}),
         },
     )
-    if runtime.is_main():
-        man = save_checkpoint(path, sd, man)
-    runtime.barrier()
-    if not runtime.is_main():
-        _, man = load_checkpoint(path)
+    man = _save_on_main(path, sd, man)
+    run_line.replan("pretrain", 0.0)  # no pretraining in this run: the progress line's ETA drops it
     log(
         f"[finetune] base: the pretrained copy shipped with tunelens (made by this pretraining stage with these "
         f"settings in {sman.get('seconds', 0):.0f}s; source test acc {man['metrics']['test_acc']:.3f}; "

@@ -55,7 +55,11 @@ def test_a_run_writes_the_shipped_weights_as_its_base(tmp_path):
     lines: list[str] = []
     path = tmp_path / "base.safetensors"
     # data=None: the shipped copy needs no source data (training it would fail on None)
-    man = _pretrain_base(cfg, cfg["arch"], cfg["seed"], "cpu", spec, None, code, path, False, lines.append)
+    from tunelens.core.progress import run_progress
+
+    with run_progress({"pretrain": 150.0, "full": 20.0}) as line:
+        man = _pretrain_base(cfg, cfg["arch"], cfg["seed"], "cpu", spec, None, code, path, False, lines.append)
+        assert line.plan["pretrain"] == 0.0 and line.bar.total == 20.0  # the progress line drops the pretraining
     shipped = json.loads(SHIPPED.with_suffix(".json").read_text())
     assert man["sha256"] == shipped["sha256"] and man["seconds"] == 0.0 and man["shipped"]["file"] == SHIPPED.name
     assert man["config_hash"] == config_hash(

@@ -17,6 +17,7 @@ import torch
 from tunelens.config import code_hash, config_hash
 from tunelens.core import runtime
 from tunelens.core.files import check_owned_folder, versions
+from tunelens.core.progress import replan as replan_stage
 from tunelens.core.progress import report as report_stage
 from tunelens.core.progress import run_progress
 from tunelens.finetune.data import ShapesSpec
@@ -152,6 +153,7 @@ def stage_analyze(cfg: dict, out: Path, progress: bool = True, log=print, force:
         try:
             if json.loads((res_dir / "summary.json").read_text()).get("key") == key:
                 log("[analyze] results unchanged, kept")
+                replan_stage("analyze", 0.0)
                 return res_dir
         except json.JSONDecodeError:
             pass
@@ -235,6 +237,7 @@ def stage_report(out: Path, log=print) -> Path:
         try:
             if (report / "index.html").is_file() and json.loads((report / REPORT_STAMP).read_text()) == stamp:
                 log("[report] unchanged, kept")
+                replan_stage("report", 0.0)
                 return out.resolve() / "report" / "index.html"
         except (OSError, ValueError):
             pass
