@@ -17,8 +17,8 @@
    per model are printed too: a model's forward images over the images it was given is how often the
    same work was done.
 
-Writes ``artifacts/bench/compare.json`` (``--out``): per-stage seconds (the report's timings), the
-total, the floor and the ratio, the pass counts, and the machine.
+Writes ``artifacts/bench/compare.json`` (``--out``; ``compare_cuda.json`` with ``--device cuda``): per-stage seconds (the report's timings), the
+total, the floor and the ratio, the pass counts, the peak GPU memory on CUDA, and the machine.
 Targets (issue 12, resnet50 at 224 px on 2 CPU cores): total under 180 s, ratio under 2.0.
 """
 
@@ -160,10 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
         if args.budget is not None:
             argv_c += ["--budget", str(args.budget)]
         cls = type(torchvision.models.get_model(args.arch, weights=None, num_classes=2))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         with PassCounter(cls) as counts:
             t = time.perf_counter()
             rc = tunelens_main(argv_c)
             total = time.perf_counter() - t
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         if rc not in (0, 1):
             raise SystemExit(f"tunelens compare exited with {rc}")
         summary = json.loads((root / "out" / "results" / "summary.json").read_text())
@@ -185,14 +188,17 @@ def main(argv: list[str] | None = None) -> dict:
             "forward_images_with_grad": counts.images["grad"],
             "models_seen": len(counts.per_model),
         },
+        "peak_gpu_mem_mb": None if peak_mb is None else round(peak_mb, 1),
         "budget_summary": summary.get("budget", {}),
         "failed": summary.get("failed", {}),
         "targets": {"total_s": 180, "ratio": 2.0},
         "machine": machine_info(),
     }
     name = "compare.json" if args.arch == "resnet50" and args.size == 224 else f"compare_{args.arch}_{args.size}.json"
+    if device.type != "cpu":
+        name = name.replace(".json", f"_{device.type}.json")
     path = write_json(args.out or f"artifacts/bench/{name}", result)
-    shown = ("arch", "total_s", "stages_s", "floor", "ratio", "passes", "budget_summary")
+    shown = ("arch", "device", "total_s", "stages_s", "floor", "ratio", "passes", "peak_gpu_mem_mb", "budget_summary")
     print(json.dumps({k: result[k] for k in shown}, indent=1))
     print(f"written: {path}")
     return result

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: on a machine with CUDA, run the default pipeline with --device cuda and the CKA benchmarks,
-# and print how long each took (plus the peak GPU memory the manifests logged).
+# GPU check: on a machine with CUDA, run the default pipeline with --device cuda, the CKA benchmarks,
+# `tunelens compare` on a resnet50 and a convnext_tiny pair at 224 px (bench/compare.py) and the CUDA tests,
+# and print how long each took plus the peak GPU memory (training manifests, the analyses, each compare).
 #
 # Run from anywhere (it works in the repository root):  bash bench/gpu_check.sh
 #   PYTHON=...   the interpreter (default .venv/bin/python)
@@ -58,6 +59,14 @@ if [ "$NGPU" -ge 2 ]; then
         "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
         -m tunelens run --device "$DEVICE" --out "$OUT/run_ddp" --no-progress "${quick[@]}"
 fi
+for arch in resnet50 convnext_tiny; do
+    timed "tunelens compare, $arch pair at 224 px (bench/compare.py --device $DEVICE)" \
+        "$PYTHON" bench/compare.py --arch "$arch" --device "$DEVICE" --out "$OUT/compare_${arch}_$DEVICE.json"
+done
+if [ "$DEVICE" != "cpu" ]; then
+    timed "CUDA tests (pytest -k cuda)" "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_similarity.py
+fi
+
 timed "CKA benchmark (bench/similarity.py --device $DEVICE)" \
     "$PYTHON" bench/similarity.py --device "$DEVICE" --threads 0 --out "$OUT/bench_similarity.json" "${quick[@]}" "${sim_args[@]}"
 procs=1
@@ -66,10 +75,18 @@ timed "CKA stage throughput (bench/scale.py --device $DEVICE)" \
     "$PYTHON" bench/scale.py --device "$DEVICE" --threads 1 --procs "$procs" --out "$OUT/bench_scale.json" "${quick[@]}"
 
 echo
-echo "gpu_check: peak GPU memory logged in the manifests:"
+echo "gpu_check: peak GPU memory (MiB) logged by the runs:"
 "$PYTHON" - "$OUT" <<'EOF' || true
 import json, sys
 from pathlib import Path
+out = Path(sys.argv[1])
+summary = out / "run" / "results" / "summary.json"
+if summary.exists():
+    print(f"  run/analyses: {json.loads(summary.read_text()).get('analysis_peak_gpu_mem_mb')} MiB")
+for res in sorted(out.glob("compare_*.json")):
+    r = json.loads(res.read_text())
+    print(f"  {res.stem}: {r.get('peak_gpu_mem_mb')} MiB; compare {r.get('total_s')} s, floor "
+          f"{r.get('floor', {}).get('floor_s')} s, ratio {r.get('ratio')}")
 for man in sorted(Path(sys.argv[1]).glob("*/checkpoints/*.json")):
     if man.name == "manifest.json":
         continue

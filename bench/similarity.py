@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -324,11 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="artifacts/bench/similarity.json")
     args = ap.parse_args(argv)
     threads = set_threads(args.threads or None)
-    try:
-        cka_ok = True
-    except Exception as e:
-        print(f"torch-cka not importable ({e}); skipping that comparison (pip install torch-cka)")
-        cka_ok = False
+    cka_ok = importlib.util.find_spec("torch_cka") is not None
+    if not cka_ok:
+        print("torch-cka is not installed; skipping that comparison (pip install torch-cka, or make bench)")
     n = {"resnet18": 256 if args.quick else 512, "default": 512 if args.quick else 2048}
     repeats = args.repeats or (2 if args.quick else 3)
     mem_ns = (128, 512) if args.quick else (512, 4096)
