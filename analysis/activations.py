@@ -226,6 +226,8 @@ def gram_pass(
     device: torch.device,
     sink: Callable[[list[dict[str, torch.Tensor]]], None],
     n_examples: int = 0,
+    on_layer: Callable[[int, str, torch.Tensor], None] | None = None,
+    on_output: Callable[[int, Any, Any], None] | None = None,
 ) -> tuple[list[ActivationStats], list[FeatureMapExamples]]:
     """Run every batch of ``loader`` once through each *distinct* model (eval mode, no grad, TF32 off, hooks
     always removed, training flags restored; models are moved to ``device``).
@@ -235,6 +237,9 @@ def gram_pass(
     ``device`` and its Gram ``X X^T`` formed; the same copy updates the layer's :class:`ActivationStats`
     and the first batch fills :class:`FeatureMapExamples`. After each batch ``sink`` receives, per entry of
     ``models``, ``{layer: Gram}``. Returns per entry of ``models`` its statistics and example maps.
+    ``on_layer(slot, layer, output)`` is called in the same hook and ``on_output(slot, model output, batch)``
+    after each forward (``slot``: the index of the distinct model; :func:`analysis.passes.record_pass` keeps
+    the logits and pooled features that way).
     """
     slot_of: list[int] = []
     slots: list[tuple[nn.Module, list[str]]] = []
@@ -264,6 +269,8 @@ def gram_pass(
             grams[s][name] = K
             stats[s].update(name, out, x, torch.diagonal(K).sum())
             maps[s].update(name, out)
+            if on_layer is not None:
+                on_layer(s, name, out)
 
         return fn
 
@@ -277,6 +284,8 @@ def gram_pass(
             for s, (m, _) in enumerate(slots):
                 grams[s].clear()
                 maps[s].add_images(x)
-                m(x)
+                y = m(x)
+                if on_output is not None:
+                    on_output(s, y, batch)
             sink([{k: grams[slot_of[i]][k] for k in names} for i, names in enumerate(layer_lists)])
     return [stats[s] for s in slot_of], [maps[s] for s in slot_of]

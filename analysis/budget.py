@@ -276,13 +276,15 @@ def fit_attribution(
 def functional_cost(
     n_test: int, n_train: int, n_tuned: int, n_stages: int, steps: int, n_probe_models: int, costs: PassCosts
 ) -> float:
-    """Predicted seconds of the interventions step: a test pass per rewound stage and tuned model, a test pass
-    and a batch-norm re-estimation pass over the training images per interpolation step, and a training +
-    test pass per probed model."""
+    """Predicted seconds of the interventions step: a test pass per rewound stage group (the stages and
+    ``all_but_head``) and tuned model, a test pass and a batch-norm re-estimation pass over the training images
+    (at most 4 batches of 64) per interpolation step, and a training pass per probed model. The unchanged
+    models' accuracy, the interpolation's endpoints and the probes' test features come from the shared test
+    pass (:mod:`analysis.passes`), whose cost is the evaluation's."""
     f = costs.forward_s
-    rewind = n_tuned * (n_stages + 1) * n_test * f
-    interp = steps * (n_test + n_train) * f
-    probes = n_probe_models * (n_train + n_test) * f
+    rewind = n_tuned * n_stages * n_test * f
+    interp = steps * (n_test + min(n_train, 256)) * f
+    probes = n_probe_models * n_train * f
     return rewind + interp + probes
 
 

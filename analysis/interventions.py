@@ -186,6 +186,7 @@ def rewind(
     groups: GroupSpec = "stages",
     device: torch.device | str | None = None,
     stage_map: StageMap | None = None,
+    reference: Mapping[str, float] | None = None,
 ) -> RewindResult:
     """Target accuracy and loss of ``tuned`` with each parameter group set back to ``base``.
 
@@ -200,6 +201,8 @@ def rewind(
     the group's parameters), ``acc``, ``loss``, ``acc_drop = acc(tuned) - acc(rewound)`` and
     ``loss_increase = loss(rewound) - loss(tuned)`` (accuracies are fractions in [0, 1], so
     drops are fractions too), ``n`` (target samples evaluated), in :attr:`RewindResult.table`.
+    ``reference``: ``tuned``'s own ``{"acc", "loss", "n"}`` on ``data`` when already measured (e.g.
+    :meth:`analysis.passes.ModelPass.metrics`), so the unchanged model is not evaluated again.
     """
     base, tuned = _unwrap(base), _unwrap(tuned)
     dev = _device_of(tuned, device)
@@ -215,7 +218,7 @@ def rewind(
     params = {n for n, _ in model.named_parameters()}
     rows = []
     with no_tf32():
-        ref = evaluate(model, data, dev)
+        ref = dict(reference) if reference is not None else evaluate(model, data, dev)
         rows.append({"group": "none", "n_tensors": 0, "n_params": 0, "rel_change": 0.0, **ref})
         for name, sel in resolved:
             num = den = 0.0
@@ -342,6 +345,7 @@ def interpolate(
     train_loader: Iterable | None = None,
     bn_batches: int = 4,
     device: torch.device | str | None = None,
+    endpoints: Mapping[str, Mapping[str, float]] | None = None,
 ) -> InterpolationResult:
     """Target loss and accuracy along ``theta(alpha) = (1 - alpha) theta_base + alpha theta_tuned``.
 
@@ -365,6 +369,9 @@ def interpolate(
     ``bn_source``, ``endpoints`` (``{"base": {acc, loss}, "tuned": {...}}`` with the models'
     own statistics), ``n_shared``. A model without BatchNorm has nothing to re-estimate
     (``bn_batches == 0``).
+    ``endpoints``: ``{"base": {acc, loss}, "tuned": {...}}`` when already measured on ``data`` (the base backbone
+    under the tuned head is :func:`rewind`'s ``all_but_head`` row, the tuned model its ``none`` row), so the two
+    models are not evaluated again.
     """
     if bn not in ("recompute", "interpolate"):
         raise ValueError(f"bn must be 'recompute' or 'interpolate', got {bn!r}")
@@ -401,7 +408,9 @@ def interpolate(
             if bn_inputs:
                 n_bn = recompute_bn(model, bn_inputs, dev)
             rows.append({"alpha": a, **evaluate(model, data, dev)})
-        if bn_inputs:
+        if bn_inputs and endpoints is not None:
+            ends = {k: dict(endpoints[k]) for k in ("base", "tuned")}
+        elif bn_inputs:
             ends = {"base": evaluate(rewound_model(base, tuned).to(dev), data, dev)}
             _assign(state, tuned.state_dict(), state.keys())
             ends["tuned"] = evaluate(model, data, dev)

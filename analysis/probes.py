@@ -112,7 +112,7 @@ def fit_probe(
 def probe_layers(
     model: nn.Module,
     train_loader: Iterable,
-    test_loader: Iterable,
+    test_loader: Iterable | None,
     layers: LayerSpec = "auto",
     *,
     name: str | None = None,
@@ -120,6 +120,7 @@ def probe_layers(
     max_iter: int = 1000,
     random_state: int = 0,
     device: torch.device | str | None = None,
+    test_features: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Test accuracy of a linear probe on each layer's pooled, standardised features.
 
@@ -130,10 +131,17 @@ def probe_layers(
     Columns: ``model`` (``name`` or the class name), ``layer``, ``depth`` (0-based position
     in forward order), ``n_features``, ``n_train``, ``n_test``, ``train_acc``, ``test_acc``,
     ``chance`` (``1 / K`` for the ``K`` classes in the training split), ``n_iter``.
+    ``test_features``: the test split's pooled features and labels when a pass already made them
+    (``({layer: (N, D)}, labels)``, :meth:`analysis.passes.ModelPass.features`); ``test_loader`` is then unused.
     """
     names = resolve_layers(model, layers)
     xtr, ytr = layer_features(model, train_loader, names, device)
-    xte, yte = layer_features(model, test_loader, names, device)
+    if test_features is not None:  # already pooled by a shared pass (:meth:`analysis.passes.ModelPass.features`)
+        xte, yte = {n: test_features[0][n] for n in names}, test_features[1]
+    elif test_loader is not None:
+        xte, yte = layer_features(model, test_loader, names, device)
+    else:
+        raise ValueError("probe_layers needs test_loader or test_features")
     chance = 1.0 / len(np.unique(ytr))
     rows = []
     for depth, layer in enumerate(names):

@@ -27,6 +27,7 @@ from tunelens.core.results import Results
 from tunelens.core.stages import StageMap, stages
 
 from .findings import Finding
+from .passes import PassCache
 from .sharding import shard_loader
 
 __all__ = ["Analysis", "Context", "Output", "analysis_defaults", "get", "register", "registered"]
@@ -73,6 +74,12 @@ class Context:
     def test_loader(self) -> DataLoader:
         """The test split in the configured batch size; under torch.distributed each rank its block of batches."""
         return shard_loader(self.data["test"], int(self.settings.get("batch_size", 64)), device=self.device)
+
+    @cached_property
+    def passes(self) -> PassCache:
+        """One pass per model over :attr:`test_loader` at the stage map's layers (:mod:`analysis.passes`): the
+        evaluation, CKA, the probes' test features and the rewind reference all read it."""
+        return PassCache(self.test_loader, self.stage_map.cka_layers(), self.device)
 
 
 @dataclass(frozen=True)

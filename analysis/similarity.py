@@ -37,6 +37,7 @@ from torch import nn
 
 from tunelens.analysis.activations import FeatureMapExamples, gram_pass, plot_feature_maps
 from tunelens.analysis.layers import LayerSpec, resolve_layers
+from tunelens.analysis.passes import ModelPass
 from tunelens.core.models import borrowed, model_device
 from tunelens.core.runtime import resolve_device
 
@@ -45,6 +46,8 @@ __all__ = [
     "CKAResult",
     "StreamingCKA",
     "cka_against_chance",
+    "cka_chance_from_passes",
+    "cka_from_passes",
     "cka_matrix",
     "estimator_name",
     "linear_cka",
@@ -436,13 +439,58 @@ def cka_matrix(
         stats, maps = gram_pass(
             [model_a, model_b], [la, lb], data, dev, lambda g: metric.update_grams(g[0], g[1]), n_examples=n_examples
         )
+    return _result(metric, stats, maps, names, n_boot, ci, seed)
+
+
+def _result(
+    metric: StreamingCKA,
+    stats: Sequence[Any],
+    maps: Sequence[FeatureMapExamples],
+    names: tuple[str, str],
+    n_boot: int,
+    ci: float,
+    seed: int,
+) -> CKAResult:
     ab, aa, bb = metric.compute_all()
     info = metric.summary()
     diag = metric.bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed)
-    acts = pd.concat([stats[0].table(names[0]), stats[1].table(names[1])], ignore_index=True)
+    tables = []
+    for st, name, layers in zip(stats, names, metric._layers(), strict=True):
+        t = st.table(name)
+        tables.append(t[t["layer"].isin(layers)] if "layer" in t else t)
+    acts = pd.concat(tables, ignore_index=True)
     return CKAResult(
         ab, aa, bb, diag, acts, maps[0], maps[1], metric.estimator, info["n_samples"], info["skipped_samples"]
     )
+
+
+def _feed(metric: StreamingCKA, pa: ModelPass, pb: ModelPass, la: Sequence[str], lb: Sequence[str]) -> None:
+    """Every batch of two recorded passes (the same loader) into ``metric``."""
+    if len(pa.grams) != len(pb.grams):
+        raise ValueError(f"the two passes saw {len(pa.grams)} and {len(pb.grams)} batches: not the same loader")
+    for ga, gb in zip(pa.grams, pb.grams, strict=True):
+        metric.update_grams({k: ga[k] for k in la}, {k: gb[k] for k in lb})
+
+
+def cka_from_passes(
+    pa: ModelPass,
+    pb: ModelPass,
+    layers: Sequence[str],
+    layers_b: Sequence[str] | None = None,
+    *,
+    debiased: bool = True,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    names: tuple[str, str] = ("base", "tuned"),
+) -> CKAResult:
+    """:func:`cka_matrix` from two recorded passes (:func:`analysis.passes.record_pass` over the same loader),
+    without running either model again: the same Grams, hence the same numbers."""
+    la, lb = list(layers), list(layers if layers_b is None else layers_b)
+    metric = StreamingCKA(la, lb, debiased=debiased, pairs=pairs)
+    _feed(metric, pa, pb, la, lb)
+    return _result(metric, [pa.stats, pb.stats], [pa.maps, pb.maps], names, n_boot, ci, seed)
 
 
 def randomly_initialised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -497,9 +545,36 @@ def cka_against_chance(
     with ExitStack() as stack:
         used = [stack.enter_context(borrowed(m, dev)) for m in models]
         gram_pass(used, lists, data, dev, sink)
+    return _chance_table(metrics, names, scratch is not None, n_boot, ci, seed)
+
+
+def cka_chance_from_passes(
+    base: ModelPass,
+    tuned: ModelPass,
+    random: ModelPass,
+    scratch: ModelPass | None,
+    layers: Sequence[str],
+    *,
+    debiased: bool = True,
+    seed: int = 0,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """:func:`cka_against_chance` from recorded passes of the four models over the same loader."""
+    names = list(layers)
+    jobs = [(base, tuned), (base, random)] + ([(tuned, scratch)] if scratch is not None else [])
+    metrics = [StreamingCKA(names, names, debiased=debiased) for _ in jobs]
+    for metric, (pa, pb) in zip(metrics, jobs, strict=True):
+        _feed(metric, pa, pb, names, names)
+    return _chance_table(metrics, names, scratch is not None, n_boot, ci, seed)
+
+
+def _chance_table(
+    metrics: list[StreamingCKA], names: list[str], scratch: bool, n_boot: int, ci: float, seed: int
+) -> pd.DataFrame:
     d_bt = metrics[0].bootstrap_diagonal(n_boot=n_boot, ci=ci, seed=seed).set_index("layer_a")
     ab_br = metrics[1].compute()
-    ab_ts = metrics[2].compute() if scratch is not None else None
+    ab_ts = metrics[2].compute() if scratch else None
     df = pd.DataFrame(
         {
             "layer": names,

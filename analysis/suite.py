@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tunelens.core import progress as run_line
+from tunelens.core.models import fast_layout
 from tunelens.core.results import Results
 from tunelens.core.text import is_text_model
 
@@ -34,6 +35,10 @@ __all__ = ["analyze_models", "one_line_error", "predictions_table", "training_ta
 def one_line_error(e: BaseException) -> str:
     """``Type: message`` on one line (for the report and the log)."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+
+
+def _fast_or_none(model: nn.Module | None, device: torch.device) -> nn.Module | None:
+    return fast_layout(model, device) if model is not None else None
 
 
 def analyze_models(
@@ -78,8 +83,16 @@ def analyze_models(
     if hasattr(data.get("test"), "__len__"):
         res.summary["n_test"] = len(data["test"])
     progress = progress and not run_line.active()  # a run's progress line replaces the analyses' own bars
+    # channels-last copies where that layout is faster (BatchNorm convnets on the CPU: 1.2-1.8x per pass)
+    fast = {n: fast_layout(m, device) for n, m in models.items()}
+    make_random: Callable[[int], nn.Module | None] | None = random_like
+    if any(fast[n] is not models[n] for n in models):
+        res.summary["layout"] = "channels_last"
+        if random_like is not None:
+            make = random_like
+            make_random = lambda seed: _fast_or_none(make(seed), device)
     ctx = Context(
-        models=models,
+        models=fast,
         manifests=manifests,
         data=data,
         settings=settings,
@@ -90,7 +103,7 @@ def analyze_models(
         progress=progress,
         log=log,
         results=res,
-        random_like=random_like,
+        random_like=make_random,
     )
     try:  # the stages every analysis groups by, shown in the report's methods section
         res.summary["stages"] = ctx.stage_map.to_dict()

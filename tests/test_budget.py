@@ -40,8 +40,11 @@ def test_attribution_cost_by_hand():
 
 
 def test_functional_cost_by_hand():
-    # rewind: 2 tuned x (4 stages + 1) x 10 test; interpolation: 3 steps x (10 test + 20 train); probes 3 x 30
-    assert functional_cost(10, 20, 2, 4, 3, 3, UNIT) == 2 * 5 * 10 + 3 * 30 + 3 * 30
+    # rewind: 2 tuned x 4 stage groups x 10 test; interpolation: 3 steps x (10 test + 20 train); probes: 3 x 20
+    # train (their test features, the reference accuracy and the endpoints come from the shared test pass)
+    assert functional_cost(10, 20, 2, 4, 3, 3, UNIT) == 2 * 4 * 10 + 3 * 30 + 3 * 20
+    # batch-norm re-estimation reads at most 4 batches of 64 training images
+    assert functional_cost(10, 1000, 1, 1, 1, 0, UNIT) == 10 + (10 + 256)
 
 
 def test_nothing_is_reduced_when_it_fits():

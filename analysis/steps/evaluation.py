@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
+
 import numpy as np
 import pandas as pd
 import torch
@@ -13,6 +15,7 @@ from tunelens.core.models import eval_mode
 from tunelens.core.results import Results
 
 from .. import findings as F
+from ..passes import ModelPass
 from ..registry import Analysis, Context, Output, register
 from ..sharding import batch_offsets, gather_rows
 
@@ -29,33 +32,51 @@ def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: 
 
     Under ``torch.distributed`` with a :func:`tunelens.analysis.sharding.shard_loader` loader each rank predicts
     its batches and the rows of all ranks are gathered (a collective), in single-process order."""
+
+    def outputs(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        with eval_mode(model):
+            for batch in loader:
+                x, y, _ = unpack_batch(batch)
+                yield model(x.to(device, non_blocking=True)).float().cpu(), y
+
+    return _predictions({n: outputs(m) for n, m in models.items()}, batch_offsets(loader))
+
+
+def predictions_from_passes(passes: Mapping[str, ModelPass]) -> pd.DataFrame:
+    """:func:`predictions_table` from recorded passes (:mod:`analysis.passes`) over the test loader."""
+    return _predictions(
+        {n: zip(p.logits, p.labels, strict=True) for n, p in passes.items()},
+        next(iter(passes.values())).offsets if passes else None,
+    )
+
+
+def _predictions(
+    outputs: Mapping[str, Iterable[tuple[torch.Tensor, torch.Tensor | None]]], offsets: list[int] | None
+) -> pd.DataFrame:
     frames = []
-    offsets = batch_offsets(loader)
-    for name, model in models.items():
+    for name, batches in outputs.items():
         rows = []
         idx = 0
-        with eval_mode(model):
-            for b, batch in enumerate(loader):
-                if offsets is not None:
-                    idx = offsets[b]
-                x, y, _ = unpack_batch(batch)
-                if y is None:
-                    raise ValueError("evaluation needs labelled batches (inputs, labels[, masks])")
-                out = model(x.to(device, non_blocking=True)).float()
-                loss = torch.nn.functional.cross_entropy(out, y.to(device, non_blocking=True), reduction="none").cpu()
-                pred = out.argmax(1).cpu()
-                for i in range(len(y)):
-                    rows.append(
-                        {
-                            "model": name,
-                            "index": idx,
-                            "label": int(y[i]),
-                            "pred": int(pred[i]),
-                            "correct": int(pred[i] == y[i]),
-                            "loss": float(loss[i]),
-                        }
-                    )
-                    idx += 1
+        for b, (out, y) in enumerate(batches):
+            if offsets is not None:
+                idx = offsets[b]
+            if y is None:
+                raise ValueError("evaluation needs labelled batches (inputs, labels[, masks])")
+            y = torch.as_tensor(y).long()
+            loss = torch.nn.functional.cross_entropy(out, y, reduction="none")
+            pred = out.argmax(1)
+            for i in range(len(y)):
+                rows.append(
+                    {
+                        "model": name,
+                        "index": idx,
+                        "label": int(y[i]),
+                        "pred": int(pred[i]),
+                        "correct": int(pred[i] == y[i]),
+                        "loss": float(loss[i]),
+                    }
+                )
+                idx += 1
         frames.append(gather_rows(rows, sort_by="index"))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -117,7 +138,7 @@ def run(ctx: Context) -> Output:
         if sample and len(sample[0]) > 2:
             samples["masks"] = torch.stack([torch.as_tensor(b[2]) for b in sample]).numpy()
     models = {n: m for n, m in ctx.models.items() if n != "base"}
-    preds = predictions_table(models, ctx.test_loader, ctx.device)
+    preds = predictions_from_passes({n: ctx.passes.get(m) for n, m in models.items()})
     curves, stages = training_tables({k: dict(v) for k, v in ctx.manifests.items()})
     return Output(
         tables={

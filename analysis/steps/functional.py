@@ -23,6 +23,7 @@ REWIND = "rewind"
 INTERPOLATION = "interpolation"
 PROBES = "probes"
 PROBE_GAIN = "probe_gain"
+_ENDS = {"base": "all_but_head", "tuned": "none"}  # interpolation endpoints = these rewind rows
 
 
 def balanced_subset(test: Any, n: int | None, seed: int) -> Any:
@@ -46,16 +47,23 @@ def balanced_subset(test: Any, n: int | None, seed: int) -> Any:
 def run(ctx: Context) -> Output:
     data = dict(ctx.data)
     data["test"] = balanced_subset(data["test"], ctx.settings.get("functional_images"), ctx.seed)  # the budget's
+    # positions of the subset in the test split (None: all of it), to read the shared test pass
+    subset = np.asarray(data["test"].indices) if data["test"] is not ctx.data["test"] else None
     # each rank its block of the batches (smaller batches when there are fewer than ranks: per-sample results)
     test_loader = shard_loader(data["test"], per_sample_batch_size(len(data["test"]), 256), device=ctx.device)
     train_loader = shard_loader(data["train"], per_sample_batch_size(len(data["train"]), 64), device=ctx.device)
     # BatchNorm re-estimation along the interpolation: every rank the same first batches, as one process
     bn_loader = DataLoader(data["train"], batch_size=64, shuffle=False)
-    rws = []
+    # the unchanged models' accuracy and the probes' test features come from the shared test pass
+    rws, refs = [], {}
     for name in ctx.tuned:
-        r = rewind(ctx.base, ctx.models[name], test_loader, device=ctx.device, stage_map=ctx.stage_map)
+        refs[name] = ctx.passes.get(ctx.models[name]).metrics(subset)
+        r = rewind(
+            ctx.base, ctx.models[name], test_loader, device=ctx.device, stage_map=ctx.stage_map, reference=refs[name]
+        )
         r.table.insert(0, "model", name)
         rws.append(r.table)
+    rw = rws[ctx.tuned.index(ctx.primary)].set_index("group")
     it = interpolate(
         ctx.base,
         ctx.models[ctx.primary],
@@ -63,12 +71,23 @@ def run(ctx: Context) -> Output:
         steps=int(ctx.settings["interpolation_steps"]),
         train_loader=bn_loader,
         device=ctx.device,
+        endpoints={g: {k: float(rw.loc[key, k]) for k in ("acc", "loss")} for g, key in _ENDS.items()},
     )
     table = it.table.copy()
     table.insert(0, "model", ctx.primary)
     names = ["base", ctx.primary] + (["scratch"] if "scratch" in ctx.models else [])
     layers = ctx.stage_map.cka_layers()
-    probes = [probe_layers(ctx.models[n], train_loader, test_loader, layers, name=n, device=ctx.device) for n in names]
+    probes = []
+    for n in names:
+        p = ctx.passes.get(ctx.models[n])
+        feats, labels = p.features(layers), p.targets()
+        if subset is not None:
+            feats, labels = {k: v[subset] for k, v in feats.items()}, labels[subset]
+        probes.append(
+            probe_layers(
+                ctx.models[n], train_loader, None, layers, name=n, device=ctx.device, test_features=(feats, labels)
+            )
+        )
     gains = probe_gain(probes[0], probes[1])
     gains["stage"] = [ctx.stage_map.layer_stage(str(n)) for n in gains["layer"]]
     return Output(

@@ -13,7 +13,7 @@ from tunelens.core.text import is_text_model, readout_pooling
 
 from .. import findings as F
 from ..registry import Analysis, Context, Output, register
-from ..similarity import cka_against_chance, cka_matrix, randomly_initialised
+from ..similarity import cka_chance_from_passes, cka_from_passes, randomly_initialised
 
 CKA_BASE_TUNED = "cka_base_tuned"
 CKA_BASE_BASE = "cka_base_base"
@@ -59,17 +59,9 @@ def run(ctx: Context) -> Output:
     arrays: dict = {}
     summary: dict = {}
     diag = []
+    base_pass = ctx.passes.get(base)
     for name in ctx.tuned:
-        r = cka_matrix(
-            base,
-            ctx.models[name],
-            ctx.test_loader,
-            layers=layers,
-            device=ctx.device,
-            seed=ctx.seed,
-            names=("base", name),
-            n_examples=4 if name == primary else 0,
-        )
+        r = cka_from_passes(base_pass, ctx.passes.get(ctx.models[name]), layers, seed=ctx.seed, names=("base", name))
         d = r.diagonal.copy()
         d.insert(0, "model", name)
         d.insert(1, "layer", d["layer_a"])
@@ -103,14 +95,13 @@ def run(ctx: Context) -> Output:
     rand = ctx.random_like(ctx.seed + 7) if ctx.random_like is not None else None
     if rand is None or set(rand.state_dict()) != set(base.state_dict()):
         rand = randomly_initialised(base, seed=ctx.seed + 7)
-    chance = cka_against_chance(
-        base,
-        ctx.models[primary],
-        ctx.test_loader,
-        layers=layers,
-        random_model=rand,
-        scratch=ctx.models.get("scratch"),
-        device=ctx.device,
+    scratch = ctx.models.get("scratch")
+    chance = cka_chance_from_passes(
+        base_pass,
+        ctx.passes.get(ctx.models[primary]),
+        ctx.passes.get(rand, keep=False),
+        ctx.passes.get(scratch) if scratch is not None else None,
+        layers,
         seed=ctx.seed,
     )
     chance.insert(0, "model", primary)
