@@ -9,7 +9,7 @@ under ``torch.distributed``). They work on copies: the caller's models never cha
   (Zhang, Bengio and Singer 2019, "Are All Layers Created Equal?"; Neyshabur, Sedghi and
   Zhang 2020, "What is being transferred in transfer learning?", module criticality).
   A stage whose rewinding costs little accuracy did not need its fine-tuning changes.
-* :func:`interpolate` -- the linear path
+* :func:`interpolate` (:mod:`analysis.interpolation`, importable from here too) -- the linear path
   ``theta(alpha) = (1 - alpha) theta_base + alpha theta_tuned`` over the shared
   parameters with the tuned head fixed, and the loss barrier
   ``B = max_alpha L(theta(alpha)) - [(1 - alpha) L(theta(0)) + alpha L(theta(1))]``
@@ -30,20 +30,20 @@ import copy
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from tunelens.core.evaluation import evaluate, unpack_batch
+from tunelens.core.evaluation import evaluate
 from tunelens.core.naming import head_name
-from tunelens.core.runtime import all_reduce_sum, no_tf32, resolve_device, world_size
+from tunelens.core.runtime import no_tf32, resolve_device
 from tunelens.core.stages import StageMap, stages
 
 from .layers import stage_of
+from .resume import capturing, resumable, resume_saving, resumed
 
 __all__ = [
     "InterpolationResult",
@@ -63,11 +63,13 @@ GroupSpec = str | Sequence[str] | Mapping[str, str | Sequence[str]]
 @dataclass(frozen=True)
 class RewindResult:
     """:func:`rewind`'s answer: the ``table`` (one row per group), the state entries outside the head that
-    could not be rewound because their shapes differ (``skipped``), and the device it ran on."""
+    could not be rewound because their shapes differ (``skipped``), the device it ran on, and the stages that
+    were re-run from their recorded inputs (``resumed``, :mod:`analysis.resume`)."""
 
     table: pd.DataFrame
     skipped: tuple[str, ...] = ()
     device: str = "cpu"
+    resumed: tuple[str, ...] = ()
 
     def __getitem__(self, key: Any) -> Any:
         """Deprecated: ``rewind(...)[cols]`` as README 0.1 showed; use ``rewind(...).table[cols]``."""
@@ -75,32 +77,6 @@ class RewindResult:
             "indexing rewind()'s result is deprecated: use rewind(...).table", DeprecationWarning, stacklevel=2
         )
         return self.table[key]
-
-
-@dataclass(frozen=True)
-class InterpolationResult:
-    """:func:`interpolate`'s answer: the ``table`` (one row per alpha) and what was measured along the path.
-
-    ``barrier``: max excess loss (:func:`loss_barrier`); ``barrier_alpha``: where it is reached (an endpoint
-    when it is 0); ``bn``, ``bn_batches``, ``bn_samples``, ``bn_source``: how BatchNorm statistics were
-    handled; ``n_shared``: state entries interpolated; ``endpoints``: ``{"base": {acc, loss}, "tuned": ...}``
-    with the models' own statistics."""
-
-    table: pd.DataFrame
-    barrier: float
-    barrier_alpha: float
-    bn: str
-    bn_batches: int
-    bn_samples: int
-    bn_source: str | None
-    n_shared: int
-    endpoints: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        """Everything but the table, as plain values (for a JSON summary)."""
-        d = asdict(self)
-        d.pop("table")
-        return d
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -187,6 +163,8 @@ def rewind(
     device: torch.device | str | None = None,
     stage_map: StageMap | None = None,
     reference: Mapping[str, float] | None = None,
+    resume: bool = True,
+    resume_bytes: int = 2**30,
 ) -> RewindResult:
     """Target accuracy and loss of ``tuned`` with each parameter group set back to ``base``.
 
@@ -203,6 +181,9 @@ def rewind(
     drops are fractions too), ``n`` (target samples evaluated), in :attr:`RewindResult.table`.
     ``reference``: ``tuned``'s own ``{"acc", "loss", "n"}`` on ``data`` when already measured (e.g.
     :meth:`analysis.passes.ModelPass.metrics`), so the unchanged model is not evaluated again.
+    ``resume``: a stage after the first is re-run from its own input, recorded in the tuned model's pass
+    (:mod:`analysis.resume`; at most ``resume_bytes`` of inputs, each stage checked first), when that saves at
+    least one pass over ``data`` net of the recording pass; ``reference`` is then measured by that pass.
     """
     base, tuned = _unwrap(base), _unwrap(tuned)
     dev = _device_of(tuned, device)
@@ -217,8 +198,17 @@ def rewind(
     tuned_sd = {k: state[k].detach().clone() for k in keys}
     params = {n for n, _ in model.named_parameters()}
     rows = []
+    changed = [n for n, sel in resolved if not all(torch.equal(base_sd[k], tuned_sd[k]) for k in sel)]
+    later = [n for n in changed if n in smap.names[1:]]  # stages that can start from a recorded input
+    saving = resume_saving(smap, later) - (1.0 if reference is not None else 0.0)
+    inputs = None
+    resumed_stages: list[str] = []
     with no_tf32():
-        ref = dict(reference) if reference is not None else evaluate(model, data, dev)
+        if resume and later and saving >= 1.0:
+            with capturing(model, smap, later, resume_bytes) as inputs:
+                ref = evaluate(model, data, dev)
+        else:
+            ref = dict(reference) if reference is not None else evaluate(model, data, dev)
         rows.append({"group": "none", "n_tensors": 0, "n_params": 0, "rel_change": 0.0, **ref})
         for name, sel in resolved:
             num = den = 0.0
@@ -226,8 +216,16 @@ def rewind(
                 if k in params:
                     num += float((tuned_sd[k].double() - base_sd[k].double()).pow(2).sum())
                     den += float(base_sd[k].double().pow(2).sum())
-            if all(torch.equal(base_sd[k], tuned_sd[k]) for k in sel):
+            if name not in changed:
                 r = dict(ref)  # nothing to rewind (a frozen stage): the model is the tuned one, bit for bit
+            elif inputs is not None and resumable(model, smap, inputs, name):
+                _assign(state, base_sd, sel)  # only this stage and what follows it run, from its recorded input
+                try:
+                    with resumed(model, smap, inputs, name, inputs.batches[name]):
+                        r = evaluate(model, data, dev)
+                finally:
+                    _assign(state, tuned_sd, sel)
+                resumed_stages.append(name)
             else:
                 _assign(state, base_sd, sel)
                 try:
@@ -249,187 +247,14 @@ def rewind(
     df = df[["group", "n_tensors", "n_params", "rel_change", "acc", "loss", "acc_drop", "loss_increase", "n"]]
     shared = set(keys)
     skipped = tuple(k for k in tuned.state_dict() if not _under(k, head) and k not in shared)
-    return RewindResult(df.reset_index(drop=True), skipped, str(dev))
+    return RewindResult(df.reset_index(drop=True), skipped, str(dev), tuple(resumed_stages))
 
 
-@torch.no_grad()
-def interpolated_state(
-    base: nn.Module, tuned: nn.Module, alpha: float, keys: Sequence[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """``tuned``'s state dict with every shared entry set to ``(1 - alpha) theta_b + alpha theta_t``.
-
-    Exact at the endpoints: ``alpha == 0`` gives the base tensors and ``alpha == 1`` the tuned
-    ones bit for bit. Integer entries (``num_batches_tracked``) take the nearer endpoint.
-    The head and unshared entries are tuned's. Tensors are new copies on tuned's devices.
-    """
-    base, tuned = _unwrap(base), _unwrap(tuned)
-    keys = shared_keys(base, tuned) if keys is None else keys
-    st = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
-    sb = base.state_dict()
-    a = float(alpha)
-    for k in keys:
-        t = st[k]
-        b = sb[k].detach().to(device=t.device)
-        if a == 1.0:
-            continue
-        if a == 0.0 or not t.is_floating_point():
-            st[k] = (b if a < 0.5 else t).to(dtype=t.dtype).clone()
-        else:
-            st[k] = torch.lerp(b.to(t.dtype), t, a)
-    return st
-
-
-def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-@torch.no_grad()
-def recompute_bn(model: nn.Module, inputs: Iterable[torch.Tensor], device: torch.device | str | None = None) -> int:
-    """Re-estimate every BatchNorm's running statistics from ``inputs``, as ``torch.optim.swa_utils.update_bn``.
-
-    Statistics are reset, ``momentum=None`` makes them the cumulative average over the
-    batches (per-batch means and unbiased variances), only the BatchNorm layers are in
-    train mode (dropout stays off). Under ``torch.distributed`` the per-rank estimates are
-    averaged. Returns the number of samples seen; the model's modes and momenta are restored.
-    """
-    bns = _bn_layers(model)
-    if not bns:
-        return 0
-    dev = _device_of(model, device)
-    modes = {m: m.training for m in model.modules()}
-    moms = {}
-    for m in bns:
-        m.reset_running_stats()
-        moms[m], m.momentum = m.momentum, None
-    n = 0
-    try:
-        model.eval()
-        for m in bns:
-            m.train()
-        for x in inputs:
-            model(x.to(dev, non_blocking=True))
-            n += len(x)
-    finally:
-        for m in bns:
-            m.momentum = moms[m]
-        for mod, mode in modes.items():
-            mod.training = mode
-    ws = world_size()
-    if ws > 1:
-        for m in bns:
-            if m.running_mean is not None and m.running_var is not None:
-                all_reduce_sum(m.running_mean).div_(ws)
-                all_reduce_sum(m.running_var).div_(ws)
-    return n
-
-
-def loss_barrier(df: pd.DataFrame) -> float:
-    """``B = max_alpha [L(alpha) - ((1 - alpha) L(0) + alpha L(1))]`` from an :func:`interpolate` table (>= 0)."""
-    a = df["alpha"].to_numpy(dtype=float)
-    loss = df["loss"].to_numpy(dtype=float)
-    i0, i1 = np.flatnonzero(a == 0.0), np.flatnonzero(a == 1.0)
-    if not len(i0) or not len(i1):
-        raise ValueError("the loss barrier needs rows at alpha = 0 and alpha = 1")
-    lin = (1 - a) * loss[i0[0]] + a * loss[i1[0]]
-    return float(np.max(loss - lin))
-
-
-def interpolate(
-    base: nn.Module,
-    tuned: nn.Module,
-    data: Iterable,
-    *,
-    steps: int = 11,
-    alphas: Sequence[float] | None = None,
-    bn: str = "recompute",
-    train_loader: Iterable | None = None,
-    bn_batches: int = 4,
-    device: torch.device | str | None = None,
-    endpoints: Mapping[str, Mapping[str, float]] | None = None,
-) -> InterpolationResult:
-    """Target loss and accuracy along ``theta(alpha) = (1 - alpha) theta_base + alpha theta_tuned``.
-
-    ``alpha`` runs over ``steps`` evenly spaced values in [0, 1] (or ``alphas``; 0 and 1 are
-    always added). The head stays the tuned one. BatchNorm statistics (``bn``):
-
-    * ``"recompute"`` (default): at every alpha, reset and re-estimate them on the *same*
-      first ``bn_batches`` batches of ``train_loader`` (collected once), see
-      :func:`recompute_bn`; interpolated running statistics of a network with interpolated
-      weights describe neither. Without ``train_loader`` the evaluation ``data`` is used
-      (with a warning). The endpoints are re-estimated too, so they differ slightly from the
-      models as saved; those values are in ``endpoints``.
-    * ``"interpolate"``: running statistics are interpolated like the weights; alpha 0 and 1
-      reproduce the base backbone (with the tuned head) and the tuned model exactly.
-
-    Columns: ``alpha``, ``acc``, ``loss``, ``linear_loss = (1-alpha) L(0) + alpha L(1)``,
-    ``excess_loss = loss - linear_loss``, ``n``, ``bn`` (:attr:`InterpolationResult.table`); the result also
-    holds ``barrier`` (max excess
-    loss, :func:`loss_barrier`), ``barrier_alpha`` (where it is reached; an endpoint when
-    ``B = 0``), ``bn``, ``bn_batches``, ``bn_samples``,
-    ``bn_source``, ``endpoints`` (``{"base": {acc, loss}, "tuned": {...}}`` with the models'
-    own statistics), ``n_shared``. A model without BatchNorm has nothing to re-estimate
-    (``bn_batches == 0``).
-    ``endpoints``: ``{"base": {acc, loss}, "tuned": {...}}`` when already measured on ``data`` (the base backbone
-    under the tuned head is :func:`rewind`'s ``all_but_head`` row, the tuned model its ``none`` row), so the two
-    models are not evaluated again.
-    """
-    if bn not in ("recompute", "interpolate"):
-        raise ValueError(f"bn must be 'recompute' or 'interpolate', got {bn!r}")
-    if alphas is None:
-        if steps < 2:
-            raise ValueError(f"steps must be at least 2, got {steps}")
-        alphas = [i / (steps - 1) for i in range(steps)]
-    alphas = sorted({float(a) for a in alphas} | {0.0, 1.0})
-    if alphas[0] < 0 or alphas[-1] > 1:
-        raise ValueError("alphas must lie in [0, 1]")
-    base, tuned = _unwrap(base), _unwrap(tuned)
-    dev = _device_of(tuned, device)
-    model = copy.deepcopy(tuned).to(dev)
-    keys = shared_keys(base, model)
-    state = model.state_dict()
-    bn_inputs: list[torch.Tensor] = []
-    source = None
-    if bn == "recompute" and _bn_layers(model):
-        source = "train_loader"
-        if train_loader is None:
-            warnings.warn(
-                "interpolate(bn='recompute') without train_loader: BatchNorm statistics are "
-                "re-estimated on the evaluation loader",
-                stacklevel=2,
-            )
-            train_loader, source = data, "data"
-        bn_inputs = [unpack_batch(b)[0] for b in itertools.islice(train_loader, bn_batches)]
-        if not bn_inputs:
-            raise ValueError("the loader for BatchNorm re-estimation yielded no batch")
-    rows, n_bn = [], 0
-    with no_tf32():
-        for a in alphas:
-            _assign(state, interpolated_state(base, tuned, a, keys), state.keys())
-            if bn_inputs:
-                n_bn = recompute_bn(model, bn_inputs, dev)
-            rows.append({"alpha": a, **evaluate(model, data, dev)})
-        if bn_inputs and endpoints is not None:
-            ends = {k: dict(endpoints[k]) for k in ("base", "tuned")}
-        elif bn_inputs:
-            ends = {"base": evaluate(rewound_model(base, tuned).to(dev), data, dev)}
-            _assign(state, tuned.state_dict(), state.keys())
-            ends["tuned"] = evaluate(model, data, dev)
-        else:
-            ends = {"base": rows[0], "tuned": rows[-1]}
-    df = pd.DataFrame(rows)
-    l0, l1 = df["loss"].iloc[0], df["loss"].iloc[-1]
-    df["linear_loss"] = (1 - df["alpha"]) * l0 + df["alpha"] * l1
-    df["excess_loss"] = df["loss"] - df["linear_loss"]
-    df["bn"] = bn if _bn_layers(model) else "none"  # "none": no BatchNorm layer (a transformer)
-    df = df[["alpha", "acc", "loss", "linear_loss", "excess_loss", "n", "bn"]]
-    return InterpolationResult(
-        table=df,
-        barrier=loss_barrier(df),
-        barrier_alpha=float(df["alpha"].iloc[int(df["excess_loss"].argmax())]),
-        bn=bn,
-        bn_batches=len(bn_inputs),
-        bn_samples=int(n_bn),
-        bn_source=source,
-        n_shared=len(keys),
-        endpoints={k: {"acc": float(v["acc"]), "loss": float(v["loss"])} for k, v in ends.items()},
-    )
+# the interpolation lives in its own module; its names stay importable from here (the public API of 0.1)
+from .interpolation import (  # noqa: E402
+    InterpolationResult,
+    interpolate,
+    interpolated_state,
+    loss_barrier,
+    recompute_bn,
+)

@@ -185,3 +185,22 @@ def test_channels_last_only_where_it_helps_and_never_on_the_callers_model():
         assert torch.allclose(resnet(x), fast(x), atol=1e-5, rtol=1e-4)  # rounding only
     vgg = torchvision.models.vgg11(num_classes=3)
     assert fast_layout(vgg, "cpu") is vgg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pass_matches_cpu():
+    """The shared pass, the CKA read from it, the rewind (resumed) and the interpolation on a GPU agree with the
+    CPU to float32 rounding."""
+    a, b = _pair()
+    layers = _layers(a)
+    loader = _loader()
+    cpu = cka_from_passes(record_pass(a, loader, layers, "cpu"), record_pass(b, loader, layers, "cpu"), layers)
+    pa, pb = record_pass(a, loader, layers, "cuda"), record_pass(b, loader, layers, "cuda")
+    gpu = cka_from_passes(pa, pb, layers)
+    assert np.allclose(cpu.ab.to_numpy(), gpu.ab.to_numpy(), atol=1e-4)
+    assert pb.metrics()["acc"] == record_pass(b, loader, layers, "cpu").metrics()["acc"]
+    r_cpu, r_gpu = rewind(a, b, loader, device="cpu", resume=True), rewind(a, b, loader, device="cuda", resume=True)
+    assert np.allclose(r_cpu.table["loss"], r_gpu.table["loss"], atol=1e-4)
+    i_cpu = interpolate(a, b, loader, steps=3, train_loader=loader, device="cpu")
+    i_gpu = interpolate(a, b, loader, steps=3, train_loader=loader, device="cuda")
+    assert np.allclose(i_cpu.table["loss"], i_gpu.table["loss"], atol=1e-3)

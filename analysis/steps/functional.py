@@ -71,6 +71,7 @@ def run(ctx: Context) -> Output:
         steps=int(ctx.settings["interpolation_steps"]),
         train_loader=bn_loader,
         device=ctx.device,
+        stage_map=ctx.stage_map,
         endpoints={g: {k: float(rw.loc[key, k]) for k in ("acc", "loss")} for g, key in _ENDS.items()},
     )
     table = it.table.copy()
