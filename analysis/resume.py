@@ -153,6 +153,6 @@ def first_changed_stage(
     for k in keys:
         by_stage.setdefault(smap.stage_of(k), []).append(k)
     for i, s in enumerate(smap.names):
-        if any(not torch.equal(base_sd[k], tuned_sd[k]) for k in by_stage.get(s, [])):
+        if any(not torch.equal(base_sd[k].to(tuned_sd[k].device), tuned_sd[k]) for k in by_stage.get(s, [])):
             return s if i >= 1 else None
     return smap.names[-1] if len(smap.names) > 1 else None
