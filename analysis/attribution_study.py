@@ -371,6 +371,24 @@ def _study(
     ms = masks[lo:hi] if masks is not None else None
 
     rows, maps = [], {}
+    # saliency (|d logit / d x|) and input x gradient (x * d logit / d x) read the same gradient: one backward
+    # pass per model and input set serves both when neither has options of its own
+    share = {"saliency", "input_x_gradient"} <= set(methods) and not any(
+        (options or {}).get(m) for m in ("saliency", "input_x_gradient")
+    )
+    grads: dict[str, list[torch.Tensor]] = {}
+
+    def group(
+        ms: list[nn.Module], inputs: torch.Tensor, targets: list[torch.Tensor], method: str, kind: str, **kw: Any
+    ) -> list[torch.Tensor]:
+        if not (share and method in ("saliency", "input_x_gradient")):
+            return attribute_group(ms, inputs, targets, method, desc=f"{method} ({kind})", **kw)
+        if kind not in grads:
+            grads[kind] = attribute_group(ms, inputs, targets, "saliency", desc=f"gradients ({kind})", abs=False, **kw)
+        if method == "saliency":
+            return [g.abs() for g in grads[kind]]
+        return [inputs.to(g.device) * g for g in grads[kind]]
+
     for method in methods:
         t = time.perf_counter()
         opts = dict(STUDY_OPTIONS.get(method, {}))
@@ -380,15 +398,15 @@ def _study(
             opts["window"], opts["stride"] = max(2, side // 4), max(1, side * 3 // 16)
         if method == "gradient_shap" and shap_bl is not None and "baselines" not in opts:
             opts["baselines"] = shap_bl
-        a_b, a_t, a_f, a_ft = attribute_group(
+        a_b, a_t, a_f, a_ft = group(
             [pb, pt, pf, pf_top],
             xs,
             [tbs, tts, tbs, tbs],
             method,
+            "base, tuned, floors",
             seed=seed,
             eval_batch=eval_batch,
             progress=progress,
-            desc=f"{method} (base, tuned, floors)",
             **opts,
         )
         if method in STOCHASTIC_METHODS:
@@ -405,16 +423,8 @@ def _study(
             )[0]
             ref_b, ref_c = a_b, a_c
         else:
-            a_c = attribute_group(
-                [pb],
-                _shift(xs),
-                [tbs],
-                method,
-                seed=seed,
-                eval_batch=eval_batch,
-                progress=progress,
-                desc=f"{method} (ceiling)",
-                **opts,
+            a_c = group(
+                [pb], _shift(xs), [tbs], method, "ceiling", seed=seed, eval_batch=eval_batch, progress=progress, **opts
             )[0]
             ref_b, ref_c = a_b[..., :-1], a_c[..., 1:]
         timings[method] = time.perf_counter() - t

@@ -159,9 +159,15 @@ def attribution_cost(
     games (``2 x (steps + 1)`` forward passes per model) for ``faithfulness``."""
     b, f = costs.backward_s, costs.forward_s
     per_image = 0.0
+    # input x gradient reads saliency's gradient when both run with default options (attribution_study)
+    shared = {"saliency", "input_x_gradient"} <= set(methods) and not any(
+        options.get(m) for m in ("saliency", "input_x_gradient")
+    )
     for m in methods:
         o = options.get(m, {})
-        if m == "integrated_gradients":
+        if m == "input_x_gradient" and shared:
+            c = 0.0
+        elif m == "integrated_gradients":
             c = int(o.get("n_steps", 16)) * b
         elif m == "smoothgrad":
             c = int(o.get("nt_samples", 8)) * b

@@ -37,6 +37,11 @@ def test_attribution_cost_by_hand():
     assert ig == MAP_SETS * 16 * 10 + 2 * 2 * 17 * 1
     # occlusion at 32 px: window 8, stride 6 -> 5 x 5 positions (+1 unoccluded pass), forward only
     assert attribution_cost(["occlusion"], 1, {}, UNIT, side=32, faithfulness=()) == MAP_SETS * 26
+    # input x gradient with saliency: one gradient for both; alone or with options of its own: its own pass
+    both = ["saliency", "input_x_gradient"]
+    assert attribution_cost(both, 1, {}, UNIT, side=32, faithfulness=()) == MAP_SETS * 10
+    assert attribution_cost(["input_x_gradient"], 1, {}, UNIT, side=32, faithfulness=()) == MAP_SETS * 10
+    assert attribution_cost(both, 1, {"saliency": {"abs": True}}, UNIT, side=32, faithfulness=()) == 2 * MAP_SETS * 10
 
 
 def test_functional_cost_by_hand():

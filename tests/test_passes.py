@@ -204,3 +204,32 @@ def test_cuda_pass_matches_cpu():
     i_cpu = interpolate(a, b, loader, steps=3, train_loader=loader, device="cpu")
     i_gpu = interpolate(a, b, loader, steps=3, train_loader=loader, device="cuda")
     assert np.allclose(i_cpu.table["loss"], i_gpu.table["loss"], atol=1e-3)
+
+
+def test_saliency_and_input_x_gradient_share_one_backward_pass(monkeypatch):
+    """Both maps come from one gradient per model and input set, equal to Captum's own two methods."""
+    import importlib
+
+    study_mod = importlib.import_module("tunelens.analysis.attribution_study")  # the package's name is the function
+    attribution_study = study_mod.attribution_study
+
+    a, b = _pair()
+    ds = _loader(n=8).dataset
+    calls: list[str] = []
+    real = study_mod.attribute_group
+
+    def counting(models, inputs, targets, method, **kw):
+        calls.append(method)
+        return real(models, inputs, targets, method, **kw)
+
+    monkeypatch.setattr(study_mod, "attribute_group", counting)
+    kw = dict(n_images=8, device="cpu", n_boot=20, faithfulness=False, threads=None)
+    shared = attribution_study(a, b, ds, methods=("saliency", "input_x_gradient"), **kw)
+    assert calls == ["saliency", "saliency"]  # the gradients: base/tuned/floors, then the shifted ceiling
+    calls.clear()
+    apart = attribution_study(  # an option of its own switches sharing off: Captum's Saliency and InputXGradient
+        a, b, ds, methods=("saliency", "input_x_gradient"), options={"saliency": {"abs": True}}, **kw
+    )
+    assert calls == ["saliency", "saliency", "input_x_gradient", "input_x_gradient"]
+    cols = [c for c in shared.comparisons.columns if c not in ("seconds",)]
+    pd.testing.assert_frame_equal(shared.comparisons[cols], apart.comparisons[cols])
