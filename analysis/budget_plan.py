@@ -129,8 +129,8 @@ class Budget:
             full = attribution_cost(meths, n, opts, self.costs, side)
             rest = self._functional_cost(ctx) if s.get("functional", True) else 0.0
             share = left * full / (full + rest) if full + rest > 0 else left
-            if rest > 0:  # leave the interventions at least their smallest plan (5 steps, 32 test images)
-                least = self._functional_cost(ctx, steps=min(5, int(s["interpolation_steps"])),
+            if rest > 0:  # leave the interventions at least their smallest plan (3 steps, 32 test images)
+                least = self._functional_cost(ctx, steps=min(3, int(s["interpolation_steps"])),
                                               n_test=min(32, len(ctx.data["test"])))  # fmt: skip
                 share = max(0.0, min(share, left - least))
             plan = fit_attribution(share, meths, n, opts, self.costs, side)

@@ -99,7 +99,13 @@ def test_functional_reduces_steps_then_images():
     assert steps == 5 and next(r.setting for r in red) == "interpolation steps"
     assert pred <= 0.6 * full or n == 32
     steps, n, red, pred = fit_functional(1.0, 200, 100, 1, 4, 11, 2, UNIT)
-    assert (steps, n) == (5, 32)
+    assert (steps, n) == (3, 32)  # last of all: the barrier at the midpoint only, one row for the steps
+    assert [(r.setting, r.before, r.after) for r in red if r.setting == "interpolation steps"] == [
+        ("interpolation steps", 11, 3)
+    ]
+    # 32 images at 5 steps fit: the steps stay at 5
+    at5 = functional_cost(32, 100, 1, 4, 5, 2, UNIT)
+    assert fit_functional(at5, 200, 100, 1, 4, 11, 2, UNIT)[:2] == (5, 32)
 
 
 def test_balanced_subset_spreads_over_classes():
@@ -147,11 +153,11 @@ def test_a_tiny_budget_is_reported_and_widens_the_findings(tmp_path):
     red = {(r["analysis"], r["setting"]): (r["before"], r["after"]) for r in s["budget"]["reduced"]}
     n_test = s["n_test"]
     assert red[("attribution", "images")] == (n_test, 4)
-    assert red[("functional", "interpolation steps")] == (11, 5)
+    assert red[("functional", "interpolation steps")] == (11, 3)  # at the 0.5 s budget every reduction is made
     assert ("attribution", "method guided_backprop") in red
     comp = pd.read_csv(out / "results" / "attribution_comparisons.csv")
     assert comp.groupby("method").size().eq(4).all() and "guided_backprop" not in set(comp["method"])
-    assert len(pd.read_csv(out / "results" / "interpolation.csv")) == 5
+    assert len(pd.read_csv(out / "results" / "interpolation.csv")) == 3
     f = {x["id"]: x for x in s["findings"]}
     assert "budget_reduced" in f and "time budget of 0.5 s" in f["budget_reduced"]["text"]
     widened = [x for x in s["findings"] if "reduced by the time budget" in (x.get("uncertainty") or "")]
