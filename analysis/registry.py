@@ -143,7 +143,7 @@ def get(name: str) -> Analysis:
 def analysis_defaults() -> dict[str, Any]:
     """The ``analysis`` section of the default configuration: shared keys, one on/off switch per optional
     analysis, then each analysis's own defaults (flat keys)."""
-    # budget: seconds of the analysis stage ("auto": 180 on a CPU, none on CUDA; "none": no limit), see budget.py
+    # budget: seconds of the analysis stage ("auto": 120 on a CPU, none on CUDA; "none": no limit), see budget.py
     out: dict[str, Any] = {"primary": "full", "batch_size": 64, "budget": "auto"}
     for a in registered():
         if a.optional:

@@ -121,7 +121,7 @@ def test_balanced_subset_spreads_over_classes():
 
 
 def test_resolve_budget_and_pass_costs():
-    assert resolve_budget("auto", torch.device("cpu")) == 150.0
+    assert resolve_budget("auto", torch.device("cpu")) == 120.0
     assert resolve_budget("auto", torch.device("cuda")) is None
     assert resolve_budget("none", torch.device("cpu")) is None and resolve_budget(30, torch.device("cpu")) == 30.0
     with pytest.raises(ValueError, match="positive"):

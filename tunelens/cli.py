@@ -56,7 +56,7 @@ def add_budget_argument(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="seconds for the analyses: the costly ones (attribution, interventions) are sized to fit after "
-        "one batch is timed, and the report lists what was reduced; auto (default) = 150 on a CPU, no limit on "
+        "one batch is timed, and the report lists what was reduced; auto (default) = 120 on a CPU, no limit on "
         "CUDA; none = no limit",
     )
 
