@@ -246,8 +246,11 @@ def interpolate(
         except Exception:
             smap = None
     start = first_changed_stage(smap, base.state_dict(), state, keys) if smap is not None else None
-    use = resume and start is not None and (len(alphas) - 2) * resume_saving(smap, [start]) >= 1.0  # type: ignore[arg-type]
-    inputs, resuming = None, False
+    plan: tuple[StageMap, str] | None = None
+    if resume and smap is not None and start is not None and (len(alphas) - 2) * resume_saving(smap, [start]) >= 1:
+        plan = (smap, start)
+    inputs: StageInputs | None = None
+    resuming = False
 
     def measure() -> tuple[int, dict[str, float]]:
         return (recompute_bn(model, bn_inputs, dev) if bn_inputs else 0), evaluate(model, data, dev)
@@ -255,17 +258,17 @@ def interpolate(
     with no_tf32():
         for i, a in enumerate(alphas):
             _assign(state, interpolated_state(base, tuned, a, keys), state.keys())
-            if resuming:
-                with resumed(model, smap, inputs, start, inputs.batches[start]):  # type: ignore[arg-type]
+            if plan is not None and inputs is not None and resuming:
+                with resumed(model, plan[0], inputs, plan[1], inputs.batches[plan[1]]):
                     n_bn, r = measure()
-            elif use and i == 0:
-                with capturing(model, smap, [start], resume_bytes) as inputs:  # type: ignore[arg-type]
+            elif plan is not None and i == 0:
+                with capturing(model, plan[0], [plan[1]], resume_bytes) as inputs:
                     n_bn, r = measure()
-                resuming = _same_when_resumed(model, smap, inputs, start, measure, r)  # type: ignore[arg-type]
+                resuming = _same_when_resumed(model, plan[0], inputs, plan[1], measure, r)
             else:
                 n_bn, r = measure()
             rows.append({"alpha": a, **r})
-        resumed_from = start if resuming else None
+        resumed_from = plan[1] if plan is not None and resuming else None
         if bn_inputs and endpoints is not None:
             ends = {k: dict(endpoints[k]) for k in ("base", "tuned")}
         elif bn_inputs:

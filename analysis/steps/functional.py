@@ -48,7 +48,7 @@ def run(ctx: Context) -> Output:
     data = dict(ctx.data)
     data["test"] = balanced_subset(data["test"], ctx.settings.get("functional_images"), ctx.seed)  # the budget's
     # positions of the subset in the test split (None: all of it), to read the shared test pass
-    subset = np.asarray(data["test"].indices) if data["test"] is not ctx.data["test"] else None
+    subset = [int(i) for i in data["test"].indices] if data["test"] is not ctx.data["test"] else None
     # each rank its block of the batches (smaller batches when there are fewer than ranks: per-sample results)
     test_loader = shard_loader(data["test"], per_sample_batch_size(len(data["test"]), 256), device=ctx.device)
     train_loader = shard_loader(data["train"], per_sample_batch_size(len(data["train"]), 64), device=ctx.device)
