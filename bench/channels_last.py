@@ -5,7 +5,9 @@
 For each architecture (random weights, eval mode) it times a forward pass under ``torch.inference_mode`` and an
 input-gradient pass (what attribution needs), first in the default layout, then with the weights converted to
 ``torch.channels_last`` (inputs stay NCHW, as the analyses feed them); best of 3 after a warm-up, both in this
-run. ``speedup = NCHW seconds / channels-last seconds``. The rule the analyses follow
+run. ``speedup = NCHW seconds / channels-last seconds``. Also, per architecture, the channels-last forward pass
+under ``torch.no_grad`` against ``torch.inference_mode`` (``no_grad_over_inference_mode``: above 1 when
+inference mode is faster; the analyses' passes use ``no_grad``). The rule the analyses follow
 (:func:`tunelens.core.models.channels_last_helps`: CPU, Conv2d + BatchNorm2d, no LayerNorm) is printed beside.
 """
 
@@ -35,11 +37,14 @@ CASES = (
 )
 
 
-def seconds(model: torch.nn.Module, x: torch.Tensor, grad: bool, reps: int = 3) -> float:
+def seconds(model: torch.nn.Module, x: torch.Tensor, grad: bool, reps: int = 3, no_grad: bool = False) -> float:
     times = []
     for i in range(reps + 1):
         t = time.perf_counter()
-        if grad:
+        if no_grad:
+            with torch.no_grad():
+                model(x)
+        elif grad:
             xg = x.clone().requires_grad_(True)
             torch.autograd.grad(model(xg)[:, 0].sum(), xg)
         else:
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         nchw = (seconds(model, x, False), seconds(model, x, True))
         model = model.to(memory_format=torch.channels_last)
         nhwc = (seconds(model, x, False), seconds(model, x, True))
+        plain = seconds(model, x, False, no_grad=True)
         row = {
             "arch": arch,
             "size": size,
@@ -81,11 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
             "speedup_forward": round(nchw[0] / nhwc[0], 3),
             "speedup_input_gradient": round(nchw[1] / nhwc[1], 3),
             "rule_uses_channels_last": channels_last_helps(model, "cpu"),
+            "no_grad_over_inference_mode": round(plain / nhwc[0], 3),
         }
         rows.append(row)
         print(
             f"{arch:20s} {size:4d} px batch {batch:3d}: forward x{row['speedup_forward']:.2f}, input gradient "
-            f"x{row['speedup_input_gradient']:.2f}; rule: {'channels-last' if row['rule_uses_channels_last'] else 'NCHW'}",
+            f"x{row['speedup_input_gradient']:.2f}; rule: {'channels-last' if row['rule_uses_channels_last'] else 'NCHW'}; "
+            f"no_grad / inference_mode {row['no_grad_over_inference_mode']:.2f}",
             flush=True,
         )
     result = {"rows": rows, "machine": machine_info()}
