@@ -55,12 +55,10 @@ def run(ctx: Context) -> Output:
     # BatchNorm re-estimation along the interpolation: every rank the same first batches, as one process
     bn_loader = DataLoader(data["train"], batch_size=64, shuffle=False)
     # the unchanged models' accuracy and the probes' test features come from the shared test pass
-    rws, refs = [], {}
+    rws = []
     for name in ctx.tuned:
-        refs[name] = ctx.passes.get(ctx.models[name]).metrics(subset)
-        r = rewind(
-            ctx.base, ctx.models[name], test_loader, device=ctx.device, stage_map=ctx.stage_map, reference=refs[name]
-        )
+        ref = ctx.passes.get(ctx.models[name]).metrics(subset)
+        r = rewind(ctx.base, ctx.models[name], test_loader, device=ctx.device, stage_map=ctx.stage_map, reference=ref)
         r.table.insert(0, "model", name)
         rws.append(r.table)
     rw = rws[ctx.tuned.index(ctx.primary)].set_index("group")
