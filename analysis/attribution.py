@@ -54,6 +54,7 @@ from .prepare import _model_device, assert_eval, is_residual, output_dim, prepar
 __all__ = [
     "DEFAULT_METHODS",
     "DEFAULT_OPTIONS",
+    "GRADIENT_METHODS",
     "METHODS",
     "STOCHASTIC_METHODS",
     "CoarseLayerWarning",
@@ -91,6 +92,16 @@ DEFAULT_METHODS = (
     "guided_backprop",
 )
 STOCHASTIC_METHODS = frozenset({"smoothgrad", "gradient_shap"})
+#: Methods that read the same input gradient: saliency is its absolute value, input x gradient its product
+#: with the input.
+GRADIENT_METHODS = ("saliency", "input_x_gradient")
+
+
+def shares_gradient(methods: Sequence[str], options: Mapping[str, Any] | None) -> bool:
+    """Whether both :data:`GRADIENT_METHODS` run without options of their own, so one backward pass per model
+    and input set serves both (:func:`~tunelens.analysis.attribution_study.attribution_study`)."""
+    return set(GRADIENT_METHODS) <= set(methods) and not any((options or {}).get(m) for m in GRADIENT_METHODS)
+
 
 #: Defaults per method (any Captum ``attribute`` keyword may be passed on top of these).
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {

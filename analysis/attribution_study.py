@@ -49,11 +49,13 @@ from tunelens.core.runtime import resolve_device
 
 from .attribution import (
     DEFAULT_METHODS,
+    GRADIENT_METHODS,
     STOCHASTIC_METHODS,
     _merge_options,
     attribute_group,
     auto_eval_batch,
     predictions,
+    shares_gradient,
 )
 from .attribution_examples import AttributionExamples, _examples
 from .attribution_stats import (
@@ -373,15 +375,13 @@ def _study(
     rows, maps = [], {}
     # saliency (|d logit / d x|) and input x gradient (x * d logit / d x) read the same gradient: one backward
     # pass per model and input set serves both when neither has options of its own
-    share = {"saliency", "input_x_gradient"} <= set(methods) and not any(
-        (options or {}).get(m) for m in ("saliency", "input_x_gradient")
-    )
+    share = shares_gradient(methods, options)
     grads: dict[str, list[torch.Tensor]] = {}
 
     def group(
         ms: list[nn.Module], inputs: torch.Tensor, targets: list[torch.Tensor], method: str, kind: str, **kw: Any
     ) -> list[torch.Tensor]:
-        if not (share and method in ("saliency", "input_x_gradient")):
+        if not (share and method in GRADIENT_METHODS):
             return attribute_group(ms, inputs, targets, method, desc=f"{method} ({kind})", **kw)
         if kind not in grads:
             grads[kind] = attribute_group(ms, inputs, targets, "saliency", desc=f"gradients ({kind})", abs=False, **kw)

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attribution import shares_gradient
+
 __all__ = [
     "AttributionPlan",
     "PassCosts",
@@ -164,9 +166,7 @@ def attribution_cost(
     b, f = costs.backward_s, costs.forward_s
     per_image = 0.0
     # input x gradient reads saliency's gradient when both run with default options (attribution_study)
-    shared = {"saliency", "input_x_gradient"} <= set(methods) and not any(
-        options.get(m) for m in ("saliency", "input_x_gradient")
-    )
+    shared = shares_gradient(methods, options)
     for m in methods:
         o = options.get(m, {})
         if m == "input_x_gradient" and shared:
