@@ -1,7 +1,8 @@
 # tunelens: `make report` runs the whole default pipeline, `make test` runs the tests,
 # `make report-imagenet` runs the ImageNet preset (EfficientNet-Lite0 with real ImageNet weights),
 # `make report-text` runs the text preset (MiniLM, a 6-layer BERT).
-# All create .venv on first use (python3 -m venv + pip install -e '.[dev,text]').
+# All create .venv on first use (python3 -m venv + pip install -e '.[dev,text]', pinned by the lock
+# .ci/constraints.txt); `make lock` refreshes the lock from a fresh resolution of pyproject.toml's ranges.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -10,15 +11,29 @@ OUT_IMAGENET ?= artifacts-imagenet
 OUT_TEXT ?= artifacts-text
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelens-installed
+LOCK := .ci/constraints.txt
+EXTRAS := dev,text
 
-.PHONY: report report-imagenet report-text test test-fast lint bench venv clean base-weights
+.PHONY: report report-imagenet report-text test test-fast lint lock bench venv clean base-weights
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,text]'
+	$(BIN)/pip install --disable-pip-version-check -q -c $(LOCK) -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Resolve pyproject.toml's ranges afresh in a scratch venv and pin the result (then run make lint test).
+lock:
+	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install --disable-pip-version-check -q -e '.[$(EXTRAS)]'
+	@{ echo "# The dev venv's lock: every package that make venv installs (pip install -c $(LOCK) -e '.[$(EXTRAS)]')."; \
+	  echo "# Made by make lock from pyproject.toml's ranges; tests/test_lock.py checks that the two agree."; \
+	  echo "# Users who pip install tunelens keep pyproject's ranges."; \
+	  build/lock-venv/bin/pip freeze --disable-pip-version-check --exclude-editable | grep -v '^#' | LC_ALL=C sort -f; \
+	} > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	rm -rf build/lock-venv
+	@echo "$(LOCK) refreshed: run make lint test before committing it"
 
 report: $(STAMP)
 	@$(BIN)/tunelens run --out $(OUT)

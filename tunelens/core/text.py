@@ -224,7 +224,7 @@ def build_text_model(spec: str, num_classes: int, seed: int | None = None, pretr
     quiet_transformers()
     if seed is not None:
         torch.manual_seed(seed)
-    kw = {"add_pooling_layer": False, "attn_implementation": "eager"}
+    kw: dict[str, Any] = {"add_pooling_layer": False, "attn_implementation": "eager"}
     if pretrained:
         enc = AutoModel.from_pretrained(str(folder), local_files_only=True, **kw)
     else:
