@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import RendererAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.font_manager import FontProperties
 
 plt.rcParams.update({"svg.hashsalt": "tunelens", "figure.dpi": 100, "font.size": 9, "axes.titlesize": 10})
@@ -25,6 +27,7 @@ sns.set_theme(style="whitegrid", context="paper")
 __all__ = [
     "attribution_grid",
     "bar_chart",
+    "display_limit",
     "fig_to_uri",
     "filter_grid",
     "heatmap",
@@ -208,6 +211,27 @@ def filter_grid(base: np.ndarray, tuned: np.ndarray, delta: np.ndarray, max_filt
     return fig_to_uri(fig, "png")
 
 
+CLIP_PERCENTILE = 99.0  # attribution colour scales end at this percentile of |value| (Captum: outlier_perc=1)
+
+
+def display_limit(*maps: np.ndarray, percentile: float = CLIP_PERCENTILE) -> float:
+    """Half-range of a symmetric colour scale shared by ``maps``: the ``percentile``-th percentile of their
+    absolute finite values together (Captum's ``_normalize_attr`` with ``outlier_perc = 100 - percentile``).
+    Falls back to the largest value when the percentile is 0 (sparse maps), and to 1 for all-zero maps."""
+    vals = np.concatenate([np.abs(np.asarray(m, dtype=float)).ravel() for m in maps])
+    vals = vals[np.isfinite(vals)]
+    if not vals.size:
+        return 1.0
+    lim = float(np.percentile(vals, percentile))
+    return lim if lim > 0 else (float(vals.max()) or 1.0)
+
+
+def _grey(img: np.ndarray) -> np.ndarray:
+    """An H x W (x C) display image in [0, 1] as one grey channel (the luminance mean), for overlays."""
+    a = np.asarray(img, dtype=float)
+    return a.mean(axis=-1) if a.ndim == 3 else a
+
+
 def _text_width_in(lines: list[str], fontsize: float, dpi: float = 100.0) -> float:
     """Width in inches of the widest of ``lines`` at ``fontsize`` (measured with the Agg renderer)."""
     r = RendererAgg(10, 10, dpi)
@@ -225,8 +249,17 @@ def attribution_grid(
     col_titles: tuple[str, str, str, str] = ("input", "base", "tuned", "tuned - base"),
     cell: float = 1.35,
     fontsize: float = 7.0,
+    clip_percentile: float = CLIP_PERCENTILE,
+    overlay: bool = False,
 ) -> plt.Figure:
     """Input, base map, tuned map and their difference per row, on a fixed grid that nothing overlaps.
+
+    Colour scales are clipped at the ``clip_percentile``-th percentile of the absolute values
+    (:func:`display_limit`; Captum's ``visualize_image_attr(outlier_perc=100 - clip_percentile)``), so that
+    a few outlier pixels of a real network's map do not wash the rest out to white; the values beyond it
+    are drawn in the end colour. With ``overlay`` the base and tuned maps are blended over the input in grey,
+    each pixel's opacity growing with its |attribution| (Captum's ``blended_heat_map``). Display only: the
+    statistics of the maps are computed on the raw values elsewhere.
 
     Every image panel has the same size; row labels sit in a left margin sized to the widest label;
     column titles appear once, above the top row; the two colour bars (one shared by the base and tuned
@@ -238,9 +271,9 @@ def attribution_grid(
     n = len(inputs)
     if n == 0:
         raise ValueError("attribution_grid needs at least one row")
-    lim = float(max(np.abs(base).max(), np.abs(tuned).max())) or 1.0
+    lim = display_limit(base, tuned, percentile=clip_percentile)
     diff = tuned - base
-    dlim = float(np.abs(diff).max()) or 1.0
+    dlim = display_limit(diff, percentile=clip_percentile)
     h, w = np.asarray(inputs[0]).shape[:2]
     cw, ch = cell, cell * h / w if w else cell
     gap, rgap = 0.08, 0.1  # between columns, between rows (inches)
@@ -258,7 +291,6 @@ def attribution_grid(
         return (x / W, 1 - (y_top + bh) / H, bw / W, bh / H)
 
     grid_bottom = top + n * ch + (n - 1) * rgap
-    im_map = im_diff = None
     for i in range(n):
         y = top + i * (ch + rgap)
         axes = [fig.add_axes(box(left + j * (cw + gap), y, cw, ch)) for j in range(4)]
@@ -266,9 +298,14 @@ def attribution_grid(
         if masks is not None and masks[i] is not None and np.asarray(masks[i]).any():
             axes[0].contour(np.asarray(masks[i], dtype=float), levels=[0.5], colors="yellow", linewidths=0.8)
         kw: dict[str, Any] = {"interpolation": "nearest", "aspect": "auto"}
-        im_map = axes[1].imshow(base[i], cmap="RdBu_r", vmin=-lim, vmax=lim, **kw)
-        axes[2].imshow(tuned[i], cmap="RdBu_r", vmin=-lim, vmax=lim, **kw)
-        im_diff = axes[3].imshow(diff[i], cmap="PuOr_r", vmin=-dlim, vmax=dlim, **kw)
+        for ax, m in ((axes[1], base[i]), (axes[2], tuned[i])):
+            if overlay:
+                ax.imshow(_grey(inputs[i]), cmap="gray", vmin=0.0, vmax=1.0, alpha=0.45, **kw)
+                kw_alpha = {"alpha": np.clip(np.abs(m) / lim, 0.0, 1.0) * 0.85}
+            else:
+                kw_alpha = {}
+            ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, **kw, **kw_alpha)
+        axes[3].imshow(diff[i], cmap="PuOr_r", vmin=-dlim, vmax=dlim, **kw)
         for j, ax in enumerate(axes):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -283,13 +320,12 @@ def attribution_grid(
     inset = 0.2
     cax1 = fig.add_axes(box(left + cw + gap + inset, y, 2 * cw + gap - 2 * inset, cbar_h))
     cax2 = fig.add_axes(box(left + 3 * (cw + gap) + inset, y, cw - 2 * inset, cbar_h))
-    for cax, im, v, label in (
-        (cax1, im_map, lim, "attribution, base and tuned (one shared scale)"),
-        (cax2, im_diff, dlim, "tuned - base"),
+    for cax, cmap, v, label in (
+        (cax1, "RdBu_r", lim, f"base and tuned, one scale clipped at p{clip_percentile:g}"),
+        (cax2, "PuOr_r", dlim, f"tuned - base (p{clip_percentile:g})"),
     ):
-        if im is None:  # no rows: nothing to scale
-            continue
-        cb = fig.colorbar(im, cax=cax, orientation="horizontal")
+        sm = ScalarMappable(norm=Normalize(-v, v), cmap=cmap)
+        cb = fig.colorbar(sm, cax=cax, orientation="horizontal")
         cb.set_ticks([-v, 0.0, v])
         cb.set_ticklabels([f"{-v:.2g}", "0", f"{v:.2g}"])
         cb.ax.tick_params(labelsize=fontsize, length=2, pad=1)

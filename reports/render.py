@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
+import pandas as pd
 
 from tunelens.analysis.findings import modality_words
 from tunelens.core.files import check_owned_folder, write_owned_folder
@@ -29,13 +30,18 @@ __all__ = ["render_html", "render_report"]
 _TEMPLATES = Path(__file__).parent / "templates"
 
 
+MISSING = "\u2013"  # an en dash: what a table cell shows for a missing value (NaN, None, pd.NA)
+
+
 def _fmt(v: object) -> str:
-    if v is None:
-        return ""
+    """One table cell as text: 4 significant digits, scientific notation for tiny or huge values, a dash
+    for a missing value (never a literal NaN)."""
+    if v is None or v is pd.NA or v is pd.NaT:
+        return MISSING
     if isinstance(v, (float, np.floating)):
         v = float(v)
         if math.isnan(v):
-            return "NaN"
+            return MISSING
         if math.isinf(v):
             return "inf" if v > 0 else "-inf"
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):

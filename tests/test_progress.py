@@ -3,6 +3,7 @@ bars of the stages while it is shown, nothing with --no-progress."""
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -10,9 +11,15 @@ import pytest
 from tunelens.core import progress
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_shares_follow_the_plan_and_the_line_ends_full(capsys):
-    with progress.run_progress({"pretrain": 30.0, "full": 10.0}, title="tunelens run") as line:
-        assert progress.active()
+    term = _Terminal()
+    with progress.run_progress({"pretrain": 30.0, "full": 10.0}, title="tunelens run", stream=term) as line:
+        assert progress.active() and not line.plain
         progress.report("pretrain", 0.5, label="epoch 1/2")
         assert line.bar.n == pytest.approx(15.0) and line.bar.desc == "tunelens run: pretrain (epoch 1/2)"
         progress.report("pretrain", 0.25)  # never backwards
@@ -23,10 +30,34 @@ def test_shares_follow_the_plan_and_the_line_ends_full(capsys):
         assert line.bar.total == pytest.approx(50.0)
         line.write("[finetune] a log line")
     assert not progress.active()
-    out = capsys.readouterr()
-    assert "[finetune] a log line" in out.out
-    err = out.err.replace("\r", "\n")
-    assert "tunelens run: pretrain" in err and re.search(r"tunelens run: full 100%", err)
+    assert "[finetune] a log line" in capsys.readouterr().out
+    frames = [f for f in re.split(r"[\r\n]", term.getvalue()) if f.strip()]
+    assert "tunelens run: pretrain" in frames[1]
+    # the line ends once, at 100%, without stepping back through the stages already done
+    full = [i for i, f in enumerate(frames) if "100%" in f]
+    assert full and full[0] == len(frames) - 1 and frames[-1].startswith("tunelens run: done 100%")
+    assert not any("pretrain" in f for f in frames[frames.index(next(f for f in frames if "full" in f)) :])
+
+
+def test_a_stream_that_is_not_a_terminal_gets_plain_lines():
+    """A log file or CI: one plain line per stage and one at the end, no carriage returns, no bar frames."""
+    log = io.StringIO()
+    with progress.run_progress({"data": 1.0, "pretrain": 3.0, "report": 1.0}, title="tunelens run", stream=log) as line:
+        assert line.plain and progress.active()
+        progress.report("data", 1.0)
+        for k in range(4):
+            progress.report("pretrain", (k + 1) / 4, label=f"epoch {k + 1}/4")
+        progress.report("report", 1.0)
+    text = log.getvalue()
+    assert "\r" not in text and "%|" not in text
+    lines = text.splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == [
+        "tunelens run: data",
+        "tunelens run: pretrain",
+        "tunelens run: report",
+        "tunelens run: done",
+    ]
+    assert "( 20% of the run" in lines[1] and "(100% of the run" in lines[-1]
 
 
 def test_disabled_line_prints_nothing_and_reports_are_ignored(capsys):
@@ -56,11 +87,12 @@ def test_compare_shows_one_line_and_no_inner_bars(tmp_path, capsys):
             "--set", "analysis.attribution_images=2", "--set", "analysis.interpolation_steps=3",
             "--set", "analysis.intruders=false"]  # fmt: skip
     assert main(argv) == 0
-    err = capsys.readouterr().err.replace("\r", "\n")
-    lines = [ln for ln in err.splitlines() if "%|" in ln]
-    assert lines and all(ln.strip().startswith("tunelens compare") for ln in lines)
-    assert any("attribution" in ln for ln in lines) and "100%" in lines[-1]
+    err = capsys.readouterr().err  # not a terminal: plain lines
+    assert "\r" not in err and "%|" not in err
+    lines = [ln for ln in err.splitlines() if "% of the run" in ln]
+    assert lines and all(ln.startswith("tunelens compare: ") for ln in lines)
+    assert any("attribution" in ln for ln in lines) and lines[-1].startswith("tunelens compare: done (100%")
     # --no-progress: no line at all
     argv[argv.index("--out") + 1] = str(tmp_path / "out2")
     assert main([*argv, "--no-progress"]) == 0
-    assert "%|" not in capsys.readouterr().err
+    assert "% of the run" not in capsys.readouterr().err

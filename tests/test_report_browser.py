@@ -23,7 +23,19 @@ window.addEventListener('load', function () {
   // the load event fires only after every <img> has loaded (or failed); a decoded image has a natural size
   var imgs = Array.prototype.slice.call(document.images);
   var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0 && i.naturalHeight > 0; });
-  var r = {images: imgs.length, decoded: ok.length, errors: window.__errors,
+  // no element reaches past its column: wide tables scroll inside their own box instead
+  var main = document.querySelector('main'), cs = getComputedStyle(main);
+  var right = main.getBoundingClientRect().right - parseFloat(cs.paddingRight) + 1, wide = [];
+  main.querySelectorAll('*').forEach(function (el) {
+    for (var p = el.parentElement; p && p !== main; p = p.parentElement) {
+      if (['auto', 'scroll', 'hidden'].indexOf(getComputedStyle(p).overflowX) >= 0) return;
+    }
+    var b = el.getBoundingClientRect();
+    if (b.width > 0 && b.right > right) wide.push(el.tagName + '#' + el.id + '.' + el.className);
+  });
+  var scrolling = Array.prototype.filter.call(document.querySelectorAll('.tablewrap'),
+                                              function (t) { return t.scrollWidth > t.clientWidth; }).length;
+  var r = {images: imgs.length, decoded: ok.length, errors: window.__errors, wide: wide, scrolling: scrolling,
            findings: document.querySelectorAll('#findings ol.findings li').length,
            tables: document.querySelectorAll('table.sortable').length};
   var pre = document.createElement('pre'); pre.id = 'probe-result'; pre.textContent = 'PROBE' + JSON.stringify(r) + 'EBORP';
@@ -62,6 +74,7 @@ def test_report_in_headless_chromium(quick_run, tmp_path):
         f"--user-data-dir={tmp_path / 'profile'}",
         "--enable-logging=stderr",
         "--v=0",
+        "--window-size=1000,2000",
         "--virtual-time-budget=10000",
         "--dump-dom",
         probe.as_uri(),
@@ -78,3 +91,5 @@ def test_report_in_headless_chromium(quick_run, tmp_path):
     assert console_errors == []
     assert r["images"] >= 5 and r["decoded"] == r["images"]
     assert r["findings"] >= 1 and r["tables"] >= 1
+    assert r["wide"] == [], "elements wider than their column"
+    assert r["scrolling"] >= 1, "the wide tables (strategies) scroll inside their box"

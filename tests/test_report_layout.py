@@ -167,3 +167,50 @@ def test_navigation_lists_every_figure():
     nav = html[html.index("<nav") : html.index("</nav>")]
     for fid in set(re.findall(r'<figure id="([^"]+)"', html)):
         assert f'href="#{fid}"' in nav, fid
+
+
+def _panel_white_share(fig: plt.Figure, ax) -> float:
+    """Share of an image panel's rendered pixels that are (near) white."""
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba(), dtype=float) / 255
+    bb = ax.get_window_extent()
+    h = rgba.shape[0]
+    crop = rgba[int(h - bb.y1) + 2 : int(h - bb.y0) - 2, int(bb.x0) + 2 : int(bb.x1) - 2, :3]
+    return float((crop.min(axis=-1) > 0.93).mean())
+
+
+@pytest.mark.parametrize("overlay", [False, True])
+def test_one_outlier_pixel_does_not_blank_the_maps(overlay):
+    """A real network's map has a few huge pixels: with a linear scale to the maximum the panel is white;
+    the percentile-clipped scale keeps the rest visible, and base and tuned still share one scale."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(1, 32, 32))
+    tuned = base + 0.5 * rng.normal(size=(1, 32, 32))
+    base[0, 3, 3] = 1e4  # one outlier pixel
+    inputs = [rng.random((32, 32, 3))]
+    fig = fg.attribution_grid(inputs, base, tuned, ["row"], overlay=overlay)
+    raw = fg.attribution_grid(inputs, base, tuned, ["row"], clip_percentile=100.0)  # the scale reaches the outlier
+    try:
+        panels = [ax for ax in fig.axes if ax.images and not _is_cbar(ax)]
+        assert _panel_white_share(fig, panels[1]) < 0.5 and _panel_white_share(fig, panels[2]) < 0.5
+        raw_panels = [ax for ax in raw.axes if ax.images and not _is_cbar(ax)]
+        assert _panel_white_share(raw, raw_panels[1]) > 0.9, "the unclipped scale does wash the map out"
+        lims = {panels[k].images[-1].get_clim() for k in (1, 2)}
+        assert len(lims) == 1
+        lo, hi = lims.pop()
+        assert hi == -lo == pytest.approx(fg.display_limit(base, tuned)) and hi < 10
+        labels = " ".join(t.get_text() for t in _texts(fig))
+        assert "clipped at p99" in labels
+    finally:
+        plt.close(fig)
+        plt.close(raw)
+
+
+def test_display_limit_is_the_percentile_of_both_maps():
+    a = np.arange(50, dtype=float).reshape(5, 10)
+    b = -np.arange(50, 100, dtype=float).reshape(5, 10)
+    assert fg.display_limit(a, b) == pytest.approx(np.percentile(np.arange(100), 99))  # 98.01
+    assert fg.display_limit(np.zeros((3, 3))) == 1.0
+    sparse = np.zeros(1000)
+    sparse[0] = 5.0
+    assert fg.display_limit(sparse) == 5.0  # the 99th percentile is 0: fall back to the largest value

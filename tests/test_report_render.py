@@ -63,3 +63,20 @@ def test_report_written_atomically(tmp_path):
 
     hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
     assert hidden == sorted(os.readlink(tmp_path / n) for n in ("results", "report"))
+
+
+def test_missing_values_show_a_dash_not_nan():
+    """External checkpoints have no train_seconds; the cell shows a dash, never a literal NaN."""
+    import re
+
+    import numpy as np
+
+    from tunelens.reports.render import MISSING
+
+    r, _ = _results()
+    r.tables["accuracy"]["train_seconds"] = [np.nan]
+    r.tables["accuracy"]["trainable_params"] = pd.array([pd.NA], dtype="Int64")
+    html = render_html(r)
+    cells = re.findall(r"<td>(.*?)</td>", html)
+    assert cells and MISSING in cells
+    assert not any(c.strip().lower() in ("nan", "none", "<na>", "&lt;na&gt;") for c in cells)

@@ -157,9 +157,12 @@ def _failed_status(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input exits 2, Ctrl-C 130, an internal error 1 (each with one line on stderr)."""
+    from tunelens.core.warning_lines import warning_lines
+
     args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        with warning_lines():
+            return _main(args)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         kept = (

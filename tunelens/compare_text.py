@@ -247,7 +247,7 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
     from tunelens.config import PRESETS as _PRESETS
     from tunelens.config_validation import validate_config
     from tunelens.core import runtime
-    from tunelens.core.text import check_text_extra, load_tokenizer
+    from tunelens.core.text import check_text_extra, load_tokenizer, require_special_tokens
 
     for flag, given in (("--image-size", args.image_size), ("--normalize", args.normalize), ("--masks", args.masks)):
         if given is not None:
@@ -276,6 +276,7 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
     try:
         folder = check_text_extra(args.arch)
         tok = load_tokenizer(folder)
+        require_special_tokens(tok, folder)
     except ValueError as e:
         raise CompareError(f"--arch {args.arch}: {_one_line(e)}") from None
     for flag, p in [("--base", args.base)] + [("--tuned", t) for t in args.tuned]:

