@@ -82,3 +82,51 @@ def test_compare_set_is_validated(tmp_path, capsys, assignment, msg):
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
     assert not out.exists()
+
+
+HOSTILE_FLAGS = [
+    (["--seed", "-1"], "the seed must lie between 0 and 4294967295"),
+    (["--seed", "1" * 30], "the seed must lie between 0 and 4294967295"),
+    (["--budget", "inf"], "the budget must be finite seconds"),
+    (["--budget", "1e-300"], "the budget must be finite seconds of at least 0.1"),
+    (["--budget", "nan"], "the budget must be finite seconds"),
+    (["--set", "analysis.budget=NaN"], 'analysis.budget=NaN must be finite seconds >= 0.1, "auto" or "none"'),
+    (["--set", "analysis.budget=Infinity"], "must be finite seconds"),
+    (["--set", "analysis.intruder_threshold=NaN"], "analysis.intruder_threshold=NaN must be a finite number"),
+    (["--set", "seed=99999999999"], "seed=99999999999 is too large"),
+    (["--set", "analysis=3"], "analysis is a section"),
+]
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main's status, or argparse's for a flag it refuses itself."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.mark.parametrize(("flags", "words"), HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
+def test_hostile_flags_exit_2_before_anything_is_written(tmp_path, capsys, flags, words):
+    out = tmp_path / "out"
+    assert _exit_code(["run", "--quick", "--no-progress", "--out", str(out), *flags]) == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_section_set_as_an_object_keeps_its_other_keys():
+    cfg = make_config(sets=["analysis={}"])
+    assert cfg["analysis"] == DEFAULT_CONFIG["analysis"]
+    cfg = make_config(sets=['analysis={"budget": 60}'])
+    assert (
+        cfg["analysis"]["budget"] == 60
+        and cfg["analysis"]["attribution_images"] == (DEFAULT_CONFIG["analysis"]["attribution_images"])
+    )
+
+
+def test_cli_flags_are_validated_with_the_configuration():
+    from tunelens.cli import _config, build_parser
+
+    args = build_parser().parse_args(["run", "--seed", "7", "--budget", "30", "--set", "seed=3"])
+    cfg = _config(args)
+    assert cfg["seed"] == 7 and cfg["analysis"]["budget"] == 30  # the flags win over --set

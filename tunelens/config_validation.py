@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import math
 from typing import Any
 
 __all__ = ["RULES", "SECTION_ALIASES", "ConfigError", "validate_config"]
@@ -35,7 +36,7 @@ def _strategies() -> tuple[str, ...]:
 #   min / max (inclusive), gt / lt (exclusive), choices (a tuple, or a callable returning one),
 #   items (a rule applied to each item of a list), seconds_auto_none (a number > 0, "auto" or "none")
 RULES: dict[str, dict[str, Any]] = {
-    "seed": {"min": 0},
+    "seed": {"min": 0, "max": 2**32 - 1},
     "*.epochs": {"min": 1},
     "*.lp_epochs": {"min": 0},
     "*.warmup_epochs": {"min": 0},
@@ -71,6 +72,8 @@ RULES: dict[str, dict[str, Any]] = {
 # sections that also take the keys of another section (a strategy's own section may override
 # any of the common fine-tuning settings)
 SECTION_ALIASES: dict[str, str] = {"finetune.*": "finetune.common"}
+
+MIN_SECONDS = 0.1  # the smallest time budget: every plan is then its smallest
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
@@ -115,6 +118,8 @@ def _check_value(key: str, value: Any, rule: dict[str, Any]) -> None:
         raise ConfigError(
             f"configuration {key}: {_show(value)} is not allowed{hint} (expected one of {', '.join(choices)})"
         )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"configuration {key}={_show(value)} must be a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "min" in rule and value < rule["min"]:
             raise ConfigError(f"configuration {key}={_show(value)} is too small: it must be at least {rule['min']}")
@@ -160,8 +165,11 @@ def _walk(cfg: dict, defaults: dict, prefix: str, root: dict) -> None:
             )
         d = known[k]
         if _rule_for(key).get("seconds_auto_none"):  # seconds > 0, "auto" or "none"
-            if v not in ("auto", "none") and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
-                raise ConfigError(f'configuration {key}={_show(v)} must be seconds > 0, "auto" or "none"')
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if v not in ("auto", "none") and not (number and math.isfinite(v) and v >= MIN_SECONDS):
+                raise ConfigError(
+                    f'configuration {key}={_show(v)} must be finite seconds >= {MIN_SECONDS:g}, "auto" or "none"'
+                )
             continue
         if not _type_ok(v, d):
             like = "" if isinstance(d, dict) else f" like the default {_show(d)}"
