@@ -248,3 +248,14 @@ def test_max_tokens_is_refused_for_images(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--max-tokens is for text models" in err[0]
+
+
+def test_budget_flag_reaches_the_text_configuration(text_pair, tmp_path):
+    """--budget applies to hf: models as to images (the configuration records it, not auto)."""
+    from tunelens.cli import build_parser
+    from tunelens.compare_text import validate_text
+
+    argv = ["compare", "--arch", ARCH, "--base", str(text_pair["base"]), "--tuned", str(text_pair["tuned"])]
+    argv += ["--data", str(text_pair["data"]), "--out", str(tmp_path / "out"), "--device", "cpu", "--budget", "45"]
+    plan = validate_text(build_parser().parse_args(argv), log=lambda *a: None)
+    assert plan.cfg["analysis"]["budget"] == 45.0

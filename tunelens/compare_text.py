@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,8 +268,9 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
         raise CompareError(str(e)) from None
     defaults = merge(DEFAULT_CONFIG, {"analysis": _PRESETS["text"]["analysis"]})  # knows attribution_ig_steps
     cfg = copy.deepcopy(defaults)
+    budget = [f"analysis.budget={json.dumps(args.budget)}"] if getattr(args, "budget", None) is not None else []
     try:
-        for s in args.set:
+        for s in [*args.set, *budget]:  # --budget wins over --set, as for images
             set_dotted(cfg, s)
         validate_config(cfg, defaults)
     except ValueError as e:
