@@ -169,6 +169,8 @@ def _bad(tmp: Path, pair) -> dict:
     bad_span = write_csv(tmp / "badspan.csv", [(rows[0][0], rows[0][1], "three:five")] + rows[1:])
     far_span = write_csv(tmp / "farspan.csv", [(rows[0][0], rows[0][1], "2:999")] + rows[1:])
     empty_text = write_csv(tmp / "emptytext.csv", [("", rows[0][1], "")] + rows[1:])
+    (tmp / "unclosed.csv").write_text('text,label\n"the soup was awful,negative\na nice hotel,positive\n')
+    gap = write_csv(tmp / "gap.csv", [(t, "2" if lab == "positive" else "0", d) for t, lab, d in rows])
     return {
         "missing tuned": (dict(tuned=[tmp / "nope.safetensors"]), [], ["--tuned", "nope.safetensors", "no such file"]),
         "missing base": (dict(base=tmp / "nope"), [], ["--base", "no such file or folder"]),
@@ -194,6 +196,8 @@ def _bad(tmp: Path, pair) -> dict:
         "empty text": (dict(data=empty_text), [], ["row 2", "empty text"]),
         "masks are for images": (dict(), ["--masks", str(tmp / "m.csv")], ["--masks is for images", "decisive"]),
         "bad max tokens": (dict(), ["--max-tokens", "2"], ["--max-tokens must lie between 4 and 512"]),
+        "unclosed quote": (dict(data=tmp / "unclosed.csv"), [], ["line 2 is not readable CSV", "never closed"]),
+        "integer labels with a gap": (dict(data=gap), [], ["integer labels are output indices", "without 1"]),
         "out is a file": (dict(), ["OUTFILE"], ["is a file"]),
     }
 
@@ -217,6 +221,8 @@ def _bad(tmp: Path, pair) -> dict:
         "empty text",
         "masks are for images",
         "bad max tokens",
+        "unclosed quote",
+        "integer labels with a gap",
         "out is a file",
     ],
 )
@@ -259,3 +265,17 @@ def test_budget_flag_reaches_the_text_configuration(text_pair, tmp_path):
     argv += ["--data", str(text_pair["data"]), "--out", str(tmp_path / "out"), "--device", "cpu", "--budget", "45"]
     plan = validate_text(build_parser().parse_args(argv), log=lambda *a: None)
     assert plan.cfg["analysis"]["budget"] == 45.0
+
+
+def test_spans_count_the_text_as_given_and_integer_labels_are_outputs(text_pair):
+    """Leading spaces do not shift a decisive span onto another word; "0" and "00" are the same output."""
+    from tunelens.compare_text import read_text_csv
+
+    tok = load_tokenizer(text_pair["base"])
+    text = "   the soup was awful"
+    a = text.index("awful")
+    p = write_csv(text_pair["root"] / "spaces.csv", [(text, "0", f"{a}:{a + 5}"), ("a nice hotel", "01", "")] * 2)
+    ds = read_text_csv(str(p), tok, max_tokens=64)
+    assert ds.classes == ["0", "1"] and list(ds.task.targets) == [0, 1, 0, 1]
+    marked = [t for t, d in zip(ds.task.tokens[0], ds.task.decisive[0].tolist(), strict=False) if d > 0]
+    assert marked == ["awful"]

@@ -177,15 +177,24 @@ def read_text_csv(
         raise CompareError(f"{what} {path}: no such file (a CSV with a header: text,label[,decisive])")
     if p.is_dir():
         raise CompareError(f"{what} {path} is a folder; with --arch hf: give a CSV file with a header text,label")
+    line = 1  # the last line read whole: an error lies in the row that starts after it
     try:
         with p.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, strict=True)
             header = [(h or "").strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): v for k, v in r.items()} for r in reader]
+            rows = []
+            for r in reader:
+                rows.append({(k or "").strip(): v for k, v in r.items()})
+                line = reader.line_num
     except UnicodeDecodeError:
         raise CompareError(f"{what} {path} is not UTF-8 text; save the CSV as UTF-8") from None
     except csv.Error as e:
-        raise CompareError(f"{what} {path} is not a readable CSV ({_one_line(e)})") from None
+        why = (
+            'a quoted field opened there is never closed; close the quote or double it ("") inside the text'
+            if "unexpected end of data" in str(e)
+            else _one_line(e)
+        )
+        raise CompareError(f"{what} {path} line {line + 1} is not readable CSV: {why}") from None
     if "text" not in header or "label" not in header:
         raise CompareError(
             f"{what} {path} needs the columns text and label (found: {', '.join(header) or 'no header'}); "
@@ -193,18 +202,32 @@ def read_text_csv(
         )
     texts, labels, spans = [], [], []
     for i, r in enumerate(rows, start=2):
-        t, lab = (r.get("text") or "").strip(), (r.get("label") or "").strip()
-        if not t or not lab:
-            raise CompareError(f"{what} {path} row {i}: empty {'text' if not t else 'label'}; every row needs both")
+        t, lab = r.get("text") or "", (r.get("label") or "").strip()  # spans count characters of the text as given
+        if not t.strip() or not lab:
+            raise CompareError(
+                f"{what} {path} row {i}: empty {'text' if not t.strip() else 'label'}; every row needs both"
+            )
         texts.append(t)
         labels.append(lab)
         spans.append(_spans(r.get("decisive") or "", t, i, path) if "decisive" in header else [])
     if not texts:
         raise CompareError(f"{what} {path} has a header but no rows")
     numeric = all(re.fullmatch(r"-?\d+", x) for x in labels)
-    classes = sorted(set(labels), key=int) if numeric else sorted(set(labels))
-    if numeric and any(int(c) < 0 for c in classes):
-        raise CompareError(f"{what} {path}: integer labels are output indices and cannot be negative")
+    if numeric:  # output indices: "0" and "00" are output 0, and every output up to the largest is there
+        labels = [str(int(x)) for x in labels]
+        found = sorted({int(x) for x in labels})
+        if found[0] < 0:
+            raise CompareError(f"{what} {path}: integer labels are output indices and cannot be negative")
+        absent = sorted(set(range(found[-1] + 1)) - set(found))
+        if absent:
+            raise CompareError(
+                f"{what} {path}: integer labels are output indices, so they run 0..K-1; found "
+                f"{', '.join(map(str, found[:10]))} without {', '.join(map(str, absent[:10]))}: relabel, or give "
+                "class names (sorted names = output order)"
+            )
+        classes = [str(c) for c in found]
+    else:
+        classes = sorted(set(labels))
     y = [classes.index(x) for x in labels]
     order = list(range(len(texts)))
     if limit is not None and limit < len(order):  # spread over the classes: one of each in turn, seeded
