@@ -6,6 +6,7 @@ Bad input exits with status 2 and one line that names the problem and the fix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -224,6 +225,7 @@ def _record_for_torchrun(e: BaseException) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     from tunelens.core.files import CheckpointError, CorruptFileError, ForeignFolderError
+    from tunelens.core.out_lock import OutInUseError, OutPathError
 
     t0 = time.perf_counter()
     try:
@@ -252,27 +254,29 @@ def _main(args: argparse.Namespace) -> int:
             out = Path(args.out)
             progress = not args.no_progress
             from tunelens import pipeline
+            from tunelens.core.out_lock import out_lock
 
-            if args.cmd == "finetune":
-                pipeline.stage_finetune(cfg, out, progress=progress, log=log)
-            elif args.cmd == "analyze":
-                pipeline.stage_analyze(cfg, out, progress=progress, log=log, force=args.force)
-                return _failed_status(out)
-            elif args.cmd == "report":
-                if runtime.is_main():
-                    path = pipeline.stage_report(out, log=log)
-                    print(f"report: {path}")
-            else:
-                done = pipeline.run_all(cfg, out, progress=progress, log=log)
-                if runtime.is_main():
-                    print(f"[run] finished in {time.perf_counter() - t0:.1f}s")
-                    print(f"report: {done}")
-                return _failed_status(out)
+            with out_lock(out) if runtime.is_main() else contextlib.nullcontext(out):
+                if args.cmd == "finetune":
+                    pipeline.stage_finetune(cfg, out, progress=progress, log=log)
+                elif args.cmd == "analyze":
+                    pipeline.stage_analyze(cfg, out, progress=progress, log=log, force=args.force)
+                    return _failed_status(out)
+                elif args.cmd == "report":
+                    if runtime.is_main():
+                        path = pipeline.stage_report(out, log=log)
+                        print(f"report: {path}")
+                else:
+                    done = pipeline.run_all(cfg, out, progress=progress, log=log)
+                    if runtime.is_main():
+                        print(f"[run] finished in {time.perf_counter() - t0:.1f}s")
+                        print(f"report: {done}")
+                    return _failed_status(out)
         return 0
     except UsageError as e:
         print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ForeignFolderError, CorruptFileError, CheckpointError) as e:
+    except (FileNotFoundError, ForeignFolderError, OutInUseError, OutPathError, CorruptFileError, CheckpointError) as e:
         print(f"tunelens: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
