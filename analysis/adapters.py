@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -70,6 +71,33 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, sd
 
 
+MAX_SCALE = 1e4  # |lora_alpha / r| beyond this is no trained adapter: its merged activations overflow
+
+
+def _check_lora_numbers(cfg: dict, sd: dict[str, torch.Tensor], folder: Path) -> None:
+    """``r`` a positive integer equal to the rank of the saved ``lora_A`` tensors, ``lora_alpha`` a finite
+    number whose scale ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) lies within :data:`MAX_SCALE`: checked
+    before peft allocates anything (an ``r`` of 1e12 would exhaust memory)."""
+    where = folder / ADAPTER_CONFIG
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterError(f"{where}: r must be a positive integer (the LoRA rank), got {json.dumps(r)}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{where}: lora_alpha must be a positive finite number, got {json.dumps(alpha)}")
+    ranks = {int(t.shape[0]) for k, t in sd.items() if ".lora_A." in k and t.ndim >= 2}
+    if not cfg.get("rank_pattern") and ranks and ranks != {r}:
+        raise AdapterError(
+            f"{where}: r is {r} but the saved lora_A tensors have rank {', '.join(map(str, sorted(ranks)))}; "
+            "re-save the adapter with peft's save_pretrained"
+        )
+    scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    if scale > MAX_SCALE:
+        raise AdapterError(
+            f"{where}: the LoRA scale lora_alpha / r = {scale:.3g} is beyond {MAX_SCALE:g}; no trained adapter uses "
+            "such a scale (its merged activations overflow): check lora_alpha"
+        )
+
+
 def _fit_saved_modules(model: nn.Module, cfg: dict, sd: dict[str, torch.Tensor], folder: Path) -> None:
     """A ``modules_to_save`` Linear head of another output size (a new task's head) replaces the base's."""
     for name in cfg.get("modules_to_save") or []:
@@ -99,6 +127,7 @@ def merge_adapter(base: nn.Module, folder: str | os.PathLike) -> nn.Module:
 
     folder = Path(folder)
     raw, sd = _read(folder)
+    _check_lora_numbers(raw, sd, folder)
     known = set(LoraConfig.__dataclass_fields__)
     opts = {k: v for k, v in raw.items() if k in known and k not in ("base_model_name_or_path", "revision")}
     try:

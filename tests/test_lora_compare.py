@@ -67,3 +67,29 @@ def test_adapter_is_merged_and_forgetting_uses_source_data(adapter_case, tmp_pat
     assert set(st["kind"]) == {"tuned", "control"}
     html = (out / "report" / "index.html").read_text()
     assert "Forgetting of the source task" in html and "intruder" in html
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"lora_alpha": "abc"}, 'lora_alpha must be a positive finite number, got "abc"'),
+        ({"r": 1e12}, "r must be a positive integer (the LoRA rank), got 1000000000000.0"),
+        ({"r": 10**12}, "r is 1000000000000 but the saved lora_A tensors have rank 2"),
+        ({"lora_alpha": 1e38}, "r = 5e+37 is beyond 10000"),
+    ],
+    ids=["alpha not a number", "r a float", "r too large", "alpha overflows"],
+)
+def test_adapter_config_numbers_are_checked_before_merging(adapter_case, tmp_path, capsys, change, words):
+    import json
+    import shutil
+
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter_case["adapter"], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    argv = _argv(adapter_case, tmp_path / "out")
+    argv[argv.index(str(adapter_case["adapter"]))] = str(bad)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "out").exists()
