@@ -54,7 +54,15 @@ from .safe_load import (
     _first_line,
     read_checkpoint_file,
 )
-from .state_dicts import NESTED_KEYS, _align, _diff, check_finite, extract_state_dict, strip_prefixes
+from .state_dicts import (
+    NESTED_KEYS,
+    _align,
+    _diff,
+    check_finite,
+    dtype_mismatch,
+    extract_state_dict,
+    strip_prefixes,
+)
 
 __all__ = [
     "NESTED_KEYS",
@@ -143,6 +151,9 @@ def load_model(
         )
     model = _skeleton(arch, num_classes)
     ref = model.state_dict()
+    wrong = dtype_mismatch(sd, ref)
+    if wrong:
+        raise CheckpointLoadError(f"{what} {wrong}")
     missing, unexpected, shaped = _diff(sd, ref)
     if strict and (missing or unexpected or shaped):
         raise _mismatch(arch, what, sd, missing, unexpected, shaped)

@@ -11,7 +11,7 @@ import torch
 
 from .safe_load import CheckpointLoadError
 
-__all__ = ["NESTED_KEYS", "check_finite", "extract_state_dict", "strip_prefixes"]
+__all__ = ["NESTED_KEYS", "check_finite", "dtype_mismatch", "extract_state_dict", "strip_prefixes"]
 
 #: Keys under which checkpoints nest the model's state dict, in order of preference.
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "model_ema", "ema")
@@ -92,6 +92,27 @@ def check_finite(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         and (v.is_floating_point() or v.is_complex())
         and not bool(torch.isfinite(v).all())
     ]
+
+
+def dtype_mismatch(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
+    """Where a tensor is not floating-point but the model's is (``load_state_dict`` would cast an int64 or bool
+    tensor into float weights without a word), the words that say so; None when every dtype fits. Such a
+    file is not a checkpoint of this model's trained weights."""
+    bad = [
+        k
+        for k, v in state_dict.items()
+        if k in reference
+        and isinstance(v, torch.Tensor)
+        and reference[k].is_floating_point()
+        and not (v.is_floating_point() or v.is_complex())
+    ]
+    if not bad:
+        return None
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return (
+        f"holds {state_dict[bad[0]].dtype} tensors where the model has floating-point weights ({bad[0]}{more}): "
+        "it is not a checkpoint of trained weights"
+    )
 
 
 _DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")

@@ -183,6 +183,15 @@ def test_class_count(tmp_path, sd):
         load_model("resnet18", tmp_path / "r18.pt", num_classes=3)
 
 
+def test_integer_weights_are_refused_not_cast(sd):
+    bad = dict(sd)
+    bad["conv1.weight"] = (sd["conv1.weight"] * 100).long()
+    with pytest.raises(CheckpointLoadError, match=r"holds torch.int64 tensors where the model has floating-point "):
+        load_model("resnet18", bad)
+    ok = load_model("resnet18", sd)  # num_batches_tracked is int64 in both: no complaint
+    assert torch.equal(ok.state_dict()["conv1.weight"], sd["conv1.weight"])
+
+
 def test_check_finite(sd):
     bad = dict(sd)
     bad["layer1.0.conv1.weight"] = sd["layer1.0.conv1.weight"].clone()

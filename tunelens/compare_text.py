@@ -103,6 +103,7 @@ def load_text_checkpoint(arch: str, spec: str, flag: str, head_required: bool) -
     file), the file read and whether it had a head (False: a one-output placeholder); CompareError for a
     missing or unreadable file or weights of another shape."""
     from tunelens.analysis.loading import CheckpointLoadError, load_state_dict
+    from tunelens.analysis.state_dicts import dtype_mismatch
     from tunelens.core.text import build_text_model
 
     file = _weights_file(spec, flag)
@@ -139,6 +140,9 @@ def load_text_checkpoint(arch: str, spec: str, flag: str, head_required: bool) -
             f"{flag} {spec} does not fit architecture {arch}: {'; '.join(parts)}{shape}; give the --arch folder "
             "of the model these weights belong to"
         )
+    wrong = dtype_mismatch(sd, ref)
+    if wrong:
+        raise CompareError(f"{flag} {spec} {wrong}")
     try:
         model.load_state_dict({n: sd[n].to(ref[n].dtype) for n in ref}, strict=True)
     except RuntimeError as e:
