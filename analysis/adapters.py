@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -121,12 +122,31 @@ def _fit_saved_modules(model: nn.Module, cfg: dict, sd: dict[str, torch.Tensor],
         (model.get_submodule(parent) if parent else model).add_module(leaf, new)
 
 
-def merge_adapter(base: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """A copy of ``base`` with the LoRA adapter in ``folder`` merged in (``base`` is not changed)."""
+def _renamed(raw: dict, sd: dict[str, torch.Tensor], rename: Callable[[str], str]) -> tuple[dict, dict]:
+    """The adapter with its module names as ``rename`` maps them (a wrapper's names for the Hugging Face
+    model's: ``bert.encoder.layer.0...`` -> ``encoder.layer.0...``, ``classifier`` -> ``fc``)."""
+    sd = {(_PREFIX + rename(k[len(_PREFIX) :]) if k.startswith(_PREFIX) else rename(k)): v for k, v in sd.items()}
+    raw = dict(raw)
+    if raw.get("modules_to_save"):
+        raw["modules_to_save"] = list(dict.fromkeys(rename(m) for m in raw["modules_to_save"]))
+    return raw, sd
+
+
+def merge_adapter(base: nn.Module, folder: str | os.PathLike, rename: Callable[[str], str] | None = None) -> nn.Module:
+    """A copy of ``base`` with the LoRA adapter in ``folder`` merged in (``base`` is not changed).
+
+    ``rename`` maps the adapter's module names onto ``base``'s where ``base`` wraps the model the adapter was
+    trained on under other names. ``modules_to_save`` entries without saved tensors (peft lists ``score`` for
+    every sequence-classification task) are ignored."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     folder = Path(folder)
     raw, sd = _read(folder)
+    if rename is not None:
+        raw, sd = _renamed(raw, sd, rename)
+    saved = {k[len(_PREFIX) :].rsplit(".", 1)[0] for k in sd if k.startswith(_PREFIX)}
+    if raw.get("modules_to_save"):
+        raw = dict(raw, modules_to_save=[m for m in raw["modules_to_save"] if m in saved])
     _check_lora_numbers(raw, sd, folder)
     known = set(LoraConfig.__dataclass_fields__)
     opts = {k: v for k, v in raw.items() if k in known and k not in ("base_model_name_or_path", "revision")}

@@ -288,3 +288,42 @@ def test_spans_count_the_text_as_given_and_integer_labels_are_outputs(text_pair)
     assert ds.classes == ["0", "1"] and list(ds.task.targets) == [0, 1, 0, 1]
     marked = [t for t, d in zip(ds.task.tokens[0], ds.task.decisive[0].tolist(), strict=False) if d > 0]
     assert marked == ["awful"]
+
+
+def test_a_bert_peft_adapter_is_a_tuned_model(text_pair, tmp_path):
+    """--tuned ADAPTER_FOLDER (peft on AutoModelForSequenceClassification) is merged onto --base: the merged
+    wrapper gives the logits of peft's own merged model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelens.cli import build_parser
+    from tunelens.compare_text import validate_text
+
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(text_pair["base"]), num_labels=2)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    pm = get_peft_model(hf, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a trained-looking adapter (B starts at zero)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    reference = pm.merge_and_unload().eval()
+    argv = ["compare", "--arch", ARCH, "--base", str(text_pair["base"]), "--tuned", str(tmp_path / "adapter")]
+    argv += ["--data", str(text_pair["data"]), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    plan = validate_text(build_parser().parse_args(argv), log=lambda *a: None)
+    tuned = plan.models["adapter"]
+    ids = plan.dataset.task.ids[:4]
+    mask = (ids != tuned.pad_id).long()
+    with torch.no_grad():
+        got = tuned(ids)
+        # the wrapper's head reads the masked mean of the last layer (the HF classifier reads its pooler): the
+        # merged encoder and head are peft's, so the same head on the same pooled states gives the same logits
+        hidden = reference.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        want = pooled @ reference.classifier.weight.T + reference.classifier.bias
+    assert got.shape == (4, 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    base = plan.models["base"].state_dict()
+    moved = tuned.state_dict()["encoder.layer.0.attention.self.query.weight"]
+    assert not torch.equal(moved, base["encoder.layer.0.attention.self.query.weight"]), "the adapter was merged"

@@ -37,7 +37,14 @@ import torch
 
 from tunelens.compare import CompareError, Plan, _one_line, _tuned_names, _unchanged_findings
 
-__all__ = ["TextCSV", "load_text_checkpoint", "read_text_csv", "text_state_dict", "validate_text"]
+__all__ = [
+    "TextCSV",
+    "load_text_checkpoint",
+    "read_text_csv",
+    "text_module_name",
+    "text_state_dict",
+    "validate_text",
+]
 
 _SPAN = re.compile(r"^(\d+)\s*[:-]\s*(\d+)$")
 #: the weights file of a Hugging Face folder, in the order tried
@@ -92,20 +99,45 @@ def text_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name = k[len(prefix) :] if prefix and k.startswith(prefix) else k
         if name.startswith("pooler.") or name.endswith("position_ids"):
             continue
-        if name.startswith("classifier.") and name.count(".") == 1:  # AutoModelForSequenceClassification
-            name = "fc." + name.split(".", 1)[1]
-        out[name] = v
+        out[text_module_name(name)] = v  # AutoModelForSequenceClassification's classifier.* is the head fc.*
     return out
 
 
-def load_text_checkpoint(arch: str, spec: str, flag: str, head_required: bool) -> tuple[torch.nn.Module, str, bool]:
+def text_module_name(name: str) -> str:
+    """A module or parameter name of a Hugging Face BERT-family model as :class:`TextClassifier` names it: the
+    model prefix (``bert.``, ``roberta.`` ...) dropped before ``embeddings``/``encoder``, ``classifier`` read as
+    the head ``fc`` (the same renaming as :func:`text_state_dict`, one name at a time)."""
+    _, _, rest = name.partition(".")
+    if rest.startswith(("embeddings.", "encoder.")) or rest in ("embeddings", "encoder"):
+        name = rest
+    if name == "classifier" or (name.startswith("classifier.") and name.count(".") == 1):
+        name = "fc" + name[len("classifier") :]
+    return name
+
+
+def load_text_checkpoint(
+    arch: str, spec: str, flag: str, head_required: bool, base: torch.nn.Module | None = None
+) -> tuple[torch.nn.Module, str, bool]:
     """The :class:`~tunelens.core.text.TextClassifier` of ``arch`` with the weights of ``spec`` (a folder or a
-    file), the file read and whether it had a head (False: a one-output placeholder); CompareError for a
-    missing or unreadable file or weights of another shape."""
+    file, or a PEFT LoRA adapter folder merged onto ``base``), the file read and whether it had a head (False: a
+    one-output placeholder); CompareError for a missing or unreadable file or weights of another shape."""
+    from tunelens.analysis.adapters import ADAPTER_CONFIG, AdapterError, merge_adapter
     from tunelens.analysis.loading import CheckpointLoadError, load_state_dict
     from tunelens.analysis.state_dicts import dtype_mismatch
     from tunelens.core.text import build_text_model
 
+    if base is not None and (Path(spec) / ADAPTER_CONFIG).is_file():
+        try:
+            merged = merge_adapter(base, spec, rename=text_module_name)
+        except AdapterError as e:
+            raise CompareError(f"{flag} {spec}: {_one_line(e)}") from None
+        head = int(merged.fc.weight.shape[0]) > 1 or not head_required
+        if not head:
+            raise CompareError(
+                f"{flag} {spec}: the adapter saves no classification head (modules_to_save: classifier): a "
+                "fine-tuned classifier has one output per class of --data"
+            )
+        return merged.eval(), str(Path(spec) / "adapter_model.safetensors"), True
     file = _weights_file(spec, flag)
     try:
         sd = text_state_dict(load_state_dict(file))
@@ -316,7 +348,7 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
     files: dict[str, str] = {}
     models["base"], files["base"], base_head = load_text_checkpoint(args.arch, args.base, "--base", False)
     for n, t in zip(names, args.tuned, strict=True):
-        models[n], files[n], _ = load_text_checkpoint(args.arch, t, "--tuned", True)
+        models[n], files[n], _ = load_text_checkpoint(args.arch, t, "--tuned", True, base=models["base"])
     max_pos = int(getattr(models["base"].config, "max_position_embeddings", 512))
     max_tokens = min(args.max_tokens or 128, max_pos)
     ds = read_text_csv(args.data, tok, max_tokens, limit=args.limit, seed=args.seed)
