@@ -131,7 +131,8 @@ def load_text_checkpoint(
             merged = merge_adapter(base, spec, rename=text_module_name)
         except AdapterError as e:
             raise CompareError(f"{flag} {spec}: {_one_line(e)}") from None
-        head = int(merged.get_submodule("fc").weight.shape[0]) > 1 or not head_required
+        fc = merged.get_submodule("fc")
+        head = isinstance(fc, torch.nn.Linear) and fc.out_features > 1 or not head_required
         if not head:
             raise CompareError(
                 f"{flag} {spec}: the adapter saves no classification head (modules_to_save: classifier): a "
