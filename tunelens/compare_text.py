@@ -132,7 +132,7 @@ def load_text_checkpoint(
         except AdapterError as e:
             raise CompareError(f"{flag} {spec}: {_one_line(e)}") from None
         fc = merged.get_submodule("fc")
-        head = isinstance(fc, torch.nn.Linear) and fc.out_features > 1 or not head_required
+        head = (isinstance(fc, torch.nn.Linear) and fc.out_features > 1) or not head_required
         if not head:
             raise CompareError(
                 f"{flag} {spec}: the adapter saves no classification head (modules_to_save: classifier): a "
