@@ -131,9 +131,8 @@ def load_text_checkpoint(
             merged = merge_adapter(base, spec, rename=text_module_name)
         except AdapterError as e:
             raise CompareError(f"{flag} {spec}: {_one_line(e)}") from None
-        fc = merged.get_submodule("fc")
-        head = (isinstance(fc, torch.nn.Linear) and fc.out_features > 1) or not head_required
-        if not head:
+        head = merged.get_submodule("fc")
+        if head_required and not (isinstance(head, torch.nn.Linear) and head.out_features > 1):
             raise CompareError(
                 f"{flag} {spec}: the adapter saves no classification head (modules_to_save: classifier): a "
                 "fine-tuned classifier has one output per class of --data"
