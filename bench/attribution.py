@@ -47,8 +47,8 @@ STAGE_TARGET_S = 60.0
 
 
 def _cost(device: str, n_images: int, n_steps: int, batch: int, repeats: int, threads: int) -> dict:
-    from tunelens.analysis.attribution import attribute_group
-    from tunelens.analysis.prepare import prepare_for_attribution
+    from tunelens.analysis.measures.attribution.attribute import attribute_group
+    from tunelens.analysis.measures.attribution.prepare import prepare_for_attribution
     from tunelens.finetune.models import build_model
 
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def _run_models(run_dir: str, tuned_name: str):
 
 
 def _stage(device: str, n_images: int, run_dir: str | None = None, tuned_name: str = "full") -> dict:
-    from tunelens.analysis.attribution_study import attribution_study
+    from tunelens.analysis.measures.attribution.study import attribution_study
     from tunelens.finetune.data import ShapesSpec, make_shapes
     from tunelens.finetune.models import build_model
 

@@ -78,8 +78,8 @@ def _worker(
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(threads)
-    from tunelens.analysis.sharding import shard_loader
-    from tunelens.analysis.similarity import cka_matrix
+    from tunelens.analysis.engine.sharding import shard_loader
+    from tunelens.analysis.measures.similarity import cka_matrix
     from tunelens.core import runtime
 
     dev = runtime.init_distributed(device)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from bench._common import machine_info, paired_ratio, set_threads, time_interleaved, write_json
-from tunelens.analysis.weights import _BN_STATS, _check_keys, _threads, as_state_dict, weight_deltas
+from tunelens.analysis.measures.weights import _BN_STATS, _check_keys, _threads, as_state_dict, weight_deltas
 from tunelens.core.naming import stage_of
 
 NUMERIC = [

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from tunelens.analysis.attribution import (
+from tunelens.analysis.measures.attribution.attribute import (
     DEFAULT_METHODS,
     CoarseLayerWarning,
     attribute,
@@ -17,7 +17,7 @@ from tunelens.analysis.attribution import (
     attribute_pair,
     resolve_targets,
 )
-from tunelens.analysis.prepare import (
+from tunelens.analysis.measures.attribution.prepare import (
     LogitMismatchError,
     SplitReLUBasicBlock,
     SplitReLUBottleneck,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tunelens.analysis.budget import (
+from tunelens.analysis.engine.budget import (
     DROP_ORDER,
     MAP_SETS,
     PassCosts,

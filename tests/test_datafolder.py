@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tunelens.analysis.datafolder import IMAGENET_MEAN, IMAGENET_STD, DataFolderError, image_folder, split_train_test
+from tunelens.analysis.io.datafolder import IMAGENET_MEAN, IMAGENET_STD, DataFolderError, image_folder, split_train_test
 
 
 def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 4, size=(40, 48)) -> Path:

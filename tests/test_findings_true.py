@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tunelens.analysis import findings as F
-from tunelens.analysis.registry import analysis_defaults
+from tunelens.analysis.engine.registry import analysis_defaults
 from tunelens.analysis.suite import analyze_models
 from tunelens.core.architectures import TinyResNet
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import tunelens.analysis.probes as probes
-from tunelens.analysis.interventions import (
+import tunelens.analysis.measures.probes as probes
+from tunelens.analysis.measures.interventions import (
     interpolate,
     interpolated_state,
     loss_barrier,
@@ -21,7 +21,7 @@ from tunelens.analysis.interventions import (
     rewound_model,
     shared_keys,
 )
-from tunelens.analysis.probes import probe_gain, probe_layers
+from tunelens.analysis.measures.probes import probe_gain, probe_layers
 from tunelens.core.evaluation import evaluate
 from tunelens.finetune.data import ShapesSpec, make_shapes
 from tunelens.finetune.models import build_model, replace_head

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from tunelens.analysis.loading import (
+from tunelens.analysis.io.loading import (
     CheckpointArchitectureError,
     CheckpointLoadError,
     ClassCountError,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from tunelens.analysis.interventions import interpolate, rewind
-from tunelens.analysis.passes import PassCache, record_pass
-from tunelens.analysis.probes import layer_features, probe_layers
-from tunelens.analysis.similarity import (
+from tunelens.analysis.engine.passes import PassCache, record_pass
+from tunelens.analysis.measures.interventions import interpolate, rewind
+from tunelens.analysis.measures.probes import layer_features, probe_layers
+from tunelens.analysis.measures.similarity import (
     cka_against_chance,
     cka_chance_from_passes,
     cka_from_passes,
@@ -126,7 +126,7 @@ def test_probes_rewind_and_interpolation_reuse_measurements():
 def test_suite_runs_each_model_through_the_test_data_once(monkeypatch):
     """Evaluation and CKA (with its random and from-scratch controls) over a base, two tuned models and
     scratch: each model sees the test images once, in the shared pass."""
-    from tunelens.analysis.registry import analysis_defaults
+    from tunelens.analysis.engine.registry import analysis_defaults
     from tunelens.analysis.suite import analyze_models
 
     data = {"train": _loader(n=48, seed=1).dataset, "test": _loader(n=32, seed=2).dataset}
@@ -210,7 +210,9 @@ def test_saliency_and_input_x_gradient_share_one_backward_pass(monkeypatch):
     """Both maps come from one gradient per model and input set, equal to Captum's own two methods."""
     import importlib
 
-    study_mod = importlib.import_module("tunelens.analysis.attribution_study")  # the package's name is the function
+    study_mod = importlib.import_module(
+        "tunelens.analysis.measures.attribution.study"
+    )  # the package's name is the function
     attribution_study = study_mod.attribution_study
 
     a, b = _pair()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from tunelens.analysis.layers import iterate_features, iterate_pair, resolve_layers
-from tunelens.analysis.similarity import (
+from tunelens.analysis.measures.layers import iterate_features, iterate_pair, resolve_layers
+from tunelens.analysis.measures.similarity import (
     StreamingCKA,
     cka_against_chance,
     cka_matrix,

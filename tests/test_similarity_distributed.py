@@ -9,7 +9,7 @@ import pytest
 import torch
 from _distributed import WORLD, run_two_ranks, single_thread
 
-from tunelens.analysis.similarity import StreamingCKA, cka_matrix
+from tunelens.analysis.measures.similarity import StreamingCKA, cka_matrix
 from tunelens.finetune.models import build_model
 
 

@@ -279,9 +279,9 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
     """Check every input and load models and data; raises :class:`CompareError` (nothing is written)."""
     import torch
 
-    from tunelens.analysis.adapters import ADAPTER_WEIGHTS, AdapterError, is_adapter_dir, merge_adapter
-    from tunelens.analysis.datafolder import DataFolderError, image_folder, split_train_test
-    from tunelens.analysis.loading import (
+    from tunelens.analysis.io.adapters import ADAPTER_WEIGHTS, AdapterError, is_adapter_dir, merge_adapter
+    from tunelens.analysis.io.datafolder import DataFolderError, image_folder, split_train_test
+    from tunelens.analysis.io.loading import (
         CheckpointLoadError,
         check_finite,
         is_torchvision_spec,
@@ -329,7 +329,7 @@ def validate(args: argparse.Namespace, log=print) -> Plan:
         raise CompareError(str(e)) from None
 
     # architecture
-    from tunelens.analysis.loading import _skeleton
+    from tunelens.analysis.io.loading import _skeleton
 
     try:
         _skeleton(args.arch)
@@ -569,7 +569,7 @@ def _minimal_results(plan: Plan, tuned_ok: list[str], why: str):
         res.tables["accuracy"] = pd.DataFrame(
             columns=["model", "acc", "loss", "n", "role", "strategy", "train_seconds"]
         )
-    from tunelens.analysis.registry import registered
+    from tunelens.analysis.engine.registry import registered
 
     for a in registered():
         if a.compares_models:

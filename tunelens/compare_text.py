@@ -101,7 +101,7 @@ def load_text_checkpoint(arch: str, spec: str, flag: str, head_required: bool) -
     """The :class:`~tunelens.core.text.TextClassifier` of ``arch`` with the weights of ``spec`` (a folder or a
     file), the file read and whether it had a head (False: a one-output placeholder); CompareError for a
     missing or unreadable file or weights of another shape."""
-    from tunelens.analysis.loading import CheckpointLoadError, load_state_dict
+    from tunelens.analysis.io.loading import CheckpointLoadError, load_state_dict
     from tunelens.core.text import build_text_model
 
     file = _weights_file(spec, flag)
@@ -242,7 +242,7 @@ def read_text_csv(
 
 def validate_text(args: argparse.Namespace, log=print) -> Plan:
     """:func:`tunelens.compare.validate` for ``--arch hf:...`` (checks ``--out`` first, as there)."""
-    from tunelens.analysis.splits import split_train_test
+    from tunelens.analysis.io.splits import split_train_test
     from tunelens.config import DEFAULT_CONFIG, merge, set_dotted
     from tunelens.config import PRESETS as _PRESETS
     from tunelens.config_validation import validate_config
@@ -336,7 +336,7 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
             )
 
     notes, found = _unchanged_findings(models, dict(zip(names, args.tuned, strict=True)))
-    from tunelens.analysis.loading import check_finite
+    from tunelens.analysis.io.loading import check_finite
 
     nonfinite = {n: bad for n, m in models.items() if (bad := check_finite(m.state_dict()))}
     base_k = n_out(models["base"])

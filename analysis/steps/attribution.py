@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.budget import (
+    FAITHFUL as STUDY_FAITHFULNESS,  # the study's default: integrated gradients and Grad-CAM
+)
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.measures.attribution.attribute import DEFAULT_METHODS, METHODS
+from tunelens.analysis.measures.attribution.study import attribution_study
+from tunelens.analysis.measures.attribution.text import text_attribution_study
 from tunelens.core.results import Results
 from tunelens.core.text import is_text_model
-
-from .. import findings as F
-from ..attribution import DEFAULT_METHODS, METHODS
-from ..attribution_study import attribution_study
-from ..budget import FAITHFUL as STUDY_FAITHFULNESS  # the study's default: integrated gradients and Grad-CAM
-from ..registry import Analysis, Context, Output, register
-from ..text_attribution import text_attribution_study
 
 SUMMARY = "attribution_summary"
 COMPARISONS = "attribution_comparisons"

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.passes import ModelPass
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.engine.sharding import batch_offsets, gather_rows
 from tunelens.core.evaluation import unpack_batch
 from tunelens.core.models import eval_mode
 from tunelens.core.results import Results
-
-from .. import findings as F
-from ..passes import ModelPass
-from ..registry import Analysis, Context, Output, register
-from ..sharding import batch_offsets, gather_rows
 
 PREDICTIONS = "predictions"
 ACCURACY = "accuracy"
@@ -30,7 +29,7 @@ SAMPLES = "samples"  # array: a few test images (and masks) for the report
 def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: torch.device) -> pd.DataFrame:
     """Per model and test image: label, prediction, correctness and the loss (for paired comparisons).
 
-    Under ``torch.distributed`` with a :func:`tunelens.analysis.sharding.shard_loader` loader each rank predicts
+    Under ``torch.distributed`` with a :func:`tunelens.analysis.engine.sharding.shard_loader` loader each rank predicts
     its batches and the rows of all ranks are gathered (a collective), in single-process order."""
 
     def outputs(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -9,15 +9,14 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Subset
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.engine.sharding import per_sample_batch_size, shard_loader
+from tunelens.analysis.measures.interventions import interpolate, rewind
+from tunelens.analysis.measures.probes import probe_gain, probe_layers
+from tunelens.analysis.steps.similarity import CKA_CHANCE
+from tunelens.analysis.steps.weights import WEIGHT_STAGES
 from tunelens.core.results import Results
-
-from .. import findings as F
-from ..interventions import interpolate, rewind
-from ..probes import probe_gain, probe_layers
-from ..registry import Analysis, Context, Output, register
-from ..sharding import per_sample_batch_size, shard_loader
-from .similarity import CKA_CHANCE
-from .weights import WEIGHT_STAGES
 
 REWIND = "rewind"
 INTERPOLATION = "interpolation"

@@ -6,14 +6,13 @@ from __future__ import annotations
 import pandas as pd
 from torch import nn
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.measures.similarity import cka_chance_from_passes, cka_from_passes, randomly_initialised
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
 from tunelens.core.stages import StageMap, stages
 from tunelens.core.text import is_text_model, readout_pooling
-
-from .. import findings as F
-from ..registry import Analysis, Context, Output, register
-from ..similarity import cka_chance_from_passes, cka_from_passes, randomly_initialised
 
 CKA_BASE_TUNED = "cka_base_tuned"
 CKA_BASE_BASE = "cka_base_base"

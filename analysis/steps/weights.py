@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.measures.weights import aggregate_deltas, first_conv_filters, weight_deltas
 from tunelens.core.results import Results
 from tunelens.core.text import is_text_model, submodule_kind
-
-from .. import findings as F
-from ..registry import Analysis, Context, Output, register
-from ..weights import aggregate_deltas, first_conv_filters, weight_deltas
 
 WEIGHT_DELTAS = "weight_deltas"
 WEIGHT_STAGES = "weight_stages"

@@ -43,11 +43,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tunelens.core.evaluation import unpack_batch
-from tunelens.core.models import model_device
-from tunelens.core.runtime import resolve_device
-
-from .attribution import (
+from tunelens.analysis.measures.attribution.attribute import (
     DEFAULT_METHODS,
     GRADIENT_METHODS,
     STOCHASTIC_METHODS,
@@ -57,8 +53,17 @@ from .attribution import (
     predictions,
     shares_gradient,
 )
-from .attribution_examples import AttributionExamples, _examples
-from .attribution_stats import (
+from tunelens.analysis.measures.attribution.examples import AttributionExamples, _examples
+from tunelens.analysis.measures.attribution.faithfulness import deletion_insertion
+from tunelens.analysis.measures.attribution.map_metrics import SIMILARITIES, compare_maps, to_maps
+from tunelens.analysis.measures.attribution.prepare import (
+    cascade_stages,
+    fit_probe_head,
+    output_dim,
+    prepare_for_attribution,
+    randomize_cascading,
+)
+from tunelens.analysis.measures.attribution.stats import (
     _faithfulness,
     _localisation,
     _per_class,
@@ -66,9 +71,9 @@ from .attribution_stats import (
     bootstrap_ci,
     change_index,
 )
-from .faithfulness import deletion_insertion
-from .map_metrics import SIMILARITIES, compare_maps, to_maps
-from .prepare import cascade_stages, fit_probe_head, output_dim, prepare_for_attribution, randomize_cascading
+from tunelens.core.evaluation import unpack_batch
+from tunelens.core.models import model_device
+from tunelens.core.runtime import resolve_device
 
 __all__ = [
     "STUDY_OPTIONS",

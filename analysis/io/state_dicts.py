@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .safe_load import CheckpointLoadError
+from tunelens.analysis.io.safe_load import CheckpointLoadError
 
 __all__ = ["NESTED_KEYS", "check_finite", "extract_state_dict", "strip_prefixes"]
 

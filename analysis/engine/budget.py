@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attribution import shares_gradient
+from tunelens.analysis.measures.attribution.attribute import shares_gradient
 
 __all__ = [
     "AttributionPlan",
@@ -160,7 +160,7 @@ def attribution_cost(
     faithfulness: Sequence[str] = FAITHFUL,
     faithfulness_steps: int = 16,
 ) -> float:
-    """Predicted seconds of :func:`~tunelens.analysis.attribution_study.attribution_study`: per image and
+    """Predicted seconds of :func:`~tunelens.analysis.measures.attribution.study.attribution_study`: per image and
     method, :data:`MAP_SETS` sets of maps, each costing the method's passes, plus the deletion / insertion
     games (``2 x (steps + 1)`` forward passes per model) for ``faithfulness``."""
     b, f = costs.backward_s, costs.forward_s

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
+from tunelens.analysis.measures.weights import ArchitectureMismatch
 from tunelens.core.files import CheckpointError
-
-from .weights import ArchitectureMismatch
 
 __all__ = ["CheckpointArchitectureError", "CheckpointLoadError", "ClassCountError", "read_checkpoint_file"]
 

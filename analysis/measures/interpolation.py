@@ -22,12 +22,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tunelens.analysis.measures.interventions import _assign, _device_of, _unwrap, rewound_model, shared_keys
+from tunelens.analysis.measures.resume import StageInputs, capturing, first_changed_stage, resume_saving, resumed
 from tunelens.core.evaluation import evaluate, unpack_batch
 from tunelens.core.runtime import all_reduce_sum, no_tf32, world_size
 from tunelens.core.stages import StageMap, stages
-
-from .interventions import _assign, _device_of, _unwrap, rewound_model, shared_keys
-from .resume import StageInputs, capturing, first_changed_stage, resume_saving, resumed
 
 __all__ = ["InterpolationResult", "interpolate", "interpolated_state", "loss_barrier", "recompute_bn"]
 

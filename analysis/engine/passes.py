@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelens.analysis.engine.sharding import batch_offsets
+from tunelens.analysis.measures.activations import ActivationStats, FeatureMapExamples, gram_pass
+from tunelens.analysis.measures.probes import _gather, global_pool
 from tunelens.core.evaluation import unpack_batch
 from tunelens.core.models import borrowed
 from tunelens.core.runtime import all_reduce_sum, resolve_device
-
-from .activations import ActivationStats, FeatureMapExamples, gram_pass
-from .probes import _gather, global_pool
-from .sharding import batch_offsets
 
 __all__ = ["ModelPass", "PassCache", "record_pass"]
 

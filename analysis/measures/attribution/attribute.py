@@ -47,9 +47,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tunelens.analysis.measures.attribution.prepare import (
+    _model_device,
+    assert_eval,
+    is_residual,
+    output_dim,
+    prepare_for_attribution,
+)
 from tunelens.core.stages import TOKEN_GRID, gradcam_layer, patch_grid, stages
-
-from .prepare import _model_device, assert_eval, is_residual, output_dim, prepare_for_attribution
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -99,7 +104,7 @@ GRADIENT_METHODS = ("saliency", "input_x_gradient")
 
 def shares_gradient(methods: Sequence[str], options: Mapping[str, Any] | None) -> bool:
     """Whether both :data:`GRADIENT_METHODS` run without options of their own, so one backward pass per model
-    and input set serves both (:func:`~tunelens.analysis.attribution_study.attribution_study`)."""
+    and input set serves both (:func:`~tunelens.analysis.measures.attribution.study.attribution_study`)."""
     return set(GRADIENT_METHODS) <= set(methods) and not any((options or {}).get(m) for m in GRADIENT_METHODS)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .safe_load import CheckpointArchitectureError, CheckpointLoadError, _first_line
-from .state_dicts import _align
+from tunelens.analysis.io.safe_load import CheckpointArchitectureError, CheckpointLoadError, _first_line
+from tunelens.analysis.io.state_dicts import _align
 
 __all__ = [
     "infer_num_classes",

@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tunelens.analysis.activations import FeatureMapExamples, gram_pass, plot_feature_maps
-from tunelens.analysis.layers import LayerSpec, resolve_layers
-from tunelens.analysis.passes import ModelPass
+from tunelens.analysis.engine.passes import ModelPass
+from tunelens.analysis.measures.activations import FeatureMapExamples, gram_pass, plot_feature_maps
+from tunelens.analysis.measures.layers import LayerSpec, resolve_layers
 from tunelens.core.models import borrowed, model_device
 from tunelens.core.runtime import resolve_device
 
@@ -426,7 +426,7 @@ def cka_matrix(
     Each batch of ``data`` (a loader of ``(inputs, labels[, masks])``) runs once through each model (eval
     mode, no grad; hooks removed and training flags restored afterwards; the caller's models are never moved:
     with ``device`` other than theirs, copies run there; ``None``: the models' own device). ``layers``:
-    ``"auto"`` (stage outputs, see :func:`tunelens.analysis.layers.resolve_layers`), exact module names, or
+    ``"auto"`` (stage outputs, see :func:`tunelens.analysis.measures.layers.resolve_layers`), exact module names, or
     module types, resolved on both models (``layers_tuned`` for different names in ``tuned``). Under
     ``torch.distributed`` give each rank its own *batches* and call on every rank: the result equals the
     single-process run over all batches. The bootstrap CI of the diagonal resamples batches.

@@ -20,9 +20,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tunelens.analysis.measures.layers import LayerSpec, iterate_features, resolve_layers
 from tunelens.core.runtime import blas_threads, no_tf32, world_size
-
-from .layers import LayerSpec, iterate_features, resolve_layers
 
 __all__ = ["fit_probe", "global_pool", "layer_features", "probe_gain", "probe_layers"]
 

@@ -13,10 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tunelens.core.text import is_text_model
-
-from . import findings as F
-from .budget import (
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.budget import (
     PassCosts,
     Reduction,
     attribution_cost,
@@ -26,7 +24,8 @@ from .budget import (
     measure_pass_costs,
     resolve_budget,
 )
-from .registry import Context
+from tunelens.analysis.engine.registry import Context
+from tunelens.core.text import is_text_model
 
 __all__ = ["Budget"]
 
@@ -88,7 +87,7 @@ class Budget:
     @staticmethod
     def _attribution_inputs(ctx: Context) -> tuple[list[str], int, dict, int]:
         """Methods, images, method options and image side of the attribution study as configured now."""
-        from .steps.attribution import methods as chosen_methods
+        from tunelens.analysis.steps.attribution import methods as chosen_methods
 
         meths, _ = chosen_methods(ctx)
         n = min(int(ctx.settings["attribution_images"]), len(ctx.data["test"]))

@@ -135,7 +135,7 @@ def merge_adapter(base: nn.Module, folder: str | os.PathLike) -> nn.Module:
 def load_adapter(arch: str, base_spec: str, folder: str | os.PathLike, load_model=None) -> nn.Module:
     """The model ``--arch`` with the ``--base`` weights and the adapter in ``folder`` merged in.
 
-    ``load_model(arch, spec)`` loads the base (default :func:`tunelens.analysis.loading.load_model`)."""
+    ``load_model(arch, spec)`` loads the base (default :func:`tunelens.analysis.io.loading.load_model`)."""
     if load_model is None:
-        from .loading import load_model
+        from tunelens.analysis.io.loading import load_model
     return merge_adapter(load_model(arch, base_spec), folder)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .map_metrics import to_maps
-from .prepare import _model_device
+from tunelens.analysis.measures.attribution.map_metrics import to_maps
+from tunelens.analysis.measures.attribution.prepare import _model_device
 
 __all__ = ["deletion_insertion", "gaussian_blur"]
 

@@ -8,7 +8,7 @@ target logit when one token is replaced by the baseline token (Zeiler and Fergus
 baseline token is ``[PAD]``; the attention mask stays that of the sentence, so only the token's identity
 is removed. Relevance is compared on the word tokens only ([CLS], [SEP] and padding excluded).
 
-Calibration, as for images (:mod:`tunelens.analysis.attribution_study`): the **ceiling** is the base
+Calibration, as for images (:mod:`tunelens.analysis.measures.attribution.study`): the **ceiling** is the base
 against itself under a nuisance change, every sentence shifted by one token (a neutral word, ``so``, put
 after ``[CLS]``: the text form of the images' one-pixel shift; the attributions of the shared tokens are
 compared), the
@@ -32,8 +32,8 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from .attribution_stats import _localisation, _per_class, _summary
-from .prepare import _reinit, fit_probe_head, randomize_cascading
+from tunelens.analysis.measures.attribution.prepare import _reinit, fit_probe_head, randomize_cascading
+from tunelens.analysis.measures.attribution.stats import _localisation, _per_class, _summary
 
 __all__ = ["TEXT_METHODS", "TextAttributionStudy", "text_attribution_study"]
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from .literature import NOT_AS_EXPECTED, literature_checks, merchant_checks
+from tunelens.analysis.findings.literature import NOT_AS_EXPECTED, literature_checks, merchant_checks
 
 __all__ = [
     "Finding",

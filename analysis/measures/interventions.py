@@ -37,13 +37,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tunelens.analysis.measures.layers import stage_of
+from tunelens.analysis.measures.resume import capturing, resumable, resume_saving, resumed
 from tunelens.core.evaluation import evaluate
 from tunelens.core.naming import head_name
 from tunelens.core.runtime import no_tf32, resolve_device
 from tunelens.core.stages import StageMap, stages
-
-from .layers import stage_of
-from .resume import capturing, resumable, resume_saving, resumed
 
 __all__ = [
     "InterpolationResult",
@@ -251,7 +250,7 @@ def rewind(
 
 
 # the interpolation lives in its own module; its names stay importable from here (the public API of 0.1)
-from .interpolation import (  # noqa: E402
+from tunelens.analysis.measures.interpolation import (  # noqa: E402
     InterpolationResult,
     interpolate,
     interpolated_state,

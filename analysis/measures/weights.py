@@ -37,9 +37,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tunelens.analysis.measures.layers import stage_of
 from tunelens.core.stages import StageMap, stages
-
-from .layers import stage_of
 
 __all__ = ["ArchitectureMismatch", "aggregate_deltas", "as_state_dict", "first_conv_filters", "weight_deltas"]
 

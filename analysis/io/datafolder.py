@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .masks import DataFolderError, _mask_geometry, load_masks
-from .splits import split_train_test
+from tunelens.analysis.io.masks import DataFolderError, _mask_geometry, load_masks
+from tunelens.analysis.io.splits import split_train_test
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -28,9 +28,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tunelens.analysis.measures.weights import _threads
 from tunelens.core.naming import stage_of
-
-from .weights import _threads
 
 __all__ = ["aggregate_intruders", "intruder_control", "intruder_dimensions"]
 

@@ -23,12 +23,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tunelens.analysis.engine.passes import PassCache
+from tunelens.analysis.engine.sharding import shard_loader
+from tunelens.analysis.findings import Finding
 from tunelens.core.results import Results
 from tunelens.core.stages import StageMap, stages
-
-from .findings import Finding
-from .passes import PassCache
-from .sharding import shard_loader
 
 __all__ = ["Analysis", "Context", "Output", "analysis_defaults", "get", "register", "registered"]
 
@@ -119,7 +118,7 @@ def register(analysis: Analysis) -> Analysis:
 
 
 def _discover() -> None:
-    from . import steps
+    from tunelens.analysis import steps
 
     for info in pkgutil.iter_modules(steps.__path__):
         importlib.import_module(f"{steps.__name__}.{info.name}")

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .map_metrics import LOCALISATION, SIMILARITIES
+from tunelens.analysis.measures.attribution.map_metrics import LOCALISATION, SIMILARITIES
 
 __all__ = ["bootstrap_ci", "change_index"]
 

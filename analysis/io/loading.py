@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import (
+from tunelens.analysis.io.architectures import (
     _build,
     _mismatch,
     _skeleton,
@@ -47,14 +47,21 @@ from .architectures import (
     torchvision_weights,
     torchvision_weights_file,
 )
-from .safe_load import (
+from tunelens.analysis.io.safe_load import (
     CheckpointArchitectureError,
     CheckpointLoadError,
     ClassCountError,
     _first_line,
     read_checkpoint_file,
 )
-from .state_dicts import NESTED_KEYS, _align, _diff, check_finite, extract_state_dict, strip_prefixes
+from tunelens.analysis.io.state_dicts import (
+    NESTED_KEYS,
+    _align,
+    _diff,
+    check_finite,
+    extract_state_dict,
+    strip_prefixes,
+)
 
 __all__ = [
     "NESTED_KEYS",
