@@ -11,7 +11,7 @@
    ratio is the median of the paired ratios of process CPU time with one thread on the CPU (on a
    shared machine wall time mostly measures the neighbours), of wall time otherwise; both are
    written. Target: ratio <= 1.25.
-2. **stage**: the default run's attribution stage at its default size: :func:`analysis.attribution_study`
+2. **stage**: the default run's attribution stage at its default size: :func:`tunelens.analysis.measures.attribution.study`
    with a tiny_resnet base pretrained-style head (8 source classes, so the linear-probe head is fitted)
    and a fine-tuned-style model (6 target classes), 64 test images of the embedded shapes data, all
    default methods (base, tuned, ceiling and floor maps, comparisons, mask metrics, deletion and

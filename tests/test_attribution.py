@@ -10,13 +10,13 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from tunelens.analysis.measures.attribution.attribute import (
-    DEFAULT_METHODS,
     CoarseLayerWarning,
     attribute,
     attribute_group,
     attribute_pair,
     resolve_targets,
 )
+from tunelens.analysis.measures.attribution.methods import DEFAULT_METHODS
 from tunelens.analysis.measures.attribution.prepare import (
     LogitMismatchError,
     SplitReLUBasicBlock,

@@ -12,7 +12,6 @@ import torch
 from torch.utils.data import TensorDataset
 
 from tunelens.analysis.engine.budget import (
-    DROP_ORDER,
     MAP_SETS,
     PassCosts,
     attribution_cost,
@@ -22,6 +21,7 @@ from tunelens.analysis.engine.budget import (
     measure_pass_costs,
     resolve_budget,
 )
+from tunelens.analysis.measures.attribution.methods import DROP_ORDER
 from tunelens.analysis.steps.functional import balanced_subset
 
 UNIT = PassCosts(forward_s=1.0, backward_s=10.0, batch=8)

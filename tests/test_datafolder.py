@@ -1,4 +1,4 @@
-"""ImageFolder data for your own checkpoints (analysis.datafolder): modes, limits, masks and clear errors."""
+"""ImageFolder data for your own checkpoints (tunelens.analysis.io.datafolder): modes, limits, masks and clear errors."""
 
 from __future__ import annotations
 

@@ -83,8 +83,8 @@ def _models():
 
 def _analyses(loader_for) -> dict:
     """Evaluation, CKA, predictions and probe features over ``loader_for(batch_size)`` (sharded or not)."""
+    from tunelens.analysis.measures.cka_models import cka_matrix
     from tunelens.analysis.measures.probes import layer_features
-    from tunelens.analysis.measures.similarity import cka_matrix
     from tunelens.analysis.suite import predictions_table
     from tunelens.core.evaluation import evaluate
 

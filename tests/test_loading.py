@@ -1,4 +1,4 @@
-"""Loading checkpoints tunelens did not write (analysis.loading): layouts, safety, and clear errors.
+"""Loading checkpoints tunelens did not write (tunelens.analysis.io.loading): layouts, safety, and clear errors.
 
 Checkpoints are made with plain torch / torchvision code, never with tunelens.
 """

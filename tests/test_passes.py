@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 from tunelens.analysis.engine.passes import PassCache, record_pass
-from tunelens.analysis.measures.interventions import interpolate, rewind
-from tunelens.analysis.measures.probes import layer_features, probe_layers
-from tunelens.analysis.measures.similarity import (
+from tunelens.analysis.measures.cka_models import (
     cka_against_chance,
     cka_chance_from_passes,
     cka_from_passes,
     cka_matrix,
     randomly_initialised,
 )
+from tunelens.analysis.measures.interpolation import interpolate
+from tunelens.analysis.measures.interventions import rewind
+from tunelens.analysis.measures.probes import layer_features, probe_layers
 from tunelens.analysis.steps.evaluation import predictions_from_passes, predictions_table
 from tunelens.core.evaluation import evaluate
 from tunelens.core.stages import stages

@@ -83,7 +83,7 @@ def test_a_stage_that_is_not_a_chain_is_re_run_from_the_input():
 def test_interpolation_runs_only_the_changed_stages_after_a_frozen_prefix():
     import copy
 
-    from tunelens.analysis.measures.interventions import interpolate
+    from tunelens.analysis.measures.interpolation import interpolate
 
     a = build_model("tiny_resnet", 6, seed=0).eval()
     b = copy.deepcopy(a)  # last-k fine-tuning: the stem, layer1 and layer2 stay the base's

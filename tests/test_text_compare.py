@@ -101,7 +101,7 @@ def compare(pair, out: Path, *extra: str, arch=ARCH, base=None, tuned=None, data
 
 
 def test_char_spans_become_the_decisive_tokens(text_pair):
-    from tunelens.compare_text import read_text_csv
+    from tunelens.compare.text import read_text_csv
 
     tok = load_tokenizer(text_pair["base"])
     ds = read_text_csv(str(text_pair["data"]), tok, max_tokens=64)

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from tunelens.flags import add_budget_argument
+
 __all__ = ["build_parser", "main"]
 
 
@@ -48,32 +50,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_budget_argument(p: argparse.ArgumentParser) -> None:
-    """``--budget SECONDS|auto|none``: the time budget of the analysis stage (analysis.budget)."""
-    p.add_argument(
-        "--budget",
-        type=parse_budget,
-        default=None,
-        metavar="SECONDS",
-        help="seconds for the analyses: the costly ones (attribution, interventions) are sized to fit after "
-        "one batch is timed, and the report lists what was reduced; auto (default) = 120 on a CPU, no limit on "
-        "CUDA; none = no limit",
-    )
-
-
-def parse_budget(text: str) -> float | str:
-    """``--budget``'s value: positive seconds, ``auto`` or ``none``."""
-    if text in ("auto", "none"):
-        return text
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds (e.g. 120), auto or none, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"the budget must be positive seconds, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="tunelens", description="What supervised fine-tuning did inside a vision or text model."
@@ -91,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_budget_argument(p)
         if name == "analyze":
             p.add_argument("--force", action="store_true", help="recompute even when inputs are unchanged")
-    from tunelens.compare import add_parser as add_compare_parser
+    from tunelens.compare.flags import add_parser as add_compare_parser
 
     add_compare_parser(sub)
     return ap

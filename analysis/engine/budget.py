@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from tunelens.analysis.measures.attribution.attribute import shares_gradient
+from tunelens.analysis.measures.attribution.methods import ALL, DROP_ORDER, FAITHFUL, GRADIENT_METHODS, method
 
 __all__ = [
     "AttributionPlan",
@@ -53,12 +54,8 @@ __all__ = [
 #: passes are timed at batch 8; Integrated Gradients runs larger batches, slower per image on this CPU), so 150 s
 #: of analyses made runs of 189 to 190 s in all (bench/compare.py, session 5).
 CPU_DEFAULT_S = 120.0
-#: Methods dropped first when the budget is short, least informative first; the rest are kept to the end.
-DROP_ORDER = ("guided_backprop", "deeplift", "lrp", "input_x_gradient", "gradient_shap", "smoothgrad")
 #: Map sets per method and image: base, tuned, ceiling, floor, floor_top.
 MAP_SETS = 5
-#: Methods whose maps the study scores by the deletion / insertion games (attribution_study's default).
-FAITHFUL = ("integrated_gradients", "grad_cam")
 #: Default budget of the analysis stage on a CPU (seconds): with loading and the report, a run of about 3 minutes.
 
 
@@ -168,16 +165,12 @@ def attribution_cost(
     # input x gradient reads saliency's gradient when both run with default options (attribution_study)
     shared = shares_gradient(methods, options)
     for m in methods:
-        o = options.get(m, {})
-        if m == "input_x_gradient" and shared:
+        o, decl = options.get(m, {}), method(m)  # passes per map: the method's declared cost
+        if shared and m in GRADIENT_METHODS[1:]:
             c = 0.0
-        elif m == "integrated_gradients":
-            c = int(o.get("n_steps", 16)) * b
-        elif m == "smoothgrad":
-            c = int(o.get("nt_samples", 8)) * b
-        elif m == "gradient_shap":
-            c = int(o.get("n_samples", 8)) * b
-        elif m == "occlusion":
+        elif decl.cost_option is not None:
+            c = int(o.get(decl.cost_option, decl.cost_default)) * b
+        elif decl.cost == "forward per window":
             c = (_occlusion_positions(options, side) + 1) * f
         else:
             c = b
@@ -187,11 +180,14 @@ def attribution_cost(
     return n_images * per_image
 
 
+#: The methods whose options the budget makes cheaper first (fewer steps or samples), in table order.
+CHEAPER = tuple(m for m in ALL if m.cheaper)
+
+
 def _cheaper_options(options: Mapping[str, Mapping[str, Any]], side: int) -> dict[str, dict[str, Any]]:
     out = {m: dict(o) for m, o in options.items()}
-    out.setdefault("integrated_gradients", {})["n_steps"] = 8
-    out.setdefault("smoothgrad", {})["nt_samples"] = 4
-    out.setdefault("gradient_shap", {})["n_samples"] = 4
+    for decl in CHEAPER:
+        out.setdefault(decl.name, {}).update(decl.cheaper)
     window = max(2, side // 4)
     out.setdefault("occlusion", {}).update(window=window, stride=max(1, (side - window) // 3))  # a 4 x 4 grid
     return out
@@ -232,15 +228,13 @@ def fit_attribution(
     if cost(methods, n_images, opts, faith) <= seconds:
         return plan(n_images)
     cheap = _cheaper_options(opts, side)
-    for m, key, label in (
-        ("integrated_gradients", "n_steps", "Integrated Gradients steps"),
-        ("smoothgrad", "nt_samples", "SmoothGrad samples"),
-        ("gradient_shap", "n_samples", "GradientSHAP samples"),
-    ):
-        if m in methods:
-            before = opts.get(m, {}).get(key, 16 if key == "n_steps" else 8)
+    for decl in CHEAPER:
+        if decl.name in methods:
+            key = decl.cost_option
+            assert key is not None
+            before = opts.get(decl.name, {}).get(key, decl.cost_default)
             effect = "coarser maps of this method (more approximation error per map), the same images"
-            red.append(Reduction("attribution", label, before, cheap[m][key], effect))
+            red.append(Reduction("attribution", decl.cheaper_label, before, cheap[decl.name][key], effect))
     if "occlusion" in methods:
         effect = "coarser occlusion maps (larger steps between window positions)"
         red.append(Reduction("attribution", "occlusion grid", "5 x 5", "4 x 4", effect))
@@ -290,7 +284,7 @@ def functional_cost(
     ``all_but_head``) and tuned model, a test pass and a batch-norm re-estimation pass over the training images
     (at most 4 batches of 64) per interpolation step, and a training pass per probed model. The unchanged
     models' accuracy, the interpolation's endpoints and the probes' test features come from the shared test
-    pass (:mod:`analysis.passes`), whose cost is the evaluation's."""
+    pass (:mod:`tunelens.analysis.engine.passes`), whose cost is the evaluation's."""
     f = costs.forward_s
     rewind = n_tuned * n_stages * n_test * f
     interp = steps * (n_test + min(n_train, 256)) * f

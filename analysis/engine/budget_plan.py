@@ -24,10 +24,31 @@ from tunelens.analysis.engine.budget import (
     measure_pass_costs,
     resolve_budget,
 )
-from tunelens.analysis.engine.registry import Context
+from tunelens.analysis.engine.registry import Context, get
+from tunelens.analysis.measures.attribution.methods import choose_methods
 from tunelens.core.text import is_text_model
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "attribution_inputs", "functional_shape"]
+
+
+def functional_shape(ctx: Context) -> dict[str, int]:
+    """The sizes the interventions' cost depends on (:func:`~.budget.functional_cost`'s arguments)."""
+    return {
+        "n_test": len(ctx.data["test"]),
+        "n_train": len(ctx.data["train"]),
+        "n_tuned": len(ctx.tuned),
+        "n_stages": len(ctx.stage_map.stages),
+        "steps": int(ctx.settings["interpolation_steps"]),
+        "n_probe_models": 2 + ("scratch" in ctx.models),
+    }
+
+
+def attribution_inputs(ctx: Context) -> tuple[list[str], int, dict, int]:
+    """Methods, images, method options and image side of the attribution study as configured now."""
+    meths, _ = choose_methods(str(ctx.settings.get("attribution_methods", "default")), lambda: ctx.stage_map)
+    n = min(int(ctx.settings["attribution_images"]), len(ctx.data["test"]))
+    opts = dict(ctx.settings.get("attribution_options") or {})
+    return meths, n, opts, int(ctx.data["test"][0][0].shape[-1])
 
 
 class Budget:
@@ -66,54 +87,25 @@ class Budget:
         assert self.seconds is not None
         return self.seconds - (time.perf_counter() - self.t0)
 
-    @staticmethod
-    def _functional_shape(ctx: Context) -> dict[str, int]:
-        """The sizes the interventions' cost depends on (:func:`~.budget.functional_cost`'s arguments)."""
-        return {
-            "n_test": len(ctx.data["test"]),
-            "n_train": len(ctx.data["train"]),
-            "n_tuned": len(ctx.tuned),
-            "n_stages": len(ctx.stage_map.stages),
-            "steps": int(ctx.settings["interpolation_steps"]),
-            "n_probe_models": 2 + ("scratch" in ctx.models),
-        }
-
     def _functional_cost(self, ctx: Context, steps: int | None = None, n_test: int | None = None) -> float:
         assert self.costs is not None
-        shape = self._functional_shape(ctx)
+        shape = functional_shape(ctx)
         shape.update({k: v for k, v in (("steps", steps), ("n_test", n_test)) if v is not None})
         return functional_cost(costs=self.costs, **shape)
 
-    @staticmethod
-    def _attribution_inputs(ctx: Context) -> tuple[list[str], int, dict, int]:
-        """Methods, images, method options and image side of the attribution study as configured now."""
-        from tunelens.analysis.steps.attribution import methods as chosen_methods
-
-        meths, _ = chosen_methods(ctx)
-        n = min(int(ctx.settings["attribution_images"]), len(ctx.data["test"]))
-        opts = dict(ctx.settings.get("attribution_options") or {})
-        return meths, n, opts, int(ctx.data["test"][0][0].shape[-1])
-
     def predictions(self, ctx: Context, names: list[str]) -> dict[str, float]:
         """Predicted seconds of each analysis in ``names`` at the configured settings (for the progress line):
-        attribution and interventions from their pass counts, the others a forward pass per model and image
-        (one second for the weight-only analyses); relative weights when no pass was timed."""
+        each analysis's own ``cost`` (:class:`~tunelens.analysis.engine.registry.Analysis`; none declared: a
+        forward pass per model and test image); its ``relative_cost`` when no pass was timed."""
         if not self.active:
-            return {n: {"attribution": 4.0, "functional": 2.0}.get(n, 1.0) for n in names}
+            return {n: get(n).relative_cost for n in names}
         assert self.costs is not None
         n_test, n_models = len(ctx.data["test"]), len(ctx.models)
         per_pass = n_models * n_test * self.costs.forward_s
         out = {}
         for n in names:
-            if n == "attribution":
-                meths, k, opts, side = self._attribution_inputs(ctx)
-                out[n] = attribution_cost(meths, k, opts, self.costs, side)
-            elif n == "functional":
-                out[n] = self._functional_cost(ctx)
-            elif n in ("weights", "intruders", "strategies"):
-                out[n] = 1.0
-            else:
-                out[n] = per_pass
+            cost = get(n).cost
+            out[n] = cost(ctx, self.costs) if cost is not None else per_pass
         return out
 
     def fit(self, name: str, ctx: Context) -> None:
@@ -124,7 +116,7 @@ class Budget:
         s: dict[str, Any] = ctx.settings  # type: ignore[assignment]  # the suite's own copy
         left = max(0.0, self.left())
         if name == "attribution":
-            meths, n, opts, side = self._attribution_inputs(ctx)
+            meths, n, opts, side = attribution_inputs(ctx)
             full = attribution_cost(meths, n, opts, self.costs, side)
             rest = self._functional_cost(ctx) if s.get("functional", True) else 0.0
             share = left * full / (full + rest) if full + rest > 0 else left
@@ -141,7 +133,7 @@ class Budget:
             self.reduced += plan.reductions
             self.predicted["attribution"] = plan.predicted_s
         else:
-            steps, n_test, red, pred = fit_functional(left, costs=self.costs, **self._functional_shape(ctx))
+            steps, n_test, red, pred = fit_functional(left, costs=self.costs, **functional_shape(ctx))
             if red:
                 s["interpolation_steps"] = steps
                 s["functional_images"] = n_test

@@ -4,11 +4,11 @@
 never moved, see :func:`tunelens.core.models.borrowed`) and keeps, per batch, everything the analyses read
 from a plain pass:
 
-* each layer's float64 Gram matrix ``X X^T`` (CKA: :func:`analysis.similarity.cka_from_passes`; the minibatch
+* each layer's float64 Gram matrix ``X X^T`` (CKA: :func:`tunelens.analysis.measures.cka_models.cka_from_passes`; the minibatch
   estimator needs nothing else, Nguyen, Raghu and Kornblith 2021),
 * each layer's activation statistics and the feature maps of a few example images,
 * the model's outputs (logits) and the labels (evaluation: predictions, losses, accuracy),
-* each layer's globally pooled features (linear probes, :func:`analysis.probes.probe_layers`).
+* each layer's globally pooled features (linear probes, :func:`tunelens.analysis.measures.probes.probe_layers`).
 
 :class:`PassCache` holds one :class:`ModelPass` per model for a run: the evaluation, CKA (every tuned model
 against the base, the random-weights and from-scratch controls), the probes' test features and the rewind
@@ -33,7 +33,7 @@ from torch import nn
 
 from tunelens.analysis.engine.sharding import batch_offsets
 from tunelens.analysis.measures.activations import ActivationStats, FeatureMapExamples, gram_pass
-from tunelens.analysis.measures.probes import _gather, global_pool
+from tunelens.analysis.measures.probes import gather_array, global_pool
 from tunelens.core.evaluation import unpack_batch
 from tunelens.core.models import borrowed
 from tunelens.core.runtime import all_reduce_sum, resolve_device
@@ -76,15 +76,15 @@ class ModelPass:
 
     def features(self, layers: Sequence[str]) -> dict[str, np.ndarray]:
         """Globally pooled features ``{layer: (N, D) float64}`` of every rank, in sample order (as
-        :func:`analysis.probes.layer_features` returns them)."""
+        :func:`tunelens.analysis.measures.probes.layer_features` returns them)."""
         missing = [n for n in layers if n not in self.pooled]
         if missing:
             raise KeyError(f"the pass kept no pooled features of {missing}; it recorded {sorted(self.pooled)}")
-        return {n: _gather(torch.cat(self.pooled[n]).double().numpy()) for n in layers}
+        return {n: gather_array(torch.cat(self.pooled[n]).double().numpy()) for n in layers}
 
     def targets(self) -> np.ndarray:
         """The labels of every rank, in sample order."""
-        return _gather(self._labels().numpy())
+        return gather_array(self._labels().numpy())
 
     def metrics(self, subset: Sequence[int] | None = None) -> dict[str, float]:
         """``{"acc", "loss", "n"}`` as :func:`tunelens.core.evaluation.evaluate` gives them (accuracy, mean

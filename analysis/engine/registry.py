@@ -4,14 +4,13 @@ An analysis declares its ``name``, its configuration ``defaults`` (flat keys of 
 section, e.g. ``interpolation_steps``), the names of the ``tables`` it writes (constants the report
 sections read them by), ``run(context) -> Output`` and ``findings(results) -> list[Finding]``.
 The suite (:func:`tunelens.analysis.suite.analyze_models`), the configuration and ``tunelens compare``
-loop over :func:`registered`; adding an analysis is one module under ``analysis/steps/`` (found
-automatically) plus, for its figures, one report section under ``reports/sections/``.
+loop over :func:`registered`; adding an analysis is one module under ``analysis/steps/`` (imported by
+:mod:`tunelens.analysis.steps`, which the package ``tunelens.analysis`` imports, so every step has registered
+before anything can ask the registry) plus, for its figures, one report section under ``reports/sections/``.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,13 +22,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tunelens.analysis.engine.budget import PassCosts
 from tunelens.analysis.engine.passes import PassCache
 from tunelens.analysis.engine.sharding import shard_loader
 from tunelens.analysis.findings import Finding
 from tunelens.core.results import Results
 from tunelens.core.stages import StageMap, stages
 
-__all__ = ["Analysis", "Context", "Output", "analysis_defaults", "get", "register", "registered"]
+__all__ = [
+    "Analysis",
+    "Context",
+    "Output",
+    "analysis_defaults",
+    "analysis_rules",
+    "get",
+    "no_pass",
+    "register",
+    "registered",
+]
 
 _REGISTRY: dict[str, Analysis] = {}
 
@@ -76,7 +86,7 @@ class Context:
 
     @cached_property
     def passes(self) -> PassCache:
-        """One pass per model over :attr:`test_loader` at the stage map's layers (:mod:`analysis.passes`): the
+        """One pass per model over :attr:`test_loader` at the stage map's layers (:mod:`tunelens.analysis.engine.passes`): the
         evaluation, CKA, the probes' test features and the rewind reference all read it."""
         return PassCache(self.test_loader, self.stage_map.cka_layers(), self.device)
 
@@ -107,6 +117,14 @@ class Analysis:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     optional: bool = True
     compares_models: bool = True
+    rules: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Ranges and allowed values of its own settings, by flat key (``{"interpolation_steps": {"min": 2}}``),
+    in the rule language of :mod:`tunelens.config_validation` (their types come from ``defaults``)."""
+    cost: Callable[[Context, PassCosts], float] | None = None
+    """Predicted seconds at the configured settings from the timed pass costs (the run's progress line and
+    the budget); None: one forward pass per model and test image."""
+    relative_cost: float = 1.0
+    """Its weight on the progress line when no pass was timed (no budget)."""
 
 
 def register(analysis: Analysis) -> Analysis:
@@ -117,22 +135,13 @@ def register(analysis: Analysis) -> Analysis:
     return analysis
 
 
-def _discover() -> None:
-    from tunelens.analysis import steps
-
-    for info in pkgutil.iter_modules(steps.__path__):
-        importlib.import_module(f"{steps.__name__}.{info.name}")
-
-
 def registered() -> list[Analysis]:
-    """Every registered analysis, in run order."""
-    _discover()
+    """Every registered analysis, in run order (the steps register when :mod:`tunelens.analysis` is imported)."""
     return sorted(_REGISTRY.values(), key=lambda a: (a.order, a.name))
 
 
 def get(name: str) -> Analysis:
     """The registered analysis called ``name``."""
-    _discover()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -152,3 +161,17 @@ def analysis_defaults() -> dict[str, Any]:
                 raise ValueError(f"analysis {a.name!r} redefines the setting {k!r}")
             out[k] = v
     return out
+
+
+def analysis_rules() -> dict[str, dict[str, Any]]:
+    """Every analysis's rules for its settings, as dotted configuration keys (``analysis.<key>``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for a in registered():
+        for k, rule in a.rules.items():
+            out.setdefault(f"analysis.{k}", {}).update(rule)
+    return out
+
+
+def no_pass(ctx: Context, costs: PassCosts) -> float:
+    """The ``cost`` of an analysis that reads weights only (no pass over the data): a nominal second."""
+    return 1.0

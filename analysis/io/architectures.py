@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelens.analysis.io.safe_load import CheckpointArchitectureError, CheckpointLoadError, _first_line
-from tunelens.analysis.io.state_dicts import _align
+from tunelens.analysis.io.safe_load import CheckpointArchitectureError, CheckpointLoadError, first_line
+from tunelens.analysis.io.state_dicts import align_keys
 
 __all__ = [
     "infer_num_classes",
@@ -41,7 +41,7 @@ def torchvision_weights(arch: str, spec: str):
         enum = tvm.get_model_weights(arch)
     except (ValueError, KeyError) as e:
         raise CheckpointLoadError(
-            f"{spec}: torchvision has no pretrained weights for architecture {arch!r} ({_first_line(e)})"
+            f"{spec}: torchvision has no pretrained weights for architecture {arch!r} ({first_line(e)})"
         ) from None
     member = name.rsplit(".", 1)[-1]
     prefix = name.rsplit(".", 1)[0] if "." in name else None
@@ -78,7 +78,8 @@ def torchvision_weights_file(arch: str, spec: str) -> Path:
     return path
 
 
-def _build(arch: str, num_classes: int, meta: bool = False) -> nn.Module:
+def build_architecture(arch: str, num_classes: int, meta: bool = False) -> nn.Module:
+    """``arch`` with ``num_classes`` outputs (:func:`tunelens.core.architectures.build_model`), on the meta device when ``meta`` (no weights allocated)."""
     from tunelens.core.architectures import build_model
 
     if meta:
@@ -87,19 +88,19 @@ def _build(arch: str, num_classes: int, meta: bool = False) -> nn.Module:
     return build_model(arch, num_classes)
 
 
-def _skeleton(arch: str, num_classes: int = 1000) -> nn.Module:
+def skeleton(arch: str, num_classes: int = 1000) -> nn.Module:
     """The architecture without allocating its weights where possible (meta device)."""
     try:
-        return _build(arch, num_classes, meta=True)
+        return build_architecture(arch, num_classes, meta=True)
     except Exception:
-        return _build(arch, num_classes)
+        return build_architecture(arch, num_classes)
 
 
 def infer_num_classes(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int | None:
     """Outputs of the classification head in ``state_dict`` (None when its weight is not there)."""
     from tunelens.core.naming import head_name
 
-    head = head_name(_skeleton(arch))
+    head = head_name(skeleton(arch))
     w = state_dict.get(f"{head}.weight")
     if w is None or w.ndim < 1:
         return None
@@ -157,11 +158,11 @@ def suggest_archs(
     out = []
     for name in cands:
         try:
-            skel = _skeleton(name)
+            skel = skeleton(name)
             ref, head = skel.state_dict(), head_name(skel)
         except Exception:
             continue
-        sd = _align(dict(state_dict), set(ref))
+        sd = align_keys(dict(state_dict), set(ref))
         fit = sum(
             1
             for key, v in ref.items()
@@ -176,9 +177,10 @@ def _names(items: list, n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def _mismatch(
+def mismatch_error(
     arch: str, what: str, sd: Mapping[str, torch.Tensor], missing, unexpected, shaped
 ) -> CheckpointArchitectureError:
+    """The error for a state dict that does not fit ``arch``: what is missing, unexpected and shaped differently, in a few lines."""
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s): {_names(missing)}")

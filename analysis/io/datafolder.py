@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tunelens.analysis.io.masks import DataFolderError, _mask_geometry, load_masks
+from tunelens.analysis.io.masks import DataFolderError, load_masks, mask_geometry
 from tunelens.analysis.io.splits import split_train_test
 
 __all__ = [
@@ -330,7 +330,7 @@ def image_folder(
     if transform is not None:
         image_fn = transform
         desc = f"transform {_describe_transform(transform)}"
-        geo = _mask_geometry(transform)
+        geo = mask_geometry(transform)
     else:
         from torchvision.transforms import functional as TF
 

@@ -38,11 +38,11 @@ import torch
 from torch import nn
 
 from tunelens.analysis.io.architectures import (
-    _build,
-    _mismatch,
-    _skeleton,
+    build_architecture,
     infer_num_classes,
     is_torchvision_spec,
+    mismatch_error,
+    skeleton,
     suggest_archs,
     torchvision_weights,
     torchvision_weights_file,
@@ -51,14 +51,14 @@ from tunelens.analysis.io.safe_load import (
     CheckpointArchitectureError,
     CheckpointLoadError,
     ClassCountError,
-    _first_line,
+    first_line,
     read_checkpoint_file,
 )
 from tunelens.analysis.io.state_dicts import (
     NESTED_KEYS,
-    _align,
-    _diff,
+    align_keys,
     check_finite,
+    diff_keys,
     extract_state_dict,
     strip_prefixes,
 )
@@ -132,15 +132,15 @@ def load_model(
         sd, what = load_state_dict(file), f"{path} ({file})"
     else:
         sd, what = load_state_dict(path), f"checkpoint {path}"
-    skeleton = _skeleton(arch)
-    head = head_name(skeleton)
-    sd = _align(sd, set(skeleton.state_dict()))
+    empty = skeleton(arch)
+    head = head_name(empty)
+    sd = align_keys(sd, set(empty.state_dict()))
     hw = sd.get(f"{head}.weight")
     found = int(hw.shape[0]) if hw is not None and hw.ndim >= 1 else None
     if num_classes is None:
         if found is None:
-            missing, unexpected, shaped = _diff(sd, skeleton.state_dict())
-            raise _mismatch(arch, what, sd, missing, unexpected, shaped)
+            missing, unexpected, shaped = diff_keys(sd, empty.state_dict())
+            raise mismatch_error(arch, what, sd, missing, unexpected, shaped)
         num_classes = found
     elif found is not None and found != num_classes:
         raise ClassCountError(
@@ -148,11 +148,11 @@ def load_model(
             f"{'x'.join(map(str, hw.shape if hw is not None else ()))}) but {num_classes} classes were asked for: pass "
             f"num_classes={found}, or the checkpoint trained for your {num_classes} classes"
         )
-    model = _skeleton(arch, num_classes)
+    model = skeleton(arch, num_classes)
     ref = model.state_dict()
-    missing, unexpected, shaped = _diff(sd, ref)
+    missing, unexpected, shaped = diff_keys(sd, ref)
     if strict and (missing or unexpected or shaped):
-        raise _mismatch(arch, what, sd, missing, unexpected, shaped)
+        raise mismatch_error(arch, what, sd, missing, unexpected, shaped)
     fit = {k: v for k, v in sd.items() if k in ref and tuple(v.shape) == tuple(ref[k].shape)}
     buffers = {n for n, _ in model.named_buffers()}
     complete = not missing and buffers <= set(ref) and any(t.is_meta for t in ref.values())
@@ -163,11 +163,11 @@ def load_model(
                 with torch.no_grad():
                     t.zero_()
     else:
-        model = _build(arch, num_classes)
+        model = build_architecture(arch, num_classes)
     try:
         model.load_state_dict(fit, strict=False)
     except RuntimeError as e:  # e.g. dtype problems
-        raise CheckpointLoadError(f"{what} cannot be loaded into {arch}: {_first_line(e)}") from None
+        raise CheckpointLoadError(f"{what} cannot be loaded into {arch}: {first_line(e)}") from None
     if missing or unexpected or shaped:
         report = LoadReport(tuple(missing), tuple(unexpected), tuple(k for k, _, _ in shaped))
         warnings.warn(f"{what} loaded into {arch} non-strictly: {report.describe()}", UserWarning, stacklevel=2)

@@ -25,7 +25,7 @@ class DataFolderError(ValueError):
     """A data folder (or masks CSV) that cannot be used, with what to do about it."""
 
 
-def _mask_geometry(transform: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def mask_geometry(transform: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The geometric part of a torchvision ``ImageClassification`` preset (resize shorter side, centre crop)
     applied to a mask, or None for transforms whose geometry is unknown."""
     from torchvision.transforms import InterpolationMode

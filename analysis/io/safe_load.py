@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from tunelens.analysis.measures.weights import ArchitectureMismatch
 from tunelens.core.files import CheckpointError
+from tunelens.core.naming import ArchitectureMismatch
 
 __all__ = ["CheckpointArchitectureError", "CheckpointLoadError", "ClassCountError", "read_checkpoint_file"]
 
@@ -150,7 +150,7 @@ def _check_zip(path: Path) -> None:
         raise
     except Exception as e:  # BadZipFile, zlib.error, EOFError, OSError ... from a damaged archive
         raise CheckpointLoadError(
-            f"{path} is truncated or corrupt (cannot read it as a torch.save zip archive: {_first_line(e)}); "
+            f"{path} is truncated or corrupt (cannot read it as a torch.save zip archive: {first_line(e)}); "
             "re-save or re-download it"
         ) from None
     if bad is not None:
@@ -167,7 +167,7 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         if "Unsupported operand" in str(e) or "GLOBAL" in str(e) or "global" in str(e):
             raise _refused(path, e) from None
-        raise CheckpointLoadError(f"{path} is truncated or corrupt ({_first_line(e)}); copy or save it again") from None
+        raise CheckpointLoadError(f"{path} is truncated or corrupt ({first_line(e)}); copy or save it again") from None
     except CheckpointLoadError:
         raise
     except Exception as e:  # EOFError, RuntimeError, struct.error, KeyError ... from a damaged file
@@ -175,11 +175,11 @@ def _torch_load(path: Path) -> Any:
             raise _refused(path, e) from None
         raise CheckpointLoadError(
             f"{path} is truncated or corrupt: torch.load failed with {type(e).__name__}: "
-            f"{_first_line(e)}; copy or save it again"
+            f"{first_line(e)}; copy or save it again"
         ) from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     s = str(e).strip()
     line = s.splitlines()[0] if s else type(e).__name__
     line = line.split(". ")[0].rstrip(".")
@@ -200,7 +200,7 @@ def read_checkpoint_file(path: Path) -> Any:
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointLoadError(
                 f"{path} is truncated or corrupt (cannot read it as safetensors: "
-                f"{_first_line(e)}); copy or save it again"
+                f"{first_line(e)}); copy or save it again"
             ) from None
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return _torch_load(path)

@@ -97,7 +97,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
 _DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-def _align(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+def align_keys(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
     """Rename keys to fit the model: a prefix every key shares (``model.``, ``backbone.``), old DenseNet names."""
 
     def overlap(d):
@@ -120,9 +120,11 @@ def _align(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch
     return best
 
 
-def _diff(
+def diff_keys(
     sd: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], skip: str | None = None
 ) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
+    """The keys of ``ref`` missing from ``sd``, the keys of ``sd`` not in ``ref`` and the keys whose shapes differ ``(key, shape in sd, shape in ref)``; keys under ``skip`` (a module name) are ignored."""
+
     def ignored(k):
         return skip is not None and (k == skip or k.startswith(skip + "."))
 

@@ -1,6 +1,6 @@
 """Activation statistics and feature-map snapshots, gathered inside the same hooks that form CKA Gram matrices.
 
-Two accumulators fed by :func:`analysis.similarity.cka_matrix` (one per model):
+Two accumulators fed by :func:`tunelens.analysis.measures.cka_models.cka_matrix` (one per model):
 
 * :class:`ActivationStats` -- per layer, the mean and standard deviation of every activation value and
   the fraction of exact zeros (for post-ReLU outputs: the fraction of units switched off). Batch moments
@@ -232,13 +232,13 @@ def gram_pass(
     """Run every batch of ``loader`` once through each *distinct* model (eval mode, no grad, TF32 off, hooks
     always removed, training flags restored; models are moved to ``device``).
 
-    Inside each forward hook (:class:`analysis.layers.ActivationCapture`, so an in-place op after the layer
+    Inside each forward hook (:class:`tunelens.analysis.measures.layers.ActivationCapture`, so an in-place op after the layer
     cannot change what is seen) the layer's output is flattened to ``(n, d)``, copied to float64 on
     ``device`` and its Gram ``X X^T`` formed; the same copy updates the layer's :class:`ActivationStats`
     and the first batch fills :class:`FeatureMapExamples`. After each batch ``sink`` receives, per entry of
     ``models``, ``{layer: Gram}``. Returns per entry of ``models`` its statistics and example maps.
     ``on_layer(slot, layer, output)`` is called in the same hook and ``on_output(slot, model output, batch)``
-    after each forward (``slot``: the index of the distinct model; :func:`analysis.passes.record_pass` keeps
+    after each forward (``slot``: the index of the distinct model; :func:`tunelens.analysis.engine.passes.record_pass` keeps
     the logits and pooled features that way).
     """
     slot_of: list[int] = []

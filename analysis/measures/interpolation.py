@@ -1,7 +1,7 @@
 """The straight path from the pretrained to the fine-tuned weights, and its loss barrier.
 
 :func:`interpolate` evaluates ``theta(alpha) = (1 - alpha) theta_base + alpha theta_tuned`` over the parameters
-and buffers the two models share outside the tuned head (:func:`analysis.interventions.shared_keys`), with the
+and buffers the two models share outside the tuned head (:func:`tunelens.analysis.measures.weight_space.shared_keys`), with the
 tuned head fixed, and the loss barrier ``B = max_alpha L(theta(alpha)) - [(1 - alpha) L(theta(0)) + alpha
 L(theta(1))]`` (Neyshabur, Sedghi and Zhang 2020; Frankle, Dziugaite, Roy and Carbin 2020, "Linear Mode
 Connectivity and the Lottery Ticket Hypothesis"). ``B`` close to 0: base and tuned lie in one basin. It works on
@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tunelens.analysis.measures.interventions import _assign, _device_of, _unwrap, rewound_model, shared_keys
 from tunelens.analysis.measures.resume import StageInputs, capturing, first_changed_stage, resume_saving, resumed
+from tunelens.analysis.measures.weight_space import assign, device_of, rewound_model, shared_keys, unwrap
 from tunelens.core.evaluation import evaluate, unpack_batch
 from tunelens.core.runtime import all_reduce_sum, no_tf32, world_size
 from tunelens.core.stages import StageMap, stages
@@ -68,7 +68,7 @@ def interpolated_state(
     ones bit for bit. Integer entries (``num_batches_tracked``) take the nearer endpoint.
     The head and unshared entries are tuned's. Tensors are new copies on tuned's devices.
     """
-    base, tuned = _unwrap(base), _unwrap(tuned)
+    base, tuned = unwrap(base), unwrap(tuned)
     keys = shared_keys(base, tuned) if keys is None else keys
     st = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
     sb = base.state_dict()
@@ -101,7 +101,7 @@ def recompute_bn(model: nn.Module, inputs: Iterable[torch.Tensor], device: torch
     bns = _bn_layers(model)
     if not bns:
         return 0
-    dev = _device_of(model, device)
+    dev = device_of(model, device)
     modes = {m: m.training for m in model.modules()}
     moms = {}
     for m in bns:
@@ -203,7 +203,7 @@ def interpolate(
     ``resume``: when the tuned model left its first stages as the base had them (a linear probe, last-k), every
     alpha gives them the same weights, so what reaches the first changed stage is recorded at the first alpha
     (BatchNorm re-estimation and evaluation, at most ``resume_bytes``) and the other alphas run from there
-    (:mod:`analysis.resume`), once a resumed re-run of the first alpha reproduced its row; only when that saves
+    (:mod:`tunelens.analysis.measures.resume`), once a resumed re-run of the first alpha reproduced its row; only when that saves
     at least one pass over the data (stages counted as equal shares). ``stage_map``: the stages (default
     :func:`tunelens.core.stages.stages` of ``base``). ``resumed_from`` in the result names the stage.
     """
@@ -216,8 +216,8 @@ def interpolate(
     alphas = sorted({float(a) for a in alphas} | {0.0, 1.0})
     if alphas[0] < 0 or alphas[-1] > 1:
         raise ValueError("alphas must lie in [0, 1]")
-    base, tuned = _unwrap(base), _unwrap(tuned)
-    dev = _device_of(tuned, device)
+    base, tuned = unwrap(base), unwrap(tuned)
+    dev = device_of(tuned, device)
     model = copy.deepcopy(tuned).to(dev)
     keys = shared_keys(base, model)
     state = model.state_dict()
@@ -256,7 +256,7 @@ def interpolate(
 
     with no_tf32():
         for i, a in enumerate(alphas):
-            _assign(state, interpolated_state(base, tuned, a, keys), state.keys())
+            assign(state, interpolated_state(base, tuned, a, keys), state.keys())
             if plan is not None and inputs is not None and resuming:
                 with resumed(model, plan[0], inputs, plan[1], inputs.batches[plan[1]]):
                     n_bn, r = measure()
@@ -272,7 +272,7 @@ def interpolate(
             ends = {k: dict(endpoints[k]) for k in ("base", "tuned")}
         elif bn_inputs:
             ends = {"base": evaluate(rewound_model(base, tuned).to(dev), data, dev)}
-            _assign(state, tuned.state_dict(), state.keys())
+            assign(state, tuned.state_dict(), state.keys())
             ends["tuned"] = evaluate(model, data, dev)
         else:
             ends = {"base": rows[0], "tuned": rows[-1]}

@@ -9,7 +9,7 @@ under ``torch.distributed``). They work on copies: the caller's models never cha
   (Zhang, Bengio and Singer 2019, "Are All Layers Created Equal?"; Neyshabur, Sedghi and
   Zhang 2020, "What is being transferred in transfer learning?", module criticality).
   A stage whose rewinding costs little accuracy did not need its fine-tuning changes.
-* :func:`interpolate` (:mod:`analysis.interpolation`, importable from here too) -- the linear path
+* :func:`~tunelens.analysis.measures.interpolation.interpolate` (its own module) -- the linear path
   ``theta(alpha) = (1 - alpha) theta_base + alpha theta_tuned`` over the shared
   parameters with the tuned head fixed, and the loss barrier
   ``B = max_alpha L(theta(alpha)) - [(1 - alpha) L(theta(0)) + alpha L(theta(1))]``
@@ -27,9 +27,8 @@ head.
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,33 +36,29 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tunelens.analysis.measures.layers import stage_of
 from tunelens.analysis.measures.resume import capturing, resumable, resume_saving, resumed
+from tunelens.analysis.measures.weight_space import (
+    GroupSpec,
+    assign,
+    device_of,
+    resolve_groups,
+    shared_keys,
+    under,
+    unwrap,
+)
 from tunelens.core.evaluation import evaluate
 from tunelens.core.naming import head_name
-from tunelens.core.runtime import no_tf32, resolve_device
+from tunelens.core.runtime import no_tf32
 from tunelens.core.stages import StageMap, stages
 
-__all__ = [
-    "InterpolationResult",
-    "RewindResult",
-    "interpolate",
-    "interpolated_state",
-    "loss_barrier",
-    "recompute_bn",
-    "rewind",
-    "rewound_model",
-    "shared_keys",
-]
-
-GroupSpec = str | Sequence[str] | Mapping[str, str | Sequence[str]]
+__all__ = ["RewindResult", "rewind"]
 
 
 @dataclass(frozen=True)
 class RewindResult:
     """:func:`rewind`'s answer: the ``table`` (one row per group), the state entries outside the head that
     could not be rewound because their shapes differ (``skipped``), the device it ran on, and the stages that
-    were re-run from their recorded inputs (``resumed``, :mod:`analysis.resume`)."""
+    were re-run from their recorded inputs (``resumed``, :mod:`tunelens.analysis.measures.resume`)."""
 
     table: pd.DataFrame
     skipped: tuple[str, ...] = ()
@@ -76,81 +71,6 @@ class RewindResult:
             "indexing rewind()'s result is deprecated: use rewind(...).table", DeprecationWarning, stacklevel=2
         )
         return self.table[key]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
-
-def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return resolve_device(device)
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _under(name: str, prefix: str) -> bool:
-    return bool(prefix) and (name == prefix or name.startswith(prefix + "."))
-
-
-def shared_keys(base: nn.Module, tuned: nn.Module) -> list[str]:
-    """State-dict entries of ``tuned`` (in its order) that ``base`` has with the same shape, outside tuned's head."""
-    base, tuned = _unwrap(base), _unwrap(tuned)
-    head = head_name(tuned)
-    sb = base.state_dict()
-    return [k for k, v in tuned.state_dict().items() if not _under(k, head) and k in sb and sb[k].shape == v.shape]
-
-
-def _resolve_groups(
-    keys: list[str], groups: GroupSpec, head: str, stage_of: Callable[[str], str] = stage_of
-) -> list[tuple[str, list[str]]]:
-    """``[(group name, shared keys)]``. ``"stages"``: one group per stage (``stage_of``), in forward order."""
-    if isinstance(groups, str) and groups == "stages":
-        by: dict[str, list[str]] = {}
-        for k in keys:
-            by.setdefault(stage_of(k), []).append(k)
-        return list(by.items())
-    if isinstance(groups, str):
-        groups = [groups]
-    items = list(groups.items()) if isinstance(groups, Mapping) else [(g, g) for g in groups]
-    out = []
-    for name, prefixes in items:
-        prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
-        sel = [k for k in keys if any(_under(k, p) for p in prefixes)]
-        if not sel:  # a stage name such as "stem"
-            sel = [k for k in keys if stage_of(k) in prefixes]
-        if not sel:
-            stages = sorted({stage_of(k) for k in keys})
-            raise ValueError(
-                f"rewind group {name!r} ({', '.join(prefixes)}) matches no parameter that base and tuned "
-                f"share (the head {head!r} is never rewound). Use module names of the model or a stage: "
-                f"{', '.join(stages)}."
-            )
-        out.append((str(name), sel))
-    return out
-
-
-@torch.no_grad()
-def _assign(state: Mapping[str, torch.Tensor], src: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
-    """Copy ``src[k]`` into the model tensors ``state[k]`` in place (``state`` from ``model.state_dict()``)."""
-    for k in keys:
-        state[k].copy_(src[k])
-
-
-def rewound_model(base: nn.Module, tuned: nn.Module, group: str | Sequence[str] = "all_but_head") -> nn.Module:
-    """A copy of ``tuned`` with ``group`` (module-name prefixes, a stage name, or ``"all_but_head"``) set to base."""
-    base, tuned = _unwrap(base), _unwrap(tuned)
-    model = copy.deepcopy(tuned)
-    keys = shared_keys(base, model)
-    sel = (
-        keys
-        if group == "all_but_head"
-        else _resolve_groups(keys, {str(group): group}, head_name(model), stages(base).stage_of)[0][1]
-    )
-    sb = base.state_dict()
-    _assign(model.state_dict(), sb, sel)
-    return model
 
 
 def rewind(
@@ -179,18 +99,18 @@ def rewind(
     ``loss_increase = loss(rewound) - loss(tuned)`` (accuracies are fractions in [0, 1], so
     drops are fractions too), ``n`` (target samples evaluated), in :attr:`RewindResult.table`.
     ``reference``: ``tuned``'s own ``{"acc", "loss", "n"}`` on ``data`` when already measured (e.g.
-    :meth:`analysis.passes.ModelPass.metrics`), so the unchanged model is not evaluated again.
+    :meth:`tunelens.analysis.engine.passes.ModelPass.metrics`), so the unchanged model is not evaluated again.
     ``resume``: a stage after the first is re-run from its own input, recorded in the tuned model's pass
-    (:mod:`analysis.resume`; at most ``resume_bytes`` of inputs, each stage checked first), when that saves at
+    (:mod:`tunelens.analysis.measures.resume`; at most ``resume_bytes`` of inputs, each stage checked first), when that saves at
     least one pass over ``data`` net of the recording pass; ``reference`` is then measured by that pass.
     """
-    base, tuned = _unwrap(base), _unwrap(tuned)
-    dev = _device_of(tuned, device)
+    base, tuned = unwrap(base), unwrap(tuned)
+    dev = device_of(tuned, device)
     model = copy.deepcopy(tuned).to(dev)
     head = head_name(model)
     keys = shared_keys(base, model)
     smap = stage_map or stages(base)
-    resolved = _resolve_groups(keys, groups, head, smap.stage_of) + [("all_but_head", keys)]
+    resolved = resolve_groups(keys, groups, head, smap.stage_of) + [("all_but_head", keys)]
     state = model.state_dict()
     sb = base.state_dict()
     base_sd = {k: sb[k].detach().to(dev) for k in keys}
@@ -218,19 +138,19 @@ def rewind(
             if name not in changed:
                 r = dict(ref)  # nothing to rewind (a frozen stage): the model is the tuned one, bit for bit
             elif inputs is not None and resumable(model, smap, inputs, name):
-                _assign(state, base_sd, sel)  # only this stage and what follows it run, from its recorded input
+                assign(state, base_sd, sel)  # only this stage and what follows it run, from its recorded input
                 try:
                     with resumed(model, smap, inputs, name, inputs.batches[name]):
                         r = evaluate(model, data, dev)
                 finally:
-                    _assign(state, tuned_sd, sel)
+                    assign(state, tuned_sd, sel)
                 resumed_stages.append(name)
             else:
-                _assign(state, base_sd, sel)
+                assign(state, base_sd, sel)
                 try:
                     r = evaluate(model, data, dev)
                 finally:
-                    _assign(state, tuned_sd, sel)
+                    assign(state, tuned_sd, sel)
             rows.append(
                 {
                     "group": name,
@@ -245,15 +165,5 @@ def rewind(
     df["loss_increase"] = df["loss"] - ref["loss"]
     df = df[["group", "n_tensors", "n_params", "rel_change", "acc", "loss", "acc_drop", "loss_increase", "n"]]
     shared = set(keys)
-    skipped = tuple(k for k in tuned.state_dict() if not _under(k, head) and k not in shared)
+    skipped = tuple(k for k in tuned.state_dict() if not under(k, head) and k not in shared)
     return RewindResult(df.reset_index(drop=True), skipped, str(dev), tuple(resumed_stages))
-
-
-# the interpolation lives in its own module; its names stay importable from here (the public API of 0.1)
-from tunelens.analysis.measures.interpolation import (  # noqa: E402
-    InterpolationResult,
-    interpolate,
-    interpolated_state,
-    loss_barrier,
-    recompute_bn,
-)

@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tunelens.analysis.measures.weights import _threads
 from tunelens.core.naming import stage_of
+from tunelens.core.runtime import torch_threads
 
 __all__ = ["aggregate_intruders", "intruder_control", "intruder_dimensions"]
 
@@ -175,7 +175,7 @@ def intruder_dimensions(
     """
     _check(k, threshold)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    with _threads(1 if dev.type == "cpu" else None):
+    with torch_threads(1 if dev.type == "cpu" else None):
         rows = [_row(n, w0, w1, k, threshold, dev, cache) for n, w0, w1 in _pairs(base, tuned, layers)]
     return pd.DataFrame(rows, columns=_COLUMNS)
 
@@ -202,7 +202,7 @@ def intruder_control(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     rows = []
-    with _threads(1 if dev.type == "cpu" else None):
+    with torch_threads(1 if dev.type == "cpu" else None):
         for name, w0, w1 in _pairs(base, like, layers):
             w0d = w0.double()
             norm = float((w1.double() - w0d).norm())

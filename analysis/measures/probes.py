@@ -1,6 +1,6 @@
 """Linear probes per layer: how linearly decodable the target classes are at each depth.
 
-For every layer, the activations (captured with :func:`analysis.layers.iterate_features`,
+For every layer, the activations (captured with :func:`tunelens.analysis.measures.layers.iterate_features`,
 the same mechanism CKA uses) are globally average-pooled to one vector per image,
 standardised with the training split's mean and standard deviation, and a multinomial
 logistic regression (scikit-learn, L2 penalty ``C``, lbfgs) is fitted on the training split
@@ -41,7 +41,8 @@ def global_pool(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).mean(2)
 
 
-def _gather(arr: np.ndarray) -> np.ndarray:
+def gather_array(arr: np.ndarray) -> np.ndarray:
+    """``arr`` concatenated over the ranks of ``torch.distributed`` in rank order (itself in one process)."""
     if world_size() <= 1:
         return arr
     import torch.distributed as dist
@@ -71,8 +72,8 @@ def layer_features(
             labels.append(torch.as_tensor(y).cpu())
     if not labels:
         raise ValueError("the loader yielded no batch")
-    out = {name: _gather(torch.cat(v).double().numpy()) for name, v in feats.items()}
-    return out, _gather(torch.cat(labels).numpy())
+    out = {name: gather_array(torch.cat(v).double().numpy()) for name, v in feats.items()}
+    return out, gather_array(torch.cat(labels).numpy())
 
 
 def fit_probe(
@@ -123,7 +124,7 @@ def probe_layers(
 ) -> pd.DataFrame:
     """Test accuracy of a linear probe on each layer's pooled, standardised features.
 
-    ``layers`` as in :func:`analysis.layers.resolve_layers` (``"auto"``: for a ResNet the stem
+    ``layers`` as in :func:`tunelens.analysis.measures.layers.resolve_layers` (``"auto"``: for a ResNet the stem
     output, ``layer1`` .. ``layer4``, ``avgpool`` and ``fc``). Deterministic for a given
     ``random_state`` and loader order.
 
@@ -131,11 +132,13 @@ def probe_layers(
     in forward order), ``n_features``, ``n_train``, ``n_test``, ``train_acc``, ``test_acc``,
     ``chance`` (``1 / K`` for the ``K`` classes in the training split), ``n_iter``.
     ``test_features``: the test split's pooled features and labels when a pass already made them
-    (``({layer: (N, D)}, labels)``, :meth:`analysis.passes.ModelPass.features`); ``test_loader`` is then unused.
+    (``({layer: (N, D)}, labels)``, :meth:`tunelens.analysis.engine.passes.ModelPass.features`); ``test_loader`` is then unused.
     """
     names = resolve_layers(model, layers)
     xtr, ytr = layer_features(model, train_loader, names, device)
-    if test_features is not None:  # already pooled by a shared pass (:meth:`analysis.passes.ModelPass.features`)
+    if (
+        test_features is not None
+    ):  # already pooled by a shared pass (:meth:`tunelens.analysis.engine.passes.ModelPass.features`)
         xte, yte = {n: test_features[0][n] for n in names}, test_features[1]
     elif test_loader is not None:
         xte, yte = layer_features(model, test_loader, names, device)

@@ -1,7 +1,7 @@
 """Running a model from one stage on, fed with that stage's cached inputs: rewinding a late stage without
 re-running the stages before it.
 
-Rewinding stage ``s`` of a tuned model (:func:`analysis.interventions.rewind`) leaves every stage before ``s``
+Rewinding stage ``s`` of a tuned model (:func:`tunelens.analysis.measures.interventions.rewind`) leaves every stage before ``s``
 as it was, so ``s`` receives exactly what it received in the tuned model's own pass. :func:`capturing` records,
 during that pass, the input of each stage's first module (a forward pre-hook, per batch, up to a memory cap);
 :func:`resumed` then replaces the modules of the earlier stages by identities and feeds the first module of

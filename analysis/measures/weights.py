@@ -28,9 +28,8 @@ convnext_tiny; most of that is the single thread (see ``num_threads``), 2x at eq
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -38,15 +37,13 @@ import torch
 from torch import nn
 
 from tunelens.analysis.measures.layers import stage_of
+from tunelens.core.naming import ArchitectureMismatch
+from tunelens.core.runtime import torch_threads
 from tunelens.core.stages import StageMap, stages
 
 __all__ = ["ArchitectureMismatch", "aggregate_deltas", "as_state_dict", "first_conv_filters", "weight_deltas"]
 
 _BN_STATS = ("running_mean", "running_var")
-
-
-class ArchitectureMismatch(ValueError):
-    """Two models (or state dicts) that do not have the same parameter names."""
 
 
 def as_state_dict(m: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,20 +151,6 @@ def _tall(d: torch.Tensor) -> torch.Tensor:
     return m.T if m.shape[1] > m.shape[0] else m
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """torch (MKL/OpenMP) intra-op threads set to ``n`` for the block, then restored; None: left as is."""
-    prev = torch.get_num_threads()
-    if n is None or n == prev:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def _flush(group: list[tuple[dict, torch.Tensor]]) -> None:
     spectra = _singular_values([m for _, m in group])
     for (row, _), s in zip(group, spectra, strict=True):
@@ -273,7 +256,7 @@ def weight_deltas(
     a, b = as_state_dict(base), as_state_dict(tuned)
     _check_keys(a, b)
     param_names = {n for n, _ in base.named_parameters()} if isinstance(base, nn.Module) else None
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         if stage_map is None and isinstance(base, nn.Module):
             try:
                 stage_map = stages(base)

@@ -225,5 +225,6 @@ ANALYSIS = register(
         run=run,
         findings=findings,
         defaults={"forgetting_probe_per_class": 100},
+        rules={"forgetting_probe_per_class": {"min": 2}},
     )
 )

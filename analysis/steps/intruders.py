@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tunelens.analysis import findings as F
-from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.engine.registry import Analysis, Context, Output, no_pass, register
 from tunelens.analysis.measures.intruders import aggregate_intruders, intruder_control, intruder_dimensions
 from tunelens.core.results import Results
 
@@ -120,5 +120,7 @@ ANALYSIS = register(
         run=run,
         findings=findings,
         defaults={"intruder_k": 10, "intruder_threshold": 0.5},
+        rules={"intruder_k": {"min": 1}, "intruder_threshold": {"gt": 0, "max": 1}},
+        cost=no_pass,
     )
 )

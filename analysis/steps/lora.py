@@ -11,7 +11,7 @@ import pandas as pd
 
 from tunelens.analysis import findings as F
 from tunelens.analysis.engine.registry import Analysis, Context, Output, register
-from tunelens.analysis.measures.similarity import cka_matrix
+from tunelens.analysis.measures.cka_models import cka_matrix
 from tunelens.analysis.steps.evaluation import PREDICTIONS
 from tunelens.analysis.steps.intruders import lora_models
 from tunelens.analysis.steps.similarity import backbone_layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tunelens.analysis import findings as F
-from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.engine.registry import Analysis, Context, Output, no_pass, register
 from tunelens.analysis.steps.evaluation import ACCURACY
 from tunelens.analysis.steps.forgetting import FORGETTING
 from tunelens.analysis.steps.similarity import CKA_DIAGONAL
@@ -66,5 +66,6 @@ ANALYSIS = register(
         findings=findings,
         optional=False,
         compares_models=False,
+        cost=no_pass,
     )
 )

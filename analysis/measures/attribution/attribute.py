@@ -4,10 +4,11 @@
 :func:`attribute_pair` computes two (or more) models' maps on the same inputs with
 the same targets, baselines and random draws, so a difference between the maps is
 the models', not noise. Models are prepared with
-:func:`analysis.prepare.prepare_for_attribution` (a checked copy in eval mode,
+:func:`tunelens.analysis.measures.attribution.prepare.prepare_for_attribution` (a checked copy in eval mode,
 no in-place activations, one ReLU module per use).
 
-Methods (Captum classes; logits are attributed, never softmax outputs):
+Methods (Captum classes; logits are attributed, never softmax outputs; each is declared in
+:mod:`tunelens.analysis.measures.attribution.methods`):
 
 ``saliency``            |d logit / d x| (Simonyan et al. 2014), ``Saliency``
 ``input_x_gradient``    x * d logit / d x (Shrikumar et al. 2016), ``InputXGradient``
@@ -47,21 +48,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tunelens.analysis.measures.attribution.methods import DEFAULT_OPTIONS, GRADIENT_METHODS, METHODS
 from tunelens.analysis.measures.attribution.prepare import (
-    _model_device,
     assert_eval,
     is_residual,
     output_dim,
     prepare_for_attribution,
 )
+from tunelens.core.models import model_device
 from tunelens.core.stages import TOKEN_GRID, gradcam_layer, patch_grid, stages
 
 __all__ = [
-    "DEFAULT_METHODS",
-    "DEFAULT_OPTIONS",
-    "GRADIENT_METHODS",
-    "METHODS",
-    "STOCHASTIC_METHODS",
     "CoarseLayerWarning",
     "PairMaps",
     "attribute",
@@ -69,37 +66,12 @@ __all__ = [
     "attribute_pair",
     "auto_eval_batch",
     "default_gradcam_layer",
+    "merge_options",
     "predictions",
     "resolve_targets",
+    "shares_gradient",
     "token_grad_cam",
 ]
-
-METHODS = (
-    "saliency",
-    "input_x_gradient",
-    "integrated_gradients",
-    "smoothgrad",
-    "gradient_shap",
-    "occlusion",
-    "grad_cam",
-    "guided_backprop",
-    "deeplift",
-    "lrp",
-)
-DEFAULT_METHODS = (
-    "saliency",
-    "input_x_gradient",
-    "integrated_gradients",
-    "smoothgrad",
-    "gradient_shap",
-    "occlusion",
-    "grad_cam",
-    "guided_backprop",
-)
-STOCHASTIC_METHODS = frozenset({"smoothgrad", "gradient_shap"})
-#: Methods that read the same input gradient: saliency is its absolute value, input x gradient its product
-#: with the input.
-GRADIENT_METHODS = ("saliency", "input_x_gradient")
 
 
 def shares_gradient(methods: Sequence[str], options: Mapping[str, Any] | None) -> bool:
@@ -107,15 +79,6 @@ def shares_gradient(methods: Sequence[str], options: Mapping[str, Any] | None) -
     and input set serves both (:func:`~tunelens.analysis.measures.attribution.study.attribution_study`)."""
     return set(GRADIENT_METHODS) <= set(methods) and not any((options or {}).get(m) for m in GRADIENT_METHODS)
 
-
-#: Defaults per method (any Captum ``attribute`` keyword may be passed on top of these).
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "integrated_gradients": {"n_steps": 32, "method": "gausslegendre"},
-    "smoothgrad": {"nt_samples": 8, "noise_level": 0.15, "inner": "saliency", "nt_type": "smoothgrad"},
-    "gradient_shap": {"n_samples": 8, "stdevs": 0.0},
-    "occlusion": {"window": 8, "stride": 4},
-    "grad_cam": {"layer": "auto", "interpolate_mode": "bilinear", "relu_attributions": False},
-}
 
 _CPU_MAX_BATCH = 256
 _GPU_MAX_BATCH = 2048
@@ -214,7 +177,7 @@ def auto_eval_batch(
     Budget: 60% of free GPU memory on CUDA, 25% of available RAM on CPU, unless given. Capped
     at 256 on CPU (larger batches are not faster there) and 2048 on GPU.
     """
-    device = device or _model_device(model)
+    device = device or model_device(model)
     per = 3 * _activation_bytes(model, inputs[:1].to(device))
     if memory_budget is None:
         if device.type == "cuda":
@@ -265,13 +228,13 @@ def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
     """The last layer after the stem with an NCHW output larger than 1x1 that runs once per forward pass
     (:func:`tunelens.core.stages.gradcam_layer`: ``layer4`` on ResNets, Swin's ``permute`` back to NCHW, never
     a 1x1 pooling layer). ValueError with the reason when there is none (ViT: its blocks output tokens)."""
-    return gradcam_layer(model, inputs[:1].to(_model_device(model)))
+    return gradcam_layer(model, inputs[:1].to(model_device(model)))
 
 
 @torch.no_grad()
 def predictions(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Arg-max class of the model's logits for each input (eval mode assumed), on the CPU."""
-    dev = _model_device(model)
+    dev = model_device(model)
     return torch.cat(
         [model(inputs[i : i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(inputs), batch_size)]
     )
@@ -296,7 +259,9 @@ def resolve_targets(model: nn.Module, inputs: torch.Tensor, target: Any) -> torc
     return t
 
 
-def _merge_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+def merge_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``method``'s :data:`~tunelens.analysis.measures.attribution.methods.DEFAULT_OPTIONS` updated by ``options``
+    (an unknown method is refused)."""
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; expected one of {', '.join(METHODS)}")
     opts = dict(DEFAULT_OPTIONS.get(method, {}))
@@ -439,16 +404,16 @@ def attribute_group(
 ) -> list[torch.Tensor]:
     """Maps of several prepared models on the same inputs, chunk by chunk with the same seeds.
 
-    The models must be prepared (:func:`analysis.prepare.prepare_for_attribution`) and on
+    The models must be prepared (:func:`tunelens.analysis.measures.attribution.prepare.prepare_for_attribution`) and on
     one device. ``targets[i]`` is the target per input of ``models[i]``. An out-of-memory
     error halves ``eval_batch`` and redoes the chunk for every model, so the draws stay
     shared. Returns one detached float tensor per model, shaped like ``inputs``, on the
     inputs' device.
     """
-    opts = _merge_options(method, options)
+    opts = merge_options(method, options)
     for m in models:
         assert_eval(m)
-    dev = _model_device(models[0])
+    dev = model_device(models[0])
     n = len(inputs)
     state: dict[str, Any] = {}
     if method == "smoothgrad" and "stdevs" not in opts:
@@ -511,9 +476,9 @@ def attribute(
 
     ``target``: true labels (sequence or tensor), one int for all, or ``"pred"`` for the
     model's own prediction. The model is prepared for attribution on a copy
-    (:func:`analysis.prepare.prepare_for_attribution`), so it is left unchanged.
+    (:func:`tunelens.analysis.measures.attribution.prepare.prepare_for_attribution`), so it is left unchanged.
     """
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     prepared = prepare_for_attribution(model, inputs, device=dev)
     t = resolve_targets(prepared, inputs, target)
     return attribute_group(
@@ -550,14 +515,14 @@ def attribute_pair(
     if target is None:
         raise TypeError("attribute_pair needs target: the class indices to attribute, or 'pred'")
     targets = target
-    dev = torch.device(device) if device is not None else _model_device(tuned)
+    dev = torch.device(device) if device is not None else model_device(tuned)
     pb = prepare_for_attribution(base, inputs, device=dev)
     pt = prepare_for_attribution(tuned, inputs, device=dev)
     if output_dim(pb, inputs) != output_dim(pt, inputs):
         raise ValueError(
             f"the models answer different questions ({output_dim(pb, inputs)} vs "
             f"{output_dim(pt, inputs)} classes): give the base model a probe head for the tuned "
-            "model's classes first (analysis.prepare.fit_probe_head), or use attribution_study "
+            "model's classes first (tunelens.analysis.measures.attribution.prepare.fit_probe_head), or use attribution_study "
             "with probe_data"
         )
     if isinstance(targets, tuple) and len(targets) == 2 and not isinstance(targets[0], (int, np.integer)):
@@ -574,5 +539,5 @@ def attribute_pair(
             [pb, pt], inputs, [tb, tt], method, seed=seed, eval_batch=eval_batch, progress=progress, **opts
         )
         maps[method] = (a, b)
-        used[method] = _merge_options(method, opts)
+        used[method] = merge_options(method, opts)
     return PairMaps(maps=maps, target_base=tb, target_tuned=tt, seed=seed, options=used)

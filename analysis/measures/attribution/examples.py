@@ -32,7 +32,7 @@ class AttributionExamples:
     similarity: np.ndarray
 
 
-def _examples(
+def pick_examples(
     d: pd.DataFrame, maps: Mapping[str, np.ndarray], x: torch.Tensor, masks: torch.Tensor | None, similarity: str
 ) -> AttributionExamples:
     sim = d[similarity].to_numpy(float)

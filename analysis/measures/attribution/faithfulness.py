@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelens.analysis.measures.attribution.map_metrics import to_maps
-from tunelens.analysis.measures.attribution.prepare import _model_device
+from tunelens.core.models import model_device
 
 __all__ = ["deletion_insertion", "gaussian_blur"]
 
@@ -67,7 +67,7 @@ def deletion_insertion(
     """
     if model.training:
         raise RuntimeError("deletion/insertion needs the model in eval mode")
-    dev = _model_device(model)
+    dev = model_device(model)
     n, c, h, w = inputs.shape
     r = torch.from_numpy(to_maps(maps, "signed")).reshape(n, -1)
     order = torch.argsort(-r, dim=1, stable=True)

@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from tunelens.core.evaluation import unpack_batch
+from tunelens.core.models import model_device
 from tunelens.core.runtime import blas_threads
 
 __all__ = [
@@ -128,16 +129,10 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with _eval_mode(model):
-        out = model(x.to(_model_device(model)))
+        out = model(x.to(model_device(model)))
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model returned {type(out).__name__}; attribution needs a tensor of logits")
     return out.detach().float()
@@ -222,12 +217,12 @@ def prepare_for_attribution(
     An already prepared model is returned as is (a copy moved to ``device`` when it lives elsewhere).
     """
     if is_prepared(model):
-        if device is None or torch.device(device) == _model_device(model):
+        if device is None or torch.device(device) == model_device(model):
             return model
         moved = copy.deepcopy(model).to(device)
         _PREPARED.add(moved)
         return moved
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     x = inputs[:n_check].detach()
     ref = _logits(model, x)
     if _looks_like_probabilities(ref):
@@ -279,7 +274,8 @@ def cascade_stages(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def _reinit(module: nn.Module, gen: torch.Generator) -> None:
+def reinit(module: nn.Module, gen: torch.Generator) -> None:
+    """Re-initialise the convolutions, linear layers and norms under ``module`` from ``gen`` (the randomization test's cascade)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             fan_in = m.weight[0].numel()
@@ -317,7 +313,7 @@ def randomize_cascading(model: nn.Module, n_stages: int | None = None, seed: int
         raise ValueError(f"n_stages must be in 0..{len(stages)} for this model, got {n_stages}")
     gen = torch.Generator().manual_seed(int(seed))
     for name in stages[:k]:
-        _reinit(out.get_submodule(name), gen)
+        reinit(out.get_submodule(name), gen)
     return out
 
 
@@ -345,7 +341,7 @@ def head_features(
     from tunelens.core.naming import head_name
 
     head = model.get_submodule(head_name(model))
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     feats, labels, seen = [], [], 0
     captured: list[torch.Tensor] = []
 

@@ -64,7 +64,7 @@ def _change_index_ci(
 # ----------------------------------------------------------------------------------------------
 
 
-def _summary(
+def summary_table(
     comp: pd.DataFrame,
     methods: Sequence[str],
     similarity: str,
@@ -73,6 +73,7 @@ def _summary(
     seed: int,
     timings: Mapping[str, float],
 ) -> pd.DataFrame:
+    """Per method: the change index against its ceiling and floor, with bootstrap CIs over images (the study's summary table)."""
     out = []
     for m in methods:
         d = comp[comp["method"] == m]
@@ -106,7 +107,7 @@ def _summary(
         for c in ("deletion_base", "insertion_base", "deletion_tuned", "insertion_tuned", "mass_base", "mass_tuned"):
             if c in d and d[c].notna().any():
                 row[c] = float(np.nanmean(d[c]))
-        row["seconds"] = timings.get(m, float("nan")) + timings.get(f"{m}_faithfulness", 0.0)
+        row["seconds"] = timings.get(m, float("nan")) + timings.get(f"{m}faithfulness_table", 0.0)
         out.append(row)
     return pd.DataFrame(out)
 
@@ -130,7 +131,8 @@ def _paired(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict[str, f
     }
 
 
-def _localisation(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
+def localisation_table(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
+    """Per method and model: how much of the attribution falls on the object mask, with bootstrap CIs over images."""
     out = []
     for m in methods:
         d = comp[comp["method"] == m]
@@ -145,7 +147,8 @@ def _localisation(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed:
     return pd.DataFrame(out)
 
 
-def _faithfulness(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
+def faithfulness_table(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
+    """Per method and model: the deletion / insertion areas, with bootstrap CIs over images."""
     out = []
     for m in methods:
         d = comp[comp["method"] == m]
@@ -161,7 +164,7 @@ def _faithfulness(comp: pd.DataFrame, methods: Sequence[str], n_boot: int, seed:
     return pd.DataFrame(out)
 
 
-def _per_class(
+def per_class_table(
     comp: pd.DataFrame,
     summary: pd.DataFrame,
     methods: Sequence[str],
@@ -170,6 +173,7 @@ def _per_class(
     seed: int,
     with_masks: bool,
 ) -> pd.DataFrame:
+    """Per method and class: the change index with its bootstrap CI (the study's per-class table)."""
     out = []
     for m in methods:
         s = summary[summary["method"] == m].iloc[0]

@@ -2,7 +2,7 @@
 
 :func:`attribution_study` computes, for each attribution method, the maps of the base
 and the fine-tuned model on the same images (same targets, baselines and random
-draws), compares them per image (:func:`analysis.map_metrics.compare_maps`), checks them
+draws), compares them per image (:func:`tunelens.analysis.measures.attribution.map_metrics.compare_maps`), checks them
 against object masks and for faithfulness (deletion/insertion), and calibrates each
 method's base-vs-tuned agreement between
 
@@ -27,7 +27,7 @@ methods' numbers should not be used for findings.
 
 When the two models' heads differ (an external checkpoint or a pretrained base with
 source-task classes), the base model is attributed through a linear-probe head fitted
-on ``probe_data`` (:func:`analysis.prepare.fit_probe_head`), so both models answer the
+on ``probe_data`` (:func:`tunelens.analysis.measures.attribution.prepare.fit_probe_head`), so both models answer the
 same question; :attr:`AttributionStudy.notes` says so.
 """
 
@@ -44,18 +44,21 @@ import torch
 from torch import nn
 
 from tunelens.analysis.measures.attribution.attribute import (
-    DEFAULT_METHODS,
-    GRADIENT_METHODS,
-    STOCHASTIC_METHODS,
-    _merge_options,
     attribute_group,
     auto_eval_batch,
+    merge_options,
     predictions,
     shares_gradient,
 )
-from tunelens.analysis.measures.attribution.examples import AttributionExamples, _examples
+from tunelens.analysis.measures.attribution.examples import AttributionExamples, pick_examples
 from tunelens.analysis.measures.attribution.faithfulness import deletion_insertion
 from tunelens.analysis.measures.attribution.map_metrics import SIMILARITIES, compare_maps, to_maps
+from tunelens.analysis.measures.attribution.methods import (
+    DEFAULT_METHODS,
+    GRADIENT_METHODS,
+    STOCHASTIC_METHODS,
+    STUDY_OPTIONS,
+)
 from tunelens.analysis.measures.attribution.prepare import (
     cascade_stages,
     fit_probe_head,
@@ -64,19 +67,18 @@ from tunelens.analysis.measures.attribution.prepare import (
     randomize_cascading,
 )
 from tunelens.analysis.measures.attribution.stats import (
-    _faithfulness,
-    _localisation,
-    _per_class,
-    _summary,
     bootstrap_ci,
     change_index,
+    faithfulness_table,
+    localisation_table,
+    per_class_table,
+    summary_table,
 )
 from tunelens.core.evaluation import unpack_batch
 from tunelens.core.models import model_device
 from tunelens.core.runtime import resolve_device
 
 __all__ = [
-    "STUDY_OPTIONS",
     "AttributionExamples",
     "AttributionStudy",
     "attribution_study",
@@ -85,22 +87,13 @@ __all__ = [
     "collect_images",
 ]
 
-#: Method options of the study (on top of :data:`analysis.attribution.DEFAULT_OPTIONS`), sized so the
-#: default run (tiny_resnet, 32x32, 64 images, 8 methods, 4 maps each) stays within its time budget on 2 CPU cores.
-STUDY_OPTIONS: dict[str, dict[str, Any]] = {
-    "integrated_gradients": {"n_steps": 16},
-    "smoothgrad": {"nt_samples": 8},
-    "gradient_shap": {"n_samples": 8},
-    "occlusion": {"window": 8, "stride": 6},
-}
-
 
 @dataclass
 class AttributionStudy:
     """Everything :func:`attribution_study` measured.
 
     ``comparisons``: one row per image and method -- base-vs-tuned similarities
-    (:data:`analysis.map_metrics.SIMILARITIES`), ``ceiling_<sim>``, ``floor_<sim>``, ``floor_top_<sim>``, mask
+    (:data:`tunelens.analysis.measures.attribution.map_metrics.SIMILARITIES`), ``ceiling_<sim>``, ``floor_<sim>``, ``floor_top_<sim>``, mask
     metrics ``mass_base``/``mass_tuned``/``rank_acc_*``/``pointing_*`` (with masks),
     ``deletion_base``/``insertion_base``/``deletion_tuned``/``insertion_tuned`` (with
     faithfulness), labels, predictions and targets.
@@ -221,7 +214,7 @@ def attribution_study(
     floor use the base model's). ``probe_data``: labelled training images for the
     linear-probe head, needed when the models' heads differ in size. ``options``:
     per-method options on top of :data:`STUDY_OPTIONS`. ``similarity``: the similarity
-    of the change index (one of :data:`analysis.map_metrics.SIMILARITIES`); ``threshold``: the
+    of the change index (one of :data:`tunelens.analysis.measures.attribution.map_metrics.SIMILARITIES`); ``threshold``: the
     least ``ceiling - floor`` (and ``ceiling - floor_top``) of an informative method; ``top_stages``:
     how many stages from the top ``floor_top`` randomizes. GradientShap's baseline
     distribution is ``shap_baselines`` other images of ``data`` (the same for every model).
@@ -448,7 +441,7 @@ def _study(
                 fi = deletion_insertion(model, xs, mp, tg, steps=faithfulness_steps, eval_batch=2 * eval_batch)
                 df[f"deletion_{role}"] = fi["deletion_auc"]
                 df[f"insertion_{role}"] = fi["insertion_auc"]
-            timings[f"{method}_faithfulness"] = time.perf_counter() - t
+            timings[f"{method}faithfulness_table"] = time.perf_counter() - t
         df.insert(0, "method", method)
         df["index"] = idx[lo:hi]
         if "sample" in df:
@@ -471,14 +464,16 @@ def _study(
         maps = {m: {key: np.concatenate([p[1][m][key] for p in parts]) for key in maps[m]} for m in methods}
     comparisons = pd.concat(rows, ignore_index=True)
 
-    summary = _summary(comparisons, methods, similarity, threshold, n_boot, seed, timings)
-    localisation = _localisation(comparisons, methods, n_boot, seed) if masks is not None else None
-    per_class = _per_class(comparisons, summary, methods, similarity, n_boot, seed, masks is not None)
+    summary = summary_table(comparisons, methods, similarity, threshold, n_boot, seed, timings)
+    localisation = localisation_table(comparisons, methods, n_boot, seed) if masks is not None else None
+    per_class = per_class_table(comparisons, summary, methods, similarity, n_boot, seed, masks is not None)
     faith_methods = (
         list(methods) if faithfulness is True else [m for m in methods if faithfulness and m in faithfulness]
     )
-    faith = _faithfulness(comparisons, faith_methods, n_boot, seed) if faith_methods else None
-    examples = {m: _examples(comparisons[comparisons["method"] == m], maps[m], x, masks, similarity) for m in methods}
+    faith = faithfulness_table(comparisons, faith_methods, n_boot, seed) if faith_methods else None
+    examples = {
+        m: pick_examples(comparisons[comparisons["method"] == m], maps[m], x, masks, similarity) for m in methods
+    }
     flagged = summary.loc[~summary["informative"], "method"].tolist()
     if flagged:
         notes.append(
@@ -503,7 +498,7 @@ def _study(
         "options": {
             m: {
                 kk: vv
-                for kk, vv in _merge_options(m, {**STUDY_OPTIONS.get(m, {}), **(options or {}).get(m, {})}).items()
+                for kk, vv in merge_options(m, {**STUDY_OPTIONS.get(m, {}), **(options or {}).get(m, {})}).items()
                 if not isinstance(vv, torch.Tensor)
             }
             for m in methods

@@ -32,12 +32,12 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from tunelens.analysis.measures.attribution.prepare import _reinit, fit_probe_head, randomize_cascading
-from tunelens.analysis.measures.attribution.stats import _localisation, _per_class, _summary
+from tunelens.analysis.measures.attribution.methods import TEXT_METHODS
+from tunelens.analysis.measures.attribution.prepare import fit_probe_head, randomize_cascading, reinit
+from tunelens.analysis.measures.attribution.stats import localisation_table, per_class_table, summary_table
 
-__all__ = ["TEXT_METHODS", "TextAttributionStudy", "text_attribution_study"]
+__all__ = ["TextAttributionStudy", "text_attribution_study"]
 
-TEXT_METHODS = ("integrated_gradients", "feature_ablation")
 SHIFT_WORD = "so"  # the neutral word that shifts every sentence by one token (the ceiling's nuisance)
 
 
@@ -157,8 +157,8 @@ def _localise(rel: np.ndarray, dec: np.ndarray, words: np.ndarray) -> dict[str, 
 def _top_random(model: Any, seed: int) -> Any:
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(int(seed))
-    _reinit(out.fc, gen)
-    _reinit(out.encoder.layer[-1], gen)
+    reinit(out.fc, gen)
+    reinit(out.encoder.layer[-1], gen)
     return out
 
 
@@ -289,9 +289,9 @@ def _text_study(
     comp = pd.concat(rows, ignore_index=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # ssim has no text form: its columns stay NaN
-        summ = _summary(comp, methods, "spearman_abs", threshold, n_boot, seed, timings)
-        loc = _localisation(comp, methods, n_boot, seed) if bool((dec[words] > 0).any()) else None
-        per = _per_class(comp, summ, methods, "spearman_abs", n_boot, seed, True)
+        summ = summary_table(comp, methods, "spearman_abs", threshold, n_boot, seed, timings)
+        loc = localisation_table(comp, methods, n_boot, seed) if bool((dec[words] > 0).any()) else None
+        per = per_class_table(comp, summ, methods, "spearman_abs", n_boot, seed, True)
     return TextAttributionStudy(
         summary=summ,
         comparisons=comp,

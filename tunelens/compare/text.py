@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from tunelens.compare import CompareError, Plan, _one_line, _tuned_names, _unchanged_findings
+from tunelens.compare.checkpoints import unchanged_findings
+from tunelens.compare.plan import CompareError, Plan, one_line, tuned_names
 
 __all__ = ["TextCSV", "load_text_checkpoint", "read_text_csv", "text_state_dict", "validate_text"]
 
@@ -141,7 +142,7 @@ def load_text_checkpoint(arch: str, spec: str, flag: str, head_required: bool) -
     try:
         model.load_state_dict({n: sd[n].to(ref[n].dtype) for n in ref}, strict=True)
     except RuntimeError as e:
-        raise CompareError(f"{flag} {spec} cannot be loaded into {arch}: {_one_line(e)[:200]}") from None
+        raise CompareError(f"{flag} {spec} cannot be loaded into {arch}: {one_line(e)[:200]}") from None
     return model.eval(), str(file), fc is not None
 
 
@@ -184,7 +185,7 @@ def read_text_csv(
     except UnicodeDecodeError:
         raise CompareError(f"{what} {path} is not UTF-8 text; save the CSV as UTF-8") from None
     except csv.Error as e:
-        raise CompareError(f"{what} {path} is not a readable CSV ({_one_line(e)})") from None
+        raise CompareError(f"{what} {path} is not a readable CSV ({one_line(e)})") from None
     if "text" not in header or "label" not in header:
         raise CompareError(
             f"{what} {path} needs the columns text and label (found: {', '.join(header) or 'no header'}); "
@@ -277,11 +278,11 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
         folder = check_text_extra(args.arch)
         tok = load_tokenizer(folder)
     except ValueError as e:
-        raise CompareError(f"--arch {args.arch}: {_one_line(e)}") from None
+        raise CompareError(f"--arch {args.arch}: {one_line(e)}") from None
     for flag, p in [("--base", args.base)] + [("--tuned", t) for t in args.tuned]:
         if not Path(p).exists():
             raise CompareError(f"{flag} {p}: no such file or folder")
-    names = _tuned_names([str(Path(t)) for t in args.tuned])
+    names = tuned_names([str(Path(t)) for t in args.tuned])
     models: dict[str, Any] = {}
     files: dict[str, str] = {}
     models["base"], files["base"], base_head = load_text_checkpoint(args.arch, args.base, "--base", False)
@@ -328,14 +329,14 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
                 out = m(x)
         except Exception as e:
             raise CompareError(
-                f"--arch {args.arch} cannot run on the sentences of --data ({_one_line(e)[:200]})"
+                f"--arch {args.arch} cannot run on the sentences of --data ({one_line(e)[:200]})"
             ) from None
         if out.ndim != 2:
             raise CompareError(
                 f"--arch {args.arch}: the model returns shape {tuple(out.shape)}, expected (batch, classes)"
             )
 
-    notes, found = _unchanged_findings(models, dict(zip(names, args.tuned, strict=True)))
+    notes, found = unchanged_findings(models, dict(zip(names, args.tuned, strict=True)))
     from tunelens.analysis.io.loading import check_finite
 
     nonfinite = {n: bad for n, m in models.items() if (bad := check_finite(m.state_dict()))}
@@ -377,7 +378,7 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
     for section in ("pretrain", "finetune"):
         cfg.pop(section, None)
     cfg["compare"] = {"arch": args.arch, "base": args.base, "tuned": list(args.tuned)}
-    from tunelens.compare import external_manifests
+    from tunelens.compare.manifests import external_manifests
 
     manifests = external_manifests(args, models, files, list(ds.classes), n_out)
     desc = f"{args.arch} from {files['base']} " + (
