@@ -14,7 +14,6 @@ from tunelens.analysis.measures.attribution.attribute import (
     attribute,
     attribute_group,
     attribute_pair,
-    resolve_targets,
 )
 from tunelens.analysis.measures.attribution.methods import DEFAULT_METHODS
 from tunelens.analysis.measures.attribution.prepare import (
@@ -22,13 +21,13 @@ from tunelens.analysis.measures.attribution.prepare import (
     SplitReLUBasicBlock,
     SplitReLUBottleneck,
     cascade_stages,
-    fit_probe_head,
-    head_features,
     is_prepared,
     prepare_for_attribution,
     randomize_cascading,
     reused_modules,
 )
+from tunelens.analysis.measures.attribution.probe_head import fit_probe_head, head_features
+from tunelens.analysis.measures.attribution.targets import resolve_targets
 from tunelens.finetune.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

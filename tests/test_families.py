@@ -176,7 +176,7 @@ class _Tokens(nn.Module):
 
 
 def test_token_grad_cam_is_grad_cam_on_the_patch_grid():
-    from tunelens.analysis.measures.attribution.attribute import token_grad_cam
+    from tunelens.analysis.measures.attribution.gradcam import token_grad_cam
 
     m = _Tokens().eval()
     x = torch.randn(2, 3, 4, 4)

@@ -209,12 +209,8 @@ def test_cuda_pass_matches_cpu():
 
 def test_saliency_and_input_x_gradient_share_one_backward_pass(monkeypatch):
     """Both maps come from one gradient per model and input set, equal to Captum's own two methods."""
-    import importlib
-
-    study_mod = importlib.import_module(
-        "tunelens.analysis.measures.attribution.study"
-    )  # the package's name is the function
-    attribution_study = study_mod.attribution_study
+    from tunelens.analysis.measures.attribution import study_run as study_mod
+    from tunelens.analysis.measures.attribution.study import attribution_study
 
     a, b = _pair()
     ds = _loader(n=8).dataset

@@ -36,10 +36,8 @@ and every model of a group sees the same draws.
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +46,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tunelens.analysis.measures.attribution.batching import auto_eval_batch, chunk_seed, is_oom, seeded
+from tunelens.analysis.measures.attribution.gradcam import default_gradcam_layer, token_grad_cam
 from tunelens.analysis.measures.attribution.methods import DEFAULT_OPTIONS, GRADIENT_METHODS, METHODS
-from tunelens.analysis.measures.attribution.prepare import (
-    assert_eval,
-    is_residual,
-    output_dim,
-    prepare_for_attribution,
-)
+from tunelens.analysis.measures.attribution.prepare import assert_eval, is_residual, output_dim, prepare_for_attribution
+from tunelens.analysis.measures.attribution.targets import resolve_targets
 from tunelens.core.models import model_device
-from tunelens.core.stages import TOKEN_GRID, gradcam_layer, patch_grid, stages
+from tunelens.core.stages import TOKEN_GRID
 
 __all__ = [
     "CoarseLayerWarning",
@@ -64,13 +60,8 @@ __all__ = [
     "attribute",
     "attribute_group",
     "attribute_pair",
-    "auto_eval_batch",
-    "default_gradcam_layer",
     "merge_options",
-    "predictions",
-    "resolve_targets",
     "shares_gradient",
-    "token_grad_cam",
 ]
 
 
@@ -78,10 +69,6 @@ def shares_gradient(methods: Sequence[str], options: Mapping[str, Any] | None) -
     """Whether both :data:`GRADIENT_METHODS` run without options of their own, so one backward pass per model
     and input set serves both (:func:`~tunelens.analysis.measures.attribution.study.attribution_study`)."""
     return set(GRADIENT_METHODS) <= set(methods) and not any((options or {}).get(m) for m in GRADIENT_METHODS)
-
-
-_CPU_MAX_BATCH = 256
-_GPU_MAX_BATCH = 2048
 
 
 class CoarseLayerWarning(UserWarning):
@@ -106,157 +93,6 @@ class PairMaps:
 
     def __len__(self) -> int:
         return len(self.maps)
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
-    """torch (CPU and ``device``) and NumPy global generators seeded inside; the caller's states restored after."""
-    devices = [device] if device is not None and device.type == "cuda" else []
-    np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.manual_seed(seed)
-        np.random.seed(seed % (2**32))
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
-
-
-def _chunk_seed(seed: int, start: int) -> int:
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(start)]).generate_state(1)[0])
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and (
-        "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
-    )
-
-
-def _available_ram() -> int:
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
-
-
-@torch.no_grad()
-def _activation_bytes(model: nn.Module, x1: torch.Tensor) -> int:
-    total = 0
-    handles = []
-
-    def hook(_m, _i, out):
-        nonlocal total
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-
-    for m in model.modules():
-        if not list(m.children()):
-            handles.append(m.register_forward_hook(hook))
-    try:
-        model(x1)
-    finally:
-        for h in handles:
-            h.remove()
-    return max(total, x1.numel() * x1.element_size())
-
-
-def auto_eval_batch(
-    model: nn.Module, inputs: torch.Tensor, device: torch.device | None = None, memory_budget: int | None = None
-) -> int:
-    """Most images per forward/backward pass that fit: activation bytes per image x 3 against a memory budget.
-
-    Budget: 60% of free GPU memory on CUDA, 25% of available RAM on CPU, unless given. Capped
-    at 256 on CPU (larger batches are not faster there) and 2048 on GPU.
-    """
-    device = device or model_device(model)
-    per = 3 * _activation_bytes(model, inputs[:1].to(device))
-    if memory_budget is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            memory_budget = int(0.6 * free)
-        else:
-            memory_budget = int(0.25 * _available_ram())
-    cap = _GPU_MAX_BATCH if device.type == "cuda" else _CPU_MAX_BATCH
-    return int(max(1, min(cap, memory_budget // max(per, 1))))
-
-
-def token_grad_cam(
-    model: nn.Module, layer: str, x: torch.Tensor, target: Any, *, relu_attributions: bool = False
-) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al. 2017) on a layer whose output is tokens ``(B, N, D)`` (a ViT block): the
-    ``prefix_tokens`` of the model's stage map (class/register tokens) are dropped, the channel weights are the
-    patch-mean gradients of the target logit, ``cam[p] = sum_d w_d * a[p, d]`` per patch token ``p``, and the
-    patches are laid out on their grid: ``(B, 1, h, w)``, as ``LayerGradCam`` returns for NCHW layers (whose
-    spatial mean of the gradients over an NCHW map is the same weight). Grad-CAM for ViTs follows the common
-    practice (e.g. pytorch-grad-cam's ViT recipe: a block's tokens reshaped to the patch grid)."""
-    prefix = stages(model, x[:1].detach()).prefix_tokens
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(_m: nn.Module, _i: Any, out: Any) -> None:
-        seen["a"] = out[0] if isinstance(out, tuple) else out
-
-    handle = model.get_submodule(layer).register_forward_hook(keep)
-    try:
-        with torch.enable_grad():
-            logits = model(x)
-            t = torch.as_tensor(target, device=logits.device).reshape(-1)
-            t = t.expand(len(logits)) if t.numel() == 1 else t
-            score = logits.gather(1, t[:, None].long()).sum()
-            grad = torch.autograd.grad(score, seen["a"])[0]
-    finally:
-        handle.remove()
-    a, g = seen["a"].detach()[:, prefix:], grad[:, prefix:]
-    if a.ndim != 3:
-        raise ValueError(f"token Grad-CAM needs a (B, N, D) output at {layer!r}, got shape {tuple(seen['a'].shape)}")
-    cam = (a * g.mean(1, keepdim=True)).sum(-1)
-    if relu_attributions:
-        cam = cam.clamp(min=0)
-    h, w = patch_grid(cam.shape[1], x.shape[-2:])
-    return cam.reshape(len(cam), 1, h, w)
-
-
-def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
-    """The last layer after the stem with an NCHW output larger than 1x1 that runs once per forward pass
-    (:func:`tunelens.core.stages.gradcam_layer`: ``layer4`` on ResNets, Swin's ``permute`` back to NCHW, never
-    a 1x1 pooling layer). ValueError with the reason when there is none (ViT: its blocks output tokens)."""
-    return gradcam_layer(model, inputs[:1].to(model_device(model)))
-
-
-@torch.no_grad()
-def predictions(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Arg-max class of the model's logits for each input (eval mode assumed), on the CPU."""
-    dev = model_device(model)
-    return torch.cat(
-        [model(inputs[i : i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(inputs), batch_size)]
-    )
-
-
-def resolve_targets(model: nn.Module, inputs: torch.Tensor, target: Any) -> torch.Tensor:
-    """Target class per input as a CPU long tensor: an int, a sequence/tensor of labels, or ``"pred"``."""
-    n = len(inputs)
-    if target is None:
-        raise ValueError(
-            "a target is needed: pass the true labels (target=labels) or target='pred' for the model's own prediction"
-        )
-    if isinstance(target, str):
-        if target in ("pred", "prediction", "own"):
-            return predictions(model, inputs)
-        raise ValueError(f"unknown target {target!r}: use labels, an int, or 'pred'")
-    t = torch.as_tensor(target).long().cpu()
-    if t.ndim == 0:
-        return t.repeat(n)
-    if t.shape != (n,):
-        raise ValueError(f"target has shape {tuple(t.shape)}; expected ({n},) for {n} inputs")
-    return t
 
 
 def merge_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -429,14 +265,14 @@ def attribute_group(
         while start < n:
             size = _outer_chunk(method, opts, b, n - start)
             xs = inputs[start : start + size].to(dev)
-            cs = _chunk_seed(seed, start)
+            cs = chunk_seed(seed, start)
             try:
                 res = [
                     _attribute_chunk(m, xs, t[start : start + size].to(dev), method, opts, b, cs, state)
                     for m, t in zip(models, targets, strict=False)
                 ]
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                if not _is_oom(e) or b == 1:
+                if not is_oom(e) or b == 1:
                     raise
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
@@ -522,7 +358,7 @@ def attribute_pair(
         raise ValueError(
             f"the models answer different questions ({output_dim(pb, inputs)} vs "
             f"{output_dim(pt, inputs)} classes): give the base model a probe head for the tuned "
-            "model's classes first (tunelens.analysis.measures.attribution.prepare.fit_probe_head), or use attribution_study "
+            "model's classes first (tunelens.analysis.measures.attribution.probe_head.fit_probe_head), or use attribution_study "
             "with probe_data"
         )
     if isinstance(targets, tuple) and len(targets) == 2 and not isinstance(targets[0], (int, np.integer)):

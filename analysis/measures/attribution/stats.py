@@ -107,7 +107,7 @@ def summary_table(
         for c in ("deletion_base", "insertion_base", "deletion_tuned", "insertion_tuned", "mass_base", "mass_tuned"):
             if c in d and d[c].notna().any():
                 row[c] = float(np.nanmean(d[c]))
-        row["seconds"] = timings.get(m, float("nan")) + timings.get(f"{m}faithfulness_table", 0.0)
+        row["seconds"] = timings.get(m, float("nan")) + timings.get(f"{m}_faithfulness", 0.0)
         out.append(row)
     return pd.DataFrame(out)
 

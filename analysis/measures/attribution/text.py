@@ -33,7 +33,8 @@ from scipy.stats import rankdata
 from torch import nn
 
 from tunelens.analysis.measures.attribution.methods import TEXT_METHODS
-from tunelens.analysis.measures.attribution.prepare import fit_probe_head, randomize_cascading, reinit
+from tunelens.analysis.measures.attribution.prepare import randomize_cascading, reinit
+from tunelens.analysis.measures.attribution.probe_head import fit_probe_head
 from tunelens.analysis.measures.attribution.stats import localisation_table, per_class_table, summary_table
 
 __all__ = ["TextAttributionStudy", "text_attribution_study"]
