@@ -1,4 +1,4 @@
-"""The time budget (analysis/budget.py): predicted costs by hand, the order of the reductions, and a tiny budget
+"""The time budget (analysis/engine/budget.py): predicted costs by hand, the order of the reductions, and a tiny budget
 end to end: the report says what was reduced and the affected findings carry it in their uncertainty."""
 
 from __future__ import annotations

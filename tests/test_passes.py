@@ -1,4 +1,4 @@
-"""One pass per model (analysis/passes.py): everything read from a recorded pass equals what the separate
+"""One pass per model (analysis/engine/passes.py): everything read from a recorded pass equals what the separate
 passes it replaces computed -- CKA, the chance controls, predictions, accuracy, probe features -- and the suite
 runs each model through the test data once."""
 

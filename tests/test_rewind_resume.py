@@ -1,4 +1,4 @@
-"""Rewinding a late stage from its recorded input (analysis/resume.py): the same table as re-running the whole
+"""Rewinding a late stage from its recorded input (analysis/measures/resume.py): the same table as re-running the whole
 network, only where the stages form a chain, within the memory cap, and never on a broken chain."""
 
 from __future__ import annotations
