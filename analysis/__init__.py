@@ -5,21 +5,25 @@ dataset yielding ``(inputs, labels[, masks])``) and returns a pandas DataFrame o
 small dataclass of DataFrames; nothing here knows about HTML.
 """
 
+from tunelens.analysis import steps  # noqa: F401 - every step registers itself with the engine's registry
+from tunelens.analysis.io.datafolder import image_folder, split_train_test
+from tunelens.analysis.io.loading import CheckpointLoadError, check_finite, load_model, load_state_dict
+from tunelens.analysis.measures.attribution.attribute import attribute, attribute_pair
+from tunelens.analysis.measures.attribution.map_metrics import compare_maps
+from tunelens.analysis.measures.attribution.prepare import prepare_for_attribution
+from tunelens.analysis.measures.attribution.study import AttributionStudy, attribution_study
+from tunelens.analysis.measures.cka import StreamingCKA, linear_cka
+from tunelens.analysis.measures.cka_models import CKAResult, cka_against_chance, cka_matrix, randomly_initialised
+from tunelens.analysis.measures.interpolation import InterpolationResult, interpolate, loss_barrier
+from tunelens.analysis.measures.interventions import RewindResult, rewind
+from tunelens.analysis.measures.intruders import aggregate_intruders, intruder_control, intruder_dimensions
+from tunelens.analysis.measures.layers import iterate_features, iterate_pair, resolve_layers
+from tunelens.analysis.measures.probes import probe_gain, probe_layers
+from tunelens.analysis.measures.weight_space import rewound_model
+from tunelens.analysis.measures.weights import aggregate_deltas, first_conv_filters, weight_deltas
 from tunelens.core.hooks import ActivationCapture
+from tunelens.core.naming import ArchitectureMismatch
 from tunelens.core.results import Results
-
-from .attribution import attribute, attribute_pair
-from .attribution_study import AttributionStudy, attribution_study
-from .datafolder import image_folder, split_train_test
-from .interventions import InterpolationResult, RewindResult, interpolate, loss_barrier, rewind, rewound_model
-from .intruders import aggregate_intruders, intruder_control, intruder_dimensions
-from .layers import iterate_features, iterate_pair, resolve_layers
-from .loading import CheckpointLoadError, check_finite, load_model, load_state_dict
-from .map_metrics import compare_maps
-from .prepare import prepare_for_attribution
-from .probes import probe_gain, probe_layers
-from .similarity import CKAResult, StreamingCKA, cka_against_chance, cka_matrix, linear_cka, randomly_initialised
-from .weights import ArchitectureMismatch, aggregate_deltas, first_conv_filters, weight_deltas
 
 __all__ = [
     "ActivationCapture",

@@ -2,7 +2,7 @@
 
 ``analyze_models`` takes models and data (not files), so it serves the default run and users'
 own checkpoints alike, and returns a :class:`~tunelens.core.results.Results` (tables + arrays +
-summary with ranked findings). It loops over :func:`tunelens.analysis.registry.registered`: an
+summary with ranked findings). It loops over :func:`tunelens.analysis.engine.registry.registered`: an
 analysis switched off is listed in ``summary["skipped"]`` with the reason, and one that raises is
 recorded in ``summary["failed"]`` (its error in one line) while the others go on.
 """
@@ -19,15 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.budget_plan import Budget
+from tunelens.analysis.engine.registry import Context, registered
+from tunelens.analysis.steps.evaluation import predictions_table, training_tables
 from tunelens.core import progress as run_line
 from tunelens.core.models import fast_layout
 from tunelens.core.results import Results
 from tunelens.core.text import is_text_model
-
-from . import findings as F
-from .budget_plan import Budget
-from .registry import Context, registered
-from .steps.evaluation import predictions_table, training_tables
 
 __all__ = ["analyze_models", "one_line_error", "predictions_table", "training_tables"]
 
@@ -59,7 +58,7 @@ def analyze_models(
     ``models`` holds ``base``, the tuned models and optionally ``scratch``; ``manifests`` gives each its
     ``role`` (``base``, ``tuned``, ``control``), ``strategy`` and training facts; ``data`` holds the target
     task's ``train`` and ``test`` splits (items ``(x, y[, mask])``); ``settings`` is the flat ``analysis``
-    section of the configuration (:func:`tunelens.analysis.registry.analysis_defaults`). ``only``: analyses
+    section of the configuration (:func:`tunelens.analysis.engine.registry.analysis_defaults`). ``only``: analyses
     to skip, with the reason (``{name: why}``)."""
     if isinstance(settings.get("analysis"), Mapping):  # the whole configuration, as README 0.1 showed
         warnings.warn(

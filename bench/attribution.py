@@ -11,7 +11,7 @@
    ratio is the median of the paired ratios of process CPU time with one thread on the CPU (on a
    shared machine wall time mostly measures the neighbours), of wall time otherwise; both are
    written. Target: ratio <= 1.25.
-2. **stage**: the default run's attribution stage at its default size: :func:`analysis.attribution_study`
+2. **stage**: the default run's attribution stage at its default size: :func:`tunelens.analysis.measures.attribution.study`
    with a tiny_resnet base pretrained-style head (8 source classes, so the linear-probe head is fitted)
    and a fine-tuned-style model (6 target classes), 64 test images of the embedded shapes data, all
    default methods (base, tuned, ceiling and floor maps, comparisons, mask metrics, deletion and
@@ -47,8 +47,8 @@ STAGE_TARGET_S = 60.0
 
 
 def _cost(device: str, n_images: int, n_steps: int, batch: int, repeats: int, threads: int) -> dict:
-    from tunelens.analysis.attribution import attribute_group
-    from tunelens.analysis.prepare import prepare_for_attribution
+    from tunelens.analysis.measures.attribution.attribute import attribute_group
+    from tunelens.analysis.measures.attribution.prepare import prepare_for_attribution
     from tunelens.finetune.models import build_model
 
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def _run_models(run_dir: str, tuned_name: str):
 
 
 def _stage(device: str, n_images: int, run_dir: str | None = None, tuned_name: str = "full") -> dict:
-    from tunelens.analysis.attribution_study import attribution_study
+    from tunelens.analysis.measures.attribution.study import attribution_study
     from tunelens.finetune.data import ShapesSpec, make_shapes
     from tunelens.finetune.models import build_model
 

@@ -1,6 +1,6 @@
 """Analysis throughput past one process: images per second of the CKA stage with 1 and 2 processes.
 
-The CKA stage here is :func:`analysis.similarity.cka_matrix` of a base and a tuned ``tiny_resnet``
+The CKA stage here is :func:`tunelens.analysis.measures.cka_models.cka_matrix` of a base and a tuned ``tiny_resnet``
 (the default pair: 8 source classes with the head replaced for the 6 target classes, and a 6-class
 model) over ``--n`` images of the default target data (generated shapes, 32x32), batch size 64 (the
 default run's ``analysis.batch_size``), on ``--device``.
@@ -8,7 +8,7 @@ default run's ``analysis.batch_size``), on ``--device``.
 Each configuration runs in fresh processes started with ``torch.multiprocessing.spawn``; with more than
 one process they form a ``torch.distributed`` group through :func:`finetune.runtime.init_distributed`
 (the code path torchrun uses: ``gloo`` on CPU, ``nccl`` on CUDA), each rank reads its block of the
-batches (:func:`analysis.sharding.shard_loader`) and ``StreamingCKA`` all-reduces its accumulators.
+batches (:func:`tunelens.analysis.engine.sharding.shard_loader`) and ``StreamingCKA`` all-reduces its accumulators.
 Per configuration: one warm-up call, then ``--repeats`` timed calls (ranks start together at a
 barrier; a call's time is the slowest rank's); the median gives images per second. The 2-process
 matrix is checked against the 1-process one (max abs difference).
@@ -78,8 +78,8 @@ def _worker(
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(threads)
-    from tunelens.analysis.sharding import shard_loader
-    from tunelens.analysis.similarity import cka_matrix
+    from tunelens.analysis.engine.sharding import shard_loader
+    from tunelens.analysis.measures.cka_models import cka_matrix
     from tunelens.core import runtime
 
     dev = runtime.init_distributed(device)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "machine": machine_info(),
         "device": args.device,
-        "stage": "analysis.similarity.cka_matrix, tiny_resnet base vs tuned, default target data (32x32)",
+        "stage": "tunelens.analysis.measures.cka_models.cka_matrix, tiny_resnet base vs tuned, default target data (32x32)",
         "n_images": n,
         "batch_size": args.batch_size,
         "repeats": repeats,

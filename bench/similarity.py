@@ -5,7 +5,7 @@
 For each model pair (two torchvision resnet18 at 64x64, and the default tiny_resnet pair at 32x32):
 
 1. **cost**: the same list of batches is run (a) through both models, eval, no grad (the floor: the
-   data must go through both models once) and (b) through :func:`analysis.similarity.cka_matrix`
+   data must go through both models once) and (b) through :func:`tunelens.analysis.measures.cka_models.cka_matrix`
    (A x B, A x A, B x B matrices, bootstrap CI of the diagonal, activation statistics and example
    feature maps); timed alternately, median of ``--repeats``. Target: (b)/(a) <= 1.25.
 2. **memory**: ``cka_matrix`` over N=512 and N=4096 images, each in a fresh process with batches
@@ -84,7 +84,7 @@ class _Generated:
 
 def memory_run(pair: str, n: int, bs: int, threads: int, device: str) -> dict:
     """In a fresh process: RSS before and peak during cka_matrix over ``n`` generated images."""
-    from tunelens.analysis.similarity import cka_matrix
+    from tunelens.analysis.measures.cka_models import cka_matrix
 
     set_threads(threads)
     a, b = _models(pair, device)
@@ -124,7 +124,7 @@ def _torch_cka(a, b, la, lb, loader, device):
 def _song_explicit(a, b, la, lb, batches, dtype) -> np.ndarray:
     """torch-cka's arithmetic (explicit Song et al. formula on zero-diagonal Grams, averaged over batches) on
     *copied* features in ``dtype``: float32 reproduces torch-cka's rounding, float64 shows the formula is right."""
-    from tunelens.analysis.layers import iterate_pair
+    from tunelens.analysis.measures.layers import iterate_pair
 
     def hsic(K, L):
         n = K.shape[0]
@@ -148,8 +148,8 @@ def _song_explicit(a, b, la, lb, batches, dtype) -> np.ndarray:
 def bench_pair(
     pair: str, n: int, bs: int, repeats: int, device: str, mem_ns: tuple[int, int], threads: int, torch_cka_ok: bool
 ) -> dict:
-    from tunelens.analysis.layers import resolve_layers
-    from tunelens.analysis.similarity import cka_matrix
+    from tunelens.analysis.measures.cka_models import cka_matrix
+    from tunelens.analysis.measures.layers import resolve_layers
 
     a, b = _models(pair, device)
     la, lb = resolve_layers(a), resolve_layers(b)
@@ -261,7 +261,7 @@ def bench_pair(
 
 def cost_only(pair: str, n: int, bs: int, repeats: int, device: str, threads: int) -> dict:
     """Just the cost ratio (tunelens over the forward passes) at another batch size."""
-    from tunelens.analysis.similarity import cka_matrix
+    from tunelens.analysis.measures.cka_models import cka_matrix
 
     a, b = _models(pair, device)
     batches = list(_Generated(pair, n, bs))
@@ -286,7 +286,7 @@ def cost_only(pair: str, n: int, bs: int, repeats: int, device: str, threads: in
 
 def default_stage(device: str, bs: int = 64) -> dict:
     """A default-run-sized CKA stage: base vs 3 tuned models (cka_matrix + cka_against_chance with scratch)."""
-    from tunelens.analysis.similarity import cka_against_chance, cka_matrix
+    from tunelens.analysis.measures.cka_models import cka_against_chance, cka_matrix
     from tunelens.finetune.data import ShapesSpec, make_shapes
     from tunelens.finetune.models import build_model, replace_head
 

@@ -1,4 +1,4 @@
-"""Benchmark of :func:`analysis.weights.weight_deltas` against the implementation it replaced.
+"""Benchmark of :func:`tunelens.analysis.measures.weights.weight_deltas` against the implementation it replaced.
 
     python bench/weights.py [--models convnext_tiny resnet50] [--repeats 1] [--threads N]
                             [--out artifacts/bench/weights.json]
@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from bench._common import machine_info, paired_ratio, set_threads, time_interleaved, write_json
-from tunelens.analysis.weights import _BN_STATS, _check_keys, _threads, as_state_dict, weight_deltas
+from tunelens.analysis.measures.weights import _BN_STATS, _check_keys, as_state_dict, weight_deltas
 from tunelens.core.naming import stage_of
+from tunelens.core.runtime import torch_threads
 
 NUMERIC = [
     "norm_base",
@@ -199,7 +200,7 @@ def compare(ref: pd.DataFrame, new: pd.DataFrame) -> dict[str, float]:
 
 
 def _one_thread_reference(base: nn.Module, tuned: nn.Module) -> pd.DataFrame:
-    with _threads(1):
+    with torch_threads(1):
         return reference_weight_deltas(base, tuned)
 
 

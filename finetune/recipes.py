@@ -33,11 +33,19 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import STD, ShapesSpec, make_shapes
 from .lora import LORA_KEYS, add_lora, merge_lora, save_adapter
 from .models import build_model, replace_head
-from .shipped import SHIPPED, shipped_base, shipped_key
+from .shipped import SHIPPED, pretrain_code_hash, shipped_base, shipped_key
 from .text_data import TextSpec, make_text_task
 from .train import TrainConfig, train
 
-__all__ = ["data_spec", "is_text", "load_run_models", "make_data", "read_run_index", "run_finetune_stage"]
+__all__ = [
+    "data_spec",
+    "is_text",
+    "load_run_models",
+    "make_data",
+    "make_shipped_base",
+    "read_run_index",
+    "run_finetune_stage",
+]
 
 
 def is_text(cfg: dict) -> bool:
@@ -484,3 +492,32 @@ def read_run_index(ckdir: str | Path) -> dict[str, dict]:
             f"rerun `tunelens finetune --out {Path(ckdir).parent}` to rewrite it"
         ) from None
     return index
+
+
+def make_shipped_base(cfg: dict, out_dir: Path = SHIPPED.parent) -> Path:
+    """Pretrain the base of ``cfg`` (the default configuration, with ``pretrain.use_shipped`` false) from
+    scratch on the CPU and write it to ``out_dir`` with its keys (:mod:`.shipped`): ``make base-weights``."""
+    import shutil
+    import tempfile
+
+    from tunelens.core.hashing import code_hash
+
+    spec = data_spec(cfg, "source")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "base.safetensors"
+        code = code_hash("tunelens.finetune") + code_hash("tunelens.core")
+        data = make_data(cfg, spec)
+        man = _pretrain_base(
+            cfg, cfg["arch"], cfg["seed"], runtime.device_name("cpu"), spec, data, code, path, True, print
+        )
+        man = dict(
+            man,
+            shipped_key=shipped_key(cfg["arch"], cfg["seed"], spec.to_dict(), cfg["pretrain"]),
+            pretrain_code=pretrain_code_hash(),
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / SHIPPED.name
+        shutil.copyfile(path, target)
+        target.with_suffix(".json").write_text(json.dumps(man, indent=2, sort_keys=True, default=str) + "\n")
+    print(f"written: {target} (sha256 {man['sha256'][:16]}, source test acc {man['metrics']['test_acc']:.3f})")
+    return target

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent / "shipped" / "base_tiny_resnet.safetensors"
@@ -71,32 +69,3 @@ def shipped_base(key: str) -> tuple[dict, dict] | None:
     if man.get("shipped_key") != key or man.get("pretrain_code") != pretrain_code_hash():
         return None
     return load_checkpoint(SHIPPED)
-
-
-def make(cfg: dict, out_dir: Path = SHIPPED.parent) -> Path:
-    """Pretrain the base of ``cfg`` (the default configuration, with ``pretrain.use_shipped`` false) from
-    scratch on the CPU and write it to ``out_dir`` with its keys: ``make base-weights``."""
-    from tunelens.core import runtime
-    from tunelens.core.hashing import code_hash
-
-    from .recipes import _pretrain_base, data_spec, make_data
-
-    spec = data_spec(cfg, "source")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "base.safetensors"
-        code = code_hash("tunelens.finetune") + code_hash("tunelens.core")
-        data = make_data(cfg, spec)
-        man = _pretrain_base(
-            cfg, cfg["arch"], cfg["seed"], runtime.device_name("cpu"), spec, data, code, path, True, print
-        )
-        man = dict(
-            man,
-            shipped_key=shipped_key(cfg["arch"], cfg["seed"], spec.to_dict(), cfg["pretrain"]),
-            pretrain_code=pretrain_code_hash(),
-        )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / SHIPPED.name
-        shutil.copyfile(path, target)
-        target.with_suffix(".json").write_text(json.dumps(man, indent=2, sort_keys=True, default=str) + "\n")
-    print(f"written: {target} (sha256 {man['sha256'][:16]}, source test acc {man['metrics']['test_acc']:.3f})")
-    return target

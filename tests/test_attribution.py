@@ -9,26 +9,25 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from tunelens.analysis.attribution import (
-    DEFAULT_METHODS,
+from tunelens.analysis.measures.attribution.attribute import (
     CoarseLayerWarning,
     attribute,
     attribute_group,
     attribute_pair,
-    resolve_targets,
 )
-from tunelens.analysis.prepare import (
+from tunelens.analysis.measures.attribution.methods import DEFAULT_METHODS
+from tunelens.analysis.measures.attribution.prepare import (
     LogitMismatchError,
     SplitReLUBasicBlock,
     SplitReLUBottleneck,
     cascade_stages,
-    fit_probe_head,
-    head_features,
     is_prepared,
     prepare_for_attribution,
     randomize_cascading,
     reused_modules,
 )
+from tunelens.analysis.measures.attribution.probe_head import fit_probe_head, head_features
+from tunelens.analysis.measures.attribution.targets import resolve_targets
 from tunelens.finetune.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -13,7 +13,7 @@ METHODS = ("saliency", "integrated_gradients", "grad_cam")
 
 
 def _study():
-    from tunelens.analysis.attribution_study import attribution_study
+    from tunelens.analysis.measures.attribution.study import attribution_study
     from tunelens.finetune.data import ShapesSpec, make_shapes
     from tunelens.finetune.models import build_model
 

@@ -1,4 +1,4 @@
-"""The time budget (analysis/budget.py): predicted costs by hand, the order of the reductions, and a tiny budget
+"""The time budget (analysis/engine/budget.py): predicted costs by hand, the order of the reductions, and a tiny budget
 end to end: the report says what was reduced and the affected findings carry it in their uncertainty."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tunelens.analysis.budget import (
-    DROP_ORDER,
+from tunelens.analysis.engine.budget import (
     MAP_SETS,
     PassCosts,
     attribution_cost,
@@ -22,6 +21,7 @@ from tunelens.analysis.budget import (
     measure_pass_costs,
     resolve_budget,
 )
+from tunelens.analysis.measures.attribution.methods import DROP_ORDER
 from tunelens.analysis.steps.functional import balanced_subset
 
 UNIT = PassCosts(forward_s=1.0, backward_s=10.0, batch=8)

@@ -7,15 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from tunelens.analysis.attribution_study import (
-    AttributionStudy,
-    attribution_study,
-    bootstrap_ci,
-    change_index,
-    collect_images,
-)
-from tunelens.analysis.faithfulness import deletion_insertion, gaussian_blur
-from tunelens.analysis.map_metrics import (
+from tunelens.analysis.measures.attribution.faithfulness import deletion_insertion, gaussian_blur
+from tunelens.analysis.measures.attribution.map_metrics import (
     SIMILARITIES,
     compare_maps,
     pointing_game,
@@ -26,6 +19,13 @@ from tunelens.analysis.map_metrics import (
     ssim,
     to_maps,
     topk_intersection,
+)
+from tunelens.analysis.measures.attribution.study import (
+    AttributionStudy,
+    attribution_study,
+    bootstrap_ci,
+    change_index,
+    collect_images,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -639,7 +639,7 @@ def _validate(pair, out: Path, *extra: str):
 def test_mask_rows_are_named_and_empty_ones_noted(pair, tmp_path, capsys):
     """An inf box in a later row: exit 2 naming the CSV line (not "the image transform"); empty boxes are
     left out, counted, and noted."""
-    from tunelens.analysis.datafolder import image_folder
+    from tunelens.analysis.io.datafolder import image_folder
 
     ds = image_folder(pair["data"], image_size=32, limit=12)
     rows = [str(p.relative_to(pair["data"])) for p, _ in ds.samples]

@@ -1,4 +1,4 @@
-"""ImageFolder data for your own checkpoints (analysis.datafolder): modes, limits, masks and clear errors."""
+"""ImageFolder data for your own checkpoints (tunelens.analysis.io.datafolder): modes, limits, masks and clear errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tunelens.analysis.datafolder import IMAGENET_MEAN, IMAGENET_STD, DataFolderError, image_folder, split_train_test
+from tunelens.analysis.io.datafolder import IMAGENET_MEAN, IMAGENET_STD, DataFolderError, image_folder, split_train_test
 
 
 def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 4, size=(40, 48)) -> Path:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from _distributed import TINY, WORLD, run_two_ranks, single_thread
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from tunelens.analysis.sharding import ShardedBatchSampler, gather_rows, per_sample_batch_size, shard_loader
+from tunelens.analysis.engine.sharding import ShardedBatchSampler, gather_rows, per_sample_batch_size, shard_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,8 +83,8 @@ def _models():
 
 def _analyses(loader_for) -> dict:
     """Evaluation, CKA, predictions and probe features over ``loader_for(batch_size)`` (sharded or not)."""
-    from tunelens.analysis.probes import layer_features
-    from tunelens.analysis.similarity import cka_matrix
+    from tunelens.analysis.measures.cka_models import cka_matrix
+    from tunelens.analysis.measures.probes import layer_features
     from tunelens.analysis.suite import predictions_table
     from tunelens.core.evaluation import evaluate
 

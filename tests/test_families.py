@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunelens.analysis.registry import analysis_defaults
+from tunelens.analysis.engine.registry import analysis_defaults
 from tunelens.analysis.suite import analyze_models
 from tunelens.core.architectures import TinyResNet
 from tunelens.core.hooks import ActivationCapture
@@ -176,7 +176,7 @@ class _Tokens(nn.Module):
 
 
 def test_token_grad_cam_is_grad_cam_on_the_patch_grid():
-    from tunelens.analysis.attribution import token_grad_cam
+    from tunelens.analysis.measures.attribution.gradcam import token_grad_cam
 
     m = _Tokens().eval()
     x = torch.randn(2, 3, 4, 4)
@@ -191,7 +191,7 @@ def test_token_grad_cam_is_grad_cam_on_the_patch_grid():
 
 
 def test_token_grad_cam_runs_through_attribute():
-    from tunelens.analysis.attribution import attribute
+    from tunelens.analysis.measures.attribution.attribute import attribute
 
     m = _Tokens().eval()
     x = torch.randn(2, 3, 4, 4)

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tunelens.analysis import findings as F
-from tunelens.analysis.registry import analysis_defaults
+from tunelens.analysis.engine.registry import analysis_defaults
+from tunelens.analysis.steps.attribution import attribution_findings
+from tunelens.analysis.steps.similarity import similarity_findings
 from tunelens.analysis.suite import analyze_models
 from tunelens.core.architectures import TinyResNet
 
@@ -109,20 +110,20 @@ def test_cka_sentence_never_contradicts_itself():
             "estimator": "x",
         }
     )
-    (f,) = F.similarity_findings(t, "full")
+    (f,) = similarity_findings(t, "full")
     assert "unchanged" in f.text and "nan" not in f.text + (f.uncertainty or "")
     assert "one batch" in f.uncertainty
     t["cka_base_tuned"] = [0.98, 0.5]
     t["ci_low"], t["ci_high"] = [0.97, 0.4], [0.99, 0.6]
-    (f,) = F.similarity_findings(t, "full")
+    (f,) = similarity_findings(t, "full")
     assert "b diverges most" in f.text and "below 0: less alike than random weights" in f.text
     assert "features were replaced" in f.text
     t["cka_base_random"] = [0.97, 0.96]
-    (f,) = F.similarity_findings(t, "full")
+    (f,) = similarity_findings(t, "full")
     assert "cannot tell kept features from replaced" in f.text
     t["cka_base_random"] = [0.5, 0.2]
     t["ci_low"], t["ci_high"] = [0.97, 0.1], [0.99, 0.9]
-    (f,) = F.similarity_findings(t, "full")
+    (f,) = similarity_findings(t, "full")
     assert "chance-corrected 0.37" in f.text and "the data cannot say which" in f.text
 
 
@@ -142,10 +143,10 @@ def test_change_index_outside_unit_interval_is_explained():
             }
         ]
     )
-    fs = F.attribution_findings(summ, None, pd.DataFrame(), "full")
+    fs = attribution_findings(summ, None, pd.DataFrame(), "full")
     assert "above 1: beyond the randomized network" in fs[0].text
     summ.loc[0, ["change_index_lo", "change_index_hi"]] = [float("nan"), float("nan")]
-    fs = F.attribution_findings(summ, None, pd.DataFrame(), "full")
+    fs = attribution_findings(summ, None, pd.DataFrame(), "full")
     assert fs[0].uncertainty.startswith("no CI")
 
 
@@ -187,6 +188,6 @@ def test_per_class_change_index_above_one_is_explained():
             },
         ]
     )
-    fs = F.attribution_findings(summ, None, per_class, "full")
+    fs = attribution_findings(summ, None, per_class, "full")
     (f,) = [f for f in fs if f.id == "attr_class"]
     assert "class t_shape (change index 1.73 (above 1: beyond the randomized network);" in f.text

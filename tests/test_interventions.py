@@ -1,4 +1,4 @@
-"""Rewinding, interpolation and linear probes (analysis.interventions, analysis.probes)."""
+"""Rewinding, interpolation and linear probes (tunelens.analysis.measures.interventions, tunelens.analysis.measures.probes)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import tunelens.analysis.probes as probes
-from tunelens.analysis.interventions import (
-    interpolate,
-    interpolated_state,
-    loss_barrier,
-    recompute_bn,
-    rewind,
-    rewound_model,
-    shared_keys,
-)
-from tunelens.analysis.probes import probe_gain, probe_layers
+import tunelens.analysis.measures.probes as probes
+from tunelens.analysis.measures.interpolation import interpolate, interpolated_state, loss_barrier, recompute_bn
+from tunelens.analysis.measures.interventions import rewind
+from tunelens.analysis.measures.probes import probe_gain, probe_layers
+from tunelens.analysis.measures.weight_space import rewound_model, shared_keys
 from tunelens.core.evaluation import evaluate
 from tunelens.finetune.data import ShapesSpec, make_shapes
 from tunelens.finetune.models import build_model, replace_head

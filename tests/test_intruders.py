@@ -138,7 +138,7 @@ def test_layers_selection_and_aggregate():
 @pytest.mark.parametrize("shape", [(6, 40), (40, 6), (12, 12)])
 def test_gram_singular_vectors_span_what_an_svd_gives(shape):
     """The Gram-eigh shortcut gives the SVD's left singular vectors (up to sign), also rank-deficient ones."""
-    from tunelens.analysis.intruders import _left_vectors
+    from tunelens.analysis.measures.intruders import _left_vectors
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=g, dtype=torch.float64)

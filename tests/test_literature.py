@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tunelens.analysis.findings import functional_findings
-from tunelens.analysis.literature import early_late_stages, literature_checks
+from tunelens.analysis.findings.literature import early_late_stages, literature_checks
+from tunelens.analysis.steps.functional import functional_findings
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 EFFNET = ["stem"] + [f"blocks.{i}" for i in range(7)] + ["conv_head", "head"]

@@ -1,4 +1,4 @@
-"""Loading checkpoints tunelens did not write (analysis.loading): layouts, safety, and clear errors.
+"""Loading checkpoints tunelens did not write (tunelens.analysis.io.loading): layouts, safety, and clear errors.
 
 Checkpoints are made with plain torch / torchvision code, never with tunelens.
 """
@@ -15,7 +15,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from tunelens.analysis.loading import (
+from tunelens.analysis.io.loading import (
     CheckpointArchitectureError,
     CheckpointLoadError,
     ClassCountError,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tunelens.analysis.adapters import AdapterError, merge_adapter
+from tunelens.analysis.io.adapters import AdapterError, merge_adapter
 from tunelens.finetune.lora import add_lora, lora_targets, merge_lora, save_adapter
 from tunelens.finetune.models import replace_head
 from tunelens.finetune.train import TrainConfig, train

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tunelens.analysis.registry import Context, analysis_defaults
+from tunelens.analysis.engine.registry import Context, analysis_defaults
 from tunelens.analysis.steps import forgetting, intruders, lora
 from tunelens.core.architectures import TinyResNet, replace_head
 from tunelens.core.results import Results

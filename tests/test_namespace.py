@@ -98,7 +98,12 @@ def test_built_wheel_holds_only_tunelens_and_imports(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"tunelens"}, tops
     for must in (
-        "tunelens/analysis/weights.py",
+        "tunelens/analysis/measures/weights.py",
+        "tunelens/analysis/measures/attribution/methods.py",
+        "tunelens/analysis/io/loading.py",
+        "tunelens/analysis/engine/registry.py",
+        "tunelens/analysis/findings/model.py",
+        "tunelens/compare/validation.py",
         "tunelens/finetune/train.py",
         "tunelens/reports/render.py",
         "tunelens/reports/templates/report.html.j2",

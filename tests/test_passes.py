@@ -1,4 +1,4 @@
-"""One pass per model (analysis/passes.py): everything read from a recorded pass equals what the separate
+"""One pass per model (analysis/engine/passes.py): everything read from a recorded pass equals what the separate
 passes it replaces computed -- CKA, the chance controls, predictions, accuracy, probe features -- and the suite
 runs each model through the test data once."""
 
@@ -10,16 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from tunelens.analysis.interventions import interpolate, rewind
-from tunelens.analysis.passes import PassCache, record_pass
-from tunelens.analysis.probes import layer_features, probe_layers
-from tunelens.analysis.similarity import (
+from tunelens.analysis.engine.passes import PassCache, record_pass
+from tunelens.analysis.measures.cka_models import (
     cka_against_chance,
     cka_chance_from_passes,
     cka_from_passes,
     cka_matrix,
     randomly_initialised,
 )
+from tunelens.analysis.measures.interpolation import interpolate
+from tunelens.analysis.measures.interventions import rewind
+from tunelens.analysis.measures.probes import layer_features, probe_layers
 from tunelens.analysis.steps.evaluation import predictions_from_passes, predictions_table
 from tunelens.core.evaluation import evaluate
 from tunelens.core.stages import stages
@@ -126,7 +127,7 @@ def test_probes_rewind_and_interpolation_reuse_measurements():
 def test_suite_runs_each_model_through_the_test_data_once(monkeypatch):
     """Evaluation and CKA (with its random and from-scratch controls) over a base, two tuned models and
     scratch: each model sees the test images once, in the shared pass."""
-    from tunelens.analysis.registry import analysis_defaults
+    from tunelens.analysis.engine.registry import analysis_defaults
     from tunelens.analysis.suite import analyze_models
 
     data = {"train": _loader(n=48, seed=1).dataset, "test": _loader(n=32, seed=2).dataset}
@@ -208,10 +209,8 @@ def test_cuda_pass_matches_cpu():
 
 def test_saliency_and_input_x_gradient_share_one_backward_pass(monkeypatch):
     """Both maps come from one gradient per model and input set, equal to Captum's own two methods."""
-    import importlib
-
-    study_mod = importlib.import_module("tunelens.analysis.attribution_study")  # the package's name is the function
-    attribution_study = study_mod.attribution_study
+    from tunelens.analysis.measures.attribution import study_run as study_mod
+    from tunelens.analysis.measures.attribution.study import attribution_study
 
     a, b = _pair()
     ds = _loader(n=8).dataset

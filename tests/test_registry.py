@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tunelens.analysis import registry
+from tunelens.analysis.engine import registry
 from tunelens.analysis.suite import analyze_models
 from tunelens.config import DEFAULT_CONFIG
 from tunelens.core.architectures import build_model

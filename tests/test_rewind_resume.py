@@ -1,4 +1,4 @@
-"""Rewinding a late stage from its recorded input (analysis/resume.py): the same table as re-running the whole
+"""Rewinding a late stage from its recorded input (analysis/measures/resume.py): the same table as re-running the whole
 network, only where the stages form a chain, within the memory cap, and never on a broken chain."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tunelens.analysis.interventions import rewind
+from tunelens.analysis.measures.interventions import rewind
 from tunelens.core.stages import Stage, StageMap, stages
 from tunelens.finetune.models import build_model
 
@@ -83,7 +83,7 @@ def test_a_stage_that_is_not_a_chain_is_re_run_from_the_input():
 def test_interpolation_runs_only_the_changed_stages_after_a_frozen_prefix():
     import copy
 
-    from tunelens.analysis.interventions import interpolate
+    from tunelens.analysis.measures.interpolation import interpolate
 
     a = build_model("tiny_resnet", 6, seed=0).eval()
     b = copy.deepcopy(a)  # last-k fine-tuning: the stem, layer1 and layer2 stay the base's

@@ -10,15 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from tunelens.analysis.layers import iterate_features, iterate_pair, resolve_layers
-from tunelens.analysis.similarity import (
-    StreamingCKA,
-    cka_against_chance,
-    cka_matrix,
-    estimator_name,
-    linear_cka,
-    randomly_initialised,
-)
+from tunelens.analysis.measures.cka import StreamingCKA, estimator_name, linear_cka
+from tunelens.analysis.measures.cka_models import cka_against_chance, cka_matrix, randomly_initialised
+from tunelens.analysis.measures.layers import iterate_features, iterate_pair, resolve_layers
 from tunelens.finetune.models import build_model
 
 # ---------------------------------------------------------------- references (plain numpy, float64)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from _distributed import WORLD, run_two_ranks, single_thread
 
-from tunelens.analysis.similarity import StreamingCKA, cka_matrix
+from tunelens.analysis.measures.cka import StreamingCKA
+from tunelens.analysis.measures.cka_models import cka_matrix
 from tunelens.finetune.models import build_model
 
 

@@ -283,7 +283,7 @@ def test_binary_probe_head_explains_both_classes():
     logit that depends on the input (so its attributions are not all zero)."""
     from sklearn.linear_model import LogisticRegression
 
-    from tunelens.analysis.prepare import fit_probe_head
+    from tunelens.analysis.measures.attribution.probe_head import fit_probe_head
 
     torch.manual_seed(0)
     model = torch.nn.Sequential()

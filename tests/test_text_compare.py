@@ -101,7 +101,7 @@ def compare(pair, out: Path, *extra: str, arch=ARCH, base=None, tuned=None, data
 
 
 def test_char_spans_become_the_decisive_tokens(text_pair):
-    from tunelens.compare_text import read_text_csv
+    from tunelens.compare.text import read_text_csv
 
     tok = load_tokenizer(text_pair["base"])
     ds = read_text_csv(str(text_pair["data"]), tok, max_tokens=64)
@@ -268,7 +268,7 @@ def test_max_tokens_is_refused_for_images(tmp_path, capsys):
 def test_budget_flag_reaches_the_text_configuration(text_pair, tmp_path):
     """--budget applies to hf: models as to images (the configuration records it, not auto)."""
     from tunelens.cli import build_parser
-    from tunelens.compare_text import validate_text
+    from tunelens.compare.text import validate_text
 
     argv = ["compare", "--arch", ARCH, "--base", str(text_pair["base"]), "--tuned", str(text_pair["tuned"])]
     argv += ["--data", str(text_pair["data"]), "--out", str(tmp_path / "out"), "--device", "cpu", "--budget", "45"]
@@ -278,7 +278,7 @@ def test_budget_flag_reaches_the_text_configuration(text_pair, tmp_path):
 
 def test_spans_count_the_text_as_given_and_integer_labels_are_outputs(text_pair):
     """Leading spaces do not shift a decisive span onto another word; "0" and "00" are the same output."""
-    from tunelens.compare_text import read_text_csv
+    from tunelens.compare.text import read_text_csv
 
     tok = load_tokenizer(text_pair["base"])
     text = "   the soup was awful"
@@ -297,7 +297,7 @@ def test_a_bert_peft_adapter_is_a_tuned_model(text_pair, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from tunelens.cli import build_parser
-    from tunelens.compare_text import validate_text
+    from tunelens.compare.text import validate_text
 
     torch.manual_seed(0)
     hf = AutoModelForSequenceClassification.from_pretrained(str(text_pair["base"]), num_labels=2)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-import tunelens.analysis.similarity as own_module
+import tunelens.analysis.measures.cka as own_module
 from tunelens.core.warning_lines import MAX_CHARS, is_own_file, warning_lines
 
 

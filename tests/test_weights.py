@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunelens.analysis.weights import ArchitectureMismatch, aggregate_deltas, first_conv_filters, weight_deltas
+from tunelens.analysis.measures.weights import ArchitectureMismatch, aggregate_deltas, first_conv_filters, weight_deltas
 
 
 def _pair():

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 from tunelens.config import make_config
-from tunelens.finetune.shipped import SHIPPED, make
+from tunelens.finetune.recipes import make_shipped_base
+from tunelens.finetune.shipped import SHIPPED
 
 if __name__ == "__main__":
-    make(
+    make_shipped_base(
         make_config(None, sets=["pretrain.use_shipped=false"]),
         Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED.parent,
     )

@@ -13,7 +13,7 @@ import copy
 import json
 from typing import Any
 
-from tunelens.analysis.registry import analysis_defaults
+from tunelens.analysis.engine.registry import analysis_defaults
 from tunelens.core.hashing import code_hash, config_hash
 
 __all__ = [
@@ -77,7 +77,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "scratch": {"lr": 0.05, "warmup_epochs": 1},
     },
     # the analysis section: shared keys, one switch per optional analysis and each analysis's own
-    # settings, from the registry (tunelens.analysis.registry.analysis_defaults)
+    # settings, from the registry (tunelens.analysis.engine.registry.analysis_defaults)
     "analysis": analysis_defaults(),
 }
 

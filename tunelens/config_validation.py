@@ -4,8 +4,9 @@ Generic over the defaults dict: the known keys and each value's type come from t
 value (a bool takes only a bool, an int an int but not a bool, a float an int or a float, a
 list a list whose items have the type of the default's items, a dict a section checked key by
 key). Ranges and allowed values come from :data:`RULES`, a table of ``fnmatch`` patterns over
-dotted keys (``*.epochs`` is every ``epochs``), so analyses that add defaults get their
-types checked with no code here and add a rule only for a range.
+dotted keys (``*.epochs`` is every ``epochs``), and from each analysis's own ``rules`` (declared on its step,
+:class:`tunelens.analysis.engine.registry.Analysis`), so analyses that add defaults get their types checked
+with no code here and declare a rule only for a range.
 
 :func:`validate_config` raises :class:`ConfigError` with one line that names the key, the
 problem and the fix.
@@ -57,13 +58,6 @@ RULES: dict[str, dict[str, Any]] = {
     "finetune.lora.rank": {"min": 1},
     "finetune.lora.alpha": {"gt": 0},
     "finetune.lora.stages": {"nonempty": True},
-    "analysis.attribution_images": {"min": 1},
-    "analysis.interpolation_steps": {"min": 2},
-    "analysis.intruder_k": {"min": 1},
-    "analysis.intruder_threshold": {"gt": 0, "max": 1},
-    "analysis.forgetting_probe_per_class": {"min": 2},
-    "analysis.attribution_ig_steps": {"min": 2},
-    "analysis.attribution_ablation_batch": {"min": 0},
     "modality": {"choices": ("image", "text")},
     "data.text.max_len": {"min": 4},
     "*.optimizer": {"choices": ("sgd", "adamw")},
@@ -100,9 +94,16 @@ def _type_ok(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def _rules() -> dict[str, dict[str, Any]]:
+    """:data:`RULES` followed by each analysis's rules for its own settings (declared on its step)."""
+    from tunelens.analysis.engine.registry import analysis_rules
+
+    return {**RULES, **analysis_rules()}
+
+
 def _rule_for(key: str) -> dict[str, Any]:
     rule: dict[str, Any] = {}
-    for pat, r in RULES.items():
+    for pat, r in _rules().items():
         if fnmatch.fnmatchcase(key, pat):
             rule.update(r)
     return rule

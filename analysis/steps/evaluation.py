@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.passes import ModelPass
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.engine.sharding import batch_offsets, gather_rows
+from tunelens.analysis.findings import Finding, paired_bootstrap_diff, pct, units
 from tunelens.core.evaluation import unpack_batch
 from tunelens.core.models import eval_mode
 from tunelens.core.results import Results
-
-from .. import findings as F
-from ..passes import ModelPass
-from ..registry import Analysis, Context, Output, register
-from ..sharding import batch_offsets, gather_rows
 
 PREDICTIONS = "predictions"
 ACCURACY = "accuracy"
@@ -30,7 +30,7 @@ SAMPLES = "samples"  # array: a few test images (and masks) for the report
 def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: torch.device) -> pd.DataFrame:
     """Per model and test image: label, prediction, correctness and the loss (for paired comparisons).
 
-    Under ``torch.distributed`` with a :func:`tunelens.analysis.sharding.shard_loader` loader each rank predicts
+    Under ``torch.distributed`` with a :func:`tunelens.analysis.engine.sharding.shard_loader` loader each rank predicts
     its batches and the rows of all ranks are gathered (a collective), in single-process order."""
 
     def outputs(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -43,7 +43,7 @@ def predictions_table(models: dict[str, nn.Module], loader: DataLoader, device: 
 
 
 def predictions_from_passes(passes: Mapping[str, ModelPass]) -> pd.DataFrame:
-    """:func:`predictions_table` from recorded passes (:mod:`analysis.passes`) over the test loader."""
+    """:func:`predictions_table` from recorded passes (:mod:`tunelens.analysis.engine.passes`) over the test loader."""
     return _predictions(
         {n: zip(p.logits, p.labels, strict=True) for n, p in passes.items()},
         next(iter(passes.values())).offsets if passes else None,
@@ -155,7 +155,7 @@ def findings(res: Results) -> list[F.Finding]:
     preds = res.table(PREDICTIONS)
     if preds is None or preds.empty:
         return []
-    return F.transfer_findings(preds, primary=res.summary.get("primary", "full"))
+    return transfer_findings(preds, primary=res.summary.get("primary", "full"))
 
 
 ANALYSIS = register(
@@ -170,3 +170,52 @@ ANALYSIS = register(
         compares_models=False,
     )
 )
+
+
+# ---- findings: this analysis's sentences, formatted from its tables
+
+
+def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control: str = "scratch") -> list[Finding]:
+    """Does pretraining beat training from scratch, and which strategy is best (paired bootstrap over test images)."""
+    out = []
+    models = list(dict.fromkeys(predictions["model"]))
+    acc = predictions.groupby("model", sort=False)["correct"].mean()
+    if primary in models and control in models:
+        a = predictions[predictions.model == primary].sort_values("index")["correct"].to_numpy()
+        b = predictions[predictions.model == control].sort_values("index")["correct"].to_numpy()
+        d, lo, hi = paired_bootstrap_diff(a, b)
+        verdict = (
+            "Pretraining helped"
+            if lo > 0
+            else ("Pretraining hurt" if hi < 0 else "Pretraining made no clear difference")
+        )
+        out.append(
+            Finding(
+                "transfer",
+                f"{verdict}: fine-tuning from the pretrained weights ({primary}) reaches "
+                f"{pct(acc[primary])} target test accuracy against {pct(acc[control])} for the same network trained "
+                f"from scratch with the same budget ({100 * d:+.1f} points).",
+                "accuracy",
+                score=10 + abs(d) * 10,
+                uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points "
+                f"(paired bootstrap over {len(a)} test {units()})",
+            )
+        )
+    tuned = [m for m in models if m not in (control, "base")]
+    if len(tuned) > 1:
+        best = max(tuned, key=lambda m: acc[m])
+        worst = min(tuned, key=lambda m: acc[m])
+        a = predictions[predictions.model == best].sort_values("index")["correct"].to_numpy()
+        b = predictions[predictions.model == worst].sort_values("index")["correct"].to_numpy()
+        d, lo, hi = paired_bootstrap_diff(a, b, seed=1)
+        out.append(
+            Finding(
+                "best_strategy",
+                f"Of the fine-tuning strategies, {best} scores best ({pct(acc[best])}) and {worst} "
+                f"worst ({pct(acc[worst])}), a gap of {100 * d:.1f} points.",
+                "strategies",
+                score=6 + d * 5,
+                uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap)",
+            )
+        )
+    return out

@@ -7,10 +7,10 @@ effect catastrophic forgetting; Kumar et al. 2022 measure feature distortion the
   model with its head swapped back. ``drop = acc(base) - acc(tuned backbone + base head)``;
   95% CI by a paired bootstrap over the source test images.
 * **probe accuracy**: a logistic-regression probe fitted on each backbone's pooled features of the source
-  training split (standardised, ``C = 1``; :func:`tunelens.analysis.probes.fit_probe`'s recipe), scored on
+  training split (standardised, ``C = 1``; :func:`tunelens.analysis.measures.probes.fit_probe`'s recipe), scored on
   the source test split: what is still *linearly decodable*, however the head reads it.
 
-Rewind (:func:`tunelens.analysis.interventions.rewind` on the source task): each stage of the tuned backbone
+Rewind (:func:`tunelens.analysis.measures.interventions.rewind` on the source task): each stage of the tuned backbone
 set back to its pretrained weights, BatchNorm statistics included, under the base head; ``restored`` is the
 source accuracy won back, ``share_restored`` its fraction of the drop.
 
@@ -27,18 +27,17 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.engine.sharding import shard_loader
+from tunelens.analysis.measures.interventions import rewind
+from tunelens.analysis.measures.layers import resolve_layers
+from tunelens.analysis.measures.probes import layer_features
+from tunelens.analysis.steps.evaluation import predictions_table
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
 from tunelens.core.runtime import blas_threads
 from tunelens.core.text import is_text_model
-
-from .. import findings as F
-from ..interventions import rewind
-from ..layers import resolve_layers
-from ..probes import layer_features
-from ..registry import Analysis, Context, Output, register
-from ..sharding import shard_loader
-from .evaluation import predictions_table
 
 FORGETTING = "forgetting"
 FORGETTING_REWIND = "forgetting_rewind"
@@ -226,5 +225,6 @@ ANALYSIS = register(
         run=run,
         findings=findings,
         defaults={"forgetting_probe_per_class": 100},
+        rules={"forgetting_probe_per_class": {"min": 2}},
     )
 )

@@ -3,21 +3,26 @@ tuned weights, and fit linear probes per layer on both models (and the scratch c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Subset
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.budget import PassCosts, functional_cost
+from tunelens.analysis.engine.budget_plan import functional_shape
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.engine.sharding import per_sample_batch_size, shard_loader
+from tunelens.analysis.findings import Finding, modality, pct, units
+from tunelens.analysis.findings.literature import NOT_AS_EXPECTED, literature_checks, merchant_checks
+from tunelens.analysis.measures.interpolation import interpolate
+from tunelens.analysis.measures.interventions import rewind
+from tunelens.analysis.measures.probes import probe_gain, probe_layers
+from tunelens.analysis.steps.similarity import CKA_CHANCE
+from tunelens.analysis.steps.weights import WEIGHT_STAGES
 from tunelens.core.results import Results
-
-from .. import findings as F
-from ..interventions import interpolate, rewind
-from ..probes import probe_gain, probe_layers
-from ..registry import Analysis, Context, Output, register
-from ..sharding import per_sample_batch_size, shard_loader
-from .similarity import CKA_CHANCE
-from .weights import WEIGHT_STAGES
 
 REWIND = "rewind"
 INTERPOLATION = "interpolation"
@@ -103,7 +108,7 @@ def run(ctx: Context) -> Output:
 def findings(res: Results) -> list[F.Finding]:
     it = res.table(INTERPOLATION)
     barrier = res.summary.get("interpolation", {}).get("barrier")
-    return F.functional_findings(
+    return functional_findings(
         res.table(REWIND),
         it,
         barrier,
@@ -117,6 +122,11 @@ def findings(res: Results) -> list[F.Finding]:
     )
 
 
+def cost(ctx: Context, costs: PassCosts) -> float:
+    """Predicted seconds of rewind, interpolation and probes (:func:`~tunelens.analysis.engine.budget.functional_cost`)."""
+    return functional_cost(costs=costs, **functional_shape(ctx))
+
+
 ANALYSIS = register(
     Analysis(
         name="functional",
@@ -126,5 +136,139 @@ ANALYSIS = register(
         run=run,
         findings=findings,
         defaults={"interpolation_steps": 11},
+        rules={"interpolation_steps": {"min": 2}},
+        cost=cost,
+        relative_cost=2.0,
     )
 )
+
+
+# ---- findings: this analysis's sentences, formatted from its tables
+
+
+def _noise_pts(p: float, n: int) -> float:
+    """Two standard errors of an accuracy difference between two evaluations on the same n images (points)."""
+    return 100 * 2 * float(np.sqrt(2 * max(p * (1 - p), 1e-12) / max(n, 1)))
+
+
+def functional_findings(
+    rewind: pd.DataFrame | None,
+    interp: pd.DataFrame | None,
+    barrier: float | None,
+    gains: pd.DataFrame | None,
+    stages: pd.DataFrame | None,
+    primary: str,
+    exclude: Sequence[str] = ("fc",),
+    n_test: int | None = None,
+    cka: pd.DataFrame | None = None,
+    layer_stages: dict[str, str] | None = None,
+) -> list[Finding]:
+    """Rewind criticality, the loss barrier, probe gains (``exclude``: layers left out, the logits), and the
+    literature's three expectations. A change within its sampling noise is never called the largest."""
+    out: list[Finding] = []
+    if rewind is not None and len(rewind):
+        r = rewind[rewind["model"] == primary]
+        grp = r[~r["group"].isin(["none", "all_but_head"])]
+        if len(grp):
+            top = grp.loc[grp["acc_drop"].idxmax()]
+            low = grp.loc[grp["acc_drop"].idxmin()]
+            ref = r[r["group"] == "none"].iloc[0]
+            n_ref = max(int(ref["n"]), 1)  # an accuracy of 0 or 1 has no binomial spread: read it as 1/(n+1) from it
+            noise = _noise_pts(float(np.clip(ref["acc"], 1 / (n_ref + 1), n_ref / (n_ref + 1))), n_ref)
+            if 100 * top["acc_drop"] > noise:
+                text = (
+                    f"Rewinding {top['group']} of the {primary} model to its pretrained weights costs "
+                    f"{100 * top['acc_drop']:.1f} points of target accuracy, rewinding {low['group']} costs "
+                    f"{100 * low['acc_drop']:.1f}: the new task lives most in {top['group']}."
+                )
+            elif top["acc_drop"] <= 0:
+                text = (
+                    f"No single stage of the {primary} model is critical: rewinding any one stage to its "
+                    "pretrained weights costs no accuracy."
+                )
+            else:
+                text = (
+                    f"No single stage of the {primary} model is critical: rewinding any one stage to its "
+                    f"pretrained weights costs at most {100 * top['acc_drop']:.1f} points ({top['group']}), "
+                    "within sampling noise."
+                )
+            abh = r[r["group"] == "all_but_head"]
+            if len(abh):
+                text += f" Rewinding the whole backbone costs {100 * abh['acc_drop'].iloc[0]:.1f} points."
+            out.append(
+                Finding(
+                    "rewind",
+                    text,
+                    "rewind",
+                    score=9,
+                    uncertainty=f"{int(ref['n'])} test {units()}; differences under about {noise:.1f} "
+                    "points are within sampling noise (2 s.e.)",
+                )
+            )
+    if interp is not None and len(interp) and barrier is not None:
+        verdict = "No loss barrier" if barrier < 0.05 else "A loss barrier"
+        a = interp.loc[interp["excess_loss"].idxmax(), "alpha"]
+        out.append(
+            Finding(
+                "barrier",
+                f"{verdict} between the pretrained and the fine-tuned weights ({primary}): the largest excess "
+                f"loss over the straight line is {barrier:.3f} (at alpha = {a:.2f}); the two solutions "
+                f"{'lie in one basin' if barrier < 0.05 else 'are separated by a ridge'}.",
+                "interpolation",
+                score=6,
+                uncertainty=f"{int(interp['n'].iloc[0])} test {units()}, {len(interp)} points along the path"
+                + (f"; BatchNorm statistics: {interp['bn'].iloc[0]}" if interp["bn"].iloc[0] != "none" else ""),
+            )
+        )
+    if gains is not None and len(gains):
+        g = gains[~gains["layer"].isin(list(exclude))].dropna(subset=["gain"])
+        if len(g):
+            top = g.loc[g["gain"].abs().idxmax()]
+            n = int(n_test) if n_test else 100
+            p_ = float(np.clip((top["tuned_test_acc"] + top["base_test_acc"]) / 2, 1 / (n + 1), n / (n + 1)))
+            noise = _noise_pts(p_, n)
+            if abs(top["gain"]) > noise:
+                verb = "rises" if top["gain"] > 0 else "falls"
+                text = (
+                    f"Linear-probe accuracy on the target task {verb} most at {top['layer']} after fine-tuning "
+                    f"({top['gain']:+.1f} points: {pct(top['base_test_acc'])} -> {pct(top['tuned_test_acc'])})."
+                )
+            else:
+                text = (
+                    "Linear-probe accuracy on the target task changes at no layer beyond sampling noise after "
+                    f"fine-tuning (largest change {top['gain']:+.1f} points, at {top['layer']}; noise about "
+                    f"{noise:.0f} points)"
+                    + (
+                        ", and the probes are at ceiling (100%) in both models."
+                        if (g["base_test_acc"] >= 1).all() and (g["tuned_test_acc"] >= 1).all()
+                        else "."
+                    )
+                )
+            out.append(
+                Finding(
+                    "probe_gain",
+                    text,
+                    "probes",
+                    score=7 if abs(top["gain"]) > noise else 3,
+                    uncertainty=f"one probe per layer on {n} target test {units()}; changes under about "
+                    f"{noise:.0f} points are within sampling noise (2 s.e.)",
+                )
+            )
+    # the three expectations on the first and the last stage of any network, and for transformer encoders
+    # Merchant et al.'s depth profile (analysis/literature.py)
+    checks = literature_checks(rewind, gains, stages, primary)
+    if modality() == "text":
+        checks += merchant_checks(stages, cka, layer_stages or {}, primary)
+    if checks:
+        held = sum(NOT_AS_EXPECTED not in c and "[cannot tell]" not in c for c in checks)
+        out.append(
+            Finding(
+                "literature",
+                f"Transfer-learning expectations ({held} of {len(checks)} hold for "
+                f"{primary}): " + "; ".join(checks) + ".",
+                "rewind",
+                score=5,
+                kind="result" if held == len(checks) else "caveat",
+            )
+        )
+    return out

@@ -2,7 +2,7 @@
 
 Per weight matrix (conv kernels as ``out x in*k*k``) the top-``k`` left singular vectors of the tuned weight
 whose largest |cosine| with any singular vector of the base weight is below ``threshold`` (definition in
-:mod:`tunelens.analysis.intruders`). The control puts the base against ``base + E`` with ``E`` Gaussian,
+:mod:`tunelens.analysis.measures.intruders`). The control puts the base against ``base + E`` with ``E`` Gaussian,
 ``||E||_F`` equal to the tuned model's ``||W1 - W0||_F`` per matrix: how many intruders an unstructured change of
 the same size makes. The control runs for the primary model and for every LoRA model.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, no_pass, register
+from tunelens.analysis.measures.intruders import aggregate_intruders, intruder_control, intruder_dimensions
 from tunelens.core.results import Results
-
-from .. import findings as F
-from ..intruders import aggregate_intruders, intruder_control, intruder_dimensions
-from ..registry import Analysis, Context, Output, register
 
 INTRUDERS = "intruders"  # one row per model (or control) and weight matrix
 INTRUDER_STAGES = "intruder_stages"  # summed per model (or control) and stage
@@ -121,5 +120,7 @@ ANALYSIS = register(
         run=run,
         findings=findings,
         defaults={"intruder_k": 10, "intruder_threshold": 0.5},
+        rules={"intruder_k": {"min": 1}, "intruder_threshold": {"gt": 0, "max": 1}},
+        cost=no_pass,
     )
 )

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import pandas as pd
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.measures.cka_models import cka_matrix
+from tunelens.analysis.steps.evaluation import PREDICTIONS
+from tunelens.analysis.steps.intruders import lora_models
+from tunelens.analysis.steps.similarity import backbone_layers
+from tunelens.analysis.steps.weights import WEIGHT_DELTAS
 from tunelens.core.results import Results
-
-from .. import findings as F
-from ..registry import Analysis, Context, Output, register
-from ..similarity import cka_matrix
-from .evaluation import PREDICTIONS
-from .intruders import lora_models
-from .similarity import backbone_layers
-from .weights import WEIGHT_DELTAS
 
 CKA_LORA = "cka_lora"  # per LoRA model and stage: CKA with the reference (full) fine-tune
 

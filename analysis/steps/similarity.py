@@ -3,17 +3,18 @@ random-weights baseline and the from-scratch control; activation statistics and 
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.findings import Finding
+from tunelens.analysis.measures.cka_models import cka_chance_from_passes, cka_from_passes, randomly_initialised
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
 from tunelens.core.stages import StageMap, stages
 from tunelens.core.text import is_text_model, readout_pooling
-
-from .. import findings as F
-from ..registry import Analysis, Context, Output, register
-from ..similarity import cka_chance_from_passes, cka_from_passes, randomly_initialised
 
 CKA_BASE_TUNED = "cka_base_tuned"
 CKA_BASE_BASE = "cka_base_base"
@@ -115,7 +116,7 @@ def findings(res: Results) -> list[F.Finding]:
     chance = res.table(CKA_CHANCE)
     if chance is None or chance.empty:
         return []
-    return F.similarity_findings(chance, res.summary.get("primary", "full"))
+    return similarity_findings(chance, res.summary.get("primary", "full"))
 
 
 ANALYSIS = register(
@@ -128,3 +129,103 @@ ANALYSIS = register(
         findings=findings,
     )
 )
+
+
+# ---- findings: this analysis's sentences, formatted from its tables
+
+
+def chance_corrected(cka: float, chance: float) -> float:
+    """``(CKA - chance) / (1 - chance)``: 1 as similar as identical, 0 as similar as random weights; NaN when
+    the chance level is not below 1."""
+    if not (np.isfinite(cka) and np.isfinite(chance)) or chance >= 1:
+        return float("nan")
+    return (cka - chance) / (1 - chance)
+
+
+def _verdict(x: float) -> str:
+    return "kept" if x >= 0.8 else ("adapted" if x >= 0.2 else "replaced")
+
+
+#: a random-weights baseline above this leaves too little room: the test cannot tell kept from replaced
+CHANCE_TOO_HIGH = 0.95
+
+
+#: base-tuned CKA at or above this at every layer reads as "unchanged"
+UNCHANGED = 0.99
+
+
+def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -> list[Finding]:
+    """Per layer the chance-corrected CKA ``(CKA - chance) / (1 - chance)`` with its CI, read as kept (>= 0.8),
+    adapted (0.2-0.8) or replaced (< 0.2) only where the CI stays in one class; a layer "diverges most" only
+    when its CI lies below every other layer's; a baseline near 1 or a missing CI is said, never printed."""
+    out: list[Finding] = []
+    c = chance.dropna(subset=["cka_base_tuned"]).reset_index(drop=True)
+    if c.empty:
+        return out
+    extra = ""
+    if "pooling" in c:  # text: the masked mean (what the head reads) leads; the [CLS] token is reported beside it
+        other = c[c["pooling"] == "[CLS]"]
+        c = c[c["pooling"] != "[CLS]"].reset_index(drop=True)
+        if len(other):
+            lo = other.loc[other["cka_base_tuned"].idxmin()]
+            rnd_cls = float(lo.get("cka_base_random", float("nan")))
+            extra = f" On the [CLS] token the lowest CKA is {lo['cka_base_tuned']:.2f} at {lo['layer']}" + (
+                f" (random-weights baseline {rnd_cls:.2f})." if np.isfinite(rnd_cls) else "."
+            )
+        if c.empty:
+            return out
+    est = c["estimator"].iloc[0] if "estimator" in c else "CKA"
+    has_ci = bool(np.isfinite(c["ci_low"]).all() and np.isfinite(c["ci_high"]).all())
+    unc = f"estimator: {est}; " + (
+        "CI: bootstrap over batches" if has_ci else "no CI: too few batches to bootstrap (one batch)"
+    )
+    if (c["cka_base_tuned"] >= UNCHANGED).all():
+        out.append(
+            Finding(
+                "cka",
+                f"{primary}: representations are unchanged at every compared layer (base-vs-tuned CKA >= {UNCHANGED} "
+                f"from {c['layer'].iloc[0]} to {c['layer'].iloc[-1]}); no layer diverges.",
+                "cka_chance",
+                score=8.5,
+                uncertainty=unc,
+            )
+        )
+        return out
+    low = c.loc[c["cka_base_tuned"].idxmin()]
+    others = c.drop(index=low.name)
+    clear = has_ci and len(others) and bool((low["ci_high"] < others["ci_low"]).all())
+    ci = f", 95% CI {low['ci_low']:.2f} to {low['ci_high']:.2f}" if has_ci else ""
+    if clear:
+        txt = f"{primary}: {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}{ci})"
+    else:
+        txt = (
+            f"{primary}: the lowest base-vs-tuned CKA is at {low['layer']} ({low['cka_base_tuned']:.2f}{ci}), "
+            "not clearly below the other layers"
+        )
+    rnd = float(low.get("cka_base_random", float("nan")))
+    if not np.isfinite(rnd):
+        txt += "; without a random-weights baseline the test cannot say whether its features were kept or replaced"
+    elif rnd >= CHANCE_TOO_HIGH:
+        txt += (
+            f"; the random-weights baseline is itself {rnd:.2f}, so the test cannot tell kept features from replaced "
+            "ones here"
+        )
+    else:
+        s_ = chance_corrected(low["cka_base_tuned"], rnd)
+        txt += f"; chance-corrected {s_:.2f}" + (" (below 0: less alike than random weights)" if s_ < 0 else "")
+        txt += f" against the random-weights baseline {rnd:.2f}"
+        if has_ci:
+            lo, hi = chance_corrected(low["ci_low"], rnd), chance_corrected(low["ci_high"], rnd)
+            txt += f" (CI {lo:.2f} to {hi:.2f})"
+            txt += (
+                f": features were {_verdict(s_)}"
+                if _verdict(lo) == _verdict(hi)
+                else f": between {_verdict(lo)} and {_verdict(hi)}, the data cannot say which"
+            )
+        else:
+            txt += f": features look {_verdict(s_)} (no CI to confirm it)"
+    sc = low.get("cka_tuned_scratch", float("nan"))
+    if np.isfinite(sc):
+        txt += f". The scratch control's {low['layer']} has CKA {sc:.2f} with the tuned model"
+    out.append(Finding("cka", txt + "." + extra, "cka_chance", score=8.5, uncertainty=unc))
+    return out

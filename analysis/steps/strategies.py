@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, no_pass, register
+from tunelens.analysis.steps.evaluation import ACCURACY
+from tunelens.analysis.steps.forgetting import FORGETTING
+from tunelens.analysis.steps.similarity import CKA_DIAGONAL
+from tunelens.analysis.steps.weights import WEIGHT_STAGES
 from tunelens.core.results import Results
-
-from .. import findings as F
-from ..registry import Analysis, Context, Output, register
-from .evaluation import ACCURACY
-from .forgetting import FORGETTING
-from .similarity import CKA_DIAGONAL
-from .weights import WEIGHT_STAGES
 
 STRATEGIES = "strategies"
 
@@ -67,5 +66,6 @@ ANALYSIS = register(
         findings=findings,
         optional=False,
         compares_models=False,
+        cost=no_pass,
     )
 )

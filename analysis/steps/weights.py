@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.registry import Analysis, Context, Output, no_pass, register
+from tunelens.analysis.findings import Finding, pct
+from tunelens.analysis.measures.weights import aggregate_deltas, first_conv_filters, weight_deltas
 from tunelens.core.results import Results
 from tunelens.core.text import is_text_model, submodule_kind
-
-from .. import findings as F
-from ..registry import Analysis, Context, Output, register
-from ..weights import aggregate_deltas, first_conv_filters, weight_deltas
 
 WEIGHT_DELTAS = "weight_deltas"
 WEIGHT_STAGES = "weight_stages"
@@ -57,7 +57,7 @@ def findings(res: Results) -> list[F.Finding]:
     st = res.table(WEIGHT_STAGES)
     if st is None or st.empty:
         return []
-    return F.weight_findings(st, primary=res.summary.get("primary", "full"))
+    return weight_findings(st, primary=res.summary.get("primary", "full"))
 
 
 ANALYSIS = register(
@@ -69,5 +69,63 @@ ANALYSIS = register(
         run=run,
         findings=findings,
         optional=False,
+        cost=no_pass,
     )
 )
+
+
+# ---- findings: this analysis's sentences, formatted from its tables
+
+
+def weight_findings(stages: pd.DataFrame, primary: str = "full") -> list[Finding]:
+    """Which stage moved most under each strategy, relative to the stem; frozen stages that stayed put."""
+    out = []
+    for model, g in stages.groupby("model", sort=False):
+        g = g[g["stage"] != "head"].dropna(subset=["relative"])
+        if g.empty:
+            continue
+        top = g.loc[g["relative"].idxmax()]
+        if top["relative"] == 0:
+            head = stages[(stages["model"] == model) & (stages["stage"] == "head")]
+            replaced = bool(len(head)) and int(head["replaced"].sum()) > 0
+            moved = bool(len(head)) and float(head["relative"].fillna(0).max()) > 0
+            tail = (
+                "only the head was replaced and trained."
+                if replaced
+                else ("only the head was trained." if moved else "nothing changed: the head is identical too.")
+            )
+            out.append(
+                Finding(
+                    f"weights_frozen_{model}",
+                    f"{model}: the backbone did not move at all (every shared weight is bit-identical to the "
+                    f"pretrained one); {tail}",
+                    "weight_stages",
+                    score=3 if replaced or moved else 9,
+                    uncertainty="exact (computed on the weights, no sampling)",
+                )
+            )
+            continue
+        low = g.loc[g["relative"].idxmin()]
+        first = g.sort_values("depth").iloc[0]  # the stem for ResNets
+        parts = []
+        if first["stage"] != top["stage"]:
+            parts.append(
+                f"{top['relative'] / first['relative']:.1f}x the {first['stage']}'s {pct(first['relative'], 2)}"
+                if first["relative"] > 0
+                else f"while the {first['stage']} did not move"
+            )
+        if low["stage"] not in (top["stage"], first["stage"]):
+            parts.append(f"{low['stage']} moved least ({pct(low['relative'], 2)})")
+        out.append(
+            Finding(
+                f"weights_{model}",
+                f"{model}: {top['stage']} moved most, its weights changed by "
+                f"{pct(top['relative'], 2)} of their norm (relative Frobenius)"
+                + (", " + "; ".join(parts) if parts else "")
+                + ".",
+                "weight_stages",
+                score=(8 if model == primary else 4),
+                uncertainty="exact (computed on the weights, no sampling)",
+            )
+        )
+    return out

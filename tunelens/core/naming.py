@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["has_module", "head_name", "stage_of", "stage_order"]
+__all__ = ["ArchitectureMismatch", "has_module", "head_name", "stage_of", "stage_order"]
+
+
+class ArchitectureMismatch(ValueError):
+    """Two models (or state dicts) that do not have the same parameter names."""
 
 
 def head_name(model: nn.Module) -> str:

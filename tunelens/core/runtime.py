@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "resolve_device",
     "set_determinism",
     "shard_loader",
+    "torch_threads",
     "world_size",
 ]
 
@@ -314,6 +316,20 @@ def no_tf32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch (MKL/OpenMP) intra-op threads set to ``n`` for the block, then restored; None: left as is."""
+    prev = torch.get_num_threads()
+    if n is None or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def blas_threads(n: int = 1):

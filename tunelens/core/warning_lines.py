@@ -1,7 +1,7 @@
 """Warnings as the command line shows them: one line each, once, without file paths or source lines.
 
 Python's default ``showwarning`` prints the warning's file, line number and source line, and a long message
-whole (a :class:`~tunelens.analysis.similarity.StreamingCKA` warning about many layers can reach kilobytes).
+whole (a :class:`~tunelens.analysis.measures.cka.StreamingCKA` warning about many layers can reach kilobytes).
 Inside :func:`warning_lines`, a warning raised from tunelens' own code prints as ``tunelens: warning: ...``,
 folded to one line, cut at :data:`MAX_CHARS`, and once per distinct text; warnings that libraries
 (torch, matplotlib, transformers) raise about their own internals are not shown. ``TUNELENS_DEBUG=1`` restores

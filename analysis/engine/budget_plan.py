@@ -1,0 +1,183 @@
+"""The time budget during one run of the suite: measure the pass costs, resize the costly analyses just
+before they run, mark the findings they produce, and say what was reduced (formulas in :mod:`.budget`).
+
+Seconds left are shared between the attribution study and the interventions in proportion to their
+predicted cost at the configured settings; the cheaper analyses (evaluation, weight deltas, intruders, CKA)
+run as configured and their measured time counts against the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tunelens.analysis import findings as F
+from tunelens.analysis.engine.budget import (
+    PassCosts,
+    Reduction,
+    attribution_cost,
+    fit_attribution,
+    fit_functional,
+    functional_cost,
+    measure_pass_costs,
+    resolve_budget,
+)
+from tunelens.analysis.engine.registry import Context, get
+from tunelens.analysis.measures.attribution.methods import choose_methods
+from tunelens.core.text import is_text_model
+
+__all__ = ["Budget", "attribution_inputs", "functional_shape"]
+
+
+def functional_shape(ctx: Context) -> dict[str, int]:
+    """The sizes the interventions' cost depends on (:func:`~.budget.functional_cost`'s arguments)."""
+    return {
+        "n_test": len(ctx.data["test"]),
+        "n_train": len(ctx.data["train"]),
+        "n_tuned": len(ctx.tuned),
+        "n_stages": len(ctx.stage_map.stages),
+        "steps": int(ctx.settings["interpolation_steps"]),
+        "n_probe_models": 2 + ("scratch" in ctx.models),
+    }
+
+
+def attribution_inputs(ctx: Context) -> tuple[list[str], int, dict, int]:
+    """Methods, images, method options and image side of the attribution study as configured now."""
+    meths, _ = choose_methods(str(ctx.settings.get("attribution_methods", "default")), lambda: ctx.stage_map)
+    n = min(int(ctx.settings["attribution_images"]), len(ctx.data["test"]))
+    opts = dict(ctx.settings.get("attribution_options") or {})
+    return meths, n, opts, int(ctx.data["test"][0][0].shape[-1])
+
+
+class Budget:
+    """State of the budget over one :func:`~tunelens.analysis.suite.analyze_models` call."""
+
+    def __init__(self, seconds: float | None, costs: PassCosts | None = None, why_off: str = "") -> None:
+        self.seconds, self.costs, self.why_off = seconds, costs, why_off
+        self.t0 = time.perf_counter()
+        self.reduced: list[Reduction] = []
+        self.predicted: dict[str, float] = {}
+
+    @classmethod
+    def start(cls, ctx: Context, log: Callable[[str], None] = print) -> Budget:
+        """The budget of ``ctx.settings['budget']`` (``auto``: :data:`~.budget.CPU_DEFAULT_S` on a CPU, none on CUDA), its pass costs
+        measured on the base model (their time counts against the budget)."""
+        t0 = time.perf_counter()
+        seconds = resolve_budget(ctx.settings.get("budget", "auto"), ctx.device)
+        if seconds is None:
+            return cls(None, why_off="no time budget (analysis.budget = none, or auto on CUDA)")
+        if is_text_model(ctx.base):
+            return cls(None, why_off="the time budget applies to image models; text analyses ran as configured")
+        costs = measure_pass_costs(ctx.base, ctx.data["test"], ctx.device, batch=min(8, len(ctx.data["test"])))
+        b = cls(seconds, costs)
+        b.t0 = t0
+        log(
+            f"[analyze] budget {seconds:g}s: one image costs {1e3 * costs.forward_s:.1f} ms forward, "
+            f"{1e3 * costs.backward_s:.1f} ms forward + backward"
+        )
+        return b
+
+    @property
+    def active(self) -> bool:
+        return self.seconds is not None and self.costs is not None
+
+    def left(self) -> float:
+        assert self.seconds is not None
+        return self.seconds - (time.perf_counter() - self.t0)
+
+    def _functional_cost(self, ctx: Context, steps: int | None = None, n_test: int | None = None) -> float:
+        assert self.costs is not None
+        shape = functional_shape(ctx)
+        shape.update({k: v for k, v in (("steps", steps), ("n_test", n_test)) if v is not None})
+        return functional_cost(costs=self.costs, **shape)
+
+    def predictions(self, ctx: Context, names: list[str]) -> dict[str, float]:
+        """Predicted seconds of each analysis in ``names`` at the configured settings (for the progress line):
+        each analysis's own ``cost`` (:class:`~tunelens.analysis.engine.registry.Analysis`; none declared: a
+        forward pass per model and test image); its ``relative_cost`` when no pass was timed."""
+        if not self.active:
+            return {n: get(n).relative_cost for n in names}
+        assert self.costs is not None
+        n_test, n_models = len(ctx.data["test"]), len(ctx.models)
+        per_pass = n_models * n_test * self.costs.forward_s
+        out = {}
+        for n in names:
+            cost = get(n).cost
+            out[n] = cost(ctx, self.costs) if cost is not None else per_pass
+        return out
+
+    def fit(self, name: str, ctx: Context) -> None:
+        """Resize analysis ``name`` (``attribution`` or ``functional``) in ``ctx.settings`` to the seconds left."""
+        if not self.active or name not in ("attribution", "functional"):
+            return
+        assert self.costs is not None
+        s: dict[str, Any] = ctx.settings  # type: ignore[assignment]  # the suite's own copy
+        left = max(0.0, self.left())
+        if name == "attribution":
+            meths, n, opts, side = attribution_inputs(ctx)
+            full = attribution_cost(meths, n, opts, self.costs, side)
+            rest = self._functional_cost(ctx) if s.get("functional", True) else 0.0
+            share = left * full / (full + rest) if full + rest > 0 else left
+            if rest > 0:  # leave the interventions at least their smallest plan (3 steps, 32 test images)
+                least = self._functional_cost(ctx, steps=min(3, int(s["interpolation_steps"])),
+                                              n_test=min(32, len(ctx.data["test"])))  # fmt: skip
+                share = max(0.0, min(share, left - least))
+            plan = fit_attribution(share, meths, n, opts, self.costs, side)
+            if plan.reductions:
+                s["attribution_images"] = plan.n_images
+                s["attribution_methods"] = ",".join(plan.methods)
+                s["attribution_options"] = plan.options
+                s["attribution_faithfulness"] = plan.faithfulness
+            self.reduced += plan.reductions
+            self.predicted["attribution"] = plan.predicted_s
+        else:
+            steps, n_test, red, pred = fit_functional(left, costs=self.costs, **functional_shape(ctx))
+            if red:
+                s["interpolation_steps"] = steps
+                s["functional_images"] = n_test
+            self.reduced += red
+            self.predicted["functional"] = pred
+
+    def mark(self, name: str, findings: list[F.Finding]) -> list[F.Finding]:
+        """``findings`` of analysis ``name`` with its reductions added to their uncertainty."""
+        red = [r for r in self.reduced if r.analysis == name]
+        if not red:
+            return findings
+        note = "reduced by the time budget: " + "; ".join(f"{r.setting} {r.before} -> {r.after}" for r in red)
+        effects = [r.effect for r in red if "wider" in r.effect or "less certain" in r.effect]
+        if effects:
+            note += " (" + "; ".join(effects) + ")"
+        return [
+            dataclasses.replace(f, uncertainty=f"{f.uncertainty}; {note}" if f.uncertainty else note) for f in findings
+        ]
+
+    def caveat(self) -> list[F.Finding]:
+        """One caveat finding listing what the budget reduced (none when nothing was)."""
+        if not self.reduced:
+            return []
+        what = "; ".join(f"{r.analysis}: {r.setting} {r.before} -> {r.after}" for r in self.reduced)
+        return [
+            F.Finding(
+                "budget_reduced",
+                f"Caveat: to fit the time budget of {self.seconds:g} s (--budget), some analyses ran smaller: "
+                f"{what}. The findings of those analyses carry the wider uncertainty; run with a larger --budget "
+                "(or --budget none) for the full analysis.",
+                "methods",  # the report's methods section lists the reductions
+                score=90,
+                kind="caveat",
+            )
+        ]
+
+    def summary(self, timings: dict[str, float]) -> dict[str, Any]:
+        """What the report's methods section shows: the budget, the pass costs, predicted and measured seconds
+        of the resized analyses, and every reduction."""
+        return {
+            "seconds": self.seconds,
+            "note": self.why_off,
+            "pass_costs": self.costs.to_dict() if self.costs else None,
+            "predicted": {k: round(v, 2) for k, v in self.predicted.items()},
+            "measured": {k: round(timings[k], 2) for k in self.predicted if k in timings},
+            "reduced": [r.to_dict() for r in self.reduced],
+        }
