@@ -256,6 +256,29 @@ def token_grad_cam(
     return cam.reshape(len(cam), 1, h, w)
 
 
+def finer_layer_hint(model: nn.Module, inputs: torch.Tensor) -> str:
+    """What to do about a Grad-CAM layer coarser than 4x4, naming layers of ``model`` itself (its stage map,
+    :func:`tunelens.core.stages.stages`, at the input size of ``inputs``): the output of the last stage whose map
+    is at least 4x4, or, when there is none, larger inputs."""
+    try:
+        smap = stages(model, inputs[:1].to(_model_device(model)))
+    except Exception:  # a model the stage map cannot trace: no layer names to offer
+        return "choose an earlier layer with a spatial output (the layer= option of grad_cam) or larger inputs"
+    finer = [
+        s
+        for s in smap.body
+        if s.layout == "nchw" and s.output and s.resolution and len(s.resolution) == 2 and min(s.resolution) >= 4
+    ]
+    if not finer:
+        return "no layer of this model after the stem is 4x4 or finer at this input size: use larger inputs"
+    pick = finer[-1]
+    h, w = pick.resolution or (0, 0)
+    return (
+        f"choose an earlier layer of this model (the layer= option of grad_cam), e.g. {pick.output!r} (the output of stage "
+        f"{pick.name}, {h}x{w} at this input size), or larger inputs"
+    )
+
+
 def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
     """The last layer after the stem with an NCHW output larger than 1x1 that runs once per forward pass
     (:func:`tunelens.core.stages.gradcam_layer`: ``layer4`` on ResNets, Swin's ``permute`` back to NCHW, never
@@ -395,9 +418,8 @@ def _attribute_chunk(
             if (h < 4 or w < 4) and not state.get("warned"):
                 state["warned"] = True
                 warnings.warn(
-                    f"Grad-CAM layer {state['layer'] if layer_name == 'auto' else layer_name!r} is "
-                    f"{h}x{w}, coarser than 4x4: its upsampled map can hardly localise anything; choose "
-                    "an earlier layer (e.g. layer3) or larger inputs",
+                    f"Grad-CAM layer {chosen!r} is {h}x{w}, coarser than 4x4: its upsampled map can hardly "
+                    f"localise anything; {finer_layer_hint(model, x)}",
                     CoarseLayerWarning,
                     stacklevel=4,
                 )
