@@ -102,7 +102,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # for the 10 Fashion-MNIST classes (real product photos, Debian's dataset-fashion-mnist; 28 px grayscale
     # replicated to 3 channels and upsampled to 96 px, where ImageNet features matter). Sized for 2 CPU cores (a
     # training step costs ~0.05 s per image at 96 px on the idle machine, a forward pass ~0.02): a balanced
-    # draw of 640 training images, 2 epochs (real weights need few); the probes train on cached features (no
+    # draw of 1,200 training images, 2 epochs (real weights need few); the probes train on cached features (no
     # augmentation, so the cache is exact); the scratch control gets the full strategy's budget; the
     # attribution study its three cheapest methods (gradient-based, one backward pass per map) on 8 images.
     # The probe learning rate suits pooled features of norm ~40 (SGD 0.003).
@@ -113,8 +113,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dataset": "fashion_mnist",
             "image_size": 96,
             "std": 0.5,
-            # 120 test images: above the 100 below which the report opens with a small-data caveat
-            "target": {"train_per_class": 64, "val_per_class": 10, "test_per_class": 12},
+            # 1,500 photos: 1,200 to train on, 200 test images (above the 100 below which the report opens with a
+            # small-data caveat)
+            "target": {"train_per_class": 120, "val_per_class": 10, "test_per_class": 20},
         },
         "finetune": {
             "strategies": ["linear_probe", "full", "lp_ft"],  # lora: see the default run (peft on depthwise convs)
