@@ -64,6 +64,11 @@ def data_spec(cfg: dict, task: str) -> ShapesSpec | TextSpec:
     )
 
 
+def _real(spec: ShapesSpec | TextSpec) -> bool:
+    """Whether ``spec`` reads real data (Fashion-MNIST, Rotten Tomatoes) rather than generating it."""
+    return spec.dataset not in ("shapes", "generated")
+
+
 def make_data(cfg: dict, spec: ShapesSpec | TextSpec) -> dict:
     """The splits of ``spec``: generated shapes, or generated sentences tokenised for the configured model."""
     if isinstance(spec, TextSpec):
@@ -194,7 +199,8 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
         f" of {tgt_spec.image_size} px" if isinstance(tgt_spec, ShapesSpec) else f" of up to {tgt_spec.max_len} tokens"
     )
     log(
-        f"[finetune] generated data in {time.perf_counter() - t0:.1f}s ("
+        f"[finetune] {'read' if _real(src_spec) or _real(tgt_spec) else 'generated'} data in "
+        f"{time.perf_counter() - t0:.1f}s ("
         + (f"source {len(src['train'])} train {unit}, " if src else "")
         + f"target {len(tgt['train'])} train {unit}{size})"
     )

