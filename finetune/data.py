@@ -20,22 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = [
-    "MEAN",
-    "SOURCE_CLASSES",
-    "STD",
-    "TARGET_CLASSES",
-    "ShapesDataset",
-    "ShapesSpec",
-    "make_fashion_mnist",
-    "make_shapes",
-]
+__all__ = ["MEAN", "SOURCE_CLASSES", "STD", "TARGET_CLASSES", "ShapesDataset", "ShapesSpec", "make_shapes"]
 
 SOURCE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "hexagon", "half_disk")
 TARGET_CLASSES = ("ellipse", "crescent", "l_shape", "t_shape", "heart", "arrow")
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-DATASETS = ("shapes", "fashion_mnist")
 
 
 def _polygon(r, th, n, radius):
@@ -96,8 +86,6 @@ class ShapesSpec:
     clutter: int = 3  # number of random distractor strokes per image
     classes: tuple[str, ...] = field(default=())
     std: float = STD[0]  # images are (x - 0.5) / std; the ImageNet preset uses 0.5, as its weights expect
-    # "shapes" (generated) or "fashion_mnist" (real photos, :mod:`.real_data`; the target task only)
-    dataset: str = "shapes"
 
     def __post_init__(self) -> None:
         if self.task not in ("source", "target"):
@@ -106,34 +94,24 @@ class ShapesSpec:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be at least 16 pixels, got {self.image_size}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown image dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
         if not self.classes:
-            if self.dataset == "fashion_mnist":
-                from .real_data import FASHION_CLASSES
-
-                object.__setattr__(self, "classes", FASHION_CLASSES)
-            else:
-                object.__setattr__(self, "classes", SOURCE_CLASSES if self.task == "source" else TARGET_CLASSES)
+            object.__setattr__(self, "classes", SOURCE_CLASSES if self.task == "source" else TARGET_CLASSES)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["classes"] = list(self.classes)
-        if self.dataset == "shapes":  # the generated shapes' dicts (and their cache keys) as before the field
-            del d["dataset"]
-        d["name"] = self.dataset
+        d["name"] = "shapes"
         return d
 
 
 class ShapesDataset(Dataset):
     """In-memory images (normalised float tensors), labels and boolean object masks.
 
-    Items are ``(image, label, mask)``: ``image`` is ``3 x H x W``, ``mask`` is ``H x W``; without masks
-    (real photos) ``(image, label)``.
+    Items are ``(image, label, mask)``: ``image`` is ``3 x H x W``, ``mask`` is ``H x W``.
     """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None, classes: tuple[str, ...]
+        self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, classes: tuple[str, ...]
     ) -> None:
         self.images, self.labels, self.masks, self.classes = images, labels, masks, tuple(classes)
 
@@ -141,8 +119,6 @@ class ShapesDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        if self.masks is None:
-            return self.images[i], self.labels[i]
         return self.images[i], self.labels[i], self.masks[i]
 
 
@@ -191,37 +167,8 @@ def _render(rng: np.random.Generator, names: list[str], size: int, clutter: int)
     return np.clip(img, 0, 1).astype(np.float32), mask
 
 
-def make_fashion_mnist(spec: ShapesSpec) -> dict[str, ShapesDataset]:
-    """Balanced Fashion-MNIST splits (:mod:`.real_data`), fixed by ``spec.seed``: ``train`` and ``val`` drawn
-    disjointly from the 60,000 training images, ``test`` from the 10,000 test images; grayscale replicated to
-    3 channels, upsampled (bilinear) from 28 px to ``spec.image_size``, normalised as the shapes
-    (``(x - 0.5) / spec.std``). No masks."""
-    from .real_data import balanced_indices, read_fashion_mnist
-
-    for split in ("train", "val", "test"):
-        if getattr(spec, f"{split}_per_class") < 1:
-            raise ValueError(f"{split}_per_class must be at least 1, got {getattr(spec, f'{split}_per_class')}")
-    x_tr, y_tr = read_fashion_mnist("train")
-    x_te, y_te = read_fashion_mnist("test")
-    tr, va = balanced_indices(y_tr, [spec.train_per_class, spec.val_per_class], (spec.seed, 28, 0))
-    (te,) = balanced_indices(y_te, [spec.test_per_class], (spec.seed, 28, 1))
-    out = {}
-    for split, x, y, idx in (("train", x_tr, y_tr, tr), ("val", x_tr, y_tr, va), ("test", x_te, y_te, te)):
-        img = torch.from_numpy(x[idx].astype(np.float32) / 255.0)[:, None]
-        if spec.image_size != img.shape[-1]:
-            img = torch.nn.functional.interpolate(
-                img, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False
-            ).clamp(0, 1)
-        img = (img.expand(-1, 3, -1, -1) - torch.tensor(MEAN)[:, None, None]) / spec.std
-        out[split] = ShapesDataset(img.contiguous(), torch.from_numpy(y[idx]).long(), None, spec.classes)
-    return out
-
-
 def make_shapes(spec: ShapesSpec) -> dict[str, ShapesDataset]:
-    """Generate the ``train``, ``val`` and ``test`` splits of one task, deterministically from ``spec.seed``
-    (Fashion-MNIST photos instead when ``spec.dataset`` says so: :func:`make_fashion_mnist`)."""
-    if spec.dataset == "fashion_mnist":
-        return make_fashion_mnist(spec)
+    """Generate the ``train``, ``val`` and ``test`` splits of one task, deterministically from ``spec.seed``."""
     out = {}
     task_offset = 0 if spec.task == "source" else 1_000_003
     for k, (split, per) in enumerate(

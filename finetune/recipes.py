@@ -33,6 +33,7 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import STD, ShapesSpec, make_shapes
 from .lora import LORA_KEYS, add_lora, merge_lora, save_adapter
 from .models import build_model, replace_head
+from .real_data import FashionSpec, make_fashion_mnist
 from .shipped import SHIPPED, shipped_base, shipped_key
 from .text_data import TextSpec, make_text_task
 from .train import TrainConfig, train
@@ -52,27 +53,29 @@ def data_spec(cfg: dict, task: str) -> ShapesSpec | TextSpec:
         # real sentences (Rotten Tomatoes) for the target task only: the source task stays the generated topics
         real = t.get("dataset", "generated") if task == "target" else "generated"
         return TextSpec(task=task, seed=cfg["seed"], max_len=t["max_len"], model=cfg["arch"], dataset=real, **t[task])
-    return ShapesSpec(
+    # real photos (Fashion-MNIST) for the target task only: a source task (pretraining) stays the shapes
+    cls = FashionSpec if task == "target" and d.get("dataset", "shapes") == "fashion_mnist" else ShapesSpec
+    return cls(
         task=task,
         image_size=d["image_size"],
         clutter=d["clutter"],
         std=d.get("std", STD[0]),
         seed=cfg["seed"],
-        # real photos (Fashion-MNIST) for the target task only: a source task (pretraining) stays the shapes
-        dataset=d.get("dataset", "shapes") if task == "target" else "shapes",
         **d[task],
     )
 
 
 def _real(spec: ShapesSpec | TextSpec) -> bool:
     """Whether ``spec`` reads real data (Fashion-MNIST, Rotten Tomatoes) rather than generating it."""
-    return spec.dataset not in ("shapes", "generated")
+    return isinstance(spec, FashionSpec) or getattr(spec, "dataset", "generated") != "generated"
 
 
 def make_data(cfg: dict, spec: ShapesSpec | TextSpec) -> dict:
     """The splits of ``spec``: generated shapes, or generated sentences tokenised for the configured model."""
     if isinstance(spec, TextSpec):
         return make_text_task(spec, load_tokenizer(resolve_hf_folder(spec.model)))
+    if isinstance(spec, FashionSpec):
+        return make_fashion_mnist(spec)
     return make_shapes(spec)
 
 

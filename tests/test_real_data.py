@@ -38,9 +38,12 @@ def test_fashion_mnist_reader_parses_the_real_files():
 
 @needs_fashion
 def test_fashion_mnist_splits_balanced_disjoint_deterministic_upsampled():
-    from tunelens.finetune.data import ShapesSpec, make_shapes
+    from tunelens.finetune.data import ShapesSpec
+    from tunelens.finetune.real_data import FashionSpec
+    from tunelens.finetune.recipes import make_data
 
-    spec = ShapesSpec(dataset="fashion_mnist", image_size=48, std=0.5, train_per_class=5, val_per_class=2,
+    make_shapes = lambda spec: make_data({}, spec)
+    spec = FashionSpec(image_size=48, std=0.5, train_per_class=5, val_per_class=2,
                       test_per_class=3)  # fmt: skip
     a, b = make_shapes(spec), make_shapes(spec)
     assert a["train"].classes == FASHION_CLASSES
@@ -55,10 +58,10 @@ def test_fashion_mnist_splits_balanced_disjoint_deterministic_upsampled():
     # train and val are disjoint draws from the training file
     tr = {bytes(t.numpy().tobytes()) for t in a["train"].images}
     assert not tr & {bytes(t.numpy().tobytes()) for t in a["val"].images}
-    other = make_shapes(ShapesSpec(dataset="fashion_mnist", image_size=48, std=0.5, train_per_class=5,
+    other = make_shapes(FashionSpec(image_size=48, std=0.5, train_per_class=5,
                                    val_per_class=2, test_per_class=3, seed=1))  # fmt: skip
     assert not torch.equal(other["train"].images, a["train"].images)
-    assert spec.to_dict()["name"] == "fashion_mnist" and "dataset" not in ShapesSpec().to_dict()
+    assert spec.to_dict()["name"] == "fashion_mnist" and ShapesSpec().to_dict()["name"] == "shapes"
 
 
 def test_idx_reader_checks_magic_and_sizes(tmp_path):

@@ -21,6 +21,7 @@ from tunelens.core.progress import replan as replan_stage
 from tunelens.core.progress import report as report_stage
 from tunelens.core.progress import run_progress
 from tunelens.finetune.data import ShapesSpec
+from tunelens.finetune.real_data import FashionSpec
 from tunelens.finetune.recipes import (
     data_spec,
     is_text,
@@ -84,7 +85,7 @@ def _spec_from(data: dict) -> ShapesSpec | TextSpec:
         d.pop("classes", None)
         return TextSpec(**d)
     d["classes"] = tuple(d["classes"])
-    return ShapesSpec(**d)
+    return FashionSpec(**d) if name == "fashion_mnist" else ShapesSpec(**d)
 
 
 def source_data(base_manifest: dict, settings: dict) -> dict:
@@ -127,7 +128,7 @@ def _data_summary(spec: ShapesSpec | TextSpec, data: dict) -> dict:
         f"Fashion-MNIST product photos (Xiao et al. 2017, Debian's dataset-fashion-mnist): a balanced draw fixed "
         f"by seed {spec.seed}, train and validation from the 60,000 training images, test from the 10,000 test "
         f"images; 28 px grayscale replicated to 3 channels and upsampled to {spec.image_size} px; no object masks."
-        if spec.dataset == "fashion_mnist"
+        if isinstance(spec, FashionSpec)
         else f"generated shapes on cluttered backgrounds (embedded default, seed {spec.seed}, {spec.image_size} px)."
     )
     return {
