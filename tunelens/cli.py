@@ -143,8 +143,8 @@ def _check_requirements(cfg: dict, data: bool = True) -> None:
 
     if not data:
         return
-    data = cfg.get("data") or {}
-    for name in (data.get("dataset"), (data.get("text") or {}).get("dataset")):
+    section = cfg.get("data") or {}
+    for name in (section.get("dataset"), (section.get("text") or {}).get("dataset")):
         try:
             check_dataset(str(name))
         except MissingDataError as e:
