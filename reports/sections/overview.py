@@ -33,20 +33,24 @@ def build(res: Results) -> Section | None:
     smp = res.arrays.get("samples")
     if smp is not None and "sentences" in smp and len(smp["sentences"]):
         names = data.get("classes", [])
+        rows = {
+            "sentence": smp["sentences"],
+            "label": [names[int(c)] if int(c) < len(names) else str(int(c)) for c in smp["labels"]],
+        }
+        decisive = smp.get("decisive")
+        known = decisive is not None and any(str(d).strip() for d in decisive)
+        if known:  # real sentences (the text preset's reviews) come without decisive tokens: no empty column
+            rows["decisive tokens"] = decisive
         sec.blocks.append(
             Table(
                 "tbl-samples",
                 "Example target sentences",
-                pd.DataFrame(
-                    {
-                        "sentence": smp["sentences"],
-                        "label": [names[int(c)] if int(c) < len(names) else str(int(c)) for c in smp["labels"]],
-                        "decisive tokens": smp.get("decisive", ""),
-                    }
-                ),
+                pd.DataFrame(rows),
                 collapsed=False,
                 caption="Test sentences with their label and the tokens that decide it (ground truth for the "
-                "attributions).",
+                "attributions)."
+                if known
+                else "Test sentences with their label (no decisive tokens are known for them).",
             )
         )
     if smp is not None and "images" in smp and len(smp["images"]):

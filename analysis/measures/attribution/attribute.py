@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tunelens.analysis.measures.attribution.batching import auto_eval_batch, chunk_seed, is_oom, seeded
-from tunelens.analysis.measures.attribution.gradcam import default_gradcam_layer, token_grad_cam
+from tunelens.analysis.measures.attribution.gradcam import default_gradcam_layer, finer_layer_hint, token_grad_cam
 from tunelens.analysis.measures.attribution.methods import DEFAULT_OPTIONS, GRADIENT_METHODS, METHODS
 from tunelens.analysis.measures.attribution.prepare import assert_eval, is_residual, output_dim, prepare_for_attribution
 from tunelens.analysis.measures.attribution.targets import resolve_targets
@@ -201,9 +201,8 @@ def _attribute_chunk(
             if (h < 4 or w < 4) and not state.get("warned"):
                 state["warned"] = True
                 warnings.warn(
-                    f"Grad-CAM layer {state['layer'] if layer_name == 'auto' else layer_name!r} is "
-                    f"{h}x{w}, coarser than 4x4: its upsampled map can hardly localise anything; choose "
-                    "an earlier layer (e.g. layer3) or larger inputs",
+                    f"Grad-CAM layer {chosen!r} is {h}x{w}, coarser than 4x4: its upsampled map can hardly "
+                    f"localise anything; {finer_layer_hint(model, x)}",
                     CoarseLayerWarning,
                     stacklevel=4,
                 )

@@ -10,7 +10,7 @@ from torch import nn
 from tunelens.core.models import model_device
 from tunelens.core.stages import gradcam_layer, patch_grid, stages
 
-__all__ = ["default_gradcam_layer", "token_grad_cam"]
+__all__ = ["default_gradcam_layer", "finer_layer_hint", "token_grad_cam"]
 
 
 def token_grad_cam(
@@ -46,6 +46,29 @@ def token_grad_cam(
         cam = cam.clamp(min=0)
     h, w = patch_grid(cam.shape[1], x.shape[-2:])
     return cam.reshape(len(cam), 1, h, w)
+
+
+def finer_layer_hint(model: nn.Module, inputs: torch.Tensor) -> str:
+    """What to do about a Grad-CAM layer coarser than 4x4, naming layers of ``model`` itself (its stage map,
+    :func:`tunelens.core.stages.stages`, at the input size of ``inputs``): the output of the last stage whose map
+    is at least 4x4, or, when there is none, larger inputs."""
+    try:
+        smap = stages(model, inputs[:1].to(model_device(model)))
+    except Exception:  # a model the stage map cannot trace: no layer names to offer
+        return "choose an earlier layer with a spatial output (the layer= option of grad_cam) or larger inputs"
+    finer = [
+        s
+        for s in smap.body
+        if s.layout == "nchw" and s.output and s.resolution and len(s.resolution) == 2 and min(s.resolution) >= 4
+    ]
+    if not finer:
+        return "no layer of this model after the stem is 4x4 or finer at this input size: use larger inputs"
+    pick = finer[-1]
+    h, w = pick.resolution or (0, 0)
+    return (
+        f"choose an earlier layer of this model (the layer= option of grad_cam), e.g. {pick.output!r} (the output of stage "
+        f"{pick.name}, {h}x{w} at this input size), or larger inputs"
+    )
 
 
 def default_gradcam_layer(model: nn.Module, inputs: torch.Tensor) -> str:
