@@ -1,0 +1,1 @@
+"""Per-tensor measures: pure functions of weight tensors (norms, spectra, ranks), no files and no models."""
