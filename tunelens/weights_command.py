@@ -49,13 +49,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--intruder-base-k",
         type=int,
-        default=64,
-        help="base directions they are compared with, for large matrices (default 64)",
+        default=32,
+        help="base directions they are compared with, for large matrices (default 32)",
     )
     p.add_argument("--no-intruders", action="store_true", help="skip intruder dimensions (the costliest measure)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (default 1: run more processes with torchrun to use more cores)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     return p
+
+
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc: serve allocations above ``nbytes`` by mmap, returned to the system when freed. By default glibc raises
+    that threshold after large frees (up to 32 MiB), and the audit's chunk-sized temporaries then pile up in the
+    heap: measured 200 MB more peak memory on a 32000 x 2048 tensor. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _fail(msg: str) -> int:
@@ -103,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_audit(args.base, args.tuned)
     except (CheckpointInputError, CompareError) as e:
         return _fail(str(e))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    _fixed_mmap_threshold()
     opts = AuditOptions(
         exact_max_numel=args.exact_max_numel,
         rank_k=args.rank_k,

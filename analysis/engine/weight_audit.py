@@ -7,9 +7,9 @@ checks every pair's shape and dtype before any tensor is read; :func:`run_audit`
 ran it. A PEFT adapter as the tuned side gives ``W1 = W0 + scale * B @ A`` per adapted module, one module at a
 time; base tensors the adapter does not touch are identical.
 
-Per tensor, memory holds the two stored tensors briefly, then float32 ``W0`` and ``dW`` (``dW`` becomes ``W1`` in
-place for the intruder measure), plus chunked float64 temporaries and thin ``rows x (k + 8)`` sketches: about
-``2 x 4`` bytes per entry of the largest tensor.
+Per tensor, memory holds ``W0`` as stored and ``dW`` in float32 (the tuned tensor is read in chunks straight into
+``dW``, which becomes ``W1`` in place for the intruder measure), plus chunked temporaries (8 MiB) and thin
+``rows x (k + 8)`` sketches: about 6 bytes per entry of the largest tensor for bfloat16 checkpoints.
 
 **Intruder dimensions** (Shuttleworth et al. 2024; definition in :mod:`tunelens.analysis.intruders`): for
 matrices of at most ``exact_max_numel`` entries, :func:`tunelens.analysis.intruders._row` itself (all of the
@@ -101,7 +101,7 @@ class AuditOptions:
     intruders: bool = True
     intruder_k: int = 10
     intruder_threshold: float = 0.5
-    intruder_base_k: int = 64
+    intruder_base_k: int = 32
     device: str = "cpu"
 
 
@@ -226,10 +226,10 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
-def _intruders(name: str, w0: torch.Tensor, w1: torch.Tensor, stored: torch.dtype, opts: AuditOptions) -> dict:
+def _intruders(name: str, w0: torch.Tensor, w1: torch.Tensor, opts: AuditOptions) -> dict:
     m0, m1 = w0.reshape(w0.shape[0], -1), w1.reshape(w1.shape[0], -1)
     if m0.numel() <= opts.exact_max_numel:
-        r = exact_intruder_row(name, m0.to(stored), m1, opts.intruder_k, opts.intruder_threshold, m0.device)
+        r = exact_intruder_row(name, m0, m1, opts.intruder_k, opts.intruder_threshold, m0.device)
         return {
             "intruder_k": r["k"],
             "intruders": r["intruders"],
@@ -249,28 +249,36 @@ def _intruders(name: str, w0: torch.Tensor, w1: torch.Tensor, stored: torch.dtyp
     }
 
 
+def _add_in_place(d: torch.Tensor, w0: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """``d += w0`` chunk by chunk (a mixed-dtype in-place add would convert all of ``w0`` first)."""
+    fd, f0 = d.reshape(-1), w0.reshape(-1)
+    for i in range(0, fd.numel(), chunk):
+        fd[i : i + chunk].add_(f0[i : i + chunk])
+    return d
+
+
 def _read_pair(plan: AuditPlan, base: str, tuned: str | None, dev: torch.device):
-    """``(W0 float32, dW float32, stored dtype, bit-identical)`` for one item, on ``dev``."""
-    raw0 = plan.base.read(base)
-    stored = raw0.dtype
+    """``(W0 as stored, dW float32, stored dtype, bit-identical)`` for one item, on ``dev``. The tuned tensor is
+    read in chunks straight into ``dW``: it is never held whole in its stored dtype."""
+    w0 = plan.base.read(base).to(dev)
+    stored = w0.dtype
+    src, name = None, tuned
     if plan.adapter is None:
-        assert plan.tuned is not None and tuned is not None
-        raw1 = plan.tuned.read(tuned)
+        src = plan.tuned
     elif tuned is not None and tuned in plan.adapter.replacements and tuned not in plan.adapter.modules:
-        raw1 = plan.adapter.replacement(tuned).to(stored)
-    else:
-        raw1 = None
-    if raw1 is not None:
-        same = bit_identical(raw0, raw1)
-        w0 = raw0.to(dev, torch.float32)
-        del raw0
-        d = raw1.to(dev, torch.float32)
-        del raw1
-        return w0, d.sub_(w0), stored, same
-    w0 = raw0.to(dev, torch.float32)
-    del raw0
-    if tuned is None:
-        return w0, torch.zeros_like(w0), stored, True
+        src, name = plan.adapter.tensors, plan.adapter.replacements[tuned]
+    if src is not None and name is not None:
+        flat0 = w0.reshape(-1)
+        d = torch.empty(flat0.numel(), dtype=torch.float32, device=dev)
+        same = True
+        for off, chunk in src.chunks(name):
+            c = chunk.to(dev)
+            part = flat0[off : off + c.numel()]
+            same = same and bit_identical(c, part)
+            d[off : off + c.numel()].copy_(c).sub_(part)
+        return w0, d.reshape(w0.shape), stored, same
+    if tuned is None or plan.adapter is None:
+        return w0, torch.zeros(w0.shape, dtype=torch.float32, device=dev), stored, True
     d = plan.adapter.delta(tuned, tuple(w0.shape), dev)
     return w0, d, stored, bool((d == 0).all())
 
@@ -314,8 +322,8 @@ def measure_item(plan: AuditPlan, base: str, tuned: str | None, opts: AuditOptio
     )
     row.update(spectral_stats(s, row["frobenius"] ** 2), rank_method=method)
     if opts.intruders and matrix:
-        w1 = d.add_(w0)  # dW is no longer needed: W1 = W0 + dW in place
-        row.update(_intruders(base, w0, w1, stored, opts))
+        w1 = _add_in_place(d, w0)  # dW is no longer needed: W1 = W0 + dW in place
+        row.update(_intruders(base, w0, w1, opts))
     return row
 
 

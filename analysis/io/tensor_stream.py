@@ -27,6 +27,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,20 +99,40 @@ class TensorSource:
         info = self.infos[name]
         if self._state is not None:
             return self._state[name].detach().clone()
-        assert info.file is not None
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        with open(info.file, "rb", buffering=0) as f:
+        flat = torch.empty(info.numel, dtype=info.dtype)
+        with open(info.file, "rb", buffering=0) as f:  # type: ignore[arg-type]
             f.seek(info.offset)
-            got = 0
-            while got < info.nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CheckpointInputError(
-                        f"{info.file} ended while reading {name}: the file is truncated; copy or download it again"
-                    )
-                got += n
-        return buf.view(info.dtype).reshape(info.shape)
+            _read_exactly(f, flat, info)
+        return flat.reshape(info.shape)
+
+    def chunks(self, name: str, entries: int = 1 << 22) -> Iterator[tuple[int, torch.Tensor]]:
+        """Tensor ``name`` flattened, as ``(offset, chunk)`` pieces of at most ``entries`` entries (stored dtype,
+        CPU), read one after the other: memory for one piece only."""
+        info = self.infos[name]
+        if self._state is not None:
+            flat = self._state[name].detach().reshape(-1)
+            for off in range(0, info.numel, entries):
+                yield off, flat[off : off + entries].clone()
+            return
+        with open(info.file, "rb", buffering=0) as f:  # type: ignore[arg-type]
+            f.seek(info.offset)
+            for off in range(0, info.numel, entries):
+                chunk = torch.empty(min(entries, info.numel - off), dtype=info.dtype)
+                _read_exactly(f, chunk, info)
+                yield off, chunk
+
+
+def _read_exactly(f, out: torch.Tensor, info: TensorInfo) -> None:
+    """Fill the 1-d tensor ``out`` with the next bytes of the open file ``f``."""
+    view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    got = 0
+    while got < len(view):
+        r = f.readinto(view[got:])
+        if not r:
+            raise CheckpointInputError(
+                f"{info.file} ended while reading {info.name}: the file is truncated; copy or download it again"
+            )
+        got += r
 
 
 def _header(file: Path) -> dict[str, TensorInfo]:

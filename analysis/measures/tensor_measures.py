@@ -31,7 +31,9 @@ from a seeded CPU generator, so results do not depend on the device's random str
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -44,7 +46,7 @@ __all__ = [
     "update_spectrum",
 ]
 
-CHUNK = 1 << 22  # entries per chunk of the entry-wise pass (32 MiB of float64 temporaries)
+CHUNK = 1 << 20  # entries per chunk of the entry-wise pass and of blockwise products (8 MiB in float64)
 
 
 def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -55,52 +57,96 @@ def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def entry_stats(w0: torch.Tensor, d: torch.Tensor, stored: torch.dtype) -> dict[str, float]:
-    """The entry-wise measures of the module docstring for ``W0 = w0`` and ``dW = d`` (same shape, float32),
-    the tensor stored as ``stored``; one pass in chunks of :data:`CHUNK` entries, float64 sums."""
+    """The entry-wise measures of the module docstring for ``W0 = w0`` (any float dtype, e.g. as stored) and
+    ``dW = d`` (float32, same number of entries), the tensor stored as ``stored``; one pass in chunks of
+    :data:`CHUNK` entries with float64 sums (``||W1||^2 = ||W0||^2 + 2 <W0, dW> + ||dW||^2``)."""
     a, b = w0.reshape(-1), d.reshape(-1)
     half = 0.5 * (torch.finfo(stored).eps if stored.is_floating_point else 0.0)
-    s00 = s01 = s11 = sdd = 0.0
+    s00 = s0d = sdd = 0.0
     mx, changed = 0.0, 0
     for i in range(0, a.numel(), CHUNK):
         x, dx = a[i : i + CHUNK].double(), b[i : i + CHUNK].double()
-        y = x + dx
         s00 += float(torch.dot(x, x))
-        s11 += float(torch.dot(y, y))
-        s01 += float(torch.dot(x, y))
+        s0d += float(torch.dot(x, dx))
         sdd += float(torch.dot(dx, dx))
         ad = dx.abs_()
         mx = max(mx, float(ad.max()))
         changed += int((ad > x.abs_().mul_(half)).sum())
-    n0, n1, nd = math.sqrt(s00), math.sqrt(s11), math.sqrt(sdd)
+    s11 = s00 + 2 * s0d + sdd
+    n0, n1, nd = math.sqrt(s00), math.sqrt(max(s11, 0.0)), math.sqrt(sdd)
     finite = math.isfinite(sdd) and math.isfinite(s00)
     return {
         "norm_base": n0,
         "norm_tuned": n1,
         "frobenius": nd,
         "relative": nd / n0 if n0 > 0 else (0.0 if nd == 0 else math.inf),
-        "cosine": min(1.0, max(-1.0, s01 / (n0 * n1))) if n0 > 0 and n1 > 0 and finite else math.nan,
+        "cosine": min(1.0, max(-1.0, (s00 + s0d) / (n0 * n1))) if n0 > 0 and n1 > 0 and finite else math.nan,
         "max_abs": mx,
         "changed_share": changed / a.numel() if a.numel() else 0.0,
     }
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread for a block: LAPACK's factorizations of thin matrices gain nothing from threads, and on
+    a busy machine their spin-waiting threads make them 100x slower (measured: a 5632 x 40 QR, 0.002 s on one
+    thread, 0.8 s on two threads of a loaded two-core machine)."""
+    prev = torch.get_num_threads()
+    if prev == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _mm(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``m @ x`` in ``x``'s dtype; a matrix ``m`` of another dtype is converted one block of rows at a time."""
+    if m.dtype == x.dtype:
+        return m @ x
+    rows = max(1, CHUNK // max(1, m.shape[1]))
+    return torch.cat([m[i : i + rows].to(x.dtype) @ x for i in range(0, m.shape[0], rows)])
+
+
+def _tmm(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``m.T @ q`` in ``q``'s dtype, blockwise like :func:`_mm`."""
+    if m.dtype == q.dtype:
+        return m.T @ q
+    rows = max(1, CHUNK // max(1, m.shape[1]))
+    out = torch.zeros(m.shape[1], q.shape[1], dtype=q.dtype, device=q.device)
+    for i in range(0, m.shape[0], rows):
+        out += m[i : i + rows].to(q.dtype).T @ q[i : i + rows]
+    return out
 
 
 def randomized_svd(
     m: torch.Tensor, k: int, *, oversample: int = 8, niter: int = 2, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-``k`` left singular vectors (``rows x k``) and singular values (descending) of matrix ``m``,
-    in ``m``'s dtype and device (Halko et al. 2011, Algorithm 4.4: ``k + oversample`` Gaussian probes, ``niter``
-    subspace iterations with a QR after every product)."""
+    float32 on ``m``'s device (Halko et al. 2011, Algorithm 4.4: ``k + oversample`` Gaussian probes, ``niter``
+    subspace iterations with a QR after every product). A matrix stored in another dtype (bfloat16) is
+    converted block by block inside the products, never whole."""
     rows, cols = m.shape
     l = min(k + oversample, rows, cols)
     g = torch.Generator().manual_seed(seed)
-    omega = torch.randn(cols, l, generator=g, dtype=torch.float32).to(m.device, m.dtype)
-    q = torch.linalg.qr(m @ omega).Q
+    omega = torch.randn(cols, l, generator=g, dtype=torch.float32).to(m.device)
+    y = _mm(m, omega)
+    with _one_thread():
+        q = torch.linalg.qr(y).Q
     for _ in range(niter):
-        z = torch.linalg.qr(m.T @ q).Q
-        q = torch.linalg.qr(m @ z).Q
-    ub, s, _ = torch.linalg.svd(q.T @ m, full_matrices=False)
+        z = _tmm(m, q)
+        with _one_thread():
+            z = torch.linalg.qr(z).Q
+        y = _mm(m, z)
+        with _one_thread():
+            q = torch.linalg.qr(y).Q
+    bt = _tmm(m, q)  # B^T = m^T Q, cols x l: B = Q^T m = Ub S Vb^T
+    with _one_thread():
+        _, s, ubt = torch.linalg.svd(bt, full_matrices=False)  # B^T = Vb S Ub^T
     kk = min(k, s.numel())
-    return q @ ub[:, :kk], s[:kk]
+    return q @ ubt.T[:, :kk], s[:kk]
 
 
 def top_left_vectors(m: torch.Tensor, k: int, *, seed: int = 0, niter: int = 2) -> torch.Tensor:
@@ -115,8 +161,9 @@ def update_spectrum(
     ``exact`` when ``d`` has at most ``exact_max_numel`` entries (all of them), else ``top-k`` (the top ``k``)."""
     m = d.reshape(d.shape[0], -1)
     if m.numel() <= exact_max_numel:
-        return torch.linalg.svdvals(m.double()).cpu(), "exact"
-    return randomized_svd(m.float(), k, seed=seed, niter=niter)[1].double().cpu(), f"top-{k}"
+        with _one_thread():
+            return torch.linalg.svdvals(m.double()).cpu(), "exact"
+    return randomized_svd(m, k, seed=seed, niter=niter)[1].double().cpu(), f"top-{k}"
 
 
 def spectral_stats(s: torch.Tensor, fro2: float) -> dict[str, float]:
