@@ -35,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+
 from bench._common import machine_info, run_fresh, write_json
 
 HIDDEN, MLP, VOCAB = 2048, 5632, 32000
@@ -58,9 +60,7 @@ def _shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return [*out, ("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
 
 
-def _tuned(name: str, w: "torch.Tensor", g: "torch.Generator") -> "torch.Tensor":
-    import torch
-
+def _tuned(name: str, w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     if name.endswith(("q_proj.weight", "v_proj.weight")):
         a = torch.randn(8, w.shape[1], generator=g)
         b = torch.randn(w.shape[0], 8, generator=g)
@@ -169,7 +169,10 @@ def run_load_both(base: str, tuned: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
-    sds = [{k: v for f in sorted(Path(p).glob("*.safetensors")) for k, v in load_file(str(f)).items()} for p in (base, tuned)]
+    sds = [
+        {k: v for f in sorted(Path(p).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        for p in (base, tuned)
+    ]
     acc = 0.0
     for k, w0 in sds[0].items():
         acc += float((sds[1][k].float() - w0.float())[0].sum())
@@ -200,15 +203,21 @@ def main() -> None:
         folder = Path(a.data) / f"llama-{params / 1e9:.2f}b"
         t = time.perf_counter()
         info = build_pair(folder, params)
-        print(f"[bench] pair of {info['params'] / 1e9:.3f}B parameters ({info['layers']} layers) ready in "
-              f"{time.perf_counter() - t:.0f}s: {folder}")
+        print(
+            f"[bench] pair of {info['params'] / 1e9:.3f}B parameters ({info['layers']} layers) ready in "
+            f"{time.perf_counter() - t:.0f}s: {folder}"
+        )
         base, tuned = str(folder / "base"), str(folder / "tuned")
         row = {**info, "folder": str(folder)}
         row["audit"] = run_fresh(
-            "bench.weights_stream", "run_audit", {"base": base, "tuned": tuned, "threads": a.threads, "intruders": not a.no_intruders}
+            "bench.weights_stream",
+            "run_audit",
+            {"base": base, "tuned": tuned, "threads": a.threads, "intruders": not a.no_intruders},
         )
         print(f"[bench] audit: {row['audit']['seconds']:.1f}s, peak RSS {row['audit']['peak_rss_mb']:.0f} MiB")
-        row["bare"] = run_fresh("bench.weights_stream", "run_bare", {"base": base, "tuned": tuned, "threads": a.threads})
+        row["bare"] = run_fresh(
+            "bench.weights_stream", "run_bare", {"base": base, "tuned": tuned, "threads": a.threads}
+        )
         print(f"[bench] bare read+diff: {row['bare']['seconds']:.1f}s, peak RSS {row['bare']['peak_rss_mb']:.0f} MiB")
         row["ratio_to_bare"] = row["audit"]["seconds"] / row["bare"]["seconds"]
         if not a.skip_load_both and _available_bytes() > 2.5 * 2 * info["bytes_per_model"]:
@@ -216,13 +225,19 @@ def main() -> None:
                 "bench.weights_stream", "run_load_both", {"base": base, "tuned": tuned, "threads": a.threads}
             )
             row["ratio_to_load_both"] = row["audit"]["seconds"] / row["load_both"]["seconds"]
-            print(f"[bench] load both + diff: {row['load_both']['seconds']:.1f}s, peak RSS "
-                  f"{row['load_both']['peak_rss_mb']:.0f} MiB")
+            print(
+                f"[bench] load both + diff: {row['load_both']['seconds']:.1f}s, peak RSS "
+                f"{row['load_both']['peak_rss_mb']:.0f} MiB"
+            )
         else:
             row["load_both"] = "skipped: does not fit in available memory" if not a.skip_load_both else "skipped"
-        print(f"[bench] ratios: audit/bare {row['ratio_to_bare']:.2f}, audit/load_both {row.get('ratio_to_load_both', math.nan):.2f}")
+        print(
+            f"[bench] ratios: audit/bare {row['ratio_to_bare']:.2f}, audit/load_both {row.get('ratio_to_load_both', math.nan):.2f}"
+        )
         results.append(row)
-    out = write_json(a.out, {"machine": machine_info(), "threads": a.threads, "intruders": not a.no_intruders, "sizes": results})
+    out = write_json(
+        a.out, {"machine": machine_info(), "threads": a.threads, "intruders": not a.no_intruders, "sizes": results}
+    )
     print(f"[bench] wrote {out}")
 
 

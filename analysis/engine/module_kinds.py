@@ -13,7 +13,10 @@ __all__ = ["module_kind"]
 _RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(lm_head|output_layer|embed_out)\.", "lm_head"),
     (r"(norm|ln_\w+|ln\d*|layernorm|LayerNorm)\.(weight|bias)$", "norm"),
-    (r"(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embeddings?)\.", "embeddings"),
+    (
+        r"(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embeddings?)\.",
+        "embeddings",
+    ),
     (r"(qkv_proj|c_attn|query_key_value|Wqkv)\.", "qkv"),
     (r"(q_proj|self\.query|\.wq|\.q)\.", "q"),
     (r"(k_proj|self\.key|\.wk|\.k)\.", "k"),

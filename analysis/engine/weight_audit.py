@@ -51,7 +51,7 @@ from ..measures.tensor_measures import (
 )
 from .module_kinds import module_kind
 
-__all__ = ["AuditOptions", "AuditPlan", "COLUMNS", "assign_ranks", "plan_audit", "run_audit"]
+__all__ = ["COLUMNS", "AuditOptions", "AuditPlan", "assign_ranks", "plan_audit", "run_audit"]
 
 COLUMNS = [
     "name",
@@ -76,6 +76,7 @@ COLUMNS = [
     "spectral",
     "stable_rank",
     "effective_rank",
+    "numerical_rank",
     "top1_energy",
     "spectrum_energy",
     "rank_method",
@@ -320,7 +321,8 @@ def measure_item(plan: AuditPlan, base: str, tuned: str | None, opts: AuditOptio
     s, method = update_spectrum(
         d, exact_max_numel=opts.exact_max_numel, k=opts.rank_k, seed=_seed(base), niter=opts.niter
     )
-    row.update(spectral_stats(s, row["frobenius"] ** 2), rank_method=method)
+    shape2 = (d.shape[0], d[0].numel())
+    row.update(spectral_stats(s, row["frobenius"] ** 2, shape2), rank_method=method)
     if opts.intruders and matrix:
         w1 = _add_in_place(d, w0)  # dW is no longer needed: W1 = W0 + dW in place
         row.update(_intruders(base, w0, w1, opts))

@@ -71,9 +71,7 @@ class LoraAdapter:
         a = self.tensors.read(m.a).to(device, torch.float32)
         b = self.tensors.read(m.b).to(device, torch.float32)
         d = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
-        if m.embedding:
-            d = d.T
-        elif self.fan_in_fan_out:
+        if m.embedding or self.fan_in_fan_out:
             d = d.T
         d = d.mul_(m.scale)
         if d.numel() != math.prod(shape):
@@ -111,7 +109,9 @@ def open_adapter(path: str | Path, flag: str = "--tuned") -> LoraAdapter:
     try:
         cfg = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointInputError(f"{flag} {p}: {ADAPTER_CONFIG} cannot be read ({e}); save the adapter again") from None
+        raise CheckpointInputError(
+            f"{flag} {p}: {ADAPTER_CONFIG} cannot be read ({e}); save the adapter again"
+        ) from None
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise CheckpointInputError(
             f"{flag} {p} is a {cfg.get('peft_type')} adapter; only LoRA adapters can be audited (merge it and give "

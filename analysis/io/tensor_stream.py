@@ -124,7 +124,7 @@ class TensorSource:
 
 def _read_exactly(f, out: torch.Tensor, info: TensorInfo) -> None:
     """Fill the 1-d tensor ``out`` with the next bytes of the open file ``f``."""
-    view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")  # type: ignore[arg-type]
     got = 0
     while got < len(view):
         r = f.readinto(view[got:])
@@ -150,8 +150,6 @@ def _header(file: Path) -> dict[str, TensorInfo]:
             if n > size - 8:
                 raise CheckpointInputError(f"{file} is truncated (its header alone is longer than the file); {fix}")
             head = json.loads(f.read(n))
-        with safe_open(str(file), framework="pt"):  # the library's own checks of the header
-            pass
     except CheckpointInputError:
         raise
     except FileNotFoundError:
@@ -166,19 +164,29 @@ def _header(file: Path) -> dict[str, TensorInfo]:
     for name, meta in head.items():
         if name == "__metadata__":
             continue
-        dtype = _DTYPES.get(meta.get("dtype"))
+        if not isinstance(meta, dict):
+            raise CheckpointInputError(f"{file}: the header entry of {name} is malformed; {fix}")
+        dtype = _DTYPES.get(str(meta.get("dtype")))
         if dtype is None:
             raise CheckpointInputError(f"{file}: tensor {name} has dtype {meta.get('dtype')}, which is not supported")
-        start, stop = meta["data_offsets"]
-        info = TensorInfo(name, tuple(int(s) for s in meta["shape"]), dtype, file, 8 + n + int(start))
-        if int(stop) - int(start) != info.nbytes:
+        try:
+            start, stop = (int(v) for v in meta["data_offsets"])
+            shape = tuple(int(s) for s in meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointInputError(f"{file}: the header entry of {name} is malformed; {fix}") from None
+        info = TensorInfo(name, shape, dtype, file, 8 + n + start)
+        if stop - start != info.nbytes:
             raise CheckpointInputError(f"{file}: tensor {name}'s byte range does not match its shape; {fix}")
-        end = max(end, int(stop))
+        end = max(end, stop)
         out[name] = info
     if 8 + n + end > size:
-        raise CheckpointInputError(
-            f"{file} is truncated ({size} bytes, its header describes {8 + n + end}); {fix}"
-        )
+        raise CheckpointInputError(f"{file} is truncated ({size} bytes, its header describes {8 + n + end}); {fix}")
+    try:
+        with safe_open(str(file), framework="pt"):  # the library's own checks of the header
+            pass
+    except Exception as e:
+        msg = " ".join(str(e).split())
+        raise CheckpointInputError(f"{file} is not a valid safetensors file ({msg}); {fix}") from None
     return out
 
 

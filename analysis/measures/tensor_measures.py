@@ -18,6 +18,8 @@ Spectral, on the update as a matrix (conv kernels ``out x in*k*k``; :func:`updat
 * ``spectral`` s_1; ``stable_rank`` ||dW||_F^2 / s_1^2 (Rudelson and Vershynin 2007), with the exact
   Frobenius norm; ``top1_energy`` s_1^2 / ||dW||_F^2;
 * ``effective_rank`` exp(H(p)), ``p_i = s_i / sum_j s_j`` (Roy and Vetterli 2007);
+* ``numerical_rank``: how many ``s_i > max(rows, cols) * eps_float32 * s_1`` (the usual rank tolerance of the
+  float32 arithmetic ``dW`` is formed in); from the top ``K`` only, it is at most ``K``;
 * ``rank_method``: ``exact`` (all singular values, float64 ``svdvals``) for matrices of at most
   ``exact_max_numel`` entries; above that ``top-K`` (:func:`randomized_svd`, the top ``K`` singular values):
   ``stable_rank`` is then exact up to s_1's accuracy, while ``effective_rank`` is that of the best rank-``K``
@@ -129,9 +131,9 @@ def randomized_svd(
     subspace iterations with a QR after every product). A matrix stored in another dtype (bfloat16) is
     converted block by block inside the products, never whole."""
     rows, cols = m.shape
-    l = min(k + oversample, rows, cols)
+    probes = min(k + oversample, rows, cols)
     g = torch.Generator().manual_seed(seed)
-    omega = torch.randn(cols, l, generator=g, dtype=torch.float32).to(m.device)
+    omega = torch.randn(cols, probes, generator=g, dtype=torch.float32).to(m.device)
     y = _mm(m, omega)
     with _one_thread():
         q = torch.linalg.qr(y).Q
@@ -166,20 +168,29 @@ def update_spectrum(
     return randomized_svd(m, k, seed=seed, niter=niter)[1].double().cpu(), f"top-{k}"
 
 
-def spectral_stats(s: torch.Tensor, fro2: float) -> dict[str, float]:
-    """``spectral``, ``stable_rank``, ``effective_rank``, ``top1_energy`` and ``spectrum_energy`` (module
-    docstring) from singular values ``s`` (descending, possibly only the top ones) and ``fro2 = ||dW||_F^2``.
-    A zero update has NaN ranks (0/0)."""
+def spectral_stats(s: torch.Tensor, fro2: float, shape: tuple[int, int] = (1, 1)) -> dict[str, float]:
+    """``spectral``, ``stable_rank``, ``effective_rank``, ``numerical_rank``, ``top1_energy`` and
+    ``spectrum_energy`` (module docstring) from singular values ``s`` (descending, possibly only the top ones) of
+    a ``shape`` matrix and ``fro2 = ||dW||_F^2``. A zero update has NaN ranks (0/0) and numerical rank 0."""
     if fro2 == 0.0 or s.numel() == 0 or float(s[0]) == 0.0:
         nan = math.nan
-        return {"spectral": 0.0, "stable_rank": nan, "effective_rank": nan, "top1_energy": nan, "spectrum_energy": nan}
+        return {
+            "spectral": 0.0,
+            "stable_rank": nan,
+            "effective_rank": nan,
+            "numerical_rank": 0,
+            "top1_energy": nan,
+            "spectrum_energy": nan,
+        }
     s1 = float(s[0])
+    tol = max(shape) * torch.finfo(torch.float32).eps * s1
     p = s / s.sum()
     p = p[p > 0]
     return {
         "spectral": s1,
         "stable_rank": fro2 / s1**2,
         "effective_rank": float(torch.exp(-(p * p.log()).sum())),
+        "numerical_rank": int((s > tol).sum()),
         "top1_energy": s1**2 / fro2,
         "spectrum_energy": min(1.0, float((s**2).sum()) / fro2),
     }

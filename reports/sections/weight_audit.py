@@ -31,7 +31,9 @@ def build(res: Results) -> Section | None:
             Figure(
                 "fig-weight-kinds",
                 "Relative change per module kind",
-                fg.bar_chart(k, "module_kind", "relative", hue="model", ylabel="sqrt(sum ||dW||^2) / sqrt(sum ||W0||^2)"),
+                fg.bar_chart(
+                    k, "module_kind", "relative", hue="model", ylabel="sqrt(sum ||dW||^2) / sqrt(sum ||W0||^2)"
+                ),
                 "All tensors of a kind pooled, across layers.",
                 source="weight_kinds",
             )
