@@ -15,7 +15,12 @@ Each of these runs in a fresh process (seconds on a monotonic clock, peak RSS = 
 * ``audit``: ``tunelens weights --base B --tuned T --out O`` (results and report included);
 * ``bare``: a loop that only reads every tensor pair (the audit's reader) and forms ``w1.float() - w0.float()``;
 * ``load_both``: ``safetensors.torch.load_file`` of every shard of both models, then the same differences: run
-  only where twice the pair's size fits in available memory.
+  only where twice the pair's size fits in available memory;
+* with ``--torchrun N``: ``torchrun --nproc_per_node N -m tunelens weights ...``, one thread per process (peak RSS:
+  the largest of its processes).
+
+The audit runs on ``--threads`` torch threads (default 1, the command's default: LAPACK's spin-waiting threads
+make a busy machine far slower; use torchrun for more cores).
 
 Reported per size: seconds and peak RSS of each, ``ratio_to_bare`` = audit / bare seconds and
 ``ratio_to_load_both`` = audit / load_both seconds, all measured in one run. Targets (2 CPU cores): the 0.85B pair
@@ -145,6 +150,32 @@ def run_audit(base: str, tuned: str, threads: int, intruders: bool) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def run_torchrun(base: str, tuned: str, nproc: int, intruders: bool) -> dict:
+    """``torchrun --nproc_per_node nproc -m tunelens weights`` (one thread per process) as a subprocess: seconds,
+    and the largest peak RSS of its processes (``ru_maxrss`` of the waited-for children, torchrun's agent included)."""
+    import os
+    import resource
+    import subprocess
+
+    out = tempfile.mkdtemp(prefix="tunelens-bench-")
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += ["-m", "tunelens", "weights", "--base", base, "--tuned", tuned, "--out", f"{out}/o", "--device", "cpu"]
+        cmd += ["--no-progress", "--threads", "1"] + ([] if intruders else ["--no-intruders"])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        t = time.perf_counter()
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out)
+        seconds = time.perf_counter() - t
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-3000:])
+        return {
+            "seconds": seconds,
+            "peak_rss_mb_per_process": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        }
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def run_bare(base: str, tuned: str, threads: int) -> dict:
     """Read every tensor pair with the audit's reader and form the float32 difference; seconds."""
     import torch
@@ -196,6 +227,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-intruders", action="store_true")
     ap.add_argument("--skip-load-both", action="store_true")
+    ap.add_argument("--torchrun", type=int, default=0, metavar="N", help="also time torchrun with N processes")
     ap.add_argument("--out", default="artifacts/bench/weights_stream.json")
     a = ap.parse_args()
     results = []

@@ -327,6 +327,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ma
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_device_cuda_without_a_gpu_is_bad_input(tmp_path, capsys):
+    b, t = _pair(tmp_path, _model_sd(), _tuned_sd(_model_sd()))
+    rc = main(["weights", "--base", str(b), "--tuned", str(t), "--out", str(tmp_path / "o"), "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "no usable CUDA GPU" in err and not (tmp_path / "o").exists()
+
+
 def test_relative_size_and_cosine_of_a_known_change(tmp_path):
     """A tensor scaled by 1.1: relative change 0.1 exactly, cosine 1."""
     base = {"w.weight": torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()}

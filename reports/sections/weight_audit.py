@@ -14,11 +14,18 @@ def build(res: Results) -> Section | None:
     kinds = res.table("weight_kinds")
     if kinds is None or kinds.empty:
         return None
-    opts = res.summary.get("weight_audit", {}).get("options", {})
+    audit = res.summary.get("weight_audit", {})
+    opts = audit.get("options", {})
+    inputs = (
+        f"Base: {audit['base']}; tuned: {audit['tuned']} ({audit.get('tuned_kind', '')}); {audit.get('tensors', '?')} "
+        f"tensors, read one at a time by {audit.get('processes', 1)} process(es) in {audit.get('seconds', 0):.1f} s. "
+        if "base" in audit
+        else ""
+    )
     sec = Section(
         "weight-audit",
         "Weight audit: module kinds, update sparsity, ranks and intruders",
-        "Pooled over each kind of module (attention q/k/v/o, MLP gate/up/down, norms, embeddings, lm_head). "
+        inputs + "Pooled over each kind of module (attention q/k/v/o, MLP gate/up/down, norms, embeddings, lm_head). "
         "changed_share: the share of entries changed by more than the stored dtype's rounding "
         "(|dW| > eps/2 |W0|); stable rank ||dW||_F^2/s_1^2 and effective rank exp(H(s/sum s)) of the update, exact for "
         f"matrices up to {opts.get('exact_max_numel', '?')} entries and from the top {opts.get('rank_k', '?')} "
