@@ -137,15 +137,15 @@ def run_audit(base: str, tuned: str, threads: int, intruders: bool) -> dict:
     torch.set_num_threads(threads)
     out = tempfile.mkdtemp(prefix="tunelens-bench-")
     try:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         args = ["--base", base, "--tuned", tuned, "--out", f"{out}/o", "--device", "cpu", "--no-progress"]
         rc = main(args + ([] if intruders else ["--no-intruders"]))
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
         assert rc == 0, rc
         import pandas as pd
 
         t_ = pd.read_csv(f"{out}/o/results/weight_deltas.csv")
-        return {"seconds": seconds, "tensors": len(t_), "identical": int(t_["identical"].sum())}
+        return {"seconds": seconds, "cpu_seconds": cpu, "tensors": len(t_), "identical": int(t_["identical"].sum())}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -246,7 +246,7 @@ def main() -> None:
             "run_audit",
             {"base": base, "tuned": tuned, "threads": a.threads, "intruders": not a.no_intruders},
         )
-        print(f"[bench] audit: {row['audit']['seconds']:.1f}s, peak RSS {row['audit']['peak_rss_mb']:.0f} MiB")
+        print(f"[bench] audit: {row['audit']['seconds']:.1f}s ({row['audit']['cpu_seconds']:.1f}s CPU), peak RSS {row['audit']['peak_rss_mb']:.0f} MiB")
         row["bare"] = run_fresh(
             "bench.weights_stream", "run_bare", {"base": base, "tuned": tuned, "threads": a.threads}
         )
@@ -263,6 +263,17 @@ def main() -> None:
             )
         else:
             row["load_both"] = "skipped: does not fit in available memory" if not a.skip_load_both else "skipped"
+        if a.torchrun:
+            row["torchrun"] = run_fresh(
+                "bench.weights_stream",
+                "run_torchrun",
+                {"base": base, "tuned": tuned, "nproc": a.torchrun, "intruders": not a.no_intruders},
+            )
+            row["torchrun"]["nproc"] = a.torchrun
+            print(
+                f"[bench] torchrun x{a.torchrun}: {row['torchrun']['seconds']:.1f}s, peak RSS per process "
+                f"{row['torchrun']['peak_rss_mb_per_process']:.0f} MiB"
+            )
         print(
             f"[bench] ratios: audit/bare {row['ratio_to_bare']:.2f}, audit/load_both {row.get('ratio_to_load_both', math.nan):.2f}"
         )

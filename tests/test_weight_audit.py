@@ -342,3 +342,12 @@ def test_relative_size_and_cosine_of_a_known_change(tmp_path):
     row = _audit(*_pair(tmp_path, base, tuned)).iloc[0]
     assert row["relative"] == pytest.approx(0.1, rel=1e-6) and row["cosine"] == pytest.approx(1.0, abs=1e-9)
     assert row["numerical_rank"] == 8 and math.isclose(row["norm_tuned"], 1.1 * row["norm_base"], rel_tol=1e-6)
+
+
+def test_nonfinite_tensor_is_reported_not_decomposed(tmp_path):
+    base = {"a.weight": torch.ones(8, 8), "b.weight": torch.ones(8, 8)}
+    tuned = {"a.weight": torch.ones(8, 8), "b.weight": torch.ones(8, 8)}
+    tuned["a.weight"][2, 3] = float("nan")
+    t = _audit(*_pair(tmp_path, base, tuned)).set_index("name")
+    assert math.isnan(t.loc["a.weight", "frobenius"]) and t.loc["a.weight", "rank_method"] == "not finite"
+    assert t.loc["b.weight", "identical"] and t.loc["b.weight", "frobenius"] == 0

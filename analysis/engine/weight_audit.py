@@ -26,6 +26,7 @@ bit for bit at equal torch thread counts (BLAS reductions may round differently 
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections.abc import Callable
@@ -317,6 +318,10 @@ def measure_item(plan: AuditPlan, base: str, tuned: str | None, opts: AuditOptio
         row.update(spectral_stats(torch.zeros(1, dtype=torch.float64), 0.0), rank_method="zero update")
         if opts.intruders and matrix:
             row.update(intruder_k=0, intruders=0, intruder_method="zero update")
+        return row
+    if not (math.isfinite(row["frobenius"]) and math.isfinite(row["norm_base"])):  # NaN or inf in W0 or W1
+        row.update(dict.fromkeys(("spectral", "stable_rank", "effective_rank", "top1_energy"), math.nan))
+        row.update(rank_method="not finite", intruder_method="not finite" if opts.intruders and matrix else None)
         return row
     s, method = update_spectrum(
         d, exact_max_numel=opts.exact_max_numel, k=opts.rank_k, seed=_seed(base), niter=opts.niter
