@@ -246,7 +246,9 @@ def main() -> None:
             "run_audit",
             {"base": base, "tuned": tuned, "threads": a.threads, "intruders": not a.no_intruders},
         )
-        print(f"[bench] audit: {row['audit']['seconds']:.1f}s ({row['audit']['cpu_seconds']:.1f}s CPU), peak RSS {row['audit']['peak_rss_mb']:.0f} MiB")
+        print(
+            f"[bench] audit: {row['audit']['seconds']:.1f}s ({row['audit']['cpu_seconds']:.1f}s CPU), peak RSS {row['audit']['peak_rss_mb']:.0f} MiB"
+        )
         row["bare"] = run_fresh(
             "bench.weights_stream", "run_bare", {"base": base, "tuned": tuned, "threads": a.threads}
         )
