@@ -169,7 +169,12 @@ def test_commands_parse():
                 bad.append(f"{where}: the CLI parser refuses it: {err.getvalue().strip().splitlines()[-1:]}")
                 continue
             try:  # --set names real settings (the whole configuration is validated, as the CLI does first)
-                make_config(None, quick=getattr(ns, "quick", False), sets=ns.set, preset=getattr(ns, "preset", None))
+                make_config(
+                    None,
+                    quick=getattr(ns, "quick", False),
+                    sets=getattr(ns, "set", []),
+                    preset=getattr(ns, "preset", None),
+                )
             except ValueError as e:
                 bad.append(f"{where}: {e}")
         elif argv[0] == "make":

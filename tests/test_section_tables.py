@@ -57,7 +57,11 @@ def tables_read(source: str) -> set[str]:
 
 
 def declared() -> set[str]:
-    return {t for a in registered() for t in a.tables}
+    """Tables some producer declares: the registered steps, and the streaming weight audit (``tunelens weights``,
+    which runs outside the registry)."""
+    from tunelens.analysis.engine.audit_tables import AUDIT_TABLES
+
+    return {t for a in registered() for t in a.tables} | set(AUDIT_TABLES)
 
 
 def test_every_table_a_section_reads_is_declared_by_a_step():

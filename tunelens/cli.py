@@ -1,4 +1,4 @@
-"""Command line: ``tunelens run | finetune | analyze | report | compare``.
+"""Command line: ``tunelens run | finetune | analyze | report | compare | weights``.
 
 Bad input exits with status 2 and one line that names the problem and the fix.
 """
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tunelens.compare.flags import add_parser as add_compare_parser
 
     add_compare_parser(sub)
+    from tunelens.weights_command import add_parser as add_weights_parser
+
+    add_weights_parser(sub)
     return ap
 
 
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = (
             f"finished checkpoints, results and report in {out} are kept, and so is the interrupted training's "
             "resume file"
-            if args.cmd != "compare"
+            if args.cmd not in ("compare", "weights")
             else f"an existing report in {out} is kept as it was"
         )
         print(f"tunelens: interrupted; {kept}. Rerun the same command to resume.", file=sys.stderr)
@@ -206,6 +209,10 @@ def _main(args: argparse.Namespace) -> int:
             from tunelens.compare import run as run_compare
 
             return run_compare(args)
+        if args.cmd == "weights":
+            from tunelens.weights_command import run as run_weights
+
+            return run_weights(args)
         if args.cmd in ("run", "finetune", "analyze", "report"):
             cfg = _config(args)
             if cfg.get("modality") == "text" and args.cmd in ("run", "finetune", "analyze"):

@@ -31,7 +31,7 @@ from torch import nn
 from tunelens.core.naming import stage_of
 from tunelens.core.runtime import torch_threads
 
-__all__ = ["aggregate_intruders", "intruder_control", "intruder_dimensions"]
+__all__ = ["aggregate_intruders", "intruder_control", "intruder_dimensions", "intruder_row"]
 
 _COLUMNS = ["layer", "stage", "shape", "k", "threshold", "intruders", "min_max_cos", "mean_max_cos"]
 
@@ -113,7 +113,7 @@ def _base_vectors(name: str, w0: torch.Tensor, eps: float, device: torch.device,
     return cache[key]
 
 
-def _row(
+def intruder_row(
     name: str,
     w0: torch.Tensor,
     w1: torch.Tensor,
@@ -122,6 +122,10 @@ def _row(
     device: torch.device,
     cache: dict | None = None,
 ) -> dict:
+    """One matrix's intruder dimensions: how many of the top ``k`` left singular vectors of ``w1`` (the tuned
+    matrix, W0 + dW) have a largest |cosine| below ``threshold`` with every left singular vector of ``w0``
+    (Shuttleworth et al. 2024), with the least and mean of those largest cosines; ``cache`` keeps the base's
+    vectors by ``name``."""
     eps = float(torch.finfo(w0.dtype if w0.dtype.is_floating_point else torch.float32).eps)
     m1 = w1.reshape(w1.shape[0], -1).to(device, torch.float64)
     u0 = _base_vectors(name, w0, eps, device, cache)
@@ -176,7 +180,7 @@ def intruder_dimensions(
     _check(k, threshold)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     with torch_threads(1 if dev.type == "cpu" else None):
-        rows = [_row(n, w0, w1, k, threshold, dev, cache) for n, w0, w1 in _pairs(base, tuned, layers)]
+        rows = [intruder_row(n, w0, w1, k, threshold, dev, cache) for n, w0, w1 in _pairs(base, tuned, layers)]
     return pd.DataFrame(rows, columns=_COLUMNS)
 
 
@@ -208,7 +212,7 @@ def intruder_control(
             norm = float((w1.double() - w0d).norm())
             e = torch.randn(w0.shape, generator=g, dtype=torch.float64)
             noisy = w0d + e * (norm / float(e.norm())) if norm > 0 else w0d
-            row = _row(name, w0, noisy, k, threshold, dev, cache)
+            row = intruder_row(name, w0, noisy, k, threshold, dev, cache)
             row["perturbation"] = norm
             rows.append(row)
     return pd.DataFrame(rows, columns=[*_COLUMNS, "perturbation"])

@@ -163,6 +163,8 @@ def build(res: Results) -> Section | None:
                     collapsed=True,
                 )
             )
+    if not sec.intro and not sec.blocks and not sec.notes:
+        return None  # nothing to say (tunelens weights: no data, no training)
     return sec
 
 

@@ -189,12 +189,15 @@ def _execute(plan: Plan, log=print) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """The ``compare`` command: 0 on success (the report's path is the last line), 2 on bad input."""
+    from tunelens.core.out_lock import OutInUseError, out_lock
+
     try:
         plan = validate(args)
-    except CompareError as e:
+        with out_lock(plan.out):
+            path = execute(plan)
+    except (CompareError, OutInUseError) as e:
         print(f"tunelens: error: {one_line(e)}", file=sys.stderr)
         return 2
-    path = execute(plan)
     print(f"report: {path}")
     if plan.failed:
         print(

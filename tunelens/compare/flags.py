@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from tunelens.compare.plan import MAX_IMAGE_SIZE, CompareError
@@ -103,15 +102,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def check_out(out: Path) -> None:
-    """--out is a folder tunelens may write: not a file, no dangling link, its results/ and report/ ours."""
+    """--out is a folder tunelens may write (:func:`tunelens.core.out_lock.check_out_path`: not a file, no
+    dangling link, not below a file, writable) whose results/ and report/ are tunelens' own."""
     from tunelens.core.files import ForeignFolderError, check_owned_folder
+    from tunelens.core.out_lock import OutPathError, check_out_path
 
-    if out.is_symlink() and not out.exists():
-        raise CompareError(
-            f"--out {out} is a dangling symbolic link (to {os.readlink(out)}); create its target or give another --out"
-        )
-    if out.exists() and not out.is_dir():
-        raise CompareError(f"--out {out} is a file; give a folder (it gets results/ and report/)")
+    try:
+        check_out_path(out)
+    except OutPathError as e:
+        raise CompareError(str(e)) from None
     for sub in ("results", "report"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise CompareError(f"--out {out}: {out / sub} is a file, not a folder; move it away")
@@ -119,17 +118,6 @@ def check_out(out: Path) -> None:
             check_owned_folder(out / sub)
         except ForeignFolderError as e:
             raise CompareError(f"--out {out}: {e}") from None
-    anc = out
-    while not anc.exists():
-        if anc.is_symlink():
-            raise CompareError(
-                f"--out {out}: {anc} is a dangling symbolic link; create its target or give another --out"
-            )
-        anc = anc.parent
-    if not anc.is_dir():
-        raise CompareError(f"--out {out} lies below {anc}, which is a file; give a folder")
-    if not os.access(anc, os.W_OK):
-        raise CompareError(f"--out {out}: cannot write in {anc}")
 
 
 def check_out_and_data(out: Path, data: str) -> None:
