@@ -18,6 +18,20 @@
    per model are printed too: a model's forward images over the images it was given is how often the
    same work was done.
 
+   What the floor counts, pass by pass (:data:`FLOOR_COUNTS`; every model of the architecture: the base, the
+   tuned model and every copy the analyses make of them, prepared, rewound, interpolated, randomized): the
+   compare's checks and the budget's timing passes (``setup``); the shared test pass of each model
+   (``evaluation``, ``cka``, with the random-weights control); the attribution study's logit checks,
+   predictions, the probe head's training features and every map pass (per image and method 5 map sets;
+   Integrated Gradients ``n_steps`` gradient passes, saliency one, Grad-CAM one, occlusion one forward per
+   window, the deletion / insertion games ``2 x (steps + 1)`` forwards per image and model); rewind (a test
+   pass per changed stage and ``all_but_head``), the interpolation (per alpha a BatchNorm re-estimation pass
+   over the training images and a test pass) and the probes' training features (``functional``). Nothing
+   else: hooks' work (Gram matrices, pooling), Captum's bookkeeping, statistics and the report are the
+   overhead the ratio measures. ``passes.components`` has, per component, the images, batch sizes, the
+   seconds spent inside those passes (forward calls and ``torch.autograd.grad``) and their floor, and the
+   component's stage seconds; ``passes.attribution`` the study's methods, images, batch and threads.
+
 Writes ``artifacts/bench/compare.json`` (``--out``; ``compare_cuda.json`` with ``--device cuda``): per-stage seconds (the report's timings), the
 total, the floor and the ratio, the pass counts, the peak GPU memory on CUDA, and the machine.
 Targets (issue 12, resnet50 at 224 px on 2 CPU cores): total under 180 s, ratio under 2.0.
@@ -28,13 +42,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# what `tunelens compare` runs with: tunelens sets this on import, and OpenMP reads it when torch starts it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -44,6 +61,18 @@ from PIL import Image
 from bench._common import machine_info, write_json
 
 CLASSES = ("red", "green", "blue", "white")
+#: What the floor counts (written to the JSON with it): see the module docstring, step 3.
+FLOOR_COUNTS = (
+    "images through every forward of a model of the architecture (base, tuned, and every copy the analyses make: "
+    "prepared, probe-headed, rewound, interpolated, randomized), each timed as plain model(x) at batch 32 in the "
+    "cheaper layout, a pass with autograd as forward + input gradient: setup (the compare's checks, the stage "
+    "trace, the budget's timing passes); evaluation and cka (one shared test pass per model, the random-weights "
+    "control's); attribution (logit checks, predictions, the probe head's training features, every map pass: "
+    "5 map sets per image and method, and the deletion / insertion games); functional (rewind: a test pass per "
+    "changed stage and all_but_head; interpolation: per alpha a BatchNorm re-estimation pass in train mode and "
+    "a test pass; the probes' training features). Not counted: hook work, Captum's bookkeeping, statistics, "
+    "the report."
+)
 
 
 def make_images(root: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -82,28 +111,84 @@ def make_pair(arch: str, root: Path, size: int, seed: int = 0) -> tuple[Path, Pa
     return root / "base.pt", root / "tuned.pt"
 
 
+SETUP = "setup"  # the compare's checks, the stage trace and the budget's timing passes, before the first analysis
+
+
 class PassCounter:
-    """Counts images through the forward of every model of class ``cls`` (with autograd on or off)."""
+    """Counts images through the forward of every model of class ``cls`` (with autograd on or off), per
+    component of the run: the analysis running (the suite names it on the run's progress line before it
+    starts), or :data:`SETUP` before the first one. Per component also the batch sizes, and the seconds
+    spent inside those forward calls (hooks included) and in ``torch.autograd.grad`` (the backward passes
+    of attribution)."""
 
     def __init__(self, cls: type) -> None:
         self.cls, self.images = cls, Counter()
         self.per_model: Counter = Counter()
+        self.component = SETUP
+        self.parts: dict[str, dict] = defaultdict(
+            lambda: {"no_grad": 0, "grad": 0, "batches": Counter(), "forward_s": 0.0, "grad_s": 0.0}
+        )
         self._orig = cls.forward
 
     def __enter__(self) -> PassCounter:
+        import tunelens.core.progress as run_line
+
         counter, orig = self, self._orig
+        self._report, self._grad = run_line.report, torch.autograd.grad
 
         def forward(module, x, *a, **k):
             key = "grad" if torch.is_grad_enabled() else "no_grad"
-            counter.images[key] += int(x.shape[0])
-            counter.per_model[id(module)] += int(x.shape[0])
-            return orig(module, x, *a, **k)
+            n = int(x.shape[0])
+            counter.images[key] += n
+            counter.per_model[id(module)] += n
+            part = counter.parts[counter.component]
+            part[key] += n
+            part["batches"][n] += 1
+            t = time.perf_counter()
+            try:
+                return orig(module, x, *a, **k)
+            finally:
+                part["forward_s"] += time.perf_counter() - t
+
+        def report(stage, fraction=1.0, label=None):
+            if stage == "analyze" and label:
+                counter.component = str(label)
+            return counter._report(stage, fraction, label)
+
+        def grad(*a, **k):
+            t = time.perf_counter()
+            try:
+                return counter._grad(*a, **k)
+            finally:
+                counter.parts[counter.component]["grad_s"] += time.perf_counter() - t
 
         self.cls.forward = forward  # type: ignore[method-assign]
+        run_line.report = report
+        torch.autograd.grad = grad
         return self
 
     def __exit__(self, *exc) -> None:
+        import tunelens.core.progress as run_line
+
         self.cls.forward = self._orig  # type: ignore[method-assign]
+        run_line.report, torch.autograd.grad = self._report, self._grad
+
+    def components(self, floor: dict, stages: dict[str, float]) -> dict[str, dict]:
+        """Per component: its images, batch sizes, seconds in its passes, their floor and its stage seconds."""
+        out = {}
+        for name, p in self.parts.items():
+            fl = p["no_grad"] * floor["forward_s_per_image"] + p["grad"] * floor["forward_backward_s_per_image"]
+            passes = p["forward_s"] + p["grad_s"]
+            out[name] = {
+                "forward_images_no_grad": p["no_grad"],
+                "forward_images_with_grad": p["grad"],
+                "batches": {str(b): c for b, c in sorted(p["batches"].items())},
+                "passes_s": round(passes, 2),
+                "floor_s": round(fl, 2),
+                "passes_over_floor": round(passes / fl, 3) if fl > 0 else None,
+                "stage_s": round(float(stages[name]), 2) if name in stages else None,
+            }
+        return out
 
 
 def floor_seconds(arch: str, n_no_grad: int, n_grad: int, size: int, device: torch.device, batch: int = 32) -> dict:
@@ -167,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         cls = type(torchvision.models.get_model(args.arch, weights=None, num_classes=2))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        load_start = os.getloadavg()[0]
         with PassCounter(cls) as counts:
             t = time.perf_counter()
             rc = tunelens_main(argv_c)
@@ -177,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = json.loads((root / "out" / "results" / "summary.json").read_text())
     floor = floor_seconds(args.arch, counts.images["no_grad"], counts.images["grad"], args.size, device)
     stages = {k: round(float(v), 2) for k, v in summary.get("timings", {}).items()}
+    study = (summary.get("attribution") or {}).get("settings") or {}
     result = {
         "arch": args.arch,
         "images": args.images,
@@ -186,18 +273,20 @@ def main(argv: list[str] | None = None) -> dict:
         "exit_status": rc,
         "total_s": round(total, 2),
         "stages_s": stages,
-        "floor": {k: round(v, 5) for k, v in floor.items()},
+        "floor": {**{k: round(v, 5) for k, v in floor.items()}, "counts": FLOOR_COUNTS},
         "ratio": round(total / floor["floor_s"], 3) if floor["floor_s"] > 0 else None,
         "passes": {
             "forward_images_no_grad": counts.images["no_grad"],
             "forward_images_with_grad": counts.images["grad"],
             "models_seen": len(counts.per_model),
+            "components": counts.components(floor, summary.get("timings", {})),
+            "attribution": {k: study.get(k) for k in ("methods", "n_images", "eval_batch", "threads")},
         },
         "peak_gpu_mem_mb": None if peak_mb is None else round(peak_mb, 1),
         "budget_summary": summary.get("budget", {}),
         "failed": summary.get("failed", {}),
         "targets": {"total_s": 180, "ratio": 2.0},
-        "machine": machine_info(),
+        "machine": {**machine_info(), "loadavg_1m_start": load_start},
     }
     name = "compare.json" if args.arch == "resnet50" and args.size == 224 else f"compare_{args.arch}_{args.size}.json"
     if device.type != "cpu":
