@@ -10,9 +10,10 @@
 2. Runs ``tunelens compare --arch ARCH --base base.pt --tuned tuned.pt --data images/ --out ...`` in this
    process with default settings (``--budget`` passed on when given) and times it end to end.
 3. The floor, timed in the same run: every forward pass the analyses made through a model of the
-   architecture is counted (images, with or without autograd: a pass with autograd is followed by a
-   backward pass), then the same number of images is pushed through plain ``model(x)`` (and
-   ``.backward()``) in batches of 32, in the default layout and (on the CPU) with channels-last weights; the
+   architecture is counted (images: without autograd, or with autograd and followed by a gradient with
+   respect to the input, or with autograd and a gradient at an inner layer only, Grad-CAM's, counted as a
+   forward pass), then the same number of images is pushed through plain ``model(x)`` (and the input
+   gradient) in batches of 32, in the default layout and (on the CPU) with channels-last weights; the
    cheaper of the two per image makes the floor, so the analyses' own choice of layout is not counted as overhead. ``ratio = total / floor``: what the analyses cost beyond the bare
    passes they made (data loading, Captum, SVDs, probes, bootstrap, figures and the report). The counts
    per model are printed too: a model's forward images over the images it was given is how often the
@@ -23,7 +24,7 @@
    compare's checks and the budget's timing passes (``setup``); the shared test pass of each model
    (``evaluation``, ``cka``, with the random-weights control); the attribution study's logit checks,
    predictions, the probe head's training features and every map pass (per image and method 5 map sets;
-   Integrated Gradients ``n_steps`` gradient passes, saliency one, Grad-CAM one, occlusion one forward per
+   Integrated Gradients ``n_steps`` gradient passes, saliency one, Grad-CAM one forward, occlusion one forward per
    window, the deletion / insertion games ``2 x (steps + 1)`` forwards per image and model); rewind (a test
    pass per changed stage and ``all_but_head``), the interpolation (per alpha a BatchNorm re-estimation pass
    over the training images and a test pass) and the probes' training features (``functional``). Nothing
@@ -65,7 +66,8 @@ CLASSES = ("red", "green", "blue", "white")
 FLOOR_COUNTS = (
     "images through every forward of a model of the architecture (base, tuned, and every copy the analyses make: "
     "prepared, probe-headed, rewound, interpolated, randomized), each timed as plain model(x) at batch 32 in the "
-    "cheaper layout, a pass with autograd as forward + input gradient: setup (the compare's checks, the stage "
+    "cheaper layout, a pass followed by an input gradient as forward + input gradient, any other as a forward "
+    "(Grad-CAM's gradient at its layer: for a ResNet's layer4 the head only): setup (the compare's checks, the stage "
     "trace, the budget's timing passes); evaluation and cka (one shared test pass per model, the random-weights "
     "control's); attribution (logit checks, predictions, the probe head's training features, every map pass: "
     "5 map sets per image and method, and the deletion / insertion games); functional (rewind: a test pass per "
@@ -117,18 +119,30 @@ SETUP = "setup"  # the compare's checks, the stage trace and the budget's timing
 class PassCounter:
     """Counts images through the forward of every model of class ``cls`` (with autograd on or off), per
     component of the run: the analysis running (the suite names it on the run's progress line before it
-    starts), or :data:`SETUP` before the first one. Per component also the batch sizes, and the seconds
-    spent inside those forward calls (hooks included) and in ``torch.autograd.grad`` (the backward passes
-    of attribution)."""
+    starts), or :data:`SETUP` before the first one. A pass with autograd counts as ``grad`` (forward + input
+    gradient) when a ``torch.autograd.grad`` with respect to its input follows it (saliency, Integrated
+    Gradients, ...), else as ``autograd_forward`` (a forward pass: Grad-CAM takes its gradient at a layer, the
+    head's output for a ResNet's ``layer4``, not at the input). Per component also the batch sizes, and the
+    seconds spent inside those forward calls (hooks included) and in ``torch.autograd.grad``."""
+
+    KINDS = ("no_grad", "grad", "autograd_forward")
 
     def __init__(self, cls: type) -> None:
         self.cls, self.images = cls, Counter()
         self.per_model: Counter = Counter()
         self.component = SETUP
         self.parts: dict[str, dict] = defaultdict(
-            lambda: {"no_grad": 0, "grad": 0, "batches": Counter(), "forward_s": 0.0, "grad_s": 0.0}
+            lambda: {**dict.fromkeys(self.KINDS, 0), "batches": Counter(), "forward_s": 0.0, "grad_s": 0.0}
         )
+        self._pending: tuple[dict, torch.Tensor] | None = None  # the last pass with autograd, not yet classified
         self._orig = cls.forward
+
+    def _settle(self, kind: str = "autograd_forward") -> None:
+        if self._pending is not None:
+            part, x = self._pending
+            self._pending = None
+            self.images[kind] += int(x.shape[0])
+            part[kind] += int(x.shape[0])
 
     def __enter__(self) -> PassCounter:
         import tunelens.core.progress as run_line
@@ -137,12 +151,15 @@ class PassCounter:
         self._report, self._grad = run_line.report, torch.autograd.grad
 
         def forward(module, x, *a, **k):
-            key = "grad" if torch.is_grad_enabled() else "no_grad"
+            counter._settle()
             n = int(x.shape[0])
-            counter.images[key] += n
             counter.per_model[id(module)] += n
             part = counter.parts[counter.component]
-            part[key] += n
+            if torch.is_grad_enabled():
+                counter._pending = (part, x)
+            else:
+                counter.images["no_grad"] += n
+                part["no_grad"] += n
             part["batches"][n] += 1
             t = time.perf_counter()
             try:
@@ -152,13 +169,19 @@ class PassCounter:
 
         def report(stage, fraction=1.0, label=None):
             if stage == "analyze" and label:
+                counter._settle()
                 counter.component = str(label)
             return counter._report(stage, fraction, label)
 
-        def grad(*a, **k):
+        def grad(outputs, inputs, *a, **k):
+            if counter._pending is not None:
+                x = counter._pending[1]
+                ins = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+                if any(t is x or (t.shape == x.shape and t.data_ptr() == x.data_ptr()) for t in ins):
+                    counter._settle("grad")
             t = time.perf_counter()
             try:
-                return counter._grad(*a, **k)
+                return counter._grad(outputs, inputs, *a, **k)
             finally:
                 counter.parts[counter.component]["grad_s"] += time.perf_counter() - t
 
@@ -170,6 +193,7 @@ class PassCounter:
     def __exit__(self, *exc) -> None:
         import tunelens.core.progress as run_line
 
+        self._settle()
         self.cls.forward = self._orig  # type: ignore[method-assign]
         run_line.report, torch.autograd.grad = self._report, self._grad
 
@@ -177,11 +201,13 @@ class PassCounter:
         """Per component: its images, batch sizes, seconds in its passes, their floor and its stage seconds."""
         out = {}
         for name, p in self.parts.items():
-            fl = p["no_grad"] * floor["forward_s_per_image"] + p["grad"] * floor["forward_backward_s_per_image"]
+            fwd = p["no_grad"] + p["autograd_forward"]
+            fl = fwd * floor["forward_s_per_image"] + p["grad"] * floor["forward_backward_s_per_image"]
             passes = p["forward_s"] + p["grad_s"]
             out[name] = {
                 "forward_images_no_grad": p["no_grad"],
-                "forward_images_with_grad": p["grad"],
+                "forward_images_with_grad": p["grad"] + p["autograd_forward"],
+                "input_gradient_images": p["grad"],
                 "batches": {str(b): c for b, c in sorted(p["batches"].items())},
                 "passes_s": round(passes, 2),
                 "floor_s": round(fl, 2),
@@ -261,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         if rc not in (0, 1):
             raise SystemExit(f"tunelens compare exited with {rc}")
         summary = json.loads((root / "out" / "results" / "summary.json").read_text())
-    floor = floor_seconds(args.arch, counts.images["no_grad"], counts.images["grad"], args.size, device)
+    n_forward = counts.images["no_grad"] + counts.images["autograd_forward"]
+    floor = floor_seconds(args.arch, n_forward, counts.images["grad"], args.size, device)
     stages = {k: round(float(v), 2) for k, v in summary.get("timings", {}).items()}
     study = (summary.get("attribution") or {}).get("settings") or {}
     result = {
@@ -277,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": round(total / floor["floor_s"], 3) if floor["floor_s"] > 0 else None,
         "passes": {
             "forward_images_no_grad": counts.images["no_grad"],
-            "forward_images_with_grad": counts.images["grad"],
+            "forward_images_with_grad": counts.images["grad"] + counts.images["autograd_forward"],
+            "input_gradient_images": counts.images["grad"],
             "models_seen": len(counts.per_model),
             "components": counts.components(floor, summary.get("timings", {})),
             "attribution": {k: study.get(k) for k in ("methods", "n_images", "eval_batch", "threads")},
