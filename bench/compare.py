@@ -218,38 +218,43 @@ class PassCounter:
 
 
 def floor_seconds(arch: str, n_no_grad: int, n_grad: int, size: int, device: torch.device, batch: int = 32) -> dict:
-    """Seconds of ``n_no_grad`` forward images and ``n_grad`` forward+backward images of plain torchvision code."""
+    """Seconds of ``n_no_grad`` forward images and ``n_grad`` forward+backward images of plain torchvision code.
+
+    On the CPU the two layouts are timed alternately (NCHW, channels-last, NCHW, ...; median of 3 after a
+    warm-up each), so a shared machine's load, which drifts over seconds, weighs on both alike."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None, num_classes=len(CLASSES)).to(device).eval()
+    layouts = {"nchw": model}
+    if device.type == "cpu":  # the bare passes in the faster layout too: the floor is the cheaper of the two
+        layouts["channels_last"] = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size, device=device)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def per_image(grad: bool, reps: int = 3) -> float:
+    def once(m: torch.nn.Module, grad: bool) -> float:
         xx = x.clone().requires_grad_(grad)
-        times = []
-        for i in range(reps + 1):
-            sync()
-            t = time.perf_counter()
-            if grad:  # the gradient attribution needs: with respect to the input only
-                torch.autograd.grad(model(xx)[:, 0].sum(), xx)
-            else:
-                with torch.inference_mode():
-                    model(xx)
-            sync()
-            if i:  # the first is a warm-up
-                times.append(time.perf_counter() - t)
-        return float(np.median(times)) / batch
+        sync()
+        t = time.perf_counter()
+        if grad:  # the gradient attribution needs: with respect to the input only
+            torch.autograd.grad(m(xx)[:, 0].sum(), xx)
+        else:
+            with torch.inference_mode():
+                m(xx)
+        sync()
+        return time.perf_counter() - t
 
-    fwd, fwd_bwd = per_image(False), per_image(True)
-    out = {"nchw_forward_s_per_image": fwd, "nchw_forward_backward_s_per_image": fwd_bwd}
-    if device.type == "cpu":  # the bare passes in the faster layout too: the floor is the cheaper of the two
-        model = model.to(memory_format=torch.channels_last)
-        cl = per_image(False), per_image(True)
-        out.update(channels_last_forward_s_per_image=cl[0], channels_last_forward_backward_s_per_image=cl[1])
-        fwd, fwd_bwd = min(fwd, cl[0]), min(fwd_bwd, cl[1])
+    times: dict[tuple[str, bool], list[float]] = {(k, g): [] for k in layouts for g in (False, True)}
+    for i in range(4):  # the first round is a warm-up
+        for (k, g), ts in times.items():
+            t = once(layouts[k], g)
+            if i:
+                ts.append(t)
+    per = {key: float(np.median(ts)) / batch for key, ts in times.items()}
+    out = {f"{k}_{'forward_backward' if g else 'forward'}_s_per_image": v for (k, g), v in per.items()}
+    fwd = min(v for (_, g), v in per.items() if not g)
+    fwd_bwd = min(v for (_, g), v in per.items() if g)
     out.update(forward_s_per_image=fwd, forward_backward_s_per_image=fwd_bwd)
     out["floor_s"] = n_no_grad * fwd + n_grad * fwd_bwd
     return out
