@@ -51,6 +51,17 @@ def is_oom(e: BaseException) -> bool:
 
 
 def _available_ram() -> int:
+    """Bytes of RAM a new allocation can have: ``MemAvailable`` of ``/proc/meminfo`` (free memory plus the page
+    cache the kernel gives back), not free memory alone (``SC_AVPHYS_PAGES``), which the page cache of any
+    earlier file reads shrinks: with it, a resnet50 study at 224 px on a machine with 21 GB available but 5 GB
+    free ran its attribution passes 3 images at a time instead of 14, and at 1 when less was free."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):

@@ -33,6 +33,7 @@ same question; :attr:`AttributionStudy.notes` says so.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -98,10 +99,11 @@ def attribution_study(
     ``faithfulness``: deletion/insertion AUC (RISE) for these methods (default integrated gradients and
     Grad-CAM: each costs 2 x ``faithfulness_steps`` forward passes per image and model), all (True) or none.
     ``threads``: torch CPU threads during the study (restored after); ``"auto"`` uses one thread
-    when other processes already keep every core busy (1-minute load average above the number of
-    cores), where a descheduled OpenMP worker stalls every small operator (measured 3x slower with
-    two threads than with one on a loaded 2-core machine), and leaves the setting alone otherwise;
-    None leaves it alone.
+    when other processes already keep every core busy (the 1-minute load average less this process's own
+    share, :func:`_own_load`, at least the number of cores), where a descheduled OpenMP worker stalls every
+    small operator (measured 3x slower with two threads than with one on a loaded 2-core machine), and
+    leaves the setting alone otherwise (this process's own threads never count: on an idle 2-core machine a
+    2-thread run keeps the load average near 2 by itself); None leaves it alone.
     """
     n_threads = torch.get_num_threads()
     use = _auto_threads(threads)
@@ -136,15 +138,32 @@ def attribution_study(
         torch.set_num_threads(n_threads)
 
 
+def _own_load() -> float:
+    """This process's share of the load average: its CPU seconds over its age (the cores it kept busy on
+    average), at most its torch threads; 0 where ``/proc`` cannot tell."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        with open("/proc/uptime") as f:
+            age = float(f.read().split()[0]) - start / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return min(float(torch.get_num_threads()), time.process_time() / max(age, 1e-3))
+
+
 def _auto_threads(threads: int | str | None) -> int | None:
     if threads is None:
         return None
     if threads == "auto":
         import os
 
-        try:
-            busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+        try:  # the load of *other* processes: this one's own threads (a run computing on 2 threads keeps the
+            # 1-minute load near 2 on its own) are not a reason to give up a core
+            others = os.getloadavg()[0] - _own_load()
         except OSError:
-            busy = False
+            others = 0.0
+        busy = others >= (os.cpu_count() or 1)
         return 1 if busy and not torch.cuda.is_available() else None
     return int(threads)
