@@ -357,3 +357,18 @@ def test_auto_threads_ignores_this_process_load(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (4.5, 4.0, 3.0))  # two more cores' worth from others
     assert S._auto_threads("auto") == 1
     assert S._auto_threads(3) == 3 and S._auto_threads(None) is None
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "gradient_shap"])
+def test_stochastic_maps_do_not_depend_on_the_batch_size(method):
+    """SmoothGrad's noise and GradientSHAP's draws follow the seed and each image's position, not the batch the
+    memory allows: the same maps with one image per pass and with all of them."""
+    torch.manual_seed(0)
+    model = build_model("tiny_resnet", 3, seed=0).eval()
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    opts = {"baselines": torch.randn(5, 3, 16, 16)} if method == "gradient_shap" else {}  # draws pick among them
+    one = attribute(model, x, y, method, seed=3, eval_batch=1, **opts)
+    many = attribute(model, x, y, method, seed=3, eval_batch=64, **opts)
+    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-6)
+    other = attribute(model, x, y, method, seed=4, eval_batch=64, **opts)
+    assert not torch.allclose(one, other), "the seed matters"

@@ -48,7 +48,12 @@ from tqdm.auto import tqdm
 
 from tunelens.analysis.measures.attribution.batching import auto_eval_batch, chunk_seed, is_oom, seeded
 from tunelens.analysis.measures.attribution.gradcam import default_gradcam_layer, finer_layer_hint, token_grad_cam
-from tunelens.analysis.measures.attribution.methods import DEFAULT_OPTIONS, GRADIENT_METHODS, METHODS
+from tunelens.analysis.measures.attribution.methods import (
+    DEFAULT_OPTIONS,
+    GRADIENT_METHODS,
+    METHODS,
+    STOCHASTIC_METHODS,
+)
 from tunelens.analysis.measures.attribution.prepare import assert_eval, is_residual, output_dim, prepare_for_attribution
 from tunelens.analysis.measures.attribution.targets import resolve_targets
 from tunelens.core.models import model_device
@@ -106,8 +111,11 @@ def merge_options(method: str, options: Mapping[str, Any] | None) -> dict[str, A
 
 
 def _outer_chunk(method: str, opts: Mapping[str, Any], eval_batch: int, remaining: int) -> int:
-    if method == "gradient_shap":
-        return max(1, min(remaining, eval_batch // max(1, int(opts.get("n_samples", 5)))))
+    """Images per call. A stochastic method runs one image per call, seeded by that image's position
+    (:func:`~tunelens.analysis.measures.attribution.batching.chunk_seed`), with all its noise samples in one
+    draw: its maps then do not depend on ``eval_batch`` (which follows the memory available), only on the seed."""
+    if method in STOCHASTIC_METHODS:
+        return 1
     return max(1, min(remaining, eval_batch))
 
 
@@ -168,10 +176,9 @@ def _attribute_chunk(
                 raise ValueError(f"smoothgrad's inner method must be one of {sorted(inner)}, got {inner_name!r}")
             opts.pop("noise_level", None)
             opts["stdevs"] = float(state["stdevs"]) if "stdevs" not in opts else opts["stdevs"]
-            cost = int(opts.get("n_steps", 50)) if inner_name == "integrated_gradients" else 1
-            opts.setdefault("nt_samples_batch_size", max(1, eval_batch // max(1, n * cost)))
+            # every noise sample in one draw (batched draws would depend on the batch): memory n x nt_samples
             if inner_name == "integrated_gradients":
-                opts.setdefault("internal_batch_size", max(eval_batch, n * opts["nt_samples_batch_size"]))
+                opts.setdefault("internal_batch_size", max(eval_batch, n * int(opts.get("nt_samples", 5))))
             return ca.NoiseTunnel(inner[inner_name](model)).attribute(x, target=target, **opts)
         if method == "gradient_shap":
             baselines = opts.pop("baselines", None)
