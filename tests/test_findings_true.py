@@ -191,3 +191,40 @@ def test_per_class_change_index_above_one_is_explained():
     fs = attribution_findings(summ, None, per_class, "full")
     (f,) = [f for f in fs if f.id == "attr_class"]
     assert "class t_shape (change index 1.73 (above 1: beyond the randomized network);" in f.text
+
+
+def _text_cka(cka, half_width=0.03, rnd=0.3):
+    n = len(cka)
+    return pd.DataFrame(
+        {
+            "layer": [f"masked_mean.layer{i + 2}" for i in range(n)],
+            "cka_base_tuned": cka,
+            "ci_low": [max(0.0, x - half_width) for x in cka],
+            "ci_high": [min(1.0, x + half_width) for x in cka],
+            "cka_base_random": [rnd] * n,
+            "cka_tuned_scratch": [float("nan")] * n,
+            "estimator": "x",
+        }
+    )
+
+
+def test_cka_collapse_names_the_break_and_the_layers_above():
+    """The text preset: 0.87 at layer 2, 0.12 at layer 3, 0.02 above: the break is named, not 'not clearly below'."""
+    t = _text_cka([0.87, 0.12, 0.02, 0.02], half_width=0.02)
+    (f,) = similarity_findings(t, "full")
+    assert "falls from 0.87 at masked_mean.layer2" in f.text and "to 0.12 at masked_mean.layer3" in f.text
+    assert "stays at 0.02 above (masked_mean.layer4 to masked_mean.layer5)" in f.text
+    assert "the top layers were reorganised" in f.text and "not clearly below" not in f.text
+    # the drop is inside the noise: no break is claimed
+    (f,) = similarity_findings(_text_cka([0.87, 0.12, 0.02, 0.02], half_width=0.4), "full")
+    assert "falls from" not in f.text
+    # a later layer recovers: the CKA does not stay low, no break
+    (f,) = similarity_findings(_text_cka([0.87, 0.12, 0.02, 0.80]), "full")
+    assert "falls from" not in f.text and "reorganised" not in f.text
+
+
+def test_cka_low_everywhere_says_so_and_invents_no_break():
+    t = _text_cka([0.10, 0.05, 0.02, 0.02], half_width=0.01)
+    (f,) = similarity_findings(t, "full")
+    assert "low at every compared layer (0.02 to 0.10 from masked_mean.layer2 to masked_mean.layer5" in f.text
+    assert "falls from" not in f.text and "reorganised" not in f.text and "diverges most" not in f.text
