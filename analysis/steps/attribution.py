@@ -11,7 +11,7 @@ from tunelens.analysis.engine.budget import PassCosts, attribution_cost
 from tunelens.analysis.engine.budget_plan import attribution_inputs
 from tunelens.analysis.engine.registry import Analysis, Context, Output, register
 from tunelens.analysis.findings import Finding, pct, units, word
-from tunelens.analysis.measures.attribution.methods import DISPLAY_NAMES, choose_methods
+from tunelens.analysis.measures.attribution.methods import DISPLAY_NAMES, choose_methods, method_spec_problem
 from tunelens.analysis.measures.attribution.methods import FAITHFUL as STUDY_FAITHFULNESS
 from tunelens.analysis.measures.attribution.study import attribution_study
 from tunelens.analysis.measures.attribution.text import text_attribution_study
@@ -168,6 +168,7 @@ ANALYSIS = register(
             "attribution_images": {"min": 1},
             "attribution_ig_steps": {"min": 2},
             "attribution_ablation_batch": {"min": 0},
+            "attribution_methods": {"check": method_spec_problem},
         },
         cost=cost,
         relative_cost=4.0,
