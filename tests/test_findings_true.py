@@ -191,6 +191,18 @@ def test_per_class_change_index_above_one_is_explained():
     fs = attribution_findings(summ, None, per_class, "full")
     (f,) = [f for f in fs if f.id == "attr_class"]
     assert "class t_shape (change index 1.73 (above 1: beyond the randomized network);" in f.text
+    per_class.loc[0, ["ab", "ab_lo", "ab_hi"]] = [0.01, -0.08, 0.09]  # a CI across 0 (t_shape is still clear)
+    per_class.loc[1, ["ab_lo", "ab_hi"]] = [0.3, 0.7]
+    (f,) = [f for f in attribution_findings(summ, None, per_class, "full") if f.id == "attr_class"]
+    assert "similarity 95% CI -0.08 to 0.09 over 20" in f.uncertainty and "-0.08-0.09" not in f.uncertainty
+
+
+def test_intervals_are_printed_with_to():
+    """Every CI goes through one helper: ``-0.08 to 0.09``, never ``-0.08-0.09``."""
+    from tunelens.analysis.findings import span
+
+    assert span(-0.08, 0.09) == "-0.08 to 0.09"
+    assert span(-0.012, 0.034, "+.1f", 100) == "-1.2 to +3.4"
 
 
 def _text_cka(cka, half_width=0.03, rnd=0.3):

@@ -197,7 +197,7 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
                 f"from scratch with the same budget ({100 * d:+.1f} points).",
                 "accuracy",
                 score=10 + abs(d) * 10,
-                uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points "
+                uncertainty=f"95% CI of the difference {F.span(lo, hi, '+.1f', 100)} points "
                 f"(paired bootstrap over {len(a)} test {units()})",
             )
         )
@@ -215,7 +215,7 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
                 f"worst ({pct(acc[worst])}), a gap of {100 * d:.1f} points.",
                 "strategies",
                 score=6 + d * 5,
-                uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap)",
+                uncertainty=f"95% CI {F.span(lo, hi, '+.1f', 100)} points (paired bootstrap)",
             )
         )
     return out

@@ -9,7 +9,7 @@ from torch import nn
 
 from tunelens.analysis import findings as F
 from tunelens.analysis.engine.registry import Analysis, Context, Output, register
-from tunelens.analysis.findings import Finding
+from tunelens.analysis.findings import Finding, span
 from tunelens.analysis.measures.cka_models import cka_chance_from_passes, cka_from_passes, randomly_initialised
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
@@ -187,11 +187,11 @@ def _break_text(c: pd.DataFrame, i: int) -> str:
     a, b, above = c.iloc[i], c.iloc[i + 1], c.iloc[i + 2 :]
     txt = (
         f"base-vs-tuned CKA falls from {a['cka_base_tuned']:.2f} at {a['layer']} "
-        f"(95% CI {a['ci_low']:.2f} to {a['ci_high']:.2f}) to {b['cka_base_tuned']:.2f} at {b['layer']} "
-        f"({b['ci_low']:.2f} to {b['ci_high']:.2f})"
+        f"(95% CI {span(a['ci_low'], a['ci_high'])}) to {b['cka_base_tuned']:.2f} at {b['layer']} "
+        f"({span(b['ci_low'], b['ci_high'])})"
     )
     lo_, hi_ = above["cka_base_tuned"].min(), above["cka_base_tuned"].max()
-    level = f"{lo_:.2f}" if f"{lo_:.2f}" == f"{hi_:.2f}" else f"{lo_:.2f} to {hi_:.2f}"
+    level = f"{lo_:.2f}" if f"{lo_:.2f}" == f"{hi_:.2f}" else span(lo_, hi_)
     names = above["layer"].iloc[0] if len(above) == 1 else f"{above['layer'].iloc[0]} to {above['layer'].iloc[-1]}"
     return txt + f" and stays at {level} above ({names}): the top layers were reorganised"
 
@@ -236,7 +236,7 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     low = c.loc[c["cka_base_tuned"].idxmin()]
     others = c.drop(index=low.name)
     clear = has_ci and len(others) and bool((low["ci_high"] < others["ci_low"]).all())
-    ci = f", 95% CI {low['ci_low']:.2f} to {low['ci_high']:.2f}" if has_ci else ""
+    ci = f", 95% CI {span(low['ci_low'], low['ci_high'])}" if has_ci else ""
     brk = cka_break(c)
     all_low = bool((c["cka_base_tuned"] < ALL_LOW).all()) and (not has_ci or bool((c["ci_high"] < ALL_LOW).all()))
     if brk is not None:
@@ -269,7 +269,7 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
         txt += f" against the random-weights baseline {rnd:.2f}"
         if has_ci:
             lo, hi = chance_corrected(low["ci_low"], rnd), chance_corrected(low["ci_high"], rnd)
-            txt += f" (CI {lo:.2f} to {hi:.2f})"
+            txt += f" (CI {span(lo, hi)})"
             txt += (
                 f": features were {_verdict(s_)}"
                 if _verdict(lo) == _verdict(hi)
