@@ -235,6 +235,18 @@ def test_cka_collapse_names_the_break_and_the_layers_above():
     assert "falls from" not in f.text and "reorganised" not in f.text
 
 
+def test_cka_collapse_on_the_cls_token_is_told_beside_the_masked_mean():
+    """The text preset's [CLS] readouts 0.95, 0.53, 0.04, 0.19: the break is where CKA falls and does not recover."""
+    mean = _text_cka([0.87, 0.12, 0.02, 0.02], half_width=0.02)
+    cls = _text_cka([0.95, 0.53, 0.04, 0.19], half_width=0.03)
+    cls["layer"] = [f"cls.layer{i + 2}" for i in range(4)]
+    t = pd.concat([mean.assign(pooling="masked mean"), cls.assign(pooling="[CLS]")], ignore_index=True)
+    (f,) = similarity_findings(t, "full")
+    assert f.text.count("the top layers were reorganised") == 2
+    assert "On the [CLS] token base-vs-tuned CKA falls from 0.95 at cls.layer2" in f.text
+    assert "to 0.53 at cls.layer3 (0.50 to 0.56) and stays at 0.04 to 0.19 above (cls.layer4 to cls.layer5)" in f.text
+
+
 def test_cka_low_everywhere_says_so_and_invents_no_break():
     t = _text_cka([0.10, 0.05, 0.02, 0.02], half_width=0.01)
     (f,) = similarity_findings(t, "full")

@@ -206,14 +206,18 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
         return out
     extra = ""
     if "pooling" in c:  # text: the masked mean (what the head reads) leads; the [CLS] token is reported beside it
-        other = c[c["pooling"] == "[CLS]"]
+        other = c[c["pooling"] == "[CLS]"].reset_index(drop=True)
         c = c[c["pooling"] != "[CLS]"].reset_index(drop=True)
         if len(other):
             lo = other.loc[other["cka_base_tuned"].idxmin()]
             rnd_cls = float(lo.get("cka_base_random", float("nan")))
-            extra = f" On the [CLS] token the lowest CKA is {lo['cka_base_tuned']:.2f} at {lo['layer']}" + (
-                f" (random-weights baseline {rnd_cls:.2f})." if np.isfinite(rnd_cls) else "."
-            )
+            brk_cls = cka_break(other) if {"ci_low", "ci_high"} <= set(other) else None
+            extra = (
+                f" On the [CLS] token {_break_text(other, brk_cls)}; its lowest CKA is {lo['cka_base_tuned']:.2f} "
+                f"at {lo['layer']}"
+                if brk_cls is not None
+                else f" On the [CLS] token the lowest CKA is {lo['cka_base_tuned']:.2f} at {lo['layer']}"
+            ) + (f" (random-weights baseline {rnd_cls:.2f})." if np.isfinite(rnd_cls) else ".")
         if c.empty:
             return out
     est = c["estimator"].iloc[0] if "estimator" in c else "CKA"
