@@ -23,6 +23,9 @@ BAD_SETS = [
     ("analysis.attribution_images=0", "at least 1"),
     ("analysis.attribution_images=abc", "expected an integer"),
     ("pretrain.augment=1", "expected true or false"),
+    ("analysis.attribution_methods=nosuch", "unknown attribution method(s) nosuch; known: default or saliency"),
+    ("analysis.attribution_methods=saliency,nosuch", 'attribution_methods="saliency,nosuch": unknown'),
+    ("analysis.attribution_methods=,", "no attribution method named"),
 ]
 BAD_FILES = [
     ({"sed": 3}, "unknown configuration key 'sed'", "did you mean 'seed'"),
@@ -55,6 +58,7 @@ def test_bad_config_file_exits_2(tmp_path, capsys, over, msg, hint):
 
 def test_valid_configurations_pass():
     make_config(quick=True)
+    make_config(sets=["analysis.attribution_methods=default", "analysis.attribution_methods=saliency, grad_cam"])
     make_config(sets=['finetune.strategies=["full", "last_k"]', "pretrain.lr=1", "pretrain.weight_decay=0"])
     cfg = make_config({"finetune": {"full": {"patience": 3, "lr": 1}}})  # a strategy section takes common keys
     assert cfg["finetune"]["full"]["patience"] == 3
@@ -72,7 +76,11 @@ def test_validation_is_generic_over_the_defaults():
 
 @pytest.mark.parametrize(
     "assignment,msg",
-    [("analysis.interpolation_steps=0", "at least 2"), ("analysis.attribution_images=abc", "expected an integer")],
+    [
+        ("analysis.interpolation_steps=0", "at least 2"),
+        ("analysis.attribution_images=abc", "expected an integer"),
+        ("analysis.attribution_methods=nosuch", "unknown attribution method(s) nosuch; known: default or saliency"),
+    ],
 )
 def test_compare_set_is_validated(tmp_path, capsys, assignment, msg):
     (tmp_path / "data").mkdir()

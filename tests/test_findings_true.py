@@ -191,3 +191,64 @@ def test_per_class_change_index_above_one_is_explained():
     fs = attribution_findings(summ, None, per_class, "full")
     (f,) = [f for f in fs if f.id == "attr_class"]
     assert "class t_shape (change index 1.73 (above 1: beyond the randomized network);" in f.text
+    per_class.loc[0, ["ab", "ab_lo", "ab_hi"]] = [0.01, -0.08, 0.09]  # a CI across 0 (t_shape is still clear)
+    per_class.loc[1, ["ab_lo", "ab_hi"]] = [0.3, 0.7]
+    (f,) = [f for f in attribution_findings(summ, None, per_class, "full") if f.id == "attr_class"]
+    assert "similarity 95% CI -0.08 to 0.09 over 20" in f.uncertainty and "-0.08-0.09" not in f.uncertainty
+
+
+def test_intervals_are_printed_with_to():
+    """Every CI goes through one helper: ``-0.08 to 0.09``, never ``-0.08-0.09``."""
+    from tunelens.analysis.findings import span
+
+    assert span(-0.08, 0.09) == "-0.08 to 0.09"
+    assert span(-0.012, 0.034, "+.1f", 100) == "-1.2 to +3.4"
+
+
+def _text_cka(cka, half_width=0.03, rnd=0.3):
+    n = len(cka)
+    return pd.DataFrame(
+        {
+            "layer": [f"masked_mean.layer{i + 2}" for i in range(n)],
+            "cka_base_tuned": cka,
+            "ci_low": [max(0.0, x - half_width) for x in cka],
+            "ci_high": [min(1.0, x + half_width) for x in cka],
+            "cka_base_random": [rnd] * n,
+            "cka_tuned_scratch": [float("nan")] * n,
+            "estimator": "x",
+        }
+    )
+
+
+def test_cka_collapse_names_the_break_and_the_layers_above():
+    """The text preset: 0.87 at layer 2, 0.12 at layer 3, 0.02 above: the break is named, not 'not clearly below'."""
+    t = _text_cka([0.87, 0.12, 0.02, 0.02], half_width=0.02)
+    (f,) = similarity_findings(t, "full")
+    assert "falls from 0.87 at masked_mean.layer2" in f.text and "to 0.12 at masked_mean.layer3" in f.text
+    assert "stays at 0.02 above (masked_mean.layer4 to masked_mean.layer5)" in f.text
+    assert "the top layers were reorganised" in f.text and "not clearly below" not in f.text
+    # the drop is inside the noise: no break is claimed
+    (f,) = similarity_findings(_text_cka([0.87, 0.12, 0.02, 0.02], half_width=0.4), "full")
+    assert "falls from" not in f.text
+    # a later layer recovers: the CKA does not stay low, no break
+    (f,) = similarity_findings(_text_cka([0.87, 0.12, 0.02, 0.80]), "full")
+    assert "falls from" not in f.text and "reorganised" not in f.text
+
+
+def test_cka_collapse_on_the_cls_token_is_told_beside_the_masked_mean():
+    """The text preset's [CLS] readouts 0.95, 0.53, 0.04, 0.19: the break is where CKA falls and does not recover."""
+    mean = _text_cka([0.87, 0.12, 0.02, 0.02], half_width=0.02)
+    cls = _text_cka([0.95, 0.53, 0.04, 0.19], half_width=0.03)
+    cls["layer"] = [f"cls.layer{i + 2}" for i in range(4)]
+    t = pd.concat([mean.assign(pooling="masked mean"), cls.assign(pooling="[CLS]")], ignore_index=True)
+    (f,) = similarity_findings(t, "full")
+    assert f.text.count("the top layers were reorganised") == 2
+    assert "On the [CLS] token base-vs-tuned CKA falls from 0.95 at cls.layer2" in f.text
+    assert "to 0.53 at cls.layer3 (0.50 to 0.56) and stays at 0.04 to 0.19 above (cls.layer4 to cls.layer5)" in f.text
+
+
+def test_cka_low_everywhere_says_so_and_invents_no_break():
+    t = _text_cka([0.10, 0.05, 0.02, 0.02], half_width=0.01)
+    (f,) = similarity_findings(t, "full")
+    assert "low at every compared layer (0.02 to 0.10 from masked_mean.layer2 to masked_mean.layer5" in f.text
+    assert "falls from" not in f.text and "reorganised" not in f.text and "diverges most" not in f.text

@@ -35,7 +35,8 @@ def _strategies() -> tuple[str, ...]:
 
 # dotted-key pattern -> rule; a rule is a dict with any of:
 #   min / max (inclusive), gt / lt (exclusive), choices (a tuple, or a callable returning one),
-#   items (a rule applied to each item of a list), seconds_auto_none (a number > 0, "auto" or "none")
+#   items (a rule applied to each item of a list), seconds_auto_none (a number > 0, "auto" or "none"),
+#   check (a callable: the value -> None when fine, else the problem in words, e.g. an unknown name in a list)
 RULES: dict[str, dict[str, Any]] = {
     "seed": {"min": 0, "max": 2**32 - 1},
     "*.epochs": {"min": 1},
@@ -121,6 +122,9 @@ def _check_value(key: str, value: Any, rule: dict[str, Any]) -> None:
         raise ConfigError(
             f"configuration {key}: {_show(value)} is not allowed{hint} (expected one of {', '.join(choices)})"
         )
+    check = rule.get("check")
+    if check is not None and (problem := check(value)):
+        raise ConfigError(f"configuration {key}={_show(value)}: {problem}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"configuration {key}={_show(value)} must be a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -10,7 +10,7 @@ no engine, no steps).
 """
 
 from tunelens.analysis.findings.caveats import MIN_TEST_IMAGES, small_data_caveat
-from tunelens.analysis.findings.model import Finding, checked, paired_bootstrap_diff, pct, rank_findings
+from tunelens.analysis.findings.model import Finding, checked, paired_bootstrap_diff, pct, rank_findings, span
 from tunelens.analysis.findings.wording import modality, modality_words, units, word
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "pct",
     "rank_findings",
     "small_data_caveat",
+    "span",
     "units",
     "word",
 ]

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Finding", "checked", "paired_bootstrap_diff", "pct", "rank_findings"]
+__all__ = ["Finding", "checked", "paired_bootstrap_diff", "pct", "rank_findings", "span"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,13 @@ class Finding:
 def pct(x: float, digits: int = 1) -> str:
     """``x`` (a fraction) as a percentage with ``digits`` decimals."""
     return f"{100 * x:.{digits}f}%"
+
+
+def span(lo: float, hi: float, fmt: str = ".2f", scale: float = 1.0) -> str:
+    """An interval as findings print it: ``"LO to HI"`` with each bound ``scale * bound`` formatted by ``fmt``
+    (``".2f"``; ``"+.1f"`` with ``scale=100`` for percentage points). Never ``LO-HI``: with a negative bound
+    that reads as a subtraction (``-0.08-0.09``)."""
+    return f"{scale * lo:{fmt}} to {scale * hi:{fmt}}"
 
 
 def paired_bootstrap_diff(

@@ -171,6 +171,17 @@ class ImageFolderData(Dataset):
                 f"the ground-truth mask of {path} ({where}) cannot be built: {type(e).__name__}: {e}"
             ) from None
 
+    def reorder_classes(self, order: list[str]) -> None:
+        """Relabel in place: class ``order[j]`` becomes label ``j`` (e.g. a head's output order); the samples keep
+        their order. ``order`` must name every class once (ValueError otherwise)."""
+        if sorted(order) != sorted(self.classes) or len(set(order)) != len(order):
+            raise ValueError(f"the class order {order} is not a permutation of {self.classes}")
+        new = [order.index(c) for c in self.classes]
+        self.samples = [(p, new[y]) for p, y in self.samples]
+        self.targets = [y for _, y in self.samples]
+        self._cache = {i: (t[0], new[t[1]], *t[2:]) for i, t in self._cache.items()}
+        self.classes = list(order)
+
     def __len__(self) -> int:
         return len(self.samples)
 

@@ -10,8 +10,8 @@ from tunelens.analysis import findings as F
 from tunelens.analysis.engine.budget import PassCosts, attribution_cost
 from tunelens.analysis.engine.budget_plan import attribution_inputs
 from tunelens.analysis.engine.registry import Analysis, Context, Output, register
-from tunelens.analysis.findings import Finding, pct, units, word
-from tunelens.analysis.measures.attribution.methods import DISPLAY_NAMES, choose_methods
+from tunelens.analysis.findings import Finding, pct, span, units, word
+from tunelens.analysis.measures.attribution.methods import DISPLAY_NAMES, choose_methods, method_spec_problem
 from tunelens.analysis.measures.attribution.methods import FAITHFUL as STUDY_FAITHFULNESS
 from tunelens.analysis.measures.attribution.study import attribution_study
 from tunelens.analysis.measures.attribution.text import text_attribution_study
@@ -168,6 +168,7 @@ ANALYSIS = register(
             "attribution_images": {"min": 1},
             "attribution_ig_steps": {"min": 2},
             "attribution_ablation_batch": {"min": 0},
+            "attribution_methods": {"check": method_spec_problem},
         },
         cost=cost,
         relative_cost=4.0,
@@ -221,8 +222,7 @@ def attribution_findings(
                 "attribution_summary",
                 score=7.5 if has_ci and not lo <= 0 <= hi else 4,
                 uncertainty=(
-                    f"95% CI {lo:.2f} to {hi:.2f} (bootstrap over {int(r['n'])} {units()}; similarity: "
-                    f"{r['similarity']})"
+                    f"95% CI {span(lo, hi)} (bootstrap over {int(r['n'])} {units()}; similarity: {r['similarity']})"
                     if has_ci
                     else f"no CI: {int(r['n'])} {word('unit')}(s), too few to bootstrap"
                 ),
@@ -244,7 +244,7 @@ def attribution_findings(
                     + ".",
                     "attribution_localisation",
                     score=8 if sig else 4,
-                    uncertainty=f"95% CI of the change {100 * r['delta_lo']:+.1f} to {100 * r['delta_hi']:+.1f} points "
+                    uncertainty=f"95% CI of the change {span(r['delta_lo'], r['delta_hi'], '+.1f', 100)} points "
                     f"(paired bootstrap over {int(r['n'])} {units()})",
                 )
             )
@@ -264,7 +264,7 @@ def attribution_findings(
                         f"similarity {r['ab']:.2f}).",
                         "attribution_per_class",
                         score=4,
-                        uncertainty=f"similarity 95% CI {r['ab_lo']:.2f}-{r['ab_hi']:.2f} over {int(r['n'])} {units()}",
+                        uncertainty=f"similarity 95% CI {span(r['ab_lo'], r['ab_hi'])} over {int(r['n'])} {units()}",
                     )
                 )
     if flagged:

@@ -15,6 +15,7 @@ from tunelens.analysis.engine.passes import ModelPass
 from tunelens.analysis.engine.registry import Analysis, Context, Output, register
 from tunelens.analysis.engine.sharding import batch_offsets, gather_rows
 from tunelens.analysis.findings import Finding, paired_bootstrap_diff, pct, units
+from tunelens.analysis.measures.class_order import ALPHA, ClassOrder, confusion_matrix, detect_class_order
 from tunelens.core.evaluation import unpack_batch
 from tunelens.core.models import eval_mode
 from tunelens.core.results import Results
@@ -140,7 +141,9 @@ def run(ctx: Context) -> Output:
     models = {n: m for n, m in ctx.models.items() if n != "base"}
     preds = predictions_from_passes({n: ctx.passes.get(m) for n, m in models.items()})
     curves, stages = training_tables({k: dict(v) for k, v in ctx.manifests.items()})
+    names = [str(c) for c in (getattr(test, "classes", None) or [])]
     return Output(
+        summary={"class_names": names} if names else {},
         tables={
             PREDICTIONS: preds,
             ACCURACY: accuracy_table(preds, {k: dict(v) for k, v in ctx.manifests.items()}),
@@ -155,7 +158,9 @@ def findings(res: Results) -> list[F.Finding]:
     preds = res.table(PREDICTIONS)
     if preds is None or preds.empty:
         return []
-    return transfer_findings(preds, primary=res.summary.get("primary", "full"))
+    return class_order_findings(preds, res.summary.get("class_names") or []) + transfer_findings(
+        preds, primary=res.summary.get("primary", "full")
+    )
 
 
 ANALYSIS = register(
@@ -197,7 +202,7 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
                 f"from scratch with the same budget ({100 * d:+.1f} points).",
                 "accuracy",
                 score=10 + abs(d) * 10,
-                uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points "
+                uncertainty=f"95% CI of the difference {F.span(lo, hi, '+.1f', 100)} points "
                 f"(paired bootstrap over {len(a)} test {units()})",
             )
         )
@@ -215,7 +220,57 @@ def transfer_findings(predictions: pd.DataFrame, primary: str = "full", control:
                 f"worst ({pct(acc[worst])}), a gap of {100 * d:.1f} points.",
                 "strategies",
                 score=6 + d * 5,
-                uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap)",
+                uncertainty=f"95% CI {F.span(lo, hi, '+.1f', 100)} points (paired bootstrap)",
+            )
+        )
+    return out
+
+
+#: the class-order finding leads every other (even the "identical weights" and small-data findings)
+CLASS_ORDER_SCORE = 120.0
+
+
+def _mapping(order: ClassOrder, classes: list[str], shown: int = 6) -> str:
+    def name(i: int) -> str:
+        return repr(classes[i]) if i < len(classes) else f"class {i}"
+
+    parts = [f"the data's class {name(i)} looks like the head's output {j} ({name(j)})" for i, j in order.moved()]
+    more = len(parts) - shown
+    return "; ".join(parts[:shown]) + (f"; and {more} more" if more > 0 else "")
+
+
+def class_order_findings(predictions: pd.DataFrame, classes: list[str]) -> list[Finding]:
+    """Per tuned model whose predictions flag a class-order mismatch (:func:`detect_class_order` on its
+    confusion matrix: below chance, a permutation far above it): the likely mapping by class name and the fix,
+    ``--classes`` with the names in the head's order. Ranked first (:data:`CLASS_ORDER_SCORE`)."""
+    out: list[Finding] = []
+    if predictions.empty:
+        return out
+    k = max(int(predictions["label"].max()), int(predictions["pred"].max())) + 1
+    k = max(k, len(classes))
+    for model in dict.fromkeys(predictions["model"]):
+        p = predictions[predictions["model"] == model]
+        order = detect_class_order(confusion_matrix(p["label"].to_numpy(), p["pred"].to_numpy(), k))
+        if not order.flagged:
+            continue
+        fix = (
+            f" Rerun with --classes {','.join(order.head_order(classes))} (the head's output order)"
+            if len(classes) == k
+            else " Give --classes with the class names in the head's output order"
+        )
+        out.append(
+            Finding(
+                f"class_order_{model}",
+                f"{model} scores below chance ({pct(order.accuracy)} against {pct(order.chance)} for always "
+                f"guessing the largest class), but its predictions match a reordering of the classes: read in "
+                f"another order its outputs would be right on {pct(order.permuted_accuracy)} of the test "
+                f"{units()}. The data most likely lists its classes in another order than the head: "
+                f"{_mapping(order, classes)}.{fix}; every accuracy below reads the data's order.",
+                "accuracy",
+                score=CLASS_ORDER_SCORE,
+                uncertainty=f"binomial test against chance and sign test against the data's order, both p < {ALPHA:g} "
+                f"(largest p {order.p_value:.1e}) over {order.n} test {units()}; the reordering is fitted on the "
+                "same predictions",
             )
         )
     return out

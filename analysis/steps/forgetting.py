@@ -190,9 +190,8 @@ def findings(res: Results) -> list[F.Finding]:
                 txt + ".",
                 FORGETTING,
                 score=(7 if r["model"] == primary or r["strategy"] == "lora" else 4) + max(r["head_drop"], 0) * 5,
-                uncertainty=f"95% CI of the drop under the base head {_pts(r['head_drop_lo'])} to "
-                f"{_pts(r['head_drop_hi'])} points, of the probe drop {_pts(r['probe_drop_lo'])} to "
-                f"{_pts(r['probe_drop_hi'])} (paired bootstrap over {n} source test {F.units()})",
+                uncertainty=f"95% CI of the drop under the base head {F.span(r['head_drop_lo'], r['head_drop_hi'], '.1f', 100)} "
+                f"points, of the probe drop {F.span(r['probe_drop_lo'], r['probe_drop_hi'], '.1f', 100)} (paired bootstrap over {n} source test {F.units()})",
             )
         )
     pi = res.table(FORGETTING_PER_IMAGE)
@@ -215,7 +214,7 @@ def findings(res: Results) -> list[F.Finding]:
                 f"{F.pct(b.mean())} source accuracy, {primary} {F.pct(a.mean())} ({100 * d:+.1f} points for {lora[0]}).",
                 FORGETTING,
                 score=8.6,
-                uncertainty=f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f} points (paired bootstrap over {len(a)} "
+                uncertainty=f"95% CI {F.span(lo, hi, '+.1f', 100)} points (paired bootstrap over {len(a)} "
                 f"source test {F.units()})",
             )
         )

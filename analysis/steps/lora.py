@@ -94,7 +94,7 @@ def findings(res: Results) -> list[F.Finding]:
                     f"test accuracy ({100 * d:+.1f} points).",
                     "strategies",
                     score=9.5,
-                    uncertainty=f"95% CI of the difference {100 * lo:+.1f} to {100 * hi:+.1f} points (paired "
+                    uncertainty=f"95% CI of the difference {F.span(lo, hi, '+.1f', 100)} points (paired "
                     f"bootstrap over {len(a)} test {F.units()})",
                 )
             )
@@ -110,7 +110,7 @@ def findings(res: Results) -> list[F.Finding]:
             F.Finding(
                 f"lora_cka_{name}",
                 f"Inside the network, {name} and {ref} are most alike at {high['layer']} (CKA {high['cka']:.2f}) and "
-                f"differ most at {low['layer']} (CKA {low['cka']:.2f}, 95% CI {low['ci_low']:.2f}-{low['ci_high']:.2f}): "
+                f"differ most at {low['layer']} (CKA {low['cka']:.2f}, 95% CI {F.span(low['ci_low'], low['ci_high'])}): "
                 + (
                     "the two fine-tunes built nearly the same representations throughout."
                     if low["cka"] >= 0.9

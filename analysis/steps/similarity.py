@@ -9,7 +9,7 @@ from torch import nn
 
 from tunelens.analysis import findings as F
 from tunelens.analysis.engine.registry import Analysis, Context, Output, register
-from tunelens.analysis.findings import Finding
+from tunelens.analysis.findings import Finding, span
 from tunelens.analysis.measures.cka_models import cka_chance_from_passes, cka_from_passes, randomly_initialised
 from tunelens.core.naming import head_name
 from tunelens.core.results import Results
@@ -154,6 +154,48 @@ CHANCE_TOO_HIGH = 0.95
 UNCHANGED = 0.99
 
 
+#: a break between consecutive layers must drop CKA by at least this much (besides CIs that do not overlap)
+BREAK_MIN_DROP = 0.3
+
+#: base-tuned CKA below this at every layer (CI upper bounds too, where there are CIs) reads as "low at every layer"
+ALL_LOW = 0.2
+
+
+def cka_break(c: pd.DataFrame) -> int | None:
+    """The row ``i`` (in depth order) after which base-vs-tuned CKA collapses, or None.
+
+    A break between rows ``i`` and ``i + 1`` needs CIs and: (1) a sharp drop: ``ci_high[i+1] < ci_low[i]`` (the CIs
+    do not overlap) and ``cka[i] - cka[i+1] >= BREAK_MIN_DROP``; (2) staying low: every later row ``j > i + 1`` has
+    ``cka[j] <= ci_high[i+1]`` (at or below the noise of the value right after the drop) and
+    ``ci_high[j] < ci_low[i]`` (clearly below the layer before it); at least one layer lies above ``i + 1`` (a drop at the last layer is that
+    layer diverging most). Of several breaks the largest drop is named."""
+    cka, lo, hi = (c[k].to_numpy(float) for k in ("cka_base_tuned", "ci_low", "ci_high"))
+    if len(cka) < 2 or not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return None
+    best, drop = None, 0.0
+    for i in range(len(cka) - 2):  # a drop at the last layer is that layer diverging most, not a collapse
+        d = cka[i] - cka[i + 1]
+        sharp = hi[i + 1] < lo[i] and d >= BREAK_MIN_DROP
+        stays = all(cka[j] <= hi[i + 1] and hi[j] < lo[i] for j in range(i + 2, len(cka)))
+        if sharp and stays and d > drop:
+            best, drop = i, d
+    return best
+
+
+def _break_text(c: pd.DataFrame, i: int) -> str:
+    """``CKA falls from A at X to B at Y and stays at C above: the top layers were reorganised``."""
+    a, b, above = c.iloc[i], c.iloc[i + 1], c.iloc[i + 2 :]
+    txt = (
+        f"base-vs-tuned CKA falls from {a['cka_base_tuned']:.2f} at {a['layer']} "
+        f"(95% CI {span(a['ci_low'], a['ci_high'])}) to {b['cka_base_tuned']:.2f} at {b['layer']} "
+        f"({span(b['ci_low'], b['ci_high'])})"
+    )
+    lo_, hi_ = above["cka_base_tuned"].min(), above["cka_base_tuned"].max()
+    level = f"{lo_:.2f}" if f"{lo_:.2f}" == f"{hi_:.2f}" else span(lo_, hi_)
+    names = above["layer"].iloc[0] if len(above) == 1 else f"{above['layer'].iloc[0]} to {above['layer'].iloc[-1]}"
+    return txt + f" and stays at {level} above ({names}): the top layers were reorganised"
+
+
 def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -> list[Finding]:
     """Per layer the chance-corrected CKA ``(CKA - chance) / (1 - chance)`` with its CI, read as kept (>= 0.8),
     adapted (0.2-0.8) or replaced (< 0.2) only where the CI stays in one class; a layer "diverges most" only
@@ -164,14 +206,18 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
         return out
     extra = ""
     if "pooling" in c:  # text: the masked mean (what the head reads) leads; the [CLS] token is reported beside it
-        other = c[c["pooling"] == "[CLS]"]
+        other = c[c["pooling"] == "[CLS]"].reset_index(drop=True)
         c = c[c["pooling"] != "[CLS]"].reset_index(drop=True)
         if len(other):
             lo = other.loc[other["cka_base_tuned"].idxmin()]
             rnd_cls = float(lo.get("cka_base_random", float("nan")))
-            extra = f" On the [CLS] token the lowest CKA is {lo['cka_base_tuned']:.2f} at {lo['layer']}" + (
-                f" (random-weights baseline {rnd_cls:.2f})." if np.isfinite(rnd_cls) else "."
-            )
+            brk_cls = cka_break(other) if {"ci_low", "ci_high"} <= set(other) else None
+            extra = (
+                f" On the [CLS] token {_break_text(other, brk_cls)}; its lowest CKA is {lo['cka_base_tuned']:.2f} "
+                f"at {lo['layer']}"
+                if brk_cls is not None
+                else f" On the [CLS] token the lowest CKA is {lo['cka_base_tuned']:.2f} at {lo['layer']}"
+            ) + (f" (random-weights baseline {rnd_cls:.2f})." if np.isfinite(rnd_cls) else ".")
         if c.empty:
             return out
     est = c["estimator"].iloc[0] if "estimator" in c else "CKA"
@@ -194,8 +240,19 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
     low = c.loc[c["cka_base_tuned"].idxmin()]
     others = c.drop(index=low.name)
     clear = has_ci and len(others) and bool((low["ci_high"] < others["ci_low"]).all())
-    ci = f", 95% CI {low['ci_low']:.2f} to {low['ci_high']:.2f}" if has_ci else ""
-    if clear:
+    ci = f", 95% CI {span(low['ci_low'], low['ci_high'])}" if has_ci else ""
+    brk = cka_break(c)
+    all_low = bool((c["cka_base_tuned"] < ALL_LOW).all()) and (not has_ci or bool((c["ci_high"] < ALL_LOW).all()))
+    if brk is not None:
+        txt = f"{primary}: {_break_text(c, brk)}; the lowest is {low['cka_base_tuned']:.2f} at {low['layer']}"
+    elif all_low and len(c) > 1:
+        rng = f"{c['cka_base_tuned'].min():.2f} to {c['cka_base_tuned'].max():.2f}"
+        txt = (
+            f"{primary}: base-vs-tuned CKA is low at every compared layer ({rng} from {c['layer'].iloc[0]} to "
+            f"{c['layer'].iloc[-1]}, all below {ALL_LOW}{'' if has_ci else ' without CIs'}): no single layer "
+            f"breaks away; the lowest is {low['layer']} ({low['cka_base_tuned']:.2f}{ci})"
+        )
+    elif clear:
         txt = f"{primary}: {low['layer']} diverges most (CKA {low['cka_base_tuned']:.2f}{ci})"
     else:
         txt = (
@@ -216,7 +273,7 @@ def similarity_findings(chance: pd.DataFrame, primary: str, kept: float = 0.9) -
         txt += f" against the random-weights baseline {rnd:.2f}"
         if has_ci:
             lo, hi = chance_corrected(low["ci_low"], rnd), chance_corrected(low["ci_high"], rnd)
-            txt += f" (CI {lo:.2f} to {hi:.2f})"
+            txt += f" (CI {span(lo, hi)})"
             txt += (
                 f": features were {_verdict(s_)}"
                 if _verdict(lo) == _verdict(hi)

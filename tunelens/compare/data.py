@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelens.compare.checkpoints import Checkpoints, n_out
+from tunelens.compare.class_names import check_class_names, parse_classes
 from tunelens.compare.plan import CompareError
 
 __all__ = ["ImageData", "load_images", "source_data"]
@@ -48,6 +49,10 @@ def load_images(args: argparse.Namespace, ck: Checkpoints) -> ImageData:
         )
     except DataFolderError as e:
         raise CompareError(f"--data {args.data}: {e}" if "data folder" not in str(e) else str(e)) from None
+    order = parse_classes(getattr(args, "classes", None))
+    if order is not None:  # --classes: the head's output order
+        check_class_names(order, list(ds.classes), args.data)
+        ds.reorder_classes(order)
     n_cls = len(ds.classes)
     if n_cls < 2:
         raise CompareError(

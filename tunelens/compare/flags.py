@@ -57,6 +57,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "decide the label, separated by ';')",
     )
     p.add_argument(
+        "--classes",
+        default=None,
+        metavar="NAME,NAME,...",
+        help="the head's output order by class name, when it is not the data's sorted order: every class of "
+        "--data once (sub-folder names, or CSV labels); label NAME is then the head's output at its position",
+    )
+    p.add_argument(
         "--max-tokens",
         type=int,
         default=None,

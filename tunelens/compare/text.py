@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from tunelens.compare.checkpoints import unchanged_findings
+from tunelens.compare.class_names import check_class_names, parse_classes
 from tunelens.compare.plan import CompareError, Plan, one_line, tuned_names
 
 __all__ = [
@@ -204,9 +205,16 @@ def _spans(cell: str, text: str, row: int, path: str) -> list[tuple[int, int]]:
 
 
 def read_text_csv(
-    path: str, tokenizer: Any, max_tokens: int, limit: int | None = None, seed: int = 0, what: str = "--data"
+    path: str,
+    tokenizer: Any,
+    max_tokens: int,
+    limit: int | None = None,
+    seed: int = 0,
+    what: str = "--data",
+    class_order: list[str] | None = None,
 ) -> TextCSV:
-    """Read and tokenise a ``text,label[,decisive]`` CSV (see the module docstring); CompareError on bad input."""
+    """Read and tokenise a ``text,label[,decisive]`` CSV (see the module docstring); CompareError on bad input.
+    ``class_order`` (``--classes``): the labels in the head's output order instead of their sorted order."""
     from tunelens.finetune.text_data import TextTask
 
     p = Path(path)
@@ -265,6 +273,9 @@ def read_text_csv(
         classes = [str(c) for c in found]
     else:
         classes = sorted(set(labels))
+    if class_order is not None:
+        check_class_names(class_order, classes, path)
+        classes = list(class_order)
     y = [classes.index(x) for x in labels]
     order = list(range(len(texts)))
     if limit is not None and limit < len(order):  # spread over the classes: one of each in turn, seeded
@@ -352,7 +363,8 @@ def validate_text(args: argparse.Namespace, log=print) -> Plan:
         models[n], files[n], _ = load_text_checkpoint(args.arch, t, "--tuned", True, base=models["base"])
     max_pos = int(getattr(models["base"].config, "max_position_embeddings", 512))
     max_tokens = min(args.max_tokens or 128, max_pos)
-    ds = read_text_csv(args.data, tok, max_tokens, limit=args.limit, seed=args.seed)
+    order = parse_classes(getattr(args, "classes", None))
+    ds = read_text_csv(args.data, tok, max_tokens, limit=args.limit, seed=args.seed, class_order=order)
     n_cls = len(ds.classes)
     if n_cls < 2:
         raise CompareError(f"--data {args.data} has one class ({ds.classes[0]}); a classifier comparison needs two")

@@ -34,6 +34,8 @@ __all__ = [
     "STUDY_OPTIONS",
     "TEXT_METHODS",
     "AttributionMethod",
+    "choose_methods",
+    "method_spec_problem",
 ]
 
 
@@ -184,6 +186,22 @@ DROP_ORDER: tuple[str, ...] = tuple(
 )
 #: The report's name of each method.
 DISPLAY_NAMES: dict[str, str] = {m.name: m.display for m in ALL}
+
+
+def method_spec_problem(spec: Any) -> str | None:
+    """Why ``spec`` (``analysis.attribution_methods``: ``default`` or comma-separated names of :data:`METHODS`)
+    names no method it can run, or None when it is fine: an unknown name, or no name at all."""
+    if not isinstance(spec, str):
+        return None  # the type check says so
+    if spec == "default":
+        return None
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        return f"unknown attribution method(s) {', '.join(unknown)}; known: default or {', '.join(METHODS)}"
+    if not names:
+        return f"no attribution method named; known: default or {', '.join(METHODS)}"
+    return None
 
 
 def choose_methods(spec: str, stage_map: Callable[[], StageMap]) -> tuple[list[str], dict[str, str]]:
