@@ -224,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, nargs="+", default=[0.25e9, 0.85e9])
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "tunelens-weights-stream"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-intruders", action="store_true")
     ap.add_argument("--skip-load-both", action="store_true")
     ap.add_argument("--torchrun", type=int, default=0, metavar="N", help="also time torchrun with N processes")

@@ -51,13 +51,13 @@ def test_a_stream_that_is_not_a_terminal_gets_plain_lines():
     text = log.getvalue()
     assert "\r" not in text and "%|" not in text
     lines = text.splitlines()
-    assert [ln.split(" (")[0] for ln in lines] == [
+    assert [ln.rsplit(" (", 1)[0] for ln in lines] == [
         "tunelens run: data",
-        "tunelens run: pretrain",
+        *(f"tunelens run: pretrain (epoch {k}/4)" for k in range(1, 5)),
         "tunelens run: report",
         "tunelens run: done",
     ]
-    assert "( 20% of the run" in lines[1] and "(100% of the run" in lines[-1]
+    assert "( 20% of the run" in lines[1] and "( 35% of the run" in lines[2] and "(100% of the run" in lines[-1]
 
 
 def test_disabled_line_prints_nothing_and_reports_are_ignored(capsys):

@@ -7,8 +7,8 @@ their predicted cost). tqdm's ETA is the remaining predicted work at the speed m
 prediction that is off by a constant factor still gives the right ETA once the first stage has run. While
 the line is shown, the per-epoch and per-method bars of the stages stay off (:func:`active`), so the
 terminal holds one line; ``--no-progress`` turns everything off. When the stream is not a terminal (a log
-file, CI), the line is written as plain lines instead, one when each stage starts and one at the end, with no
-carriage-return frames. The line ends once, at 100%, without stepping back through the stages already done.
+file, CI), the line is written as plain lines instead, one when each stage (or each step a stage names, such
+as an analysis or an epoch) starts and one at the end, with no carriage-return frames. The line ends once, at 100%, without stepping back through the stages already done.
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ class RunProgress:
         """``fraction`` (0..1) of ``stage`` is done; ``label`` is shown after the stage name."""
         if stage not in self.plan:  # an unplanned stage: it takes no share of the line
             self.plan[stage], self.done[stage] = 0.0, 0.0
-        if self.plain and stage != self._shown:  # a stage starts: one line, with the share done before it
-            self._shown = stage
-            self._plain_line(stage)
+        shown = stage + (f" ({label})" if label else "")
+        if self.plain and shown != self._shown:  # a stage (or a step of it) starts: one line, with the share done
+            self._shown = shown
+            self._plain_line(shown)
         target = self.plan[stage] * min(max(float(fraction), 0.0), 1.0)
         delta = target - self.done[stage]
         if delta > 0:
