@@ -181,7 +181,10 @@ def test_weights_cost_by_hand():
     assert weights_cost([(8, 2, 3, 3)], 1, RATES, None) == 144 * 7 + 18 * 64 * 2 + 512 * 5
     # above the exact size: randomized top-4 (12 probes): 6 products of 100 x 50 x 12, 6 QRs of 2 x 100 x 12^2,
     # the entries twice (the entry-wise work and the float32 copy)
-    assert weights_cost([(100, 50)], 1, RATES, 10, rank_k=4) == 6 * 100 * 50 * 12 * 2 + 6 * 2 * 100 * 144 * 2 + 2 * 5000 * 7
+    assert (
+        weights_cost([(100, 50)], 1, RATES, 10, rank_k=4)
+        == 6 * 100 * 50 * 12 * 2 + 6 * 2 * 100 * 144 * 2 + 2 * 5000 * 7
+    )
 
 
 def test_intruders_cost_by_hand():

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from tunelens.analysis import findings as F

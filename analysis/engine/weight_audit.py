@@ -240,7 +240,13 @@ def _intruders(name: str, w0: torch.Tensor, w1: torch.Tensor, opts: AuditOptions
             "intruder_method": "exact",
         }
     r = topk_intruders(
-        m0, m1, opts.intruder_k, opts.intruder_threshold, base_k=opts.intruder_base_k, seed=_seed(name), niter=opts.niter
+        m0,
+        m1,
+        opts.intruder_k,
+        opts.intruder_threshold,
+        base_k=opts.intruder_base_k,
+        seed=_seed(name),
+        niter=opts.niter,
     )
     return {
         "intruder_k": r["k"],

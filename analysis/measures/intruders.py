@@ -219,7 +219,13 @@ def _topk_intruder_row(
         u0 = cache[key]
     u1 = top_left_vectors(m1, k, seed=seed + 1, niter=niter)
     row = _topk_row(u0, u1, threshold)
-    return {"layer": name, "stage": stage_of(name), "shape": "x".join(map(str, w0.shape)), "threshold": threshold, **row}
+    return {
+        "layer": name,
+        "stage": stage_of(name),
+        "shape": "x".join(map(str, w0.shape)),
+        "threshold": threshold,
+        **row,
+    }
 
 
 def _check(k: int, threshold: float) -> None:
