@@ -225,3 +225,14 @@ def test_smallest_plan_over_budget_is_said_at_the_start():
     quiet: list[str] = []
     Budget(1000.0, UNIT).plan(None, {"weights": 40.0}, quiet.append)  # type: ignore[arg-type]
     assert quiet == []
+
+
+def test_smallest_attribution_plan_runs_integrated_gradients_on_4_steps():
+    c = fit_attribution(0.0, ALL, 16, {}, UNIT, side=32)
+    assert c.options["integrated_gradients"]["n_steps"] == 4
+    (ig,) = [r for r in c.reductions if r.setting == "Integrated Gradients steps"]
+    assert (ig.before, ig.after) == (16, 4)
+    # only when 4 images at 8 steps do not fit
+    at8 = attribution_cost(c.methods, 4, {"integrated_gradients": {"n_steps": 8}}, UNIT, 32, faithfulness=())
+    plan = fit_attribution(at8, ALL, 16, {}, UNIT, side=32)
+    assert plan.options["integrated_gradients"]["n_steps"] == 8 and plan.n_images == 4

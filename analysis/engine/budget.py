@@ -13,7 +13,7 @@ the prediction fits the seconds left:
    8 -> 4 samples, occlusion on a 4 x 4 instead of a 5 x 5 grid); then the methods that say least (guided
    backprop, which fails the randomization test of Adebayo et al. 2018, then input x gradient, GradientSHAP,
    SmoothGrad); then the deletion / insertion games; then occlusion, keeping saliency, Integrated Gradients
-   and Grad-CAM; then the number of images, down to 4.
+   and Grad-CAM; then the number of images, down to 4; last, Integrated Gradients on 4 steps.
 2. interventions: interpolation steps (11 -> 5), then a class-balanced subset of the test images for rewind,
    interpolation and probes (down to 32), then 3 interpolation steps (the barrier read at alpha 0.5 only).
 
@@ -25,6 +25,7 @@ silently.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -410,20 +411,41 @@ def fit_attribution(
                     f"(a mean over {n} images instead of {n_images})",
                 )
             )
+    ig = "integrated_gradients"
+    if (
+        cost(methods, n, opts, faith) > seconds
+        and ig in methods
+        and int(opts.get(ig, {}).get("n_steps", 16)) > IG_LEAST
+    ):
+        # last of all (the smallest plan): Integrated Gradients on 4 steps, one row for its steps
+        opts[ig] = {**opts.get(ig, {}), "n_steps": IG_LEAST}
+        red = [dataclasses.replace(r, after=IG_LEAST) if r.setting == method(ig).cheaper_label else r for r in red]
     return plan(n)
 
 
+#: Integrated Gradients steps at the smallest plan (the Riemann sum's error grows; still a path integral).
+IG_LEAST = 4
+
+
 def functional_cost(
-    n_test: int, n_train: int, n_tuned: int, n_stages: int, steps: int, n_probe_models: int, costs: PassCosts
+    n_test: int,
+    n_train: int,
+    n_tuned: int,
+    n_stages: int,
+    steps: int,
+    n_probe_models: int,
+    costs: PassCosts,
+    batchnorm: bool = True,
 ) -> float:
     """Predicted seconds of the interventions step: a test pass per rewound stage group (the stages and
     ``all_but_head``) and tuned model, a test pass and a batch-norm re-estimation pass over the training images
     (at most 4 batches of 64) per interpolation step, and a training pass per probed model. The unchanged
     models' accuracy, the interpolation's endpoints and the probes' test features come from the shared test
-    pass (:mod:`tunelens.analysis.engine.passes`), whose cost is the evaluation's."""
+    pass (:mod:`tunelens.analysis.engine.passes`), whose cost is the evaluation's. ``batchnorm``: whether the
+    model has BatchNorm layers (without, the interpolation re-estimates nothing)."""
     f = costs.forward_s
     rewind = n_tuned * n_stages * n_test * f
-    interp = steps * (n_test + min(n_train, 256)) * f
+    interp = steps * (n_test + (min(n_train, 256) if batchnorm else 0)) * f
     probes = n_probe_models * n_train * f
     return rewind + interp + probes
 
@@ -437,13 +459,14 @@ def fit_functional(
     steps: int,
     n_probe_models: int,
     costs: PassCosts,
+    batchnorm: bool = True,
 ) -> tuple[int, int | None, list[Reduction], float]:
     """Interpolation steps and test images (None: all) of the interventions that fit ``seconds``, the
     reductions made, and the predicted seconds."""
     red: list[Reduction] = []
 
     def cost(st: int, nt: int) -> float:
-        return functional_cost(nt, n_train, n_tuned, n_stages, st, n_probe_models, costs)
+        return functional_cost(nt, n_train, n_tuned, n_stages, st, n_probe_models, costs, batchnorm)
 
     if cost(steps, n_test) <= seconds:
         return steps, None, red, cost(steps, n_test)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from torch import nn
+
 from tunelens.analysis import findings as F
 from tunelens.analysis.engine.budget import (
     PassCosts,
@@ -38,9 +40,11 @@ from tunelens.core.text import is_text_model
 __all__ = ["Budget", "attribution_inputs", "functional_shape"]
 
 
-def functional_shape(ctx: Context) -> dict[str, int]:
+def functional_shape(ctx: Context) -> dict[str, Any]:
     """The sizes the interventions' cost depends on (:func:`~.budget.functional_cost`'s arguments)."""
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in ctx.base.modules())
     return {
+        "batchnorm": bn,
         "n_test": len(ctx.data["test"]),
         "n_train": len(ctx.data["train"]),
         "n_tuned": len(ctx.tuned),
