@@ -126,6 +126,10 @@ def analyze_models(
         weights = budget.predictions(ctx, [a.name for a in to_run])
     except Exception:
         weights = {a.name: 1.0 for a in to_run}
+    try:  # every analysis counted; says at once when even the smallest plan cannot fit
+        budget.plan(ctx, weights, log)
+    except Exception as e:
+        failed["budget (plan)"] = one_line_error(e)
     if budget.active:
         run_line.replan("analyze", sum(weights.values()))
     total_w, done_w = max(sum(weights.values()), 1e-9), 0.0

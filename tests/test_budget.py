@@ -164,3 +164,75 @@ def test_a_tiny_budget_is_reported_and_widens_the_findings(tmp_path):
     assert widened and any("wider" in x["uncertainty"] for x in widened)
     html = (out / "report" / "index.html").read_text()
     assert "Reduced to fit the time budget" in html and "guided_backprop" in html
+
+
+# ---- the weight analyses' costs, from matrix sizes and timed rates (issue 25, item 3)
+
+from tunelens.analysis.engine.budget import LinalgRates, intruders_cost, weights_cost  # noqa: E402
+
+RATES = LinalgRates(matmul64_s=1.0, matmul32_s=2.0, eigh64_s=3.0, eigvalsh32_s=5.0, entry_s=7.0)
+
+
+def test_weights_cost_by_hand():
+    # a 4 x 6 matrix: 24 entries x 7; Gram of the tall 6 x 4 side: 6 * 4^2 multiply-adds x 2; eigvalsh 4^3 x 5.
+    # A vector of 5: its entries only. Two tuned models: twice.
+    assert weights_cost([(4, 6), (5,)], 2, RATES, None) == 2 * ((24 * 7 + 6 * 16 * 2 + 64 * 5) + 5 * 7)
+    # a conv kernel 8 x 2 x 3 x 3 is an 8 x 18 matrix
+    assert weights_cost([(8, 2, 3, 3)], 1, RATES, None) == 144 * 7 + 18 * 64 * 2 + 512 * 5
+    # above the exact size: randomized top-4 (12 probes): 6 products of 100 x 50 x 12, 6 QRs of 2 x 100 x 12^2,
+    # the entries twice (the entry-wise work and the float32 copy)
+    assert (
+        weights_cost([(100, 50)], 1, RATES, 10, rank_k=4)
+        == 6 * 100 * 50 * 12 * 2 + 6 * 2 * 100 * 144 * 2 + 2 * 5000 * 7
+    )
+
+
+def test_intruders_cost_by_hand():
+    # 4 x 6 (wide): Gram 6 * 4^2 (float64), eigh 4^3 x 3, the entries x 7; the tuned side adds the cosines
+    # (4 rows x k=2 x 4); one control adds its noise (4 entry passes)
+    one = 6 * 16 * 1 + 64 * 3 + 24 * 7
+    assert intruders_cost([(4, 6)], 1, 1, 2, RATES, None) == one + 2 * (one + 4 * 2 * 4) + 4 * 24 * 7
+    # 6 x 4 (tall): the left vectors W V / S add 6 x 4 x 4
+    tall = 6 * 16 + 64 * 3 + 24 * 7 + 6 * 4 * 4
+    assert intruders_cost([(6, 4)], 1, 0, 2, RATES, None) == tall + (tall + 6 * 2 * 4)
+    # the base alone (no tuned side): what a second tuned model does not pay again
+    assert intruders_cost([(6, 4)], 0, 0, 2, RATES, None) == tall
+
+
+def test_linalg_rates_are_positive_and_cached():
+    from tunelens.analysis.engine.budget import measure_linalg_rates
+
+    r = measure_linalg_rates(n=64, cached=False)
+    assert all(v > 0 for v in vars(r).values())
+    assert measure_linalg_rates() is measure_linalg_rates()
+
+
+def test_smallest_plan_over_budget_is_said_at_the_start():
+    from tunelens.analysis.engine.budget_plan import Budget
+
+    lines: list[str] = []
+    b = Budget(10.0, UNIT)
+    b.plan(None, {"weights": 40.0, "intruders": 25.0, "evaluation": 1.0}, lines.append)  # type: ignore[arg-type]
+    assert len(lines) == 1
+    assert "smallest plan exceeds the time budget of 10 s" in lines[0] and "about 66 s" in lines[0]
+    assert "weights 40 s" in lines[0] and "--budget 70" in lines[0]
+    (caveat,) = b.caveat()
+    assert "smallest plan exceeds" in caveat.text
+    summary = b.summary({"weights": 41.0})
+    assert summary["over_budget"] and summary["predicted"]["weights"] == 40.0 and summary["measured"]["weights"] == 41.0
+    # the steps still to come are set aside before the budget sizes one
+    assert b._rest("weights") == 26.0 and b._rest("evaluation") == 0.0
+    quiet: list[str] = []
+    Budget(1000.0, UNIT).plan(None, {"weights": 40.0}, quiet.append)  # type: ignore[arg-type]
+    assert quiet == []
+
+
+def test_smallest_attribution_plan_runs_integrated_gradients_on_4_steps():
+    c = fit_attribution(0.0, ALL, 16, {}, UNIT, side=32)
+    assert c.options["integrated_gradients"]["n_steps"] == 4
+    (ig,) = [r for r in c.reductions if r.setting == "Integrated Gradients steps"]
+    assert (ig.before, ig.after) == (16, 4)
+    # only when 4 images at 8 steps do not fit
+    at8 = attribution_cost(c.methods, 4, {"integrated_gradients": {"n_steps": 8}}, UNIT, 32, faithfulness=())
+    plan = fit_attribution(at8, ALL, 16, {}, UNIT, side=32)
+    assert plan.options["integrated_gradients"]["n_steps"] == 8 and plan.n_images == 4

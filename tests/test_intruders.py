@@ -170,3 +170,23 @@ def test_a_shared_cache_gives_the_same_counts():
     other = {"w": base["w"] * 2.0}
     intruder_dimensions(other, tuned, k=10, cache=cache)
     assert len(cache) == 2  # another base tensor is not read from the cache
+
+
+def test_randomized_top_k_above_the_exact_size():
+    """Above ``exact_max_numel`` the tuned matrix's top-k and the base's top ``base_k`` left singular vectors come
+    from the randomized SVD (tensor_measures); on a rank-10 base with 3 constructed intruders the counts and
+    max-cosines agree with the exact ones, and the table names the method."""
+    from tunelens.analysis.measures.intruders import intruder_row
+
+    base, tuned = _constructed([12.0, 9.0, 7.0])
+    w0, w1 = base["w"], tuned["w"]
+    cpu = torch.device("cpu")
+    exact = intruder_row("w", w0, w1, 10, 0.5, cpu)
+    top = intruder_row("w", w0, w1, 10, 0.5, cpu, exact_max_numel=100, base_k=10)
+    assert (exact["method"], top["method"]) == ("exact", "top-10")
+    assert exact["intruders"] == top["intruders"] == 3
+    assert top["min_max_cos"] == pytest.approx(exact["min_max_cos"], abs=1e-4)
+    assert top["mean_max_cos"] == pytest.approx(exact["mean_max_cos"], abs=1e-4)
+    df = intruder_dimensions(_model(), _model(1), exact_max_numel=100)
+    assert list(df["method"]) == ["top-16", "top-32", "top-10"]  # top-32, or all the directions a side has
+    assert list(intruder_dimensions(_model(), _model(1))["method"]) == ["exact"] * 3

@@ -248,3 +248,26 @@ def test_threads_restored_and_inputs_untouched():
     for k, v in b.state_dict().items():
         assert torch.equal(v, before[k])
         assert torch.equal(sd64[k], before[k].double())
+
+
+def test_randomized_spectrum_above_the_exact_size():
+    """Above ``exact_max_numel`` the top-32 singular values come from a randomized SVD (tensor_measures), and on a
+    rank-3 update they agree with the exact ones; the table says which way each row was computed."""
+    torch.manual_seed(3)
+    a = nn.Linear(128, 300)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.weight.add_(torch.randn(300, 3) @ torch.randn(3, 128) * 1e-2)
+        b.bias.add_(1e-3)
+    exact = weight_deltas(a, b, exact_max_numel=None)
+    top = weight_deltas(a, b, exact_max_numel=1000)
+    w_exact, w_top = exact.iloc[0], top.iloc[0]
+    assert (w_exact["rank_method"], w_top["rank_method"]) == ("exact", "top-32")
+    assert w_top["spectral"] == pytest.approx(w_exact["spectral"], rel=1e-5)
+    assert w_top["stable_rank"] == pytest.approx(w_exact["stable_rank"], rel=1e-4)
+    assert w_top["effective_rank"] == pytest.approx(w_exact["effective_rank"], rel=1e-3)
+    assert w_top["top1_energy"] == pytest.approx(w_exact["top1_energy"], rel=1e-4)
+    assert w_top["frobenius"] == w_exact["frobenius"]  # entry-wise: the same computation
+    assert exact.iloc[1]["kind"] == "bias" and not isinstance(exact.iloc[1]["rank_method"], str)
+    # the default threshold keeps small models exact (results as before)
+    assert (weight_deltas(a, b)["rank_method"].iloc[:1] == "exact").all()

@@ -13,7 +13,7 @@ the prediction fits the seconds left:
    8 -> 4 samples, occlusion on a 4 x 4 instead of a 5 x 5 grid); then the methods that say least (guided
    backprop, which fails the randomization test of Adebayo et al. 2018, then input x gradient, GradientSHAP,
    SmoothGrad); then the deletion / insertion games; then occlusion, keeping saliency, Integrated Gradients
-   and Grad-CAM; then the number of images, down to 4.
+   and Grad-CAM; then the number of images, down to 4; last, Integrated Gradients on 4 steps.
 2. interventions: interpolation steps (11 -> 5), then a class-balanced subset of the test images for rewind,
    interpolation and probes (down to 32), then 3 interpolation steps (the barrier read at alpha 0.5 only).
 
@@ -25,6 +25,7 @@ silently.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -39,14 +40,18 @@ from tunelens.analysis.measures.attribution.methods import ALL, DROP_ORDER, FAIT
 
 __all__ = [
     "AttributionPlan",
+    "LinalgRates",
     "PassCosts",
     "Reduction",
     "attribution_cost",
     "fit_attribution",
     "fit_functional",
     "functional_cost",
+    "intruders_cost",
+    "measure_linalg_rates",
     "measure_pass_costs",
     "resolve_budget",
+    "weights_cost",
 ]
 
 #: ``auto`` on a CPU: seconds of analyses. With loading and the report a run stays under 3 minutes even where the
@@ -60,15 +65,31 @@ MAP_SETS = 5
 
 
 @dataclass(frozen=True)
+class LinalgRates:
+    """Seconds per unit of the matrix work of the weight analyses (one torch thread, as they run), timed on this
+    machine by :func:`measure_linalg_rates`: per multiply-add of a float64 / float32 matrix product, per ``n^3``
+    of a float64 eigendecomposition with vectors (``eigh``) and of float32 eigenvalues (``eigvalsh``), per entry
+    of the entry-wise work on a tensor (a float64 copy, a difference, norms)."""
+
+    matmul64_s: float
+    matmul32_s: float
+    eigh64_s: float
+    eigvalsh32_s: float
+    entry_s: float
+
+
+@dataclass(frozen=True)
 class PassCosts:
-    """Seconds per image of a forward pass (no autograd) and of a forward + backward pass (input gradient)."""
+    """Seconds per image of a forward pass (no autograd) and of a forward + backward pass (input gradient);
+    ``linalg``: the rates of the weight analyses' matrix work (None: timed when first needed)."""
 
     forward_s: float
     backward_s: float
     batch: int
+    linalg: LinalgRates | None = None
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "linalg"}
 
 
 @dataclass(frozen=True)
@@ -138,6 +159,122 @@ def measure_pass_costs(model: nn.Module, data: Any, device: torch.device, batch:
         model.train(was_training)
     n = len(x)
     return PassCosts(forward_s=fwd / n, backward_s=bwd / n, batch=n)
+
+
+def _best_of(f: Any, reps: int = 3) -> float:
+    f()  # a warm-up
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+_RATES: list[LinalgRates] = []
+
+
+def measure_linalg_rates(n: int = 384, cached: bool = True) -> LinalgRates:
+    """Time, on one torch thread, an ``n x n`` float64 and float32 product, a float64 ``eigh`` and a float32
+    ``eigvalsh`` of that size, and the entry-wise work on 2^20 entries (best of 3 after a warm-up; about
+    0.1 s). ``cached``: once per process."""
+    if cached and _RATES:
+        return _RATES[0]
+    from tunelens.core.runtime import torch_threads
+
+    g = torch.Generator().manual_seed(0)
+    a64 = torch.randn(n, n, generator=g, dtype=torch.float64)
+    a32, sym = a64.float(), a64 @ a64.T
+    w0 = torch.randn(1 << 20, generator=g)
+    w1 = w0 + 1e-3
+
+    def entries() -> None:
+        d = w1.to(torch.float64, copy=True).sub_(w0)
+        for w in (w0, w1):
+            torch.linalg.vector_norm(w, dtype=torch.float64)
+        torch.linalg.vector_norm(d)
+        torch.linalg.vector_norm(d, ord=math.inf)
+
+    with torch_threads(1):
+        rates = LinalgRates(
+            matmul64_s=_best_of(lambda: a64 @ a64) / n**3,
+            matmul32_s=_best_of(lambda: a32 @ a32) / n**3,
+            eigh64_s=_best_of(lambda: torch.linalg.eigh(sym)) / n**3,
+            eigvalsh32_s=_best_of(lambda: torch.linalg.eigvalsh(sym.float())) / n**3,
+            entry_s=_best_of(entries) / (1 << 20),
+        )
+    if cached:
+        _RATES[:] = [rates]
+    return rates
+
+
+def _randomized_s(rows: int, cols: int, k: int, r: LinalgRates, niter: int = 2) -> float:
+    """Seconds of :func:`~tunelens.analysis.measures.tensor_measures.randomized_svd` at ``k`` (``k + 8`` probes):
+    ``2 niter + 2`` products with the matrix, a QR of a ``rows x l`` or ``cols x l`` block after each (about
+    ``2 rows l^2``), and the small SVD."""
+    probes = min(k + 8, rows, cols)
+    products = (2 * niter + 2) * rows * cols * probes * r.matmul32_s
+    qrs = (2 * niter + 2) * 2 * max(rows, cols) * probes**2 * r.matmul32_s
+    return products + qrs + rows * cols * r.entry_s  # one pass to convert or copy the matrix
+
+
+def weights_cost(
+    tensors: Sequence[tuple[int, ...]],
+    n_tuned: int,
+    rates: LinalgRates,
+    exact_max_numel: int | None,
+    rank_k: int = 32,
+) -> float:
+    """Predicted seconds of the weight deltas (:func:`~tunelens.analysis.measures.weights.weight_deltas`) of
+    ``n_tuned`` models whose shared tensors have the shapes ``tensors``: per tensor the entry-wise work; per
+    matrix (``m x n`` tall, conv kernels ``out x in*k*k``) of at most ``exact_max_numel`` entries the Gram
+    ``M^T M`` (``m n^2`` float32 multiply-adds) and its eigenvalues (``n^3``); above it the randomized top-``rank_k``
+    singular values."""
+    total = 0.0
+    for shape in tensors:
+        numel = math.prod(shape)
+        total += numel * rates.entry_s
+        if len(shape) < 2 or numel == 0:
+            continue
+        rows, cols = shape[0], numel // shape[0]
+        if exact_max_numel is not None and numel > exact_max_numel:
+            total += _randomized_s(rows, cols, rank_k, rates)
+        else:
+            m, n = max(rows, cols), min(rows, cols)
+            total += m * n * n * rates.matmul32_s + n**3 * rates.eigvalsh32_s
+    return n_tuned * total
+
+
+def intruders_cost(
+    matrices: Sequence[tuple[int, int]],
+    n_tuned: int,
+    n_controls: int,
+    k: int,
+    rates: LinalgRates,
+    exact_max_numel: int | None,
+    base_k: int = 32,
+) -> float:
+    """Predicted seconds of the intruder dimensions (:mod:`tunelens.analysis.steps.intruders`) on matrices of
+    shapes ``matrices`` (``rows x cols``): the base's singular vectors once, the tuned side's for each of the
+    ``n_tuned`` models and ``n_controls`` random controls (each control also draws a Gaussian matrix). Exact (at
+    most ``exact_max_numel`` entries): a float64 Gram (``m n^2``), ``eigh`` (``n^3``), the left vectors of a
+    tall matrix (``rows cols n``) and the cosines (``rows k n``); above it randomized top-``k`` (tuned) and
+    top-``base_k`` (base) vectors."""
+    total = 0.0
+    sides = n_tuned + n_controls
+    for rows, cols in matrices:
+        numel = rows * cols
+        if exact_max_numel is not None and numel > exact_max_numel:
+            base = _randomized_s(rows, cols, base_k, rates)
+            tuned = _randomized_s(rows, cols, k, rates) + rows * k * base_k * rates.matmul32_s
+        else:
+            m, n = max(rows, cols), min(rows, cols)
+            one = m * n * n * rates.matmul64_s + n**3 * rates.eigh64_s + numel * rates.entry_s
+            if rows > cols:
+                one += rows * cols * n * rates.matmul64_s
+            base, tuned = one, one + rows * min(k, n) * n * rates.matmul64_s
+        total += base + sides * tuned + n_controls * 4 * numel * rates.entry_s  # the control's noise
+    return total
 
 
 def _occlusion_positions(options: Mapping[str, Any], side: int) -> int:
@@ -274,20 +411,41 @@ def fit_attribution(
                     f"(a mean over {n} images instead of {n_images})",
                 )
             )
+    ig = "integrated_gradients"
+    if (
+        cost(methods, n, opts, faith) > seconds
+        and ig in methods
+        and int(opts.get(ig, {}).get("n_steps", 16)) > IG_LEAST
+    ):
+        # last of all (the smallest plan): Integrated Gradients on 4 steps, one row for its steps
+        opts[ig] = {**opts.get(ig, {}), "n_steps": IG_LEAST}
+        red = [dataclasses.replace(r, after=IG_LEAST) if r.setting == method(ig).cheaper_label else r for r in red]
     return plan(n)
 
 
+#: Integrated Gradients steps at the smallest plan (the Riemann sum's error grows; still a path integral).
+IG_LEAST = 4
+
+
 def functional_cost(
-    n_test: int, n_train: int, n_tuned: int, n_stages: int, steps: int, n_probe_models: int, costs: PassCosts
+    n_test: int,
+    n_train: int,
+    n_tuned: int,
+    n_stages: int,
+    steps: int,
+    n_probe_models: int,
+    costs: PassCosts,
+    batchnorm: bool = True,
 ) -> float:
     """Predicted seconds of the interventions step: a test pass per rewound stage group (the stages and
     ``all_but_head``) and tuned model, a test pass and a batch-norm re-estimation pass over the training images
     (at most 4 batches of 64) per interpolation step, and a training pass per probed model. The unchanged
     models' accuracy, the interpolation's endpoints and the probes' test features come from the shared test
-    pass (:mod:`tunelens.analysis.engine.passes`), whose cost is the evaluation's."""
+    pass (:mod:`tunelens.analysis.engine.passes`), whose cost is the evaluation's. ``batchnorm``: whether the
+    model has BatchNorm layers (without, the interpolation re-estimates nothing)."""
     f = costs.forward_s
     rewind = n_tuned * n_stages * n_test * f
-    interp = steps * (n_test + min(n_train, 256)) * f
+    interp = steps * (n_test + (min(n_train, 256) if batchnorm else 0)) * f
     probes = n_probe_models * n_train * f
     return rewind + interp + probes
 
@@ -301,13 +459,14 @@ def fit_functional(
     steps: int,
     n_probe_models: int,
     costs: PassCosts,
+    batchnorm: bool = True,
 ) -> tuple[int, int | None, list[Reduction], float]:
     """Interpolation steps and test images (None: all) of the interventions that fit ``seconds``, the
     reductions made, and the predicted seconds."""
     red: list[Reduction] = []
 
     def cost(st: int, nt: int) -> float:
-        return functional_cost(nt, n_train, n_tuned, n_stages, st, n_probe_models, costs)
+        return functional_cost(nt, n_train, n_tuned, n_stages, st, n_probe_models, costs, batchnorm)
 
     if cost(steps, n_test) <= seconds:
         return steps, None, red, cost(steps, n_test)

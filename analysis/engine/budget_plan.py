@@ -1,17 +1,25 @@
 """The time budget during one run of the suite: measure the pass costs, resize the costly analyses just
 before they run, mark the findings they produce, and say what was reduced (formulas in :mod:`.budget`).
 
-Seconds left are shared between the attribution study and the interventions in proportion to their
-predicted cost at the configured settings; the cheaper analyses (evaluation, weight deltas, intruders, CKA)
-run as configured and their measured time counts against the budget.
+Every analysis has a predicted cost (its ``cost``: passes from the timed pass costs, the weight analyses from
+their matrix sizes and the timed rates of :class:`~.budget.LinalgRates`). The analyses whose size is not a
+choice (evaluation, weight deltas, intruders, CKA, ...) run as configured; the seconds left after them (the
+predicted seconds of those still to come are set aside) are shared between the attribution study and the
+interventions in proportion to their predicted cost at the configured settings. When even the smallest plan
+(every reduction made) exceeds the budget, the run says so at the start, with how long it will take, and the
+report carries it (:meth:`Budget.plan`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
+
+from torch import nn
 
 from tunelens.analysis import findings as F
 from tunelens.analysis.engine.budget import (
@@ -21,6 +29,7 @@ from tunelens.analysis.engine.budget import (
     fit_attribution,
     fit_functional,
     functional_cost,
+    measure_linalg_rates,
     measure_pass_costs,
     resolve_budget,
 )
@@ -31,9 +40,11 @@ from tunelens.core.text import is_text_model
 __all__ = ["Budget", "attribution_inputs", "functional_shape"]
 
 
-def functional_shape(ctx: Context) -> dict[str, int]:
+def functional_shape(ctx: Context) -> dict[str, Any]:
     """The sizes the interventions' cost depends on (:func:`~.budget.functional_cost`'s arguments)."""
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in ctx.base.modules())
     return {
+        "batchnorm": bn,
         "n_test": len(ctx.data["test"]),
         "n_train": len(ctx.data["train"]),
         "n_tuned": len(ctx.tuned),
@@ -59,6 +70,9 @@ class Budget:
         self.t0 = time.perf_counter()
         self.reduced: list[Reduction] = []
         self.predicted: dict[str, float] = {}
+        self.order: list[str] = []  # the analyses of this run, in run order (plan)
+        self.smallest: dict[str, float] = {}  # predicted seconds of each at its smallest plan
+        self.over = ""  # what the run says when the smallest plan exceeds the budget
 
     @classmethod
     def start(cls, ctx: Context, log: Callable[[str], None] = print) -> Budget:
@@ -71,6 +85,7 @@ class Budget:
         if is_text_model(ctx.base):
             return cls(None, why_off="the time budget applies to image models; text analyses ran as configured")
         costs = measure_pass_costs(ctx.base, ctx.data["test"], ctx.device, batch=min(8, len(ctx.data["test"])))
+        costs = dataclasses.replace(costs, linalg=measure_linalg_rates())
         b = cls(seconds, costs)
         b.t0 = t0
         log(
@@ -108,13 +123,46 @@ class Budget:
             out[n] = cost(ctx, self.costs) if cost is not None else per_pass
         return out
 
+    def plan(self, ctx: Context, predicted: dict[str, float], log: Callable[[str], None] = print) -> None:
+        """Take the analyses of this run (``predicted``: their seconds at the configured settings, in run order),
+        find the smallest plan (attribution and interventions at every reduction, the others as predicted) and,
+        when it cannot fit the seconds left, say so now (one line through ``log``; :meth:`caveat` repeats it)."""
+        if not self.active:
+            return
+        assert self.costs is not None and self.seconds is not None
+        self.order = list(predicted)
+        self.predicted = dict(predicted)
+        for n, p in predicted.items():
+            if n == "attribution":
+                meths, k, opts, side = attribution_inputs(ctx)
+                p = fit_attribution(0.0, meths, k, opts, self.costs, side).predicted_s
+            elif n == "functional":
+                p = fit_functional(0.0, costs=self.costs, **functional_shape(ctx))[3]
+            self.smallest[n] = p
+        spent = self.seconds - self.left()
+        least = spent + sum(self.smallest.values())
+        if least <= self.seconds:
+            return
+        top = sorted(self.smallest.items(), key=lambda kv: -kv[1])[:3]
+        self.over = (
+            f"even the smallest plan exceeds the time budget of {self.seconds:g} s: the analyses will take about "
+            f"{least:.0f} s (most: " + ", ".join(f"{n} {v:.0f} s" for n, v in top) + "), at their smallest "
+            f"settings; --budget {math.ceil(least / 10) * 10} or more would let them run larger"
+        )
+        log(f"[analyze] {self.over}")
+
+    def _rest(self, name: str) -> float:
+        """Predicted seconds of the analyses after ``name`` whose size the budget does not choose."""
+        after = self.order[self.order.index(name) + 1 :] if name in self.order else []
+        return sum(self.predicted.get(n, 0.0) for n in after if n not in ("attribution", "functional"))
+
     def fit(self, name: str, ctx: Context) -> None:
         """Resize analysis ``name`` (``attribution`` or ``functional``) in ``ctx.settings`` to the seconds left."""
         if not self.active or name not in ("attribution", "functional"):
             return
         assert self.costs is not None
         s: dict[str, Any] = ctx.settings  # type: ignore[assignment]  # the suite's own copy
-        left = max(0.0, self.left())
+        left = max(0.0, self.left() - self._rest(name))
         if name == "attribution":
             meths, n, opts, side = attribution_inputs(ctx)
             full = attribution_cost(meths, n, opts, self.costs, side)
@@ -154,16 +202,18 @@ class Budget:
         ]
 
     def caveat(self) -> list[F.Finding]:
-        """One caveat finding listing what the budget reduced (none when nothing was)."""
-        if not self.reduced:
+        """One caveat finding listing what the budget reduced (none when nothing was), and whether even the
+        smallest plan exceeded the budget."""
+        if not self.reduced and not self.over:
             return []
         what = "; ".join(f"{r.analysis}: {r.setting} {r.before} -> {r.after}" for r in self.reduced)
+        over = f" Note: {self.over}." if self.over else ""
         return [
             F.Finding(
                 "budget_reduced",
                 f"Caveat: to fit the time budget of {self.seconds:g} s (--budget), some analyses ran smaller: "
-                f"{what}. The findings of those analyses carry the wider uncertainty; run with a larger --budget "
-                "(or --budget none) for the full analysis.",
+                f"{what or 'nothing could be reduced'}.{over} The findings of those analyses carry the wider "
+                "uncertainty; run with a larger --budget (or --budget none) for the full analysis.",
                 "methods",  # the report's methods section lists the reductions
                 score=90,
                 kind="caveat",
@@ -177,7 +227,10 @@ class Budget:
             "seconds": self.seconds,
             "note": self.why_off,
             "pass_costs": self.costs.to_dict() if self.costs else None,
+            "linalg_rates": asdict(self.costs.linalg) if self.costs and self.costs.linalg else None,
             "predicted": {k: round(v, 2) for k, v in self.predicted.items()},
+            "smallest_plan": {k: round(v, 2) for k, v in self.smallest.items()},
+            "over_budget": self.over,
             "measured": {k: round(timings[k], 2) for k in self.predicted if k in timings},
             "reduced": [r.to_dict() for r in self.reduced],
         }

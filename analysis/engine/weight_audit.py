@@ -43,11 +43,11 @@ from ..io.lora_adapter import LoraAdapter, is_adapter_folder, open_adapter
 from ..io.tensor_pairing import Pairing, canonical_name, pair_names
 from ..io.tensor_stream import CheckpointInputError, TensorSource, open_checkpoint
 from ..measures.intruders import intruder_row as exact_intruder_row
+from ..measures.intruders import topk_intruders
 from ..measures.tensor_measures import (
     bit_identical,
     entry_stats,
     spectral_stats,
-    top_left_vectors,
     update_spectrum,
 )
 from .module_kinds import module_kind
@@ -239,15 +239,21 @@ def _intruders(name: str, w0: torch.Tensor, w1: torch.Tensor, opts: AuditOptions
             "mean_max_cos": r["mean_max_cos"],
             "intruder_method": "exact",
         }
-    u1 = top_left_vectors(m1, opts.intruder_k, seed=_seed(name) + 1, niter=opts.niter)
-    u0 = top_left_vectors(m0, opts.intruder_base_k, seed=_seed(name) + 2, niter=opts.niter)
-    cos = (u1.T @ u0).abs().amax(dim=1).double().cpu()
+    r = topk_intruders(
+        m0,
+        m1,
+        opts.intruder_k,
+        opts.intruder_threshold,
+        base_k=opts.intruder_base_k,
+        seed=_seed(name),
+        niter=opts.niter,
+    )
     return {
-        "intruder_k": int(cos.numel()),
-        "intruders": int((cos < opts.intruder_threshold).sum()),
-        "min_max_cos": float(cos.min()),
-        "mean_max_cos": float(cos.mean()),
-        "intruder_method": f"top-{u0.shape[1]}",
+        "intruder_k": r["k"],
+        "intruders": r["intruders"],
+        "min_max_cos": r["min_max_cos"],
+        "mean_max_cos": r["mean_max_cos"],
+        "intruder_method": r["method"],
     }
 
 

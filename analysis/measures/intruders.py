@@ -31,9 +31,49 @@ from torch import nn
 from tunelens.core.naming import stage_of
 from tunelens.core.runtime import torch_threads
 
-__all__ = ["aggregate_intruders", "intruder_control", "intruder_dimensions", "intruder_row"]
+from .tensor_measures import name_seed, top_left_vectors
 
-_COLUMNS = ["layer", "stage", "shape", "k", "threshold", "intruders", "min_max_cos", "mean_max_cos"]
+__all__ = [
+    "BASE_K",
+    "EXACT_MAX_NUMEL",
+    "aggregate_intruders",
+    "intruder_control",
+    "intruder_dimensions",
+    "intruder_row",
+    "topk_intruders",
+]
+
+_COLUMNS = ["layer", "stage", "shape", "k", "threshold", "intruders", "min_max_cos", "mean_max_cos", "method"]
+
+#: Matrices of more entries than this get randomized top-k singular vectors (:func:`topk_intruders`) in the
+#: in-memory analyses; at most this many: every singular vector, exactly (4M entries: vgg's 4096-wide
+#: classifier matrices are above, every matrix of resnet50 and vit_b_16 below).
+EXACT_MAX_NUMEL = 1 << 22
+#: Base directions compared above :data:`EXACT_MAX_NUMEL` (the streaming audit's ``intruder_base_k``).
+BASE_K = 32
+
+
+def topk_intruders(
+    m0: torch.Tensor, m1: torch.Tensor, k: int, threshold: float, *, base_k: int = BASE_K, seed: int = 0, niter: int = 2
+) -> dict:
+    """Intruders of a matrix too large for every singular vector: the top ``k`` left singular vectors of ``m1``
+    against the top ``base_k`` of ``m0``, both from :func:`.tensor_measures.randomized_svd` (seeds ``seed + 1``
+    and ``seed + 2``). Fewer base directions can only lower a max-cosine: the counts are upper bounds of the
+    exact ones. Keys ``k``, ``intruders``, ``min_max_cos``, ``mean_max_cos``, ``method`` (``top-K``)."""
+    u1 = top_left_vectors(m1, k, seed=seed + 1, niter=niter)
+    u0 = top_left_vectors(m0, base_k, seed=seed + 2, niter=niter)
+    return _topk_row(u0, u1, threshold)
+
+
+def _topk_row(u0: torch.Tensor, u1: torch.Tensor, threshold: float) -> dict:
+    cos = (u1.T @ u0).abs().amax(dim=1).double().cpu()
+    return {
+        "k": int(cos.numel()),
+        "intruders": int((cos < threshold).sum()),
+        "min_max_cos": float(cos.min()) if cos.numel() else float("nan"),
+        "mean_max_cos": float(cos.mean()) if cos.numel() else float("nan"),
+        "method": f"top-{u0.shape[1]}",
+    }
 
 
 def _matrices(m: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,11 +161,18 @@ def intruder_row(
     threshold: float,
     device: torch.device,
     cache: dict | None = None,
+    *,
+    exact_max_numel: int | None = None,
+    base_k: int = BASE_K,
+    niter: int = 2,
 ) -> dict:
     """One matrix's intruder dimensions: how many of the top ``k`` left singular vectors of ``w1`` (the tuned
     matrix, W0 + dW) have a largest |cosine| below ``threshold`` with every left singular vector of ``w0``
     (Shuttleworth et al. 2024), with the least and mean of those largest cosines; ``cache`` keeps the base's
-    vectors by ``name``."""
+    vectors by ``name``. ``method`` says how: ``exact`` (every singular vector, float64), or above
+    ``exact_max_numel`` entries (None: never) ``top-K`` (:func:`topk_intruders`, seeded by the name)."""
+    if exact_max_numel is not None and w0.numel() > exact_max_numel:
+        return _topk_intruder_row(name, w0, w1, k, threshold, device, cache, base_k, niter)
     eps = float(torch.finfo(w0.dtype if w0.dtype.is_floating_point else torch.float32).eps)
     m1 = w1.reshape(w1.shape[0], -1).to(device, torch.float64)
     u0 = _base_vectors(name, w0, eps, device, cache)
@@ -145,6 +192,39 @@ def intruder_row(
         "intruders": int((max_cos < threshold).sum()),
         "min_max_cos": float(max_cos.min()) if max_cos.size else float("nan"),
         "mean_max_cos": float(max_cos.mean()) if max_cos.size else float("nan"),
+        "method": "exact",
+    }
+
+
+def _topk_intruder_row(
+    name: str,
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    k: int,
+    threshold: float,
+    device: torch.device,
+    cache: dict | None,
+    base_k: int,
+    niter: int,
+) -> dict:
+    seed = name_seed(name)
+    m0 = w0.reshape(w0.shape[0], -1)
+    m1 = w1.reshape(w1.shape[0], -1).to(device)  # float32 products; another dtype is converted block by block
+    key = ("top", name, tuple(w0.shape), str(w0.dtype), float(m0.sum()), float(m0.norm()), str(device), base_k, niter)
+    if cache is None or key not in cache:
+        u0 = top_left_vectors(m0.to(device), base_k, seed=seed + 2, niter=niter)
+        if cache is not None:
+            cache[key] = u0
+    else:
+        u0 = cache[key]
+    u1 = top_left_vectors(m1, k, seed=seed + 1, niter=niter)
+    row = _topk_row(u0, u1, threshold)
+    return {
+        "layer": name,
+        "stage": stage_of(name),
+        "shape": "x".join(map(str, w0.shape)),
+        "threshold": threshold,
+        **row,
     }
 
 
@@ -164,6 +244,7 @@ def intruder_dimensions(
     layers: Iterable[str] | None = None,
     device: str | torch.device | None = None,
     cache: dict | None = None,
+    exact_max_numel: int | None = EXACT_MAX_NUMEL,
 ) -> pd.DataFrame:
     """Intruder dimensions of each 2-d weight matrix (Linear; conv kernels as ``out x in*k*k``) that ``base``
     and ``tuned`` share with the same shape (Shuttleworth et al. 2024; definition in the module docstring).
@@ -171,16 +252,21 @@ def intruder_dimensions(
     ``layers``: parameter names (``"fc.weight"``) or module names (``"fc"``); None: all. ``device``: where the
     SVDs run (float64; default CPU). The models are not touched: the weights are copied (detached, CPU) first.
     ``cache``: a dict shared between calls on the same base (several tuned models, the controls) so that the
-    base's singular vectors are computed once; None: no reuse.
+    base's singular vectors are computed once; None: no reuse. ``exact_max_numel``: matrices of more entries
+    get randomized top-k vectors (:func:`topk_intruders`; None: every matrix exactly).
 
     One row per matrix: ``layer``, ``stage``, ``shape``, ``k`` (effective: ``min(k, rank(W1))``),
     ``threshold``, ``intruders`` (how many of the top-k tuned directions have max |cos| < threshold),
-    ``min_max_cos`` and ``mean_max_cos`` (smallest and mean of the k max-cosines).
+    ``min_max_cos`` and ``mean_max_cos`` (smallest and mean of the k max-cosines), ``method`` (``exact``, or
+    ``top-K``: against the base's top ``K`` directions).
     """
     _check(k, threshold)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     with torch_threads(1 if dev.type == "cpu" else None):
-        rows = [intruder_row(n, w0, w1, k, threshold, dev, cache) for n, w0, w1 in _pairs(base, tuned, layers)]
+        rows = [
+            intruder_row(n, w0, w1, k, threshold, dev, cache, exact_max_numel=exact_max_numel)
+            for n, w0, w1 in _pairs(base, tuned, layers)
+        ]
     return pd.DataFrame(rows, columns=_COLUMNS)
 
 
@@ -194,6 +280,7 @@ def intruder_control(
     layers: Iterable[str] | None = None,
     device: str | torch.device | None = None,
     cache: dict | None = None,
+    exact_max_numel: int | None = EXACT_MAX_NUMEL,
 ) -> pd.DataFrame:
     """The control for :func:`intruder_dimensions`: ``base`` against ``base + E`` where, per matrix, ``E`` is
     Gaussian noise scaled to ``||E||_F = ||W_like - W_base||_F`` (``like`` is the tuned model), drawn from
@@ -208,11 +295,13 @@ def intruder_control(
     rows = []
     with torch_threads(1 if dev.type == "cpu" else None):
         for name, w0, w1 in _pairs(base, like, layers):
-            w0d = w0.double()
-            norm = float((w1.double() - w0d).norm())
-            e = torch.randn(w0.shape, generator=g, dtype=torch.float64)
-            noisy = w0d + e * (norm / float(e.norm())) if norm > 0 else w0d
-            row = intruder_row(name, w0, noisy, k, threshold, dev, cache)
+            big = exact_max_numel is not None and w0.numel() > exact_max_numel
+            dt = torch.float32 if big else torch.float64  # the randomized path computes in float32
+            w0d = w0.to(dt)
+            norm = float(torch.linalg.vector_norm(w1.to(dt) - w0d, dtype=torch.float64))
+            e = torch.randn(w0.shape, generator=g, dtype=dt)
+            noisy = w0d + e * (norm / float(torch.linalg.vector_norm(e, dtype=torch.float64))) if norm > 0 else w0d
+            row = intruder_row(name, w0, noisy, k, threshold, dev, cache, exact_max_numel=exact_max_numel)
             row["perturbation"] = norm
             rows.append(row)
     return pd.DataFrame(rows, columns=[*_COLUMNS, "perturbation"])

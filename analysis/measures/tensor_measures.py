@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -42,6 +43,7 @@ import torch
 __all__ = [
     "bit_identical",
     "entry_stats",
+    "name_seed",
     "randomized_svd",
     "spectral_stats",
     "top_left_vectors",
@@ -49,6 +51,11 @@ __all__ = [
 ]
 
 CHUNK = 1 << 20  # entries per chunk of the entry-wise pass and of blockwise products (8 MiB in float64)
+
+
+def name_seed(name: str) -> int:
+    """The seed of a tensor's randomized spectra, from its name: a row depends on its tensor only."""
+    return zlib.crc32(name.encode("utf-8"))
 
 
 def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -41,6 +41,8 @@ from tunelens.core.naming import ArchitectureMismatch
 from tunelens.core.runtime import torch_threads
 from tunelens.core.stages import StageMap, stages
 
+from .tensor_measures import name_seed, update_spectrum
+
 __all__ = ["ArchitectureMismatch", "aggregate_deltas", "as_state_dict", "first_conv_filters", "weight_deltas"]
 
 _BN_STATS = ("running_mean", "running_var")
@@ -76,6 +78,10 @@ def _check_keys(a: dict, b: dict) -> None:
 
 
 _SPECTRAL = ("spectral", "stable_rank", "effective_rank", "top1_energy")
+#: Deltas of more entries than this get the top :data:`RANK_K` singular values by a randomized SVD
+#: (:func:`.tensor_measures.update_spectrum`, ``rank_method`` ``top-K``), the others all of them (``exact``).
+EXACT_MAX_NUMEL = 1 << 22
+RANK_K = 32
 # The squared singular values come from the Gram matrix M^T M of the short side (M tall, m >= n),
 # computed first in float32. A symmetric eigensolver is backward stable: each eigenvalue has an absolute
 # error of about n * eps * lambda_1, so a relative one of n * eps * lambda_1 / lambda_i. float32 is kept
@@ -163,6 +169,7 @@ def _delta_rows(
     param_names: set[str] | None,
     include_buffers: bool,
     stage_of: Callable[[str], str] = stage_of,
+    exact_max_numel: int | None = EXACT_MAX_NUMEL,
 ) -> list[dict]:
     rows = []
     stages: dict[str, int] = {}
@@ -210,10 +217,15 @@ def _delta_rows(
         if kind != "weight":
             continue
         if not math.isfinite(nd):  # a NaN or inf anywhere in the delta
-            row.update(dict.fromkeys(_SPECTRAL, float("nan")))
+            row.update(dict.fromkeys(_SPECTRAL, float("nan")), rank_method="not finite")
         elif nd == 0.0:
-            row.update(_spectral_stats(torch.zeros(1, dtype=torch.float64)))
+            row.update(_spectral_stats(torch.zeros(1, dtype=torch.float64)), rank_method="zero update")
+        elif exact_max_numel is not None and d.numel() > exact_max_numel:
+            m32 = d.reshape(d.shape[0], -1).float()
+            s, method = update_spectrum(m32, exact_max_numel=exact_max_numel, k=RANK_K, seed=name_seed(name))
+            row.update(_spectral_stats(s, nd**2), rank_method=method)
         else:
+            row["rank_method"] = "exact"
             m = _tall(d)
             group = pending.setdefault(tuple(m.shape), [])
             group.append((row, m))
@@ -231,13 +243,18 @@ def weight_deltas(
     *,
     num_threads: int | None = 1,
     stage_map: StageMap | None = None,
+    exact_max_numel: int | None = EXACT_MAX_NUMEL,
 ) -> pd.DataFrame:
     """One row per parameter tensor (and BatchNorm running statistic) shared by ``base`` and ``tuned``.
 
     Columns: ``name``, ``module``, ``stage``, ``depth`` (index of the stage in forward order), ``kind``
     (``weight``, ``bias``, ``vector``, ``bn_stat``), ``shape``, ``numel``, ``status`` (``compared`` or
     ``replaced``), ``norm_base``, ``frobenius``, ``relative``, ``cosine``, ``max_abs``, ``spectral``,
-    ``stable_rank``, ``effective_rank``, ``top1_energy``. See the module docstring for the formulas.
+    ``stable_rank``, ``effective_rank``, ``top1_energy``, ``rank_method`` (how the singular values were found:
+    ``exact``; ``top-K`` for deltas of more than ``exact_max_numel`` entries, whose top ``K`` singular values
+    come from a randomized SVD, :func:`.tensor_measures.update_spectrum`: ``spectral`` and ``stable_rank`` as
+    exact, ``effective_rank`` that of the best rank-K approximation; ``zero update``; ``not finite``). See the
+    module docstring for the formulas.
 
     Norms and cosines are computed in float64. The singular values of all deltas of one shape are computed
     together, from the eigenvalues of their Gram matrices (float32 where that is accurate, else float64, else
@@ -262,7 +279,9 @@ def weight_deltas(
                 stage_map = stages(base)
             except Exception:  # a model no dummy image runs through: group by module names instead
                 stage_map = None
-        rows = _delta_rows(a, b, param_names, include_buffers, stage_map.stage_of if stage_map else stage_of)
+        rows = _delta_rows(
+            a, b, param_names, include_buffers, stage_map.stage_of if stage_map else stage_of, exact_max_numel
+        )
     cols = [
         "name",
         "module",
@@ -278,6 +297,7 @@ def weight_deltas(
         "cosine",
         "max_abs",
         *_SPECTRAL,
+        "rank_method",
     ]
     return pd.DataFrame(rows).reindex(columns=cols)
 

@@ -12,8 +12,15 @@ from __future__ import annotations
 import pandas as pd
 
 from tunelens.analysis import findings as F
-from tunelens.analysis.engine.registry import Analysis, Context, Output, no_pass, register
-from tunelens.analysis.measures.intruders import aggregate_intruders, intruder_control, intruder_dimensions
+from tunelens.analysis.engine.budget import PassCosts, intruders_cost, measure_linalg_rates
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
+from tunelens.analysis.measures.intruders import (
+    BASE_K,
+    EXACT_MAX_NUMEL,
+    aggregate_intruders,
+    intruder_control,
+    intruder_dimensions,
+)
 from tunelens.core.results import Results
 
 INTRUDERS = "intruders"  # one row per model (or control) and weight matrix
@@ -24,6 +31,33 @@ def lora_models(ctx_or_manifests, tuned: list[str]) -> list[str]:
     """The tuned models that are LoRA fine-tunes (strategy ``lora``, or a PEFT adapter given to compare)."""
     mans = getattr(ctx_or_manifests, "manifests", ctx_or_manifests)
     return [n for n in tuned if mans[n].get("strategy") == "lora" or mans[n].get("adapter")]
+
+
+def _shapes(ctx: Context, name: str) -> list[tuple[int, int]]:
+    """The matrices (``rows x cols``) the intruders read for tuned model ``name`` (as
+    :func:`~tunelens.analysis.measures.intruders.intruder_dimensions` pairs them)."""
+    tuned = dict(ctx.models[name].named_parameters())
+    out = []
+    for n, t in ctx.base.named_parameters():
+        if t.ndim >= 2 and n in tuned and tuned[n].shape == t.shape and t.shape[0] > 1 and t[0].numel() > 1:
+            out.append((int(t.shape[0]), int(t[0].numel())))
+    return out
+
+
+def cost(ctx: Context, costs: PassCosts) -> float:
+    """Predicted seconds from the matrix sizes (:func:`~tunelens.analysis.engine.budget.intruders_cost`): the
+    base's vectors once (counted with the first model), each tuned model's and each control's."""
+    rates = costs.linalg or measure_linalg_rates()
+    k = int(ctx.settings["intruder_k"])
+    controls = set([ctx.primary, *lora_models(ctx, ctx.tuned)])
+    total = 0.0
+    for i, name in enumerate(ctx.tuned):
+        c = int(name in controls)
+        one = intruders_cost(_shapes(ctx, name), 1, c, k, rates, EXACT_MAX_NUMEL, BASE_K)
+        if i:  # the base's vectors come from the cache after the first model
+            one -= intruders_cost(_shapes(ctx, name), 0, 0, k, rates, EXACT_MAX_NUMEL, BASE_K)
+        total += one
+    return total
 
 
 def run(ctx: Context) -> Output:
@@ -54,6 +88,18 @@ def run(ctx: Context) -> Output:
             stages.append(s)
     return Output(
         tables={INTRUDERS: pd.concat(rows, ignore_index=True), INTRUDER_STAGES: pd.concat(stages, ignore_index=True)}
+    )
+
+
+def _how(res: Results) -> str:
+    t = res.tables.get(INTRUDERS)
+    methods = set(t["method"].dropna()) if t is not None and "method" in t.columns else {"exact"}
+    if methods <= {"exact"}:
+        return "exact (singular vectors of the weights, float64)"
+    top = sorted(m for m in methods if m != "exact")
+    return (
+        f"exact for the smaller matrices, randomized {', '.join(top)} base directions for matrices over "
+        f"{EXACT_MAX_NUMEL} entries (upper bounds there)"
     )
 
 
@@ -104,7 +150,7 @@ def findings(res: Results) -> list[F.Finding]:
                 "".join(parts) + ".",
                 INTRUDER_STAGES,
                 score=7.5 if m != primary else 5,
-                uncertainty=f"exact (singular vectors of the weights, float64); intruder = max |cos| with every base singular vector "
+                uncertainty=f"{_how(res)}; intruder = max |cos| with every base singular vector "
                 f"< {thr}; the control is one random draw (Shuttleworth et al. 2024)",
             )
         )
@@ -121,6 +167,6 @@ ANALYSIS = register(
         findings=findings,
         defaults={"intruder_k": 10, "intruder_threshold": 0.5},
         rules={"intruder_k": {"min": 1}, "intruder_threshold": {"gt": 0, "max": 1}},
-        cost=no_pass,
+        cost=cost,
     )
 )

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pandas as pd
 
 from tunelens.analysis import findings as F
-from tunelens.analysis.engine.registry import Analysis, Context, Output, no_pass, register
+from tunelens.analysis.engine.budget import PassCosts, measure_linalg_rates, weights_cost
+from tunelens.analysis.engine.registry import Analysis, Context, Output, register
 from tunelens.analysis.findings import Finding, pct
-from tunelens.analysis.measures.weights import aggregate_deltas, first_conv_filters, weight_deltas
+from tunelens.analysis.measures.weights import (
+    EXACT_MAX_NUMEL,
+    RANK_K,
+    aggregate_deltas,
+    as_state_dict,
+    first_conv_filters,
+    weight_deltas,
+)
 from tunelens.core.results import Results
 from tunelens.core.text import is_text_model, submodule_kind
 
@@ -27,6 +35,19 @@ def submodule_deltas(deltas: pd.DataFrame) -> pd.DataFrame:
     g = d.groupby(["model", "stage", "depth", "submodule"], sort=False)[["num2", "den2", "numel"]].sum().reset_index()
     g["relative"] = (g["num2"] ** 0.5) / (g["den2"] ** 0.5)
     return g.drop(columns=["num2", "den2"]).sort_values(["model", "depth"], kind="stable").reset_index(drop=True)
+
+
+def cost(ctx: Context, costs: PassCosts) -> float:
+    """Predicted seconds from the shapes of the tensors each tuned model shares with the base
+    (:func:`~tunelens.analysis.engine.budget.weights_cost`)."""
+    rates = costs.linalg or measure_linalg_rates()
+    a = as_state_dict(ctx.base)
+    total = 0.0
+    for name in ctx.tuned:
+        b = as_state_dict(ctx.models[name])
+        shapes = [tuple(t.shape) for k, t in a.items() if k in b and b[k].shape == t.shape and t.is_floating_point()]
+        total += weights_cost(shapes, 1, rates, EXACT_MAX_NUMEL, RANK_K)
+    return total
 
 
 def run(ctx: Context) -> Output:
@@ -69,7 +90,7 @@ ANALYSIS = register(
         run=run,
         findings=findings,
         optional=False,
-        cost=no_pass,
+        cost=cost,
     )
 )
 

@@ -100,6 +100,8 @@ def _budget(sec: Section, b: dict) -> None:
         f"{1e3 * pc.get('forward_s', 0):.1f} ms forward and {1e3 * pc.get('backward_s', 0):.1f} ms forward + "
         f"backward (timed on {pc.get('batch', 0)} test images of the base model)" + (f"; {pred}" if pred else "") + "."
     )
+    if b.get("over_budget"):
+        head += f" Note: {b['over_budget']}."
     red = b.get("reduced") or []
     if not red:
         sec.notes.append(head + " Nothing was reduced: every analysis ran as configured.")
