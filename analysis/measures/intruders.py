@@ -31,7 +31,7 @@ from torch import nn
 from tunelens.core.naming import stage_of
 from tunelens.core.runtime import torch_threads
 
-from .tensor_measures import name_seed, top_left_vectors
+from .tensor_measures import EXACT_MAX_NUMEL, name_seed, top_left_vectors
 
 __all__ = [
     "BASE_K",
@@ -45,10 +45,6 @@ __all__ = [
 
 _COLUMNS = ["layer", "stage", "shape", "k", "threshold", "intruders", "min_max_cos", "mean_max_cos", "method"]
 
-#: Matrices of more entries than this get randomized top-k singular vectors (:func:`topk_intruders`) in the
-#: in-memory analyses; at most this many: every singular vector, exactly (4M entries: vgg's 4096-wide
-#: classifier matrices are above, every matrix of resnet50 and vit_b_16 below).
-EXACT_MAX_NUMEL = 1 << 22
 #: Base directions compared above :data:`EXACT_MAX_NUMEL` (the streaming audit's ``intruder_base_k``).
 BASE_K = 32
 

@@ -41,6 +41,7 @@ from collections.abc import Iterator
 import torch
 
 __all__ = [
+    "EXACT_MAX_NUMEL",
     "bit_identical",
     "entry_stats",
     "name_seed",
@@ -50,6 +51,10 @@ __all__ = [
     "update_spectrum",
 ]
 
+#: The in-memory analyses' (weights, intruders) size above which a matrix gets randomized top-k singular values and
+#: vectors instead of all of them, exactly: 2M entries (vit_b_16's 768 x 3072 MLP matrices, resnet50's layer4 3x3
+#: convolutions and vgg's classifier are above; every matrix of EfficientNet-Lite0 and MiniLM below).
+EXACT_MAX_NUMEL = 1 << 21
 CHUNK = 1 << 20  # entries per chunk of the entry-wise pass and of blockwise products (8 MiB in float64)
 
 

@@ -41,7 +41,7 @@ from tunelens.core.naming import ArchitectureMismatch
 from tunelens.core.runtime import torch_threads
 from tunelens.core.stages import StageMap, stages
 
-from .tensor_measures import name_seed, update_spectrum
+from .tensor_measures import EXACT_MAX_NUMEL, name_seed, update_spectrum
 
 __all__ = ["ArchitectureMismatch", "aggregate_deltas", "as_state_dict", "first_conv_filters", "weight_deltas"]
 
@@ -78,9 +78,8 @@ def _check_keys(a: dict, b: dict) -> None:
 
 
 _SPECTRAL = ("spectral", "stable_rank", "effective_rank", "top1_energy")
-#: Deltas of more entries than this get the top :data:`RANK_K` singular values by a randomized SVD
-#: (:func:`.tensor_measures.update_spectrum`, ``rank_method`` ``top-K``), the others all of them (``exact``).
-EXACT_MAX_NUMEL = 1 << 22
+#: Deltas of more than :data:`EXACT_MAX_NUMEL` entries get the top ``RANK_K`` singular values by a randomized
+#: SVD (:func:`.tensor_measures.update_spectrum`, ``rank_method`` ``top-K``), the others all of them (``exact``).
 RANK_K = 32
 # The squared singular values come from the Gram matrix M^T M of the short side (M tall, m >= n),
 # computed first in float32. A symmetric eigensolver is backward stable: each eigenvalue has an absolute

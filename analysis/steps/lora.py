@@ -12,6 +12,7 @@ import pandas as pd
 from tunelens.analysis import findings as F
 from tunelens.analysis.engine.registry import Analysis, Context, Output, register
 from tunelens.analysis.measures.cka_models import cka_matrix
+from tunelens.analysis.measures.weights import EXACT_MAX_NUMEL, RANK_K
 from tunelens.analysis.steps.evaluation import PREDICTIONS
 from tunelens.analysis.steps.intruders import lora_models
 from tunelens.analysis.steps.similarity import backbone_layers
@@ -66,8 +67,13 @@ def _update_ranks(res: Results, name: str, ref: str) -> F.Finding | None:
         f"{med[ref]['effective_rank']:.1f} for {ref} ({n[ref]} matrices).",
         WEIGHT_DELTAS,
         score=6.5,
-        uncertainty="exact (SVD of each update, conv kernels as out x in*k*k); stable rank ||dW||_F^2/||dW||_2^2, "
-        "effective rank exp(entropy of the normalised singular values)",
+        uncertainty=(
+            "exact (SVD of each update, conv kernels as out x in*k*k)"
+            if "rank_method" not in w or not w["rank_method"].astype(str).str.startswith("top").any()
+            else f"SVD of each update, conv kernels as out x in*k*k; for matrices above {EXACT_MAX_NUMEL:,} entries the "
+            f"top {RANK_K} singular values only (rank_method), so their effective rank is at most {RANK_K}"
+        )
+        + "; stable rank ||dW||_F^2/||dW||_2^2, effective rank exp(entropy of the normalised singular values)",
     )
 
 
