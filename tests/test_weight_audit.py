@@ -301,6 +301,20 @@ def _truncated(tmp: Path) -> list[str]:
     return [str(b), str(t)]
 
 
+def _adapter_with(tmp: Path, **change) -> list[str]:
+    """A PEFT adapter of :class:`_Tiny` whose adapter_config.json holds ``change``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(tmp / "base.safetensors"))
+    cfg = LoraConfig(r=4, lora_alpha=6, target_modules=["q", "v"], init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(str(tmp / "adapter"))
+    path = tmp / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    return [str(tmp / "base.safetensors"), str(tmp / "adapter")]
+
+
 def _same_folder(tmp: Path) -> list[str]:
     folder = _shards(tmp, index=True)
     return [str(folder), str(folder) + "/"]
@@ -315,6 +329,9 @@ def _same_folder(tmp: Path) -> list[str]:
         (_index_names_missing_file, "not in the folder"),
         (_truncated, "truncated"),
         (_same_folder, "same checkpoint"),
+        (lambda tmp: _adapter_with(tmp, lora_alpha="abc"), 'lora_alpha must be a positive finite number, got "abc"'),
+        (lambda tmp: _adapter_with(tmp, r=1e12), "r must be a positive integer (the LoRA rank)"),
+        (lambda tmp: _adapter_with(tmp, lora_alpha=1e38), "beyond 10000"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, make, words):

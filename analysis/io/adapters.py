@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +25,11 @@ from torch import nn
 
 from tunelens.core.files import CheckpointError
 
+from .lora_adapter import lora_scale
+from .tensor_stream import ADAPTER_CONFIG
+
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "is_adapter_dir", "load_adapter", "merge_adapter"]
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
@@ -72,30 +73,20 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, sd
 
 
-MAX_SCALE = 1e4  # |lora_alpha / r| beyond this is no trained adapter: its merged activations overflow
-
-
 def _check_lora_numbers(cfg: dict, sd: dict[str, torch.Tensor], folder: Path) -> None:
-    """``r`` a positive integer equal to the rank of the saved ``lora_A`` tensors, ``lora_alpha`` a finite
-    number whose scale ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) lies within :data:`MAX_SCALE`: checked
-    before peft allocates anything (an ``r`` of 1e12 would exhaust memory)."""
+    """``r`` and ``lora_alpha`` valid and their scale bounded (:func:`~.lora_adapter.lora_scale`), and ``r`` equal
+    to the rank of the saved ``lora_A`` tensors: checked before peft allocates anything."""
     where = folder / ADAPTER_CONFIG
-    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise AdapterError(f"{where}: r must be a positive integer (the LoRA rank), got {json.dumps(r)}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        raise AdapterError(f"{where}: lora_alpha must be a positive finite number, got {json.dumps(alpha)}")
+    r = cfg.get("r", 8)
+    try:
+        lora_scale(r, cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora")))
+    except ValueError as e:
+        raise AdapterError(f"{where}: {e}") from None
     ranks = {int(t.shape[0]) for k, t in sd.items() if ".lora_A." in k and t.ndim >= 2}
     if not cfg.get("rank_pattern") and ranks and ranks != {r}:
         raise AdapterError(
             f"{where}: r is {r} but the saved lora_A tensors have rank {', '.join(map(str, sorted(ranks)))}; "
             "re-save the adapter with peft's save_pretrained"
-        )
-    scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-    if scale > MAX_SCALE:
-        raise AdapterError(
-            f"{where}: the LoRA scale lora_alpha / r = {scale:.3g} is beyond {MAX_SCALE:g}; no trained adapter uses "
-            "such a scale (its merged activations overflow): check lora_alpha"
         )
 
 

@@ -26,7 +26,28 @@ import torch
 
 from .tensor_stream import ADAPTER_CONFIG, CheckpointInputError, TensorSource, open_checkpoint
 
-__all__ = ["LoraAdapter", "LoraModule", "is_adapter_folder", "open_adapter"]
+__all__ = ["MAX_SCALE", "LoraAdapter", "LoraModule", "is_adapter_folder", "lora_scale", "open_adapter"]
+
+MAX_SCALE = 1e4  # |lora_alpha / r| beyond this is no trained adapter: its merged activations overflow
+
+
+def lora_scale(r: object, alpha: object, rslora: bool = False) -> float:
+    """The LoRA update's scale, ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), once ``r`` is checked to be a
+    positive integer and ``alpha`` a positive finite number, and the scale to lie within :data:`MAX_SCALE`;
+    ValueError naming the offending value otherwise (checked before anything is allocated: an ``r`` of 1e12
+    would exhaust memory)."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be a positive integer (the LoRA rank), got {json.dumps(r)}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"lora_alpha must be a positive finite number, got {json.dumps(alpha)}")
+    scale = alpha / (math.sqrt(r) if rslora else r)
+    if scale > MAX_SCALE:
+        raise ValueError(
+            f"the LoRA scale lora_alpha / r = {scale:.3g} is beyond {MAX_SCALE:g}; no trained adapter uses such a "
+            "scale (its merged activations overflow): check lora_alpha"
+        )
+    return scale
+
 
 _PREFIX = "base_model.model."
 _LORA = re.compile(r"(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?(?:\.weight)?")
@@ -144,13 +165,16 @@ def open_adapter(path: str | Path, flag: str = "--tuned") -> LoraAdapter:
             )
         r = _pattern_value(cfg.get("rank_pattern") or {}, module, r0)
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0)
+        try:
+            scale = lora_scale(r, alpha, rslora)
+        except ValueError as e:
+            raise CheckpointInputError(f"{flag} {p}: {ADAPTER_CONFIG}: {e}") from None
         stored_r = tensors.infos[ab["A"]].shape[0]
-        if int(r) != stored_r:
+        if r != stored_r:
             raise CheckpointInputError(
                 f"{flag} {p}: {module}'s lora_A has rank {stored_r} but the config says r={r}; the config and "
                 "weights do not belong together"
             )
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
         lm = LoraModule(module, ab["A"], ab["B"], float(scale), emb)
         modules[lm.target] = lm
     if not modules:
